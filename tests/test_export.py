@@ -1,0 +1,54 @@
+"""SavedModel and .keras export round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import TINY
+from transfer_tf import export, models
+
+
+@pytest.mark.parametrize(
+    "dtype,tolerance", [("float32", 1e-5), ("mixed_bfloat16", 0.05)]
+)
+def test_saved_model_outputs_equal_the_original(
+    tmp_path, digits_source, dtype, tolerance
+):
+    model = models.build_base_net(
+        (28, 28, 1), 10, seed=0, dtype=dtype, batch_norm=True, **TINY
+    )
+    paths = export.export_model(model, tmp_path)
+    images = digits_source.x_test[:16]  # raw uint8: rescaling is inside the model
+    expected = model(images, training=False).numpy()
+    reloaded = tf.saved_model.load(paths["saved_model"])
+    served = reloaded.serve(tf.constant(images)).numpy()
+    np.testing.assert_allclose(served, expected, atol=tolerance)
+    assert np.array_equal(served.argmax(1), expected.argmax(1)) or dtype != "float32"
+    again = export.load_keras_model(tmp_path)
+    np.testing.assert_allclose(
+        again(images, training=False).numpy(), expected, atol=tolerance
+    )
+    names = [layer.name for layer in again.layers if layer.weights]
+    assert [n for n in names if not n.endswith("_bn")] == list(models.LAYER_NAMES)
+    assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_frozen_flags_survive_the_keras_file(tmp_path):
+    source = models.build_base_net((28, 28, 1), 3, **TINY)
+    net = models.transfer_net(source, 2, 3, fine_tune=False)
+    export.export_model(net, tmp_path)
+    again = export.load_keras_model(tmp_path / "model.keras")
+    assert not again.get_layer("conv2").trainable and again.get_layer("conv3").trainable
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="no Keras model"):
+        export.load_keras_model(tmp_path)
+    with pytest.raises(ValueError, match="no SavedModel"):
+        export.load_saved_model(tmp_path)
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot load Keras model"):
+        export.load_keras_model(broken)

@@ -1,0 +1,62 @@
+"""Crash-safe result files and work-directory claims."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from transfer_tf import results
+
+
+def test_append_and_read_jsonl(tmp_path):
+    path = tmp_path / "r.jsonl"
+    for i in range(3):
+        results.append_jsonl(path, {"i": i, "nan": float("nan")})
+    records = results.read_jsonl(path)
+    assert [r["i"] for r in records] == [0, 1, 2]
+    assert records[0]["nan"] is None  # NaN is stored as null, valid JSON
+
+
+def test_torn_last_line_is_ignored_then_cut(tmp_path):
+    path = tmp_path / "r.jsonl"
+    results.append_jsonl(path, {"i": 0})
+    with open(path, "a") as f:
+        f.write('{"i": 1, "trunc')  # a killed writer
+    assert results.read_jsonl(path) == [{"i": 0}]
+    results.append_jsonl(path, {"i": 2})
+    assert results.read_jsonl(path) == [{"i": 0}, {"i": 2}]
+    assert path.read_text().count("\n") == 2
+
+
+def test_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"i": 0}\nGARBAGE\n{"i": 2}\n')
+    with pytest.raises(ValueError, match="r.jsonl:2: corrupt JSON line"):
+        results.read_jsonl(path)
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "sub" / "c.json"
+    results.write_json(path, {"a": 1})
+    results.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["c.json"]
+
+
+def test_claim_workdir(tmp_path):
+    work = tmp_path / "w"
+    results.claim_workdir(work, {"lr": 0.1, "seeds": [0]})
+    (work / "keep.txt").write_text("x")
+    results.claim_workdir(work, {"lr": 0.1, "seeds": [0]})  # same config: fine
+    with pytest.raises(
+        results.ConfigMismatchError, match=r"lr: 0.1 -> 0.2.*--overwrite"
+    ):
+        results.claim_workdir(work, {"lr": 0.2, "seeds": [0]})
+    assert (work / "keep.txt").exists()  # refusal loses nothing
+    # Only the compared keys matter (a grid may grow its seeds).
+    results.claim_workdir(work, {"lr": 0.1, "seeds": [0, 1]}, compare=["lr"])
+    assert (work / "keep.txt").exists()
+    results.claim_workdir(work, {"lr": 0.3}, overwrite=True)
+    assert not (work / "keep.txt").exists()
+    assert results.read_json(work / "config.json") == {"lr": 0.3}

@@ -1,0 +1,55 @@
+"""Smoke run of experiments/train_base.py as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tensorflow as tf
+
+from conftest import run_script
+from transfer_tf import data
+
+
+def test_train_base_smoke(tmp_path):
+    work = tmp_path / "base"
+    args = [
+        f"--workdir={work}", "--split=B", "--split_seed=1", "--width=0.05",
+        "--epochs=8", "--train_per_class=60", "--batch_size=32", "--learning_rate=0.05",
+    ]  # fmt: skip
+    proc = run_script("train_base", *args)
+    assert "test top-1" in proc.stdout
+    for name in ("config.json", "metrics.jsonl", "model.keras", "result.json"):
+        assert (work / name).is_file(), name
+    assert (work / "saved_model" / "saved_model.pb").is_file()
+    assert list((work / "tensorboard").rglob("events.out.tfevents*"))
+    result = json.loads((work / "result.json").read_text())
+    assert result["test_accuracy"] > 0.4  # 5 classes: chance is 0.2
+    assert result["num_train"] == 5 * 60 and result["epochs_run"] <= 8
+    config = json.loads((work / "config.json").read_text())
+    assert config["data"]["split"] == "B" and config["model"]["width"] == 0.05
+    # The SavedModel classifies raw uint8 test images of half B as well as reported.
+    task = data.load_task(data.DataConfig(split="B", split_seed=1))
+    loaded = tf.saved_model.load(str(work / "saved_model"))  # keep: owns variables
+    served = loaded.serve(task.x_test)
+    accuracy = float(np.mean(served.numpy().argmax(1) == task.y_test))
+    assert abs(accuracy - result["test_accuracy"]) < 0.02
+
+    again = run_script("train_base", *args)  # finished: reported, not redone
+    assert json.loads((work / "result.json").read_text()) == result
+    assert "test top-1" in again.stdout
+
+    refused = run_script("train_base", *args[:-1], "--learning_rate=0.1", check=False)
+    assert refused.returncode != 0
+    assert (
+        "learning_rate: 0.05 -> 0.1" in refused.stderr
+        and "--overwrite" in refused.stderr
+    )
+
+
+def test_train_base_bad_dataset_is_a_clear_error(tmp_path):
+    proc = run_script(
+        "train_base", f"--workdir={tmp_path}/w", "--dataset=cifar11", check=False
+    )
+    assert proc.returncode != 0
+    assert "unknown dataset 'cifar11'" in proc.stderr and "Traceback" not in proc.stderr

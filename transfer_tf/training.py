@@ -1,0 +1,445 @@
+"""One training function for every experiment: ``train(model, train_ds, val_ds, ...)``.
+
+It compiles the model (always: Keras 3 keeps a traced ``fit`` that ignores later
+changes of ``trainable``), trains with SGD+momentum (Yosinski et al.'s choice) or
+Adam under a learning-rate schedule and decoupled weight decay, stops early when the
+validation loss stops improving and restores the best weights (the model is chosen
+on the validation split, never on the test split), writes ``metrics.jsonl`` and
+TensorBoard events, resumes after a crash from a backup in the work directory, and
+fails with a clear error when the loss becomes NaN.
+
+Precision and XLA
+-----------------
+``precision`` is ``float32``, ``mixed_bfloat16``, ``mixed_float16`` or ``auto``;
+``xla`` is ``on``, ``off`` or ``auto``. The ``auto`` rule (measured on this
+project's 2-core AMD EPYC CPU, see BUILD.md):
+
+- GPU present: XLA on; ``mixed_bfloat16`` on compute capability >= 8.0 (Ampere+),
+  ``mixed_float16`` on 7.x, ``float32`` below.
+- CPU only: XLA off (it made the base net 2x slower here); ``mixed_bfloat16`` when
+  the CPU has native bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in
+  /proc/cpuinfo: 2-3x faster here), else ``float32`` (emulated bf16 is slower).
+
+The precision is a property of the model (its dtype policy), so drivers build
+models with ``dtype=resolve_precision(config.precision)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import pathlib
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from transfer_tf import results
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+XLA_CHOICES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained.
+
+    Attributes:
+      epochs: maximum number of epochs.
+      optimizer: ``sgd`` (with momentum) or ``adam``.
+      learning_rate: initial learning rate.
+      momentum: SGD momentum.
+      weight_decay: decoupled weight decay of kernels (biases and batch-norm
+        parameters are excluded); 0 disables it.
+      schedule: ``constant``, ``cosine`` (to zero over ``epochs``) or ``step``
+        (x0.1 at 50% and again at 75% of ``epochs``, Caffe's "step" policy).
+      patience: stop after this many epochs without a lower validation loss; 0
+        never stops early. The best-validation-loss weights are restored either way.
+      precision: see the module docstring.
+      xla: see the module docstring.
+      seed: seeds Python, NumPy, TensorFlow and Keras (dropout) before training.
+      tensorboard: write TensorBoard events to ``<workdir>/tensorboard``.
+      backup: keep a per-epoch backup in the work directory so that a killed
+        training resumes where it stopped.
+      verbose: 0 silent, 1 one log line per epoch.
+    """
+
+    epochs: int = 30
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    patience: int = 5
+    precision: str = "auto"
+    xla: str = "auto"
+    seed: int = 0
+    tensorboard: bool = True
+    backup: bool = True
+    verbose: int = 1
+
+    def __post_init__(self):
+        for field, value, choices in (
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("precision", self.precision, PRECISIONS),
+            ("xla", self.xla, XLA_CHOICES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{field}={value!r} is not one of {list(choices)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs!r} must be at least 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be positive")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"weight_decay={self.weight_decay!r} must be >= 0 and "
+                f"momentum={self.momentum!r} in [0, 1)"
+            )
+        if self.patience < 0:
+            raise ValueError(f"patience={self.patience!r} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a training produced (the model itself holds the best weights)."""
+
+    best_epoch: int
+    epochs_run: int
+    best_val_loss: float
+    best_val_accuracy: float
+    examples_seen: int
+    wall_time: float
+    stopped_early: bool
+    precision: str
+    jit_compile: bool
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------ hardware rules
+
+
+@functools.lru_cache(maxsize=1)
+def hardware() -> dict:
+    """What the auto rules look at: GPU compute capability and CPU bf16 support."""
+    info = {"gpu": None, "compute_capability": None, "cpu_bf16": False}
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        info["gpu"] = details.get("device_name", gpus[0].name)
+        info["compute_capability"] = details.get("compute_capability")
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+        info["cpu_bf16"] = "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return info
+
+
+def resolve_precision(precision: str) -> str:
+    """The dtype policy name for a precision choice (``auto`` per the module rule)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    hw = hardware()
+    if hw["gpu"]:
+        major = (hw["compute_capability"] or (0, 0))[0]
+        return (
+            "mixed_bfloat16"
+            if major >= 8
+            else "mixed_float16"
+            if major >= 7
+            else "float32"
+        )
+    return "mixed_bfloat16" if hw["cpu_bf16"] else "float32"
+
+
+def resolve_xla(xla: str) -> bool:
+    """Whether to compile with XLA (``auto``: only on a GPU)."""
+    if xla not in XLA_CHOICES:
+        raise ValueError(f"xla={xla!r} is not one of {list(XLA_CHOICES)}")
+    if xla == "auto":
+        return bool(hardware()["gpu"])
+    return xla == "on"
+
+
+# ----------------------------------------------------------------------- optimiser
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int):
+    """The optimiser with its learning-rate schedule and weight decay."""
+    total = max(1, config.epochs * steps_per_epoch)
+    lr = config.learning_rate
+    if config.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total)
+    elif config.schedule == "step":
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [int(total * 0.5), int(total * 0.75)], [lr, lr * 0.1, lr * 0.01]
+        )
+    weight_decay = config.weight_decay or None
+    if config.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(
+            lr, momentum=config.momentum, weight_decay=weight_decay
+        )
+    else:
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+    if config.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int):
+    """Compiles for training; call again after any change of ``trainable``."""
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=resolve_xla(config.xla),
+    )
+
+
+# ----------------------------------------------------------------------- callbacks
+
+
+class _MetricsLog(keras.callbacks.Callback):
+    """One ``metrics.jsonl`` line per epoch; on resume, drops epochs to be redone."""
+
+    def __init__(self, path, started):
+        super().__init__()
+        self.path = pathlib.Path(path)
+        self.started = started
+
+    def on_train_begin(self, logs=None):
+        initial = self.model._initial_epoch or 0  # set by BackupAndRestore
+        kept = [
+            r for r in results.read_jsonl(self.path) if r.get("epoch", 0) <= initial
+        ]
+        if self.path.exists():
+            results.rewrite_jsonl(self.path, kept)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        record = {"epoch": epoch + 1, "time": round(time.time() - self.started, 3)}
+        for key, value in logs.items():
+            name = key[4:] if key.startswith("val_") else key
+            split = "val" if key.startswith("val_") else "train"
+            record[f"{split}/{name}"] = float(value)
+        record["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        results.append_jsonl(self.path, record)
+
+
+class _BestWeights(keras.callbacks.Callback):
+    """Early stopping on validation loss with best-weights restore, whose state
+    survives a crash (``early_stopping.json`` + ``best_weights.npz``)."""
+
+    def __init__(self, workdir, patience, persist):
+        super().__init__()
+        self.state_path = pathlib.Path(workdir) / "early_stopping.json"
+        self.weights_path = pathlib.Path(workdir) / "best_weights.npz"
+        self.patience = patience
+        self.persist = persist
+        self.best_weights = None
+        self.state = {"best_loss": math.inf, "best_accuracy": None, "best_epoch": 0,
+                      "wait": 0, "last_epoch": 0, "stopped_early": False}  # fmt: skip
+
+    def on_train_begin(self, logs=None):
+        resumed = self.model._initial_epoch  # set by BackupAndRestore
+        if self.persist and resumed and self.state_path.exists():
+            self.state.update(results.read_json(self.state_path))
+            if self.weights_path.exists():
+                with np.load(self.weights_path) as f:
+                    self.best_weights = [f[f"w{i}"] for i in range(len(f.files))]
+
+    def _save_best(self):
+        tmp = self.weights_path.with_name(".best_weights.tmp.npz")
+        np.savez(tmp, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+        tmp.replace(self.weights_path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        loss = float(logs.get("val_loss", math.nan))
+        self.state["last_epoch"] = epoch + 1
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"validation loss is {loss} after epoch {epoch + 1}; lower the "
+                "learning rate or check the data"
+            )
+        if loss < self.state["best_loss"]:
+            self.state.update(
+                best_loss=loss,
+                best_accuracy=float(logs.get("val_accuracy", math.nan)),
+                best_epoch=epoch + 1,
+                wait=0,
+            )
+            self.best_weights = self.model.get_weights()
+            if self.persist:
+                self._save_best()
+        else:
+            self.state["wait"] += 1
+            if self.patience and self.state["wait"] >= self.patience:
+                self.state["stopped_early"] = True
+                self.model.stop_training = True
+        if self.persist:
+            results.write_json(self.state_path, self.state)
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+class _NonFiniteGuard(keras.callbacks.Callback):
+    """Fails at the first batch whose training loss is NaN or infinite."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch "
+                f"{batch + 1}; lower the learning rate or check the data"
+            )
+
+
+class _EpochLog(keras.callbacks.Callback):
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+        self.started = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{k} {float(v):.4f}" for k, v in logs.items() if k != "learning_rate"]
+        log.info(
+            "epoch %d/%d  %s  (%.1f s)",
+            epoch + 1, self.epochs, "  ".join(parts), time.time() - self.started,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------- train
+
+
+def model_precision(model) -> str:
+    """The dtype policy of a model's layers (a Functional model's own policy is
+    the global one, not its layers')."""
+    for layer in model.layers:
+        if layer.weights:
+            return layer.dtype_policy.name
+    return model.dtype_policy.name
+
+
+def count_examples(dataset: tf.data.Dataset) -> int:
+    """Examples per pass over a batched ``(x, y)`` dataset."""
+    return int(dataset.map(lambda x, y: tf.shape(y)[0]).reduce(0, lambda a, b: a + b))
+
+
+def train(model, train_ds, val_ds, config: TrainConfig, workdir) -> TrainResult:
+    """Trains ``model`` in place and returns what happened.
+
+    Args:
+      model: a Keras model taking uint8 images and returning logits. Its
+        ``trainable`` flags decide what is trained; it is compiled here.
+      train_ds: batched ``(images, labels)`` training data (shuffled by its
+        pipeline).
+      val_ds: batched validation data, for early stopping and model selection.
+      config: a TrainConfig.
+      workdir: directory for ``metrics.jsonl``, ``tensorboard/`` and the crash
+        backup. A rerun with a backup present resumes after the last finished epoch.
+
+    Returns:
+      A TrainResult. The model holds the weights of the best validation epoch.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN or infinite.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    steps = int(train_ds.cardinality())
+    if steps <= 0:
+        raise ValueError(
+            "train_ds must be a batched dataset of known, non-zero length "
+            f"(cardinality {steps})"
+        )
+    keras.utils.set_random_seed(config.seed)
+    compile_model(model, config, steps)
+    per_epoch = count_examples(train_ds)
+    started = time.time()
+    best = _BestWeights(workdir, config.patience, persist=config.backup)
+    callbacks = []
+    if config.backup:
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(workdir / "backup", double_checkpoint=True)
+        )
+    callbacks += [
+        best,
+        _MetricsLog(workdir / "metrics.jsonl", started),
+        _NonFiniteGuard(),
+    ]
+    if config.tensorboard:
+        callbacks.append(
+            keras.callbacks.TensorBoard(workdir / "tensorboard", write_graph=False)
+        )
+    if config.verbose:
+        callbacks.append(_EpochLog(config.epochs))
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        callbacks=callbacks,
+        shuffle=False,  # the pipeline shuffles, seeded
+        verbose=0,
+    )
+    epochs_run = best.state["last_epoch"]
+    for leftover in ("early_stopping.json", "best_weights.npz"):
+        (workdir / leftover).unlink(missing_ok=True)
+    shutil.rmtree(workdir / "backup", ignore_errors=True)
+    return TrainResult(
+        best_epoch=best.state["best_epoch"],
+        epochs_run=epochs_run,
+        best_val_loss=best.state["best_loss"],
+        best_val_accuracy=best.state["best_accuracy"],
+        examples_seen=per_epoch * epochs_run,
+        wall_time=time.time() - started,
+        stopped_early=best.state["stopped_early"],
+        precision=model_precision(model),
+        jit_compile=bool(model.jit_compile),
+    )
+
+
+def evaluate(model, dataset) -> dict:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on batched ``(x, y)``."""
+    labels = np.concatenate(
+        [y for y in dataset.map(lambda x, y: y).as_numpy_iterator()]
+    )
+    if len(labels) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    logits = model.predict(dataset.map(lambda x, y: x), verbose=0).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return {
+        "accuracy": float(np.mean(logits.argmax(axis=1) == labels)),
+        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "examples": int(len(labels)),
+    }
