@@ -1,0 +1,152 @@
+r"""The Yosinski et al. (2014) transferability experiment, end to end.
+
+    python experiments/transferability.py
+
+runs the default ``digits`` preset on the embedded MNIST digits: a random split of
+the ten classes into halves A and B, two seeds (each seed its own split), base nets
+baseA/baseB, the treatments BnB, BnB+, AnB, AnB+ and the random-frozen-layers
+control for every cut layer n = 1..7 (78 trainings). It takes about 8 minutes on
+the 2-core CPU of this project's machines (README.md has the measured figures) and
+writes to ``runs/transferability_digits``:
+
+- ``results.jsonl``: one line per finished run;
+- ``summary.md`` / ``summary.csv``: mean ± std per treatment and n, the paper's
+  Table 1, the drop of AnB and random relative to baseB;
+- ``transfer.png`` (the paper's Figure 2) and ``relative.png`` (Figure 3, bottom);
+- ``runs/<split>/seed<s>/<name>/``: each run's metrics and TensorBoard events; the
+  base nets also as ``model.keras`` and ``saved_model/``.
+
+Rerunning the same command continues where it stopped (finished runs are skipped);
+a work directory of another configuration is refused unless ``--overwrite``.
+Adding seeds, layers or treatments to a finished study runs only the new runs.
+
+Other presets: ``--preset=smoke`` (seconds, for tests) and ``--preset=cifar10``
+(``../shared/data/cifar10``, or ``tfds:cifar10`` with ``--download``: random and
+man-made/natural splits). Every flag overrides its preset value.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+
+import common
+from transfer_tf import training, transfer
+
+FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+
+flags.DEFINE_enum(
+    "preset", "digits", ["smoke", "digits", "cifar10"],
+    "Defaults for every flag not given: smoke (tiny, seconds), digits (the default "
+    "study), cifar10 (the shared CIFAR-10 image folder, random + man_made splits).",
+)  # fmt: skip
+flags.DEFINE_list(
+    "splits", ["random"],
+    "Class splits: random (split seed = run seed), man_made (A man-made, B natural), "
+    "explicit (--classes_a/--classes_b).",
+)  # fmt: skip
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds; one replicate (and random split) each.")
+flags.DEFINE_list("layers", [str(n) for n in range(1, 8)], "Cut layers n, in 1..7.")
+flags.DEFINE_list(
+    "treatments", ["BnB", "BnB+", "AnB", "AnB+", "random"],
+    f"Any of {list(transfer.TREATMENTS)}; the base nets always run.",
+)  # fmt: skip
+flags.DEFINE_list(
+    "targets", ["B"], "Target halves: B, or A,B to add the mirrored A-target runs."
+)
+flags.DEFINE_list(
+    "reduced_per_class", [], "k values (examples per class) of the reduced control."
+)
+flags.DEFINE_float(
+    "fine_tune_learning_rate", None,
+    "Learning rate of BnB+/AnB+ (default: --learning_rate).",
+)  # fmt: skip
+flags.DEFINE_bool("dry_run", False, "List the runs (done or pending) and exit.")
+
+ALL_TREATMENTS = ["BnB", "BnB+", "AnB", "AnB+", "random", "reduced"]
+PRESETS = {
+    "smoke": dict(
+        workdir="runs/transferability_smoke", width=0.05, batch_norm=True, epochs=3,
+        patience=0,
+        train_per_class=40, batch_size=32, learning_rate=0.05, seeds=["0"],
+        layers=["2", "6"], treatments=ALL_TREATMENTS, reduced_per_class=["10"],
+        tensorboard=False,
+    ),
+    "digits": dict(
+        workdir="runs/transferability_digits", width=0.25, epochs=12, patience=3,
+        learning_rate=0.02, seeds=["0", "1"],
+    ),
+    "cifar10": dict(
+        workdir="runs/transferability_cifar10",
+        dataset=(
+            f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
+        ),
+        splits=["random", "man_made"], seeds=["0"], width=0.25, epochs=10,
+        patience=3, learning_rate=0.02,
+    ),
+}  # fmt: skip
+
+
+def _ints(name):
+    try:
+        return tuple(int(v) for v in FLAGS[name].value)
+    except ValueError as e:
+        raise ValueError(
+            f"--{name}={','.join(FLAGS[name].value)} must be integers"
+        ) from e
+
+
+def study_config() -> transfer.StudyConfig:
+    """The StudyConfig of the parsed flags (preset applied)."""
+    for name in ("class_split", "split_seed"):
+        if FLAGS[name].present:
+            raise ValueError(
+                f"--{name} is not used here: the grid takes --splits and --seeds"
+            )
+    return transfer.StudyConfig(
+        data=common.data_config(),
+        model=common.model_config(),
+        training=common.train_config(),
+        fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
+        splits=tuple(FLAGS.splits),
+        seeds=_ints("seeds"),
+        layers=_ints("layers"),
+        treatments=tuple(FLAGS.treatments),
+        targets=tuple(FLAGS.targets),
+        reduced_per_class=_ints("reduced_per_class"),
+    )
+
+
+def main(argv):
+    del argv
+    common.setup_logging()
+    common.apply_preset(PRESETS[FLAGS.preset])
+    try:
+        config = study_config()
+        records = transfer.run_study(
+            config, FLAGS.workdir, FLAGS.overwrite, FLAGS.dry_run
+        )
+    except (ValueError, training.NonFiniteLossError) as e:  # incl. ConfigMismatchError
+        sys.exit(f"error: {e}")
+    if FLAGS.dry_run:
+        return
+    workdir = pathlib.Path(FLAGS.workdir)
+    print(open(workdir / "summary.md").read())
+    print(f"{len(records)} runs; outputs in {workdir}/:")
+    for name in (
+        "results.jsonl",
+        "summary.md",
+        "summary.csv",
+        "transfer.png",
+        "relative.png",
+    ):
+        print(f"  {workdir / name}")
+    print(f"  TensorBoard: tensorboard --logdir {workdir / 'runs'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,272 @@
+"""The transferability grid: expansion, execution, summaries, resume, refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import EXPERIMENTS, ROOT, run_script
+from transfer_tf import data, models, results, training, transfer
+
+ALL = ("BnB", "BnB+", "AnB", "AnB+", "random", "reduced")
+
+
+def tiny_study(**kw):
+    values = dict(
+        data=data.DataConfig(train_per_class=40, batch_size=32),
+        model=models.ModelConfig(width=0.05, batch_norm=True),
+        # The smoke preset of experiments/transferability.py, so that the in-process
+        # study is the reference of the killed-and-resumed script run below.
+        training=training.TrainConfig(
+            epochs=3, learning_rate=0.05, patience=0, verbose=0
+        ),
+        seeds=(0,),
+        layers=(2, 6),
+        treatments=ALL,
+        reduced_per_class=(10,),
+    )
+    values.update(kw)
+    return transfer.StudyConfig(**values)
+
+
+# ------------------------------------------------------------------------ expansion
+
+
+def test_expand_orders_bases_first_and_covers_every_treatment():
+    runs = transfer.expand(tiny_study(seeds=(0, 1), layers=(1, 4, 7)))
+    # per seed: baseA, baseB, one reduced, 5 treatments x 3 layers
+    assert len(runs) == 2 * (2 + 1 + 5 * 3)
+    assert len({r.key for r in runs}) == len(runs)
+    position = {r.key: i for i, r in enumerate(runs)}
+    for r in runs:
+        if r.kind == "transfer":
+            assert position[r.base_run().key] < position[r.key]
+    names = {r.name for r in runs}
+    assert {
+        "baseA",
+        "baseB",
+        "BnB",
+        "BnB+",
+        "AnB",
+        "AnB+",
+        "randomB",
+        "baseB@k10",
+    } <= names
+    assert {r.n for r in runs if r.kind == "transfer"} == {1, 4, 7}
+
+
+def test_expand_mirrored_targets_pool_under_b_names():
+    runs = transfer.expand(tiny_study(treatments=("BnB", "AnB+"), targets=("A", "B")))
+    by_name = {r.name: r for r in runs if r.n == 2}
+    assert by_name["AnA"].treatment == "BnB"  # selffer on A
+    assert by_name["BnA+"].treatment == "AnB+"  # transfer B -> A
+    assert by_name["BnA+"].base_run().name == "baseB"
+
+
+def test_expand_only_needs_base_a_for_transfer():
+    runs = transfer.expand(tiny_study(treatments=("BnB", "random")))
+    assert [r.name for r in runs if r.kind == "base"] == ["baseB"]
+
+
+def test_study_config_errors():
+    with pytest.raises(ValueError, match=r"n=8 is out of range; cut layers are 1..7"):
+        tiny_study(layers=(1, 8))
+    with pytest.raises(ValueError, match=r"treatments=\['CnB'\]"):
+        tiny_study(treatments=("CnB",))
+    with pytest.raises(ValueError, match="needs reduced_per_class"):
+        tiny_study(reduced_per_class=())
+    with pytest.raises(ValueError, match=r"splits=\['semantic'\]"):
+        tiny_study(splits=("semantic",))
+
+
+def test_config_hash_ignores_the_grid_extent():
+    a = tiny_study()
+    assert a.config_hash() == tiny_study(seeds=(0, 1, 2), layers=(1,)).config_hash()
+    quiet = dataclasses.replace(a, training=dataclasses.replace(a.training, verbose=0))
+    assert quiet.config_hash() == a.config_hash()
+    other = dataclasses.replace(a, fine_tune_learning_rate=0.001)
+    assert other.config_hash() != a.config_hash()
+
+
+# ------------------------------------------------------------------------ execution
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    config = tiny_study()
+    records = transfer.run_study(config, workdir)
+    return config, workdir, records
+
+
+def test_study_writes_every_output(study):
+    config, workdir, records = study
+    assert len(records) == len(transfer.expand(config)) == 13
+    for name in ("results.jsonl", "summary.md", "summary.csv", "config.json"):
+        assert (workdir / name).is_file(), name
+    for name in ("transfer.png", "relative.png"):
+        png = (workdir / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    lines = results.read_jsonl(workdir / "results.jsonl")
+    assert [r["key"] for r in lines] == [r["key"] for r in records]
+    required = {
+        "treatment", "n", "split", "seed", "target", "test_accuracy", "best_epoch",
+        "epochs_run", "examples_seen", "wall_time", "config_hash",
+    }  # fmt: skip
+    assert all(required <= set(r) for r in lines)
+    assert {r["treatment"] for r in lines} == {"baseB", "BnB", "BnB+", "AnB", "AnB+",
+                                               "random", "reduced"}  # fmt: skip
+    base_dir = workdir / "runs" / "random" / "seed0" / "baseA"
+    assert (base_dir / "saved_model" / "saved_model.pb").is_file()
+    assert (base_dir / "model.keras").is_file()
+
+
+def test_frozen_layers_recorded_per_treatment(study):
+    _, _, records = study
+    by_key = {r["key"]: r for r in records}
+    frozen2 = by_key["random/seed0/AnB/n2"]["frozen_layers"]
+    assert frozen2 == ["conv1", "conv1_bn", "conv2", "conv2_bn"]
+    assert by_key["random/seed0/AnB+/n6"]["frozen_layers"] == []
+    frozen6 = by_key["random/seed0/randomB/n6"]["frozen_layers"]
+    assert [n for n in frozen6 if not n.endswith("_bn")] == list(models.LAYER_NAMES[:6])
+
+
+def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
+    config, workdir, _ = study
+    resources = transfer._Resources(config, workdir)
+    run = transfer.Run("transfer", "random", 0, "B", n=2, source="A")
+    model = transfer.build_model(run, resources, "float32")
+    base = resources.base_model(run)
+    before = models.layer_weights(model, 7)
+    for name, w in models.layer_weights(base, 2).items():
+        np.testing.assert_array_equal(before[name], w)  # copied from baseA
+    task = resources.task(run)
+    training.train(
+        model, task.train_dataset(32), task.eval_dataset("validation"),
+        dataclasses.replace(config.training, epochs=1), tmp_path,
+    )  # fmt: skip
+    after = models.layer_weights(model, 7)
+    for name in before:
+        changed = not np.array_equal(before[name], after[name])
+        assert changed == (models.layer_index(name.split("/")[0]) > 2), name
+
+
+def test_summary_equals_numbers_recomputed_from_results(study):
+    config, workdir, _ = study
+    lines = transfer.study_records(
+        results.read_jsonl(workdir / "results.jsonl"), config.targets
+    )
+    csv = {}
+    for row in (workdir / "summary.csv").read_text().splitlines()[1:]:
+        split, treatment, n, mean, std, count = row.split(",")
+        csv[(treatment, int(n))] = (float(mean), int(count))
+    groups = {}
+    for r in lines:
+        if r["kind"] == "reduced":
+            key = (f"reduced@k{r['train_per_class']}", 0)
+        else:
+            key = (r["treatment"], r["n"])
+        groups.setdefault(key, []).append(r["test_accuracy"])
+    assert set(csv) == set(groups)
+    for key, values in groups.items():
+        assert csv[key][0] == pytest.approx(np.mean(values), abs=1e-6)
+        assert csv[key][1] == len(values)
+    # baseB counts only the B-target base net, not baseA (a source only).
+    assert csv[("baseB", 0)][1] == 1
+    summary = transfer.summarize(lines)["random"]
+    base = np.mean(groups[("baseB", 0)])
+    expected = np.mean([np.mean(groups[("AnB+", n)]) - base for n in (2, 6)])
+    assert summary["table1"][("AnB+ - baseB", "1-7")]["mean"] == pytest.approx(expected)
+    expected = np.mean(groups[("AnB+", 6)]) - np.mean(groups[("BnB+", 6)])
+    assert summary["table1"][("AnB+ - BnB+", "5-7")]["mean"] == pytest.approx(expected)
+    drop = np.mean(groups[("AnB", 6)]) / base - 1
+    assert summary["relative"]["AnB"][6] == pytest.approx(drop)
+    text = (workdir / "summary.md").read_text()
+    assert "AnB+ - baseB" in text and "Split: random" in text
+
+
+def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
+    config, workdir, records = study
+    before = (workdir / "results.jsonl").read_text()
+    again = transfer.run_study(config, workdir)
+    assert (workdir / "results.jsonl").read_text() == before
+    assert [r["finished_at"] for r in again] == [r["finished_at"] for r in records]
+    # A different training configuration is refused, and nothing is lost.
+    changed = dataclasses.replace(
+        config, training=dataclasses.replace(config.training, learning_rate=0.5)
+    )
+    with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.05 -> 0.5"):
+        transfer.run_study(changed, workdir)
+    assert (workdir / "results.jsonl").read_text() == before
+
+
+def test_dry_run_lists_done_and_pending(study, capsys):
+    config, workdir, _ = study
+    grown = dataclasses.replace(config, layers=(2, 4, 6))
+    transfer.run_study(grown, workdir, dry_run=True)
+    out = capsys.readouterr().out
+    assert "done     random/seed0/AnB/n2" in out
+    assert "pending  random/seed0/AnB/n4" in out
+    assert "done     random/seed0/AnB/n4" not in out
+
+
+# ---------------------------------------------------------------- the script, killed
+
+
+def _wait_for_lines(path, count, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before the kill: {proc.stderr.read()}")
+        if path.exists() and path.read_text().count("\n") >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for results")
+
+
+def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
+    """kill -9 in the middle of the smoke study, rerun, compare to a clean run."""
+    config, _, reference_records = study
+    killed = tmp_path / "killed"
+    args = [sys.executable, str(EXPERIMENTS / "transferability.py"), "--preset=smoke"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(
+        [*args, f"--workdir={killed}"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for_lines(killed / "results.jsonl", 4, proc)
+    time.sleep(0.7)  # somewhere inside the next run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survived = results.read_jsonl(killed / "results.jsonl")  # never corrupt
+    assert 4 <= len(survived) < 13
+
+    resumed = run_script("transferability", "--preset=smoke", f"--workdir={killed}")
+    assert f"{len(survived)} already finished" in resumed.stderr
+    final = results.read_jsonl(killed / "results.jsonl")
+    assert len(final) == 13 and len({r["key"] for r in final}) == 13
+    assert final[: len(survived)] == survived  # finished runs were not redone
+
+    # The script's smoke preset is the in-process study's config: same hash, and
+    # the same seeds give the same accuracy (within a CPU tolerance).
+    assert {r["config_hash"] for r in final} == {config.config_hash()}
+    reference = {r["key"]: r for r in reference_records}
+    for r in final:
+        gap = abs(r["test_accuracy"] - reference[r["key"]]["test_accuracy"])
+        assert gap <= 0.02, r["key"]
+    for name in ("summary.md", "transfer.png", "relative.png"):
+        assert (killed / name).is_file()
+
+    refused = run_script(
+        "transferability", "--preset=smoke", f"--workdir={killed}", "--epochs=4",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "epochs: 3 -> 4" in refused.stderr
+    assert "--overwrite" in refused.stderr
