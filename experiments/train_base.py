@@ -56,33 +56,17 @@ def run(workdir, data_config, model_config, train_config, overwrite=False) -> di
         task.image_shape, task.num_classes, dtype=precision, seed=train_config.seed,
         **common.as_dict(model_config),
     )  # fmt: skip
-    outcome = training.train(
-        model,
-        task.train_dataset(
-            data_config.batch_size, train_config.seed, data_config.augment
-        ),
-        task.eval_dataset("validation", data_config.batch_size),
-        train_config,
-        workdir,
+    outcome = training.train_task(
+        model, task, train_config, workdir, data_config.batch_size, data_config.augment
     )
-    test = training.evaluate(model, task.eval_dataset("test", data_config.batch_size))
     paths = export.export_model(model, workdir)
     result = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "test_examples": test["examples"],
+        **outcome.record(),
         "classes": list(task.class_names),
         "num_train": len(task.y_train),
         "num_validation": len(task.y_validation),
-        "best_epoch": outcome.best_epoch,
-        "epochs_run": outcome.epochs_run,
-        "best_val_loss": outcome.best_val_loss,
-        "best_val_accuracy": outcome.best_val_accuracy,
-        "examples_seen": outcome.examples_seen,
-        "train_time": outcome.wall_time,
+        "train_time": outcome.train.wall_time,
         "wall_time": time.time() - started,
-        "precision": outcome.precision,
-        "jit_compile": outcome.jit_compile,
         **paths,
     }
     results.write_json(workdir / "result.json", result)

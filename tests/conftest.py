@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# "auto" precision/XLA by the fixed rule in tests (subprocesses inherit it): a
+# 25-second measurement per process would dominate the smoke runs. The probe
+# itself is tested in test_training.py.
+os.environ.setdefault("TRANSFER_TF_AUTO", "rule")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"

@@ -109,23 +109,83 @@ def test_same_seed_reproduces_weights(task, tmp_path):
     assert max(diffs) < 1e-5
 
 
-def test_auto_precision_and_xla_rules(monkeypatch):
+def test_rule_settings(monkeypatch):
     def fake(gpu=None, cc=None, bf16=False):
-        info = {"gpu": gpu, "compute_capability": cc, "cpu_bf16": bf16}
+        info = {"gpu": gpu, "compute_capability": cc, "cpu_bf16": bf16, "cpu": "x"}
         monkeypatch.setattr(training, "hardware", lambda: info)
 
     fake(bf16=True)
-    assert training.resolve_precision("auto") == "mixed_bfloat16"
-    assert training.resolve_xla("auto") is False
+    assert training.rule_settings() == {
+        "precision": "mixed_bfloat16", "xla": "off", "source": "rule",
+    }  # fmt: skip
     fake(bf16=False)
-    assert training.resolve_precision("auto") == "float32"
+    assert training.rule_settings()["precision"] == "float32"
     fake(gpu="A100", cc=(8, 0))
-    assert training.resolve_precision("auto") == "mixed_bfloat16"
-    assert training.resolve_xla("auto") is True
+    assert training.rule_settings()["precision"] == "mixed_bfloat16"
+    assert training.rule_settings()["xla"] == "on"
     fake(gpu="T4", cc=(7, 5))
-    assert training.resolve_precision("auto") == "mixed_float16"
-    assert training.resolve_precision("float32") == "float32"
-    assert training.resolve_xla("off") is False and training.resolve_xla("on") is True
+    assert training.rule_settings()["precision"] == "mixed_float16"
+
+
+@pytest.fixture
+def probe_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(training.AUTO_MODE_ENV, "probe")
+    monkeypatch.setenv(training.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
+    training.auto_settings.cache_clear()
+    yield tmp_path / "auto.json"
+    training.auto_settings.cache_clear()
+
+
+def test_auto_is_measured_once_per_machine_and_logged(probe_env, monkeypatch, caplog):
+    calls = []
+
+    def fake_measure(settings, *args, **kwargs):
+        calls.append(settings)
+        rates = {"float32:off": 100.0, "float32:on": 50.0, "mixed_bfloat16:on": 60.0}
+        return {s: rates.get(s, 190.0) for s in settings}
+
+    monkeypatch.setattr(training, "measure_throughput", fake_measure)
+    with caplog.at_level("INFO", logger="transfer_tf.training"):
+        assert training.resolve_precision("auto") == "mixed_bfloat16"
+        assert training.resolve_xla("auto") is False
+    assert "auto settings: precision=mixed_bfloat16, xla=off" in caplog.text
+    stored = results.read_json(probe_env)
+    assert list(stored) == [training.machine_key()]
+    assert stored[training.machine_key()]["images_per_second"]["float32:off"] == 100.0
+    training.auto_settings.cache_clear()  # a new process reads the file
+    assert training.resolve_precision("auto") == "mixed_bfloat16"
+    assert len(calls) == 1
+    assert training.resolve_precision("float32") == "float32"  # explicit wins
+
+
+def test_probe_keeps_float32_unless_clearly_faster(monkeypatch):
+    monkeypatch.setattr(
+        training, "measure_throughput",
+        lambda settings, *a, **k: {s: 105.0 if s == "mixed_bfloat16:off" else 100.0
+                                   for s in settings},
+    )  # fmt: skip
+    choice = training.probe_settings()
+    assert (choice["precision"], choice["xla"]) == ("float32", "off")  # 5% is noise
+
+
+def test_failed_probe_falls_back_to_the_rule(probe_env, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(training, "measure_throughput", broken)
+    settings = training.auto_settings()
+    assert settings["precision"] == training.rule_settings()["precision"]
+    assert "probe failed: no compiler" in settings["source"]
+    assert not probe_env.exists()
+
+
+def test_real_probe_measures_every_setting():
+    choice = training.probe_settings(steps=2, rounds=1, width=0.05)
+    assert set(choice["images_per_second"]) >= {
+        "float32:off", "float32:on", "mixed_bfloat16:off", "mixed_bfloat16:on",
+    }  # fmt: skip
+    assert all(rate > 0 for rate in choice["images_per_second"].values())
+    assert choice["precision"] in training.PRECISIONS and choice["xla"] in ("on", "off")
 
 
 def test_config_validation():

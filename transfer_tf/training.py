@@ -11,14 +11,17 @@ fails with a clear error when the loss becomes NaN.
 Precision and XLA
 -----------------
 ``precision`` is ``float32``, ``mixed_bfloat16``, ``mixed_float16`` or ``auto``;
-``xla`` is ``on``, ``off`` or ``auto``. The ``auto`` rule (measured on this
-project's 2-core AMD EPYC CPU, see BUILD.md):
-
-- GPU present: XLA on; ``mixed_bfloat16`` on compute capability >= 8.0 (Ampere+),
-  ``mixed_float16`` on 7.x, ``float32`` below.
-- CPU only: XLA off (it made the base net 2x slower here); ``mixed_bfloat16`` when
-  the CPU has native bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in
-  /proc/cpuinfo: 2-3x faster here), else ``float32`` (emulated bf16 is slower).
+``xla`` is ``on``, ``off`` or ``auto``. ``auto`` is decided by measurement, not
+assumed: on first use on a machine, :func:`probe_settings` trains the base net for
+a few steps in every precision x XLA combination (about 25 s on a 2-core CPU) and
+picks the fastest (float32 without XLA unless another is >= 10% faster); the
+choice is logged and kept per machine in ``~/.cache/transfer_tf/auto_settings.json``
+(``$TRANSFER_TF_AUTO_FILE``). On this project's 2-core AMD EPYC CPU it picks
+mixed_bfloat16 without XLA (bf16 ~1.8x faster, XLA 0.5-0.7x; BUILD.md). With
+``TRANSFER_TF_AUTO=rule`` (or when the probe fails) a fixed rule applies instead:
+on a GPU, XLA on and mixed_bfloat16 (compute capability >= 8) or mixed_float16
+(7.x); on a CPU, XLA off and mixed_bfloat16 only with native bf16 instructions
+(``avx512_bf16``/``amx_bf16``).
 
 The precision is a property of the model (its dtype policy), so drivers build
 models with ``dtype=resolve_precision(config.precision)``.
@@ -30,7 +33,9 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import pathlib
+import platform
 import shutil
 import time
 
@@ -38,6 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from transfer_tf import cache as activation_cache
 from transfer_tf import results
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,8 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 XLA_CHOICES = ("auto", "on", "off")
+AUTO_FILE_ENV = "TRANSFER_TF_AUTO_FILE"
+AUTO_MODE_ENV = "TRANSFER_TF_AUTO"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,11 @@ class TrainConfig:
       backup: keep a per-epoch backup in the work directory so that a killed
         training resumes where it stopped.
       verbose: 0 silent, 1 one log line per epoch.
+      activation_cache: in :func:`train_task`, train only the layers above a
+        frozen, deterministic prefix on activations computed once (exact; see
+        ``transfer_tf.cache``). ``False`` always runs the full net.
+      cache_memory_gb: memory budget of those activations; larger ones go to
+        disk in the work directory.
     """
 
     epochs: int = 30
@@ -85,6 +98,8 @@ class TrainConfig:
     tensorboard: bool = True
     backup: bool = True
     verbose: int = 1
+    activation_cache: bool = True
+    cache_memory_gb: float = 2.0
 
     def __post_init__(self):
         for field, value, choices in (
@@ -132,47 +147,170 @@ class NonFiniteLossError(FloatingPointError):
 
 @functools.lru_cache(maxsize=1)
 def hardware() -> dict:
-    """What the auto rules look at: GPU compute capability and CPU bf16 support."""
-    info = {"gpu": None, "compute_capability": None, "cpu_bf16": False}
+    """GPU name and compute capability, CPU model and its bf16 support."""
+    info = {"gpu": None, "compute_capability": None, "cpu": platform.machine(),
+            "cpu_bf16": False}  # fmt: skip
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         info["gpu"] = details.get("device_name", gpus[0].name)
         info["compute_capability"] = details.get("compute_capability")
     try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+        flags = text.split()
         info["cpu_bf16"] = "avx512_bf16" in flags or "amx_bf16" in flags
+        names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        if names:
+            info["cpu"] = names[0]
     except OSError:
         pass
     return info
 
 
-def resolve_precision(precision: str) -> str:
-    """The dtype policy name for a precision choice (``auto`` per the module rule)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
-    if precision != "auto":
-        return precision
+def rule_settings() -> dict:
+    """The fallback rule when no measurement is wanted or possible."""
     hw = hardware()
     if hw["gpu"]:
         major = (hw["compute_capability"] or (0, 0))[0]
-        return (
-            "mixed_bfloat16"
-            if major >= 8
-            else "mixed_float16"
-            if major >= 7
-            else "float32"
+        precision = "float32"
+        if major >= 8:
+            precision = "mixed_bfloat16"
+        elif major >= 7:
+            precision = "mixed_float16"
+        return {"precision": precision, "xla": "on", "source": "rule"}
+    precision = "mixed_bfloat16" if hw["cpu_bf16"] else "float32"
+    return {"precision": precision, "xla": "off", "source": "rule"}
+
+
+def machine_key() -> str:
+    """What the measured choice depends on: hardware and library versions."""
+    hw = hardware()
+    return (
+        f"{hw['cpu']} x{os.cpu_count()} | gpu={hw['gpu']} | "
+        f"tensorflow {tf.__version__} | keras {keras.__version__}"
+    )
+
+
+def auto_file() -> pathlib.Path:
+    """Where measured auto settings are kept (``$TRANSFER_TF_AUTO_FILE``)."""
+    default = pathlib.Path.home() / ".cache" / "transfer_tf" / "auto_settings.json"
+    return pathlib.Path(os.environ.get(AUTO_FILE_ENV) or default)
+
+
+class _Throughput:
+    """A base net compiled in one precision/XLA setting, ready to be timed."""
+
+    def __init__(self, precision, xla, batch_size, shape, width):
+        from transfer_tf import models
+
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (batch_size * 4, *shape), dtype=np.uint8)
+        y = rng.integers(0, 10, batch_size * 4)
+        self.ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+        self.ds = self.ds.cache().repeat()
+        self.batch_size = batch_size
+        self.model = models.build_base_net(
+            shape, 10, width=width, dtype=precision, seed=0
         )
-    return "mixed_bfloat16" if hw["cpu_bf16"] else "float32"
+        compile_model(self.model, TrainConfig(xla=xla, precision=precision), 1)
+        self.run(3)  # trace, compile and warm up
+
+    def run(self, steps) -> float:
+        started = time.perf_counter()
+        self.model.fit(
+            self.ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False
+        )
+        return steps * self.batch_size / (time.perf_counter() - started)
+
+
+def measure_throughput(settings, steps=12, rounds=3, batch_size=128, shape=(32, 32, 3),
+                       width=0.25) -> dict:  # fmt: skip
+    """Training images/s of the base net per ``"precision:xla"`` setting.
+
+    Settings are timed in interleaved rounds and each keeps its best round, so a
+    burst of load from another process on a shared machine does not decide; after
+    the first round only settings within 20% of the best are timed again.
+    """
+    nets = {}
+    for setting in settings:
+        precision, xla = setting.split(":")
+        nets[setting] = _Throughput(precision, xla, batch_size, shape, width)
+    best = dict.fromkeys(settings, 0.0)
+    contenders = list(settings)
+    for _ in range(rounds):
+        for setting in contenders:
+            best[setting] = max(best[setting], nets[setting].run(steps))
+        # Later rounds only re-time settings that could still win.
+        contenders = [k for k in settings if best[k] >= 0.8 * max(best.values())]
+    return {k: round(v, 1) for k, v in best.items()}
+
+
+def probe_settings(steps=12, rounds=3, width=0.25) -> dict:
+    """Measures every precision x XLA candidate on this machine; picks the fastest,
+    keeping float32 without XLA unless another setting is at least 10% faster."""
+    precisions = ["float32", "mixed_bfloat16"]
+    if hardware()["gpu"]:
+        precisions.append("mixed_float16")
+    settings = [f"{p}:{x}" for p in precisions for x in ("off", "on")]
+    rates = measure_throughput(settings, steps, rounds, width=width)
+    best = max(rates, key=rates.get)
+    if rates[best] < 1.1 * rates["float32:off"]:
+        best = "float32:off"
+    precision, xla = best.split(":")
+    return {
+        "precision": precision,
+        "xla": xla,
+        "images_per_second": rates,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": "probe",
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def auto_settings() -> dict:
+    """The precision and XLA setting that ``auto`` stands for on this machine.
+
+    Measured once per machine by :func:`probe_settings` (20-40 s on a 2-core
+    CPU) and kept in :func:`auto_file` under :func:`machine_key`; later runs read
+    it. ``TRANSFER_TF_AUTO=rule`` skips the measurement and uses
+    :func:`rule_settings`; so does a failed probe.
+    """
+    if os.environ.get(AUTO_MODE_ENV, "probe") == "rule":
+        return rule_settings()
+    path, key = auto_file(), machine_key()
+    try:
+        store = results.read_json(path) if path.exists() else {}
+    except ValueError:
+        store = {}
+    if key not in store:
+        log.info("measuring the fastest precision and XLA setting on this machine...")
+        try:
+            store[key] = probe_settings()
+        except Exception as e:  # any failure of the probe falls back to the rule
+            log.warning("probe failed (%s); using the rule", e)
+            return {**rule_settings(), "source": f"rule (probe failed: {e})"}
+        results.write_json(path, store)
+    chosen = store[key]
+    log.info(
+        "auto settings: precision=%s, xla=%s (measured images/s %s; kept in %s)",
+        chosen["precision"], chosen["xla"], chosen["images_per_second"], path,
+    )  # fmt: skip
+    return chosen
+
+
+def resolve_precision(precision: str) -> str:
+    """The dtype policy name for a precision choice (``auto``: measured)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
+    return auto_settings()["precision"] if precision == "auto" else precision
 
 
 def resolve_xla(xla: str) -> bool:
-    """Whether to compile with XLA (``auto``: only on a GPU)."""
+    """Whether to compile with XLA (``auto``: measured)."""
     if xla not in XLA_CHOICES:
         raise ValueError(f"xla={xla!r} is not one of {list(XLA_CHOICES)}")
-    if xla == "auto":
-        return bool(hardware()["gpu"])
-    return xla == "on"
+    return (auto_settings()["xla"] if xla == "auto" else xla) == "on"
 
 
 # ----------------------------------------------------------------------- optimiser
@@ -448,3 +586,88 @@ def evaluate(model, dataset) -> dict:
         "loss": float(out["loss"]),
         "examples": examples,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """A training on a task, evaluated on its test split."""
+
+    train: TrainResult
+    test_accuracy: float
+    test_loss: float
+    test_examples: int
+    path: str  # "cached": layers above a cached prefix were trained; else "full"
+    cached_layers: int
+    path_reason: str
+    cache_storage: str | None = None
+    cache_seconds: float = 0.0
+
+    def record(self) -> dict:
+        """A flat, JSON-ready dict (for result.json and results.jsonl)."""
+        out = dataclasses.asdict(self.train)
+        out.update({k: v for k, v in dataclasses.asdict(self).items() if k != "train"})
+        return out
+
+
+def train_task(
+    model,
+    task,
+    config: TrainConfig,
+    workdir,
+    batch_size: int = 128,
+    augment: str = "none",
+    cache: activation_cache.ActivationCache | None = None,
+) -> TaskResult:
+    """Trains ``model`` on a ``data.Task`` and evaluates it on the task's test split.
+
+    Takes the cached path when it is exact (``config.activation_cache``, no
+    augmentation, a frozen prefix): the frozen prefix's activations come from
+    ``cache`` (computed once; a new cache in ``workdir`` when ``None``) and only the
+    layers above it are trained, in place, so ``model`` comes out as the full,
+    exportable net. Otherwise every image goes through the whole net each epoch.
+    Shuffling is seeded identically on both paths.
+
+    Returns:
+      A TaskResult saying which path ran and why.
+    """
+    # tf.data's shuffle order depends on the global seed at the time a pipeline is
+    # made, so fix it here: both paths (and reruns) then shuffle identically.
+    keras.utils.set_random_seed(config.seed)
+    if config.activation_cache:
+        n, reason = activation_cache.frozen_cut(model, augment)
+    else:
+        n, reason = 0, "activation_cache is off"
+    if n == 0:
+        outcome = train(
+            model,
+            task.train_dataset(batch_size, config.seed, augment),
+            task.eval_dataset("validation", batch_size),
+            config,
+            workdir,
+        )
+        test = evaluate(model, task.eval_dataset("test", batch_size))
+        return TaskResult(
+            outcome, test["accuracy"], test["loss"], test["examples"], "full", 0, reason
+        )
+    if cache is None:
+        cache = activation_cache.ActivationCache(
+            config.cache_memory_gb * 2**30, pathlib.Path(workdir) / "activation_cache"
+        )
+    prefix, head = activation_cache.split_at(model, n)
+    acts = cache.get(prefix, task)
+    keras.utils.set_random_seed(config.seed)
+
+    def feed(split, training):
+        labels = task.arrays(split)[1]
+        return activation_cache.dataset(
+            getattr(acts, split), labels, batch_size, training, config.seed
+        )
+
+    outcome = train(
+        head, feed("train", True), feed("validation", False), config, workdir
+    )
+    test = evaluate(head, feed("test", False))
+    return TaskResult(
+        outcome, test["accuracy"], test["loss"], test["examples"], "cached", n, reason,
+        acts.storage, acts.seconds,
+    )  # fmt: skip

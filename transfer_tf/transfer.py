@@ -34,7 +34,7 @@ from collections import defaultdict
 import keras
 import numpy as np
 
-from transfer_tf import data, export, models, results, training
+from transfer_tf import cache, data, export, models, results, training
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,15 @@ RESULTS_FILE = "results.jsonl"
 NOT_RESULT_AFFECTING = {
     "": ("splits", "seeds", "layers", "treatments", "targets", "reduced_per_class"),
     "data": ("split", "class_split", "split_seed", "memory_budget_gb", "download"),
-    "training": ("seed", "verbose", "tensorboard", "backup"),
+    # Caching is exact (tests/test_cache.py), so it does not change results.
+    "training": (
+        "seed",
+        "verbose",
+        "tensorboard",
+        "backup",
+        "activation_cache",
+        "cache_memory_gb",
+    ),
 }
 
 
@@ -237,6 +245,11 @@ class _Resources:
         self._source = None
         self._tasks = {}
         self._models = {}
+        # One activation cache for the whole study: runs that freeze the same
+        # source layers on the same task share their prefix activations.
+        self.cache = cache.ActivationCache(
+            config.training.cache_memory_gb * 2**30, workdir / "activation_cache"
+        )
 
     @property
     def source(self) -> data.Source:
@@ -334,15 +347,10 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
     frozen = [
         layer.name for layer in model.layers if layer.weights and not layer.trainable
     ]
-    batch = config.data.batch_size
-    outcome = training.train(
-        model,
-        task.train_dataset(batch, run.seed, config.data.augment),
-        task.eval_dataset("validation", batch),
-        train_config,
-        run_dir,
-    )
-    test = training.evaluate(model, task.eval_dataset("test", batch))
+    outcome = training.train_task(
+        model, task, train_config, run_dir, config.data.batch_size, config.data.augment,
+        cache=resources.cache,
+    )  # fmt: skip
     if run.kind == "base":
         export.export_model(model, run_dir)
     record = {
@@ -358,15 +366,17 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
         "fine_tune": run.fine_tune,
         "train_per_class": run.train_per_class,
         "frozen_layers": frozen,
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "val_accuracy": outcome.best_val_accuracy,
-        "best_epoch": outcome.best_epoch,
-        "epochs_run": outcome.epochs_run,
-        "examples_seen": outcome.examples_seen,
-        "train_time": outcome.wall_time,
+        "test_accuracy": outcome.test_accuracy,
+        "test_loss": outcome.test_loss,
+        "val_accuracy": outcome.train.best_val_accuracy,
+        "best_epoch": outcome.train.best_epoch,
+        "epochs_run": outcome.train.epochs_run,
+        "examples_seen": outcome.train.examples_seen,
+        "train_time": outcome.train.wall_time,
         "wall_time": time.time() - started,
-        "precision": outcome.precision,
+        "precision": outcome.train.precision,
+        "path": outcome.path,
+        "cached_layers": outcome.cached_layers,
         "config_hash": config_hash,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -443,6 +453,7 @@ def run_study(
             position, len(runs), run.key, record["test_accuracy"], record["epochs_run"],
             record["wall_time"], _duration(eta),
         )  # fmt: skip
+    shutil.rmtree(workdir / "activation_cache", ignore_errors=True)
     records = [done[r.key] for r in runs]
     write_outputs(study_records(records, config.targets), workdir)
     return records
