@@ -1,77 +1,396 @@
-r"""Measured speed of the base net on this machine: precision x XLA.
+r"""Measured speed of transfer_tf on this machine, as ratios from one run.
 
-    python experiments/benchmark.py
+    python experiments/benchmark.py --workdir=/tmp/benchmark
 
-trains the base net (width 0.25, batch 128) for a few steps in each setting and
-prints images/s and the ratio to plain float32 without XLA, all measured in one
-run (shared machines are noisy: compare ratios, not absolute numbers). BUILD.md
-records its output for the project's 2-core CPU; the ``auto`` precision and XLA
-rules of ``transfer_tf.training`` follow these measurements.
+prints, side by side (shared machines are noisy: compare the ratios):
+
+1. ``throughput``: training images/s of the base net (width 0.25, 32x32x3,
+   batch 128) — naive Keras (``fit``, float32, default compile settings) vs
+   transfer_tf's tuned settings (``auto``: measured precision and XLA) vs an
+   equivalent PyTorch model and loop in float32 and bfloat16 (when ``torch`` is
+   installed: ``pip install '.[bench]'``; skipped otherwise);
+2. ``flops``: achieved training FLOP/s of the base net against the measured peak
+   matmul FLOP/s of this machine in the same precision;
+3. ``grid``: wall time, accuracy and peak memory (RSS) of a transfer grid (the
+   default digits preset on one seed and layers 1,3,5,7) run tuned (auto settings,
+   activation cache) vs naive (float32, no XLA, no cache), each in its own process;
+4. ``cache``: per-run wall time and accuracy of frozen runs (layers 1..n frozen,
+   n = 3, 5, 7) with and without the activation cache, same precision, on half B
+   of CIFAR-10 (``../shared/data/cifar10``; digits when it is absent).
+
+About 8 minutes on the 2-core CPU of this project's machines; BUILD.md records
+the output. ``--sections`` picks a subset; ``--output`` writes the numbers as JSON.
 """
 
 from __future__ import annotations
 
 import os
-import platform
+import pathlib
+import subprocess
+import sys
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
 import common
-from transfer_tf import models, training
+from transfer_tf import data, models, results, training
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("input_shape", ["32", "32", "3"], "Image shape H,W,C.")
-flags.DEFINE_integer("steps", 30, "Timed training steps per setting.")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+SECTIONS = ("throughput", "flops", "grid", "cache")
+flags.DEFINE_list("sections", list(SECTIONS), f"Parts to run, of {list(SECTIONS)}.")
+flags.DEFINE_integer("steps", 30, "Timed training steps per throughput setting.")
 flags.DEFINE_list(
-    "settings",
-    ["float32:off", "mixed_bfloat16:off", "float32:on", "mixed_bfloat16:on"],
-    "PRECISION:XLA pairs to measure.",
-)  # fmt: skip
+    "grid_layers", ["1", "3", "5", "7"], "Cut layers of the grid section."
+)
+flags.DEFINE_string(
+    "output", None, "Also write the measured numbers to this JSON file."
+)
+
+SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
 
 
-def throughput(shape, width, batch, precision, xla, steps) -> float:
-    """Training images/s of the base net in one setting (after a warm-up)."""
+# --------------------------------------------------------------------- throughput
+
+
+def _batches(batch_size):
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch * 4, *shape), dtype=np.uint8)
-    y = rng.integers(0, 10, batch * 4)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache().repeat()
-    model = models.build_base_net(shape, 10, width=width, dtype=precision, seed=0)
-    config = training.TrainConfig(xla=xla, precision=precision)
-    training.compile_model(model, config, steps_per_epoch=steps)
-    model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)  # warm up
+    x = rng.integers(0, 256, (batch_size * 8, *SHAPE), dtype=np.uint8)
+    y = rng.integers(0, NUM_CLASSES, batch_size * 8)
+    return x, y
+
+
+def naive_keras(width, batch_size, steps) -> float:
+    """images/s of the base net trained the way a Keras user would by default."""
+    x, y = _batches(batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
+    model = models.build_base_net(
+        SHAPE, NUM_CLASSES, width=width, dtype="float32", seed=0
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)
     started = time.perf_counter()
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-    return steps * batch / (time.perf_counter() - started)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def torch_throughput(width, batch_size, steps, precision) -> dict | None:
+    """images/s of the same net in PyTorch (best of NCHW and channels-last)."""
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        return None
+    filters = [max(1, round(f * width)) for f in models.ALEXNET_FILTERS]
+    units = max(1, round(models.ALEXNET_UNITS * width))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            chans, blocks = SHAPE[2], []
+            for i, f in enumerate(filters):
+                k = 5 if i < 2 else 3
+                blocks += [nn.Conv2d(chans, f, k, padding=k // 2), nn.ReLU()]
+                if i in (0, 1, 4):  # AlexNet's pools, Keras "same" padding
+                    blocks.append(nn.MaxPool2d(3, 2, padding=1))
+                chans = f
+            self.features = nn.Sequential(*blocks)
+            self.classifier = nn.Sequential(
+                nn.Flatten(), nn.Linear(chans * 4 * 4, units), nn.ReLU(),
+                nn.Dropout(0.5), nn.Linear(units, units), nn.ReLU(), nn.Dropout(0.5),
+                nn.Linear(units, NUM_CLASSES),
+            )  # fmt: skip
+
+        def forward(self, images):
+            return self.classifier(self.features(images.float() / 255.0))
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    x, y = _batches(batch_size)
+    xs = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    ys = torch.from_numpy(y)
+    rates = {}
+    for layout in ("nchw", "channels_last"):
+        net = Net()
+        images = xs
+        if layout == "channels_last":
+            net = net.to(memory_format=torch.channels_last)
+            images = xs.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def step(i, net=net, images=images, optimizer=optimizer, loss_fn=loss_fn):
+            start = (i % 8) * batch_size
+            batch, labels = (
+                images[start : start + batch_size],
+                ys[start : start + batch_size],
+            )
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(
+                "cpu", dtype=torch.bfloat16, enabled=precision != "float32"
+            ):
+                loss = loss_fn(net(batch), labels)
+            loss.backward()
+            optimizer.step()
+
+        for i in range(5):
+            step(i)
+        started = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        rates[layout] = steps * batch_size / (time.perf_counter() - started)
+    best = max(rates, key=rates.get)
+    return {
+        "images_per_second": rates[best],
+        "layout": best,
+        "version": torch.__version__,
+    }
+
+
+def throughput_section(report):
+    width, batch, steps = FLAGS.width, FLAGS.batch_size, FLAGS.steps
+    auto = training.auto_settings()
+    tuned_setting = f"{auto['precision']}:{auto['xla']}"
+    settings = sorted({"float32:off", "mixed_bfloat16:off", tuned_setting})
+    ours = training.measure_throughput(
+        settings, steps, rounds=2, batch_size=batch, width=width
+    )
+    naive = max(naive_keras(width, batch, steps) for _ in range(2))
+    rows = {"naive Keras (float32, default compile)": naive}
+    for setting in settings:
+        rows[
+            f"transfer_tf {setting}" + (" (auto)" if setting == tuned_setting else "")
+        ] = ours[setting]
+    torch_rows = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        measured = torch_throughput(width, batch, steps, precision)
+        if measured:
+            name = f"PyTorch {measured['version']} {precision} ({measured['layout']})"
+            rows[name] = torch_rows[precision] = measured["images_per_second"]
+    print(f"\n[throughput] base net width {width}, input {SHAPE}, batch {batch}")
+    for name, rate in rows.items():
+        print(f"  {name:52s} {rate:8.0f} images/s   x{rate / naive:.2f} vs naive Keras")
+    if not torch_rows:
+        print("  PyTorch: not installed (pip install '.[bench]'), comparison skipped")
+    for precision, rate in torch_rows.items():
+        print(
+            f"  transfer_tf / PyTorch in {precision}: "
+            f"x{ours[f'{precision}:off'] / rate:.2f}"
+        )
+    report["throughput"] = {"rows": rows, "auto": auto}
+
+
+# -------------------------------------------------------------------------- flops
+
+
+def training_flops_per_image(model) -> float:
+    """Multiply-adds x2 of one forward pass, x3 for forward + both backward products."""
+    total = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            k_h, k_w = layer.kernel_size
+            total += 2 * h * w * c_out * k_h * k_w * layer.input.shape[-1]
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * layer.input.shape[-1] * layer.units
+    return 3 * total
+
+
+def matmul_peak(dtype, size=2048, repeats=10) -> float:
+    """Best measured FLOP/s of a square matmul in ``dtype``."""
+    a = tf.random.normal((size, size), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda m: tf.matmul(m, m))
+    matmul(a).numpy()
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matmul(a).numpy()
+        best = max(best, 2 * size**3 / (time.perf_counter() - started))
+    return best
+
+
+def flops_section(report):
+    model = models.build_base_net(SHAPE, NUM_CLASSES, width=FLAGS.width)
+    per_image = training_flops_per_image(model)
+    ours = training.measure_throughput(
+        ["float32:off", "mixed_bfloat16:off"], FLAGS.steps, rounds=2,
+        batch_size=FLAGS.batch_size, width=FLAGS.width,
+    )  # fmt: skip
+    print(f"\n[flops] base net: {per_image / 1e6:.1f} MFLOP per training image")
+    out = {}
+    for setting, dtype in (
+        ("float32:off", tf.float32),
+        ("mixed_bfloat16:off", tf.bfloat16),
+    ):
+        peak = matmul_peak(dtype)
+        achieved = ours[setting] * per_image
+        out[setting] = {"achieved": achieved, "peak_matmul": peak}
+        print(
+            f"  {setting:20s} achieved {achieved / 1e9:7.1f} GFLOP/s of a measured "
+            f"{peak / 1e9:7.1f} GFLOP/s matmul peak = {achieved / peak:.0%}"
+        )
+    report["flops"] = {"per_image": per_image, **out}
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def run_grid(workdir, extra) -> dict:
+    """Runs the transfer grid in a child process; wall time and its peak RSS."""
+    args = [
+        sys.executable, str(ROOT / "experiments" / "transferability.py"),
+        "--preset=digits", "--seeds=0", f"--layers={','.join(FLAGS.grid_layers)}",
+        f"--workdir={workdir}", "--overwrite", *extra,
+    ]  # fmt: skip
+    started = time.time()
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - started
+    stderr = proc.stderr.read()
+    if status != 0:
+        raise RuntimeError(f"grid {extra} failed:\n{stderr[-3000:]}")
+    records = results.read_jsonl(pathlib.Path(workdir) / "results.jsonl")
+    return {
+        "wall_time": wall,
+        "max_rss_mib": usage.ru_maxrss / 1024,
+        "records": records,
+    }
+
+
+def grid_section(report, workdir):
+    tuned = run_grid(workdir / "grid_tuned", [])
+    naive = run_grid(
+        workdir / "grid_naive",
+        ["--precision=float32", "--xla=off", "--noactivation_cache"],
+    )
+    runs = len(tuned["records"])
+    print(
+        f"\n[grid] digits preset, seed 0, layers {','.join(FLAGS.grid_layers)}: "
+        f"{runs} runs"
+    )
+    for name, g in (
+        ("tuned (auto, cache)", tuned),
+        ("naive (float32, no cache)", naive),
+    ):
+        print(
+            f"  {name:28s} {g['wall_time']:7.1f} s   "
+            f"peak RSS {g['max_rss_mib']:6.0f} MiB"
+        )
+    print(f"  speed-up x{naive['wall_time'] / tuned['wall_time']:.2f}")
+    by_treatment = {}
+    for name, g in (("tuned", tuned), ("naive", naive)):
+        for r in g["records"]:
+            by_treatment.setdefault(r["treatment"], {}).setdefault(name, []).append(
+                r["test_accuracy"]
+            )
+    print("  mean test top-1 per treatment (tuned / naive):")
+    for treatment, acc in sorted(by_treatment.items()):
+        t, n = np.mean(acc["tuned"]), np.mean(acc["naive"])
+        print(f"    {treatment:7s} {t:.4f} / {n:.4f}  (diff {t - n:+.4f})")
+    report["grid"] = {
+        "runs": runs,
+        "tuned": {k: v for k, v in tuned.items() if k != "records"},
+        "naive": {k: v for k, v in naive.items() if k != "records"},
+        "accuracy": {
+            t: {k: float(np.mean(v)) for k, v in a.items()}
+            for t, a in by_treatment.items()
+        },
+    }
+
+
+# -------------------------------------------------------------------------- cache
+
+
+def cache_section(report, workdir):
+    spec = FLAGS.cache_dataset
+    if spec is None:
+        spec = f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "digits"
+    config = data.DataConfig(dataset=spec, batch_size=FLAGS.batch_size)
+    source = data.load_source(config)
+    halves = data.split_classes(source.class_names, "random", 0)
+    task = data.make_task(source, halves.b, config)
+    train_config = common.train_config(
+        seed=0, verbose=0, tensorboard=False, backup=False, patience=0,
+        epochs=FLAGS.cache_epochs,
+    )  # fmt: skip
+    dtype = training.resolve_precision(train_config.precision)
+    template = models.build_base_net(
+        task.image_shape, task.num_classes, width=FLAGS.width
+    )
+    print(
+        f"\n[cache] frozen runs (layers 1..n random and frozen, the rest trained) on "
+        f"{task.summary()}, {FLAGS.cache_epochs} epochs, {dtype}: cached vs uncached"
+    )
+    rows = {}
+    for n in (3, 5, 7):
+        timing = {}
+        for cached in (True, False):
+            net = models.random_frozen_net(template, n, task.num_classes, 0, dtype)
+            cfg = training.TrainConfig(
+                **{**train_config.__dict__, "activation_cache": cached}
+            )
+            started = time.time()
+            out = training.train_task(
+                net, task, cfg, workdir / f"cache_n{n}_{cached}", config.batch_size
+            )
+            timing[cached] = (time.time() - started, out.test_accuracy)
+        (tc, ac), (tu, au) = timing[True], timing[False]
+        rows[n] = {
+            "cached_s": tc,
+            "uncached_s": tu,
+            "cached_acc": ac,
+            "uncached_acc": au,
+        }
+        print(
+            f"  n={n}: cached {tc:6.1f} s (top-1 {ac:.4f})   uncached {tu:6.1f} s "
+            f"(top-1 {au:.4f})   x{tu / tc:.2f}"
+        )
+    report["cache"] = {"dataset": spec, "epochs": FLAGS.cache_epochs, "runs": rows}
 
 
 def main(argv):
     del argv
     common.setup_logging()
-    shape = tuple(int(v) for v in FLAGS.input_shape)
+    common.apply_preset(
+        {"width": 0.25, "epochs": 12, "patience": 3, "learning_rate": 0.02}
+    )
+    unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"error: unknown sections {unknown}; choose from {list(SECTIONS)}")
+    workdir = pathlib.Path(FLAGS.workdir or "/tmp/transfer_tf_benchmark")
+    workdir.mkdir(parents=True, exist_ok=True)
     hw = training.hardware()
-    cores = os.cpu_count()
     print(
-        f"machine: {platform.machine()}, {cores} cores, gpu={hw['gpu']}, "
-        f"cpu_bf16={hw['cpu_bf16']}; TensorFlow {tf.__version__}"
+        f"machine: {hw['cpu']}, {os.cpu_count()} cores, gpu={hw['gpu']}, "
+        f"cpu_bf16={hw['cpu_bf16']}; TensorFlow {tf.__version__}, "
+        f"Keras {keras.__version__}"
     )
-    print(
-        f"base net width {FLAGS.width}, input {shape}, batch {FLAGS.batch_size}, "
-        f"{FLAGS.steps} steps per setting"
-    )
-    reference = None
-    for setting in FLAGS.settings:
-        precision, xla = setting.split(":")
-        rate = throughput(
-            shape, FLAGS.width, FLAGS.batch_size, precision, xla, FLAGS.steps
-        )
-        reference = reference or rate
-        print(f"  {precision:15s} XLA {xla:3s}  {rate:8.0f} images/s  "
-              f"x{rate / reference:.2f} vs {FLAGS.settings[0]}")  # fmt: skip
-    print(f"auto picks: precision={training.resolve_precision('auto')}, "
-          f"XLA={'on' if training.resolve_xla('auto') else 'off'}")  # fmt: skip
+    report = {"machine": training.machine_key(), "date": time.strftime("%Y-%m-%d")}
+    started = time.time()
+    for section in SECTIONS:
+        if section in FLAGS.sections:
+            {
+                "throughput": lambda: throughput_section(report),
+                "flops": lambda: flops_section(report),
+                "grid": lambda: grid_section(report, workdir),
+                "cache": lambda: cache_section(report, workdir),
+            }[section]()
+    print(f"\nbenchmark wall time {time.time() - started:.0f} s")
+    if FLAGS.output:
+        results.write_json(FLAGS.output, report)
+        print(f"numbers written to {FLAGS.output}")
 
 
 if __name__ == "__main__":

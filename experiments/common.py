@@ -105,6 +105,14 @@ flags.DEFINE_enum(
 )  # fmt: skip
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, dropout and shuffling.")
 flags.DEFINE_bool("tensorboard", True, "Write TensorBoard events.")
+flags.DEFINE_bool(
+    "activation_cache", True,
+    "Train only the layers above a frozen prefix on its activations, computed once "
+    "(exact; used automatically when layers 1..n are frozen and --augment=none).",
+)  # fmt: skip
+flags.DEFINE_float(
+    "cache_memory_gb", 2.0, "Memory budget of cached activations (beyond: on disk)."
+)
 
 # ------------------------------------------------------------------------ run flags
 flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
@@ -172,6 +180,8 @@ def train_config(**overrides) -> training.TrainConfig:
         xla=FLAGS.xla,
         seed=FLAGS.seed,
         tensorboard=FLAGS.tensorboard,
+        activation_cache=FLAGS.activation_cache,
+        cache_memory_gb=FLAGS.cache_memory_gb,
     )
     values.update(overrides)
     return training.TrainConfig(**values)

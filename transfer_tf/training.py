@@ -208,7 +208,7 @@ class _Throughput:
         x = rng.integers(0, 256, (batch_size * 4, *shape), dtype=np.uint8)
         y = rng.integers(0, 10, batch_size * 4)
         self.ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-        self.ds = self.ds.cache().repeat()
+        self.ds = self.ds.repeat()
         self.batch_size = batch_size
         self.model = models.build_base_net(
             shape, 10, width=width, dtype=precision, seed=0
