@@ -6,24 +6,30 @@ prints, side by side (shared machines are noisy: compare the ratios):
 
 1. ``throughput``: training images/s of the base net (width 0.25, 32x32x3,
    batch 128) — naive Keras (``fit``, float32, default compile settings) vs
-   transfer_tf's tuned settings (``auto``: measured precision and XLA) vs an
-   equivalent PyTorch model and loop in float32 and bfloat16 (when ``torch`` is
-   installed: ``pip install '.[bench]'``; skipped otherwise);
-2. ``flops``: achieved training FLOP/s of the base net against the measured peak
-   matmul FLOP/s of this machine in the same precision;
-3. ``grid``: wall time, accuracy and peak memory (RSS) of a transfer grid (the
-   default digits preset on one seed and layers 1,3,5,7) run tuned (auto settings,
-   activation cache) vs naive (float32, no XLA, no cache), each in its own process;
-4. ``cache``: per-run wall time and accuracy of frozen runs (layers 1..n frozen,
-   n = 3, 5, 7) with and without the activation cache, same precision, on half B
-   of CIFAR-10 (``../shared/data/cifar10``; digits when it is absent).
+   transfer_tf's settings (float32, bfloat16 and ``auto``: the measured choice),
+   all timed in the same interleaved rounds, vs an equivalent PyTorch model and
+   loop in float32 and bfloat16 (when ``torch`` is installed: ``pip install
+   '.[bench]'``; skipped otherwise);
+2. ``flops``: achieved training FLOP/s of the base net (transfer_tf and PyTorch)
+   against the measured peak matmul FLOP/s of this machine in the same precision
+   (the best of TensorFlow's and NumPy's matmul);
+3. ``grid``: wall time, accuracy and peak memory (RSS) of the default digits
+   transfer grid on one seed and the layers of ``--grid_layers`` (3 and 7) run
+   tuned (auto settings, activation cache) vs naive (float32, no XLA, no cache),
+   each in its own process;
+4. ``cache``: per-run wall time and accuracy of frozen runs (layers 1..n random
+   and frozen, n = 3, 5, 7, the rest trained for ``--cache_epochs``) with and
+   without the activation cache, same precision, on half B of CIFAR-10
+   (``../shared/data/cifar10``, 1,000 training images per class; digits when it
+   is absent).
 
-About 8 minutes on the 2-core CPU of this project's machines; BUILD.md records
+About 10 minutes on the 2-core CPU of this project's machines; BUILD.md records
 the output. ``--sections`` picks a subset; ``--output`` writes the numbers as JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -45,10 +51,20 @@ SECTIONS = ("throughput", "flops", "grid", "cache")
 flags.DEFINE_list("sections", list(SECTIONS), f"Parts to run, of {list(SECTIONS)}.")
 flags.DEFINE_integer("steps", 30, "Timed training steps per throughput setting.")
 flags.DEFINE_list(
-    "grid_layers", ["1", "3", "5", "7"], "Cut layers of the grid section."
-)
+    "grid_layers", ["3", "7"],
+    "Cut layers of the grid section (the default digits grid at these layers).",
+)  # fmt: skip
 flags.DEFINE_string(
     "output", None, "Also write the measured numbers to this JSON file."
+)
+flags.DEFINE_string(
+    "cache_dataset", None,
+    "Dataset of the cache section (default: ../shared/data/cifar10 if present, "
+    "else digits).",
+)  # fmt: skip
+flags.DEFINE_integer("cache_epochs", 4, "Epochs of each run of the cache section.")
+flags.DEFINE_integer(
+    "cache_per_class", 1000, "Training images per class in the cache section."
 )
 
 SHAPE = (32, 32, 3)
@@ -65,22 +81,14 @@ def _batches(batch_size):
     return x, y
 
 
-def naive_keras(width, batch_size, steps) -> float:
-    """images/s of the base net trained the way a Keras user would by default."""
-    x, y = _batches(batch_size)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
-    model = models.build_base_net(
-        SHAPE, NUM_CLASSES, width=width, dtype="float32", seed=0
-    )
+def naive_compile(model):
+    """How a Keras user compiles by default: SGD with momentum, the "accuracy"
+    metric, ``jit_compile="auto"`` (XLA off on a CPU)."""
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)
-    started = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-    return steps * batch_size / (time.perf_counter() - started)
 
 
 def torch_throughput(width, batch_size, steps, precision) -> dict | None:
@@ -161,15 +169,25 @@ def throughput_section(report):
     auto = training.auto_settings()
     tuned_setting = f"{auto['precision']}:{auto['xla']}"
     settings = sorted({"float32:off", "mixed_bfloat16:off", tuned_setting})
-    ours = training.measure_throughput(
-        settings, steps, rounds=2, batch_size=batch, width=width
-    )
-    naive = max(naive_keras(width, batch, steps) for _ in range(2))
-    rows = {"naive Keras (float32, default compile)": naive}
-    for setting in settings:
-        rows[
-            f"transfer_tf {setting}" + (" (auto)" if setting == tuned_setting else "")
-        ] = ours[setting]
+    naive_name = "naive Keras (float32, default compile)"
+    # Every Keras variant in the same interleaved rounds, so that load from other
+    # processes hits them alike.
+    probes = {
+        naive_name: training.ThroughputProbe(
+            "float32", "off", batch, SHAPE, width, compile=naive_compile
+        )
+    }
+    names = {
+        setting: f"transfer_tf {setting}"
+        + (" (auto)" if setting == tuned_setting else "")
+        for setting in settings
+    }
+    for setting, name in names.items():
+        precision, xla = setting.split(":")
+        probes[name] = training.ThroughputProbe(precision, xla, batch, SHAPE, width)
+    rows = training.time_interleaved(probes, steps, rounds=3)
+    naive = rows[naive_name]
+    ours = {setting: rows[name] for setting, name in names.items()}
     torch_rows = {}
     for precision in ("float32", "mixed_bfloat16"):
         measured = torch_throughput(width, batch, steps, precision)
@@ -186,7 +204,9 @@ def throughput_section(report):
             f"  transfer_tf / PyTorch in {precision}: "
             f"x{ours[f'{precision}:off'] / rate:.2f}"
         )
-    report["throughput"] = {"rows": rows, "auto": auto}
+    report["throughput"] = {
+        "rows": rows, "ours": ours, "torch": torch_rows, "auto": auto,
+    }  # fmt: skip
 
 
 # -------------------------------------------------------------------------- flops
@@ -206,39 +226,54 @@ def training_flops_per_image(model) -> float:
 
 
 def matmul_peak(dtype, size=2048, repeats=10) -> float:
-    """Best measured FLOP/s of a square matmul in ``dtype``."""
-    a = tf.random.normal((size, size), dtype=tf.float32)
-    a = tf.cast(a, dtype)
+    """Best measured FLOP/s of a square matmul in ``dtype``: TensorFlow's, and in
+    float32 also NumPy's (OpenBLAS), whichever is faster."""
+    a = tf.cast(tf.random.normal((size, size), dtype=tf.float32), dtype)
     matmul = tf.function(lambda m: tf.matmul(m, m))
-    matmul(a).numpy()
+    candidates = [lambda: matmul(a).numpy()]
+    if dtype == tf.float32:
+        m = np.asarray(a)
+        candidates.append(lambda: m @ m)
     best = 0.0
-    for _ in range(repeats):
-        started = time.perf_counter()
-        matmul(a).numpy()
-        best = max(best, 2 * size**3 / (time.perf_counter() - started))
+    for run in candidates:
+        run()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            best = max(best, 2 * size**3 / (time.perf_counter() - started))
     return best
 
 
 def flops_section(report):
     model = models.build_base_net(SHAPE, NUM_CLASSES, width=FLAGS.width)
     per_image = training_flops_per_image(model)
-    ours = training.measure_throughput(
-        ["float32:off", "mixed_bfloat16:off"], FLAGS.steps, rounds=2,
-        batch_size=FLAGS.batch_size, width=FLAGS.width,
-    )  # fmt: skip
+    measured = report.get("throughput")
+    if measured is None:
+        ours = training.measure_throughput(
+            ["float32:off", "mixed_bfloat16:off"], FLAGS.steps, rounds=2,
+            batch_size=FLAGS.batch_size, width=FLAGS.width,
+        )  # fmt: skip
+        torch_rates = {}
+    else:  # the rates just measured
+        ours, torch_rates = measured["ours"], measured["torch"]
     print(f"\n[flops] base net: {per_image / 1e6:.1f} MFLOP per training image")
     out = {}
-    for setting, dtype in (
-        ("float32:off", tf.float32),
-        ("mixed_bfloat16:off", tf.bfloat16),
-    ):
+    for precision, dtype in (("float32", tf.float32), ("mixed_bfloat16", tf.bfloat16)):
         peak = matmul_peak(dtype)
-        achieved = ours[setting] * per_image
-        out[setting] = {"achieved": achieved, "peak_matmul": peak}
-        print(
-            f"  {setting:20s} achieved {achieved / 1e9:7.1f} GFLOP/s of a measured "
-            f"{peak / 1e9:7.1f} GFLOP/s matmul peak = {achieved / peak:.0%}"
-        )
+        out[precision] = {"peak_matmul": peak}
+        for who, rate in (
+            ("transfer_tf", ours.get(f"{precision}:off")),
+            ("PyTorch", torch_rates.get(precision)),
+        ):
+            if rate is None:
+                continue
+            achieved = rate * per_image
+            out[precision][who] = achieved
+            print(
+                f"  {precision:15s} {who:12s} achieved {achieved / 1e9:7.1f} GFLOP/s "
+                f"of a measured {peak / 1e9:7.1f} GFLOP/s matmul peak = "
+                f"{achieved / peak:.0%}"
+            )
     report["flops"] = {"per_image": per_image, **out}
 
 
@@ -317,7 +352,10 @@ def cache_section(report, workdir):
     spec = FLAGS.cache_dataset
     if spec is None:
         spec = f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "digits"
-    config = data.DataConfig(dataset=spec, batch_size=FLAGS.batch_size)
+    config = data.DataConfig(
+        dataset=spec, batch_size=FLAGS.batch_size,
+        train_per_class=FLAGS.cache_per_class,
+    )  # fmt: skip
     source = data.load_source(config)
     halves = data.split_classes(source.class_names, "random", 0)
     task = data.make_task(source, halves.b, config)
@@ -338,9 +376,7 @@ def cache_section(report, workdir):
         timing = {}
         for cached in (True, False):
             net = models.random_frozen_net(template, n, task.num_classes, 0, dtype)
-            cfg = training.TrainConfig(
-                **{**train_config.__dict__, "activation_cache": cached}
-            )
+            cfg = dataclasses.replace(train_config, activation_cache=cached)
             started = time.time()
             out = training.train_task(
                 net, task, cfg, workdir / f"cache_n{n}_{cached}", config.batch_size

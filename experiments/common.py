@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pathlib
 import sys
 
 from absl import flags
@@ -96,12 +97,13 @@ flags.DEFINE_integer(
 )  # fmt: skip
 flags.DEFINE_enum(
     "precision", "auto", list(training.PRECISIONS),
-    "Compute precision; auto = mixed_bfloat16 on CPUs with bf16 instructions and "
-    "Ampere+ GPUs, mixed_float16 on older GPUs, else float32.",
+    "Compute precision; auto = the fastest on this machine, measured once and kept "
+    "in ~/.cache/transfer_tf/auto_settings.json (BUILD.md).",
 )  # fmt: skip
 flags.DEFINE_enum(
     "xla", "auto", list(training.XLA_CHOICES),
-    "XLA compilation; auto = on with a GPU, off on CPU (2x slower here).",
+    "XLA compilation; auto = whichever is faster on this machine, measured with "
+    "--precision (XLA usually wins on GPUs and loses on CPUs).",
 )  # fmt: skip
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, dropout and shuffling.")
 flags.DEFINE_bool("tensorboard", True, "Write TensorBoard events.")
@@ -216,3 +218,132 @@ log = logging.getLogger("transfer_tf.experiments")
 def as_dict(config) -> dict:
     """A dataclass config as a JSON-ready dict."""
     return json.loads(results.dumps(dataclasses.asdict(config)))
+
+
+# ------------------------------------------------- flags of the multi-run studies
+
+
+def define_study_flags(seeds_help: str):
+    """``--preset``-independent flags every study script shares (the grid, the
+    off-the-shelf and the autoencoder study): ``--seeds``, ``--dry_run`` and
+    ``--fine_tune_learning_rate``, spelled like their config fields."""
+    flags.DEFINE_list("seeds", ["0"], seeds_help)
+    flags.DEFINE_bool(
+        "dry_run", False, "List the study's runs (done or pending) and exit."
+    )
+    flags.DEFINE_float(
+        "fine_tune_learning_rate", None,
+        "Learning rate of the fine-tuned nets (default: --learning_rate).",
+    )  # fmt: skip
+
+
+def define_probe_flags(layers, sources, arms, poolings):
+    """Flags of the label-budget studies with linear probes (off-the-shelf features,
+    the autoencoder); the arguments are ``(default, help)`` of the flags whose
+    choices differ between them."""
+    flags.DEFINE_list(
+        "budgets", ["1", "5", "10", "50", "all"],
+        "Labelled training examples per class; 'all' is required (the reference).",
+    )  # fmt: skip
+    flags.DEFINE_list("probe_layers", *layers)
+    flags.DEFINE_list("poolings", *poolings)
+    flags.DEFINE_list("probe_sources", *sources)
+    flags.DEFINE_list("arms", *arms)
+    flags.DEFINE_string(
+        "grid_workdir", None,
+        "A transferability.py work directory (see the script's docstring for how "
+        "this study uses it).",
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "min_epoch_steps", 10,
+        "Trained nets: small training sets are repeated until an epoch has this many "
+        "steps (epochs and patience then mean the same at every budget).",
+    )  # fmt: skip
+    flags.DEFINE_list(
+        "l2_grid", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
+        "L2 strengths of the linear heads (one head each; chosen on validation).",
+    )  # fmt: skip
+    flags.DEFINE_float("probe_learning_rate", 1e-2, "Adam learning rate of the heads.")
+    flags.DEFINE_integer("probe_epochs", 100, "Maximum epochs of the heads.")
+    flags.DEFINE_integer("probe_patience", 8, "Early-stopping patience of each head.")
+    flags.DEFINE_integer("probe_batch_size", 256, "Batch size of the heads.")
+    flags.DEFINE_integer(
+        "probe_min_epoch_steps",
+        5,
+        "Linear heads: an epoch has at least this many steps.",
+    )
+
+
+def numbers(name: str, kind=int) -> tuple:
+    """A list flag's values as numbers; a clear error names the flag."""
+    try:
+        return tuple(kind(v) for v in FLAGS[name].value)
+    except ValueError as e:
+        raise ValueError(
+            f"--{name}={','.join(FLAGS[name].value)} must be {kind.__name__}s"
+        ) from e
+
+
+def budgets(name: str = "budgets") -> tuple:
+    """``--budgets``: integers, ``all`` meaning every labelled example (None)."""
+    out = []
+    for value in FLAGS[name].value:
+        if value.strip().lower() == "all":
+            out.append(None)
+            continue
+        try:
+            out.append(int(value))
+        except ValueError as e:
+            raise ValueError(
+                f"--{name}={','.join(FLAGS[name].value)}: {value!r} is not an integer "
+                "or 'all'"
+            ) from e
+    return tuple(out)
+
+
+def probe_config():
+    """The ProbeConfig of the probe flags."""
+    from transfer_tf import features
+
+    return features.ProbeConfig(
+        l2_grid=numbers("l2_grid", float),
+        learning_rate=FLAGS.probe_learning_rate,
+        batch_size=FLAGS.probe_batch_size,
+        epochs=FLAGS.probe_epochs,
+        patience=FLAGS.probe_patience,
+        min_epoch_steps=FLAGS.probe_min_epoch_steps,
+    )
+
+
+def check_split_seed():
+    """``--split_seed`` means something only for ``--class_split=random``."""
+    if FLAGS["split_seed"].present and FLAGS.class_split != "random":
+        raise ValueError("--split_seed applies to --class_split=random only")
+
+
+def study_main(presets: dict, make_config, run_study, outputs, tensorboard=""):
+    """The ``main`` of a study script: applies ``--preset``, builds the config,
+    runs (or with ``--dry_run`` lists) the study and prints its summary and where
+    its outputs are. Bad input exits with ``error: ...`` (no traceback) and loses
+    no earlier result."""
+
+    def main(argv):
+        del argv
+        setup_logging()
+        apply_preset(presets[FLAGS.preset])
+        try:
+            records = run_study(
+                make_config(), FLAGS.workdir, FLAGS.overwrite, FLAGS.dry_run
+            )
+        except (ValueError, training.NonFiniteLossError) as e:
+            sys.exit(f"error: {e}")  # incl. ConfigMismatchError
+        if FLAGS.dry_run:
+            return
+        workdir = pathlib.Path(FLAGS.workdir)
+        print((workdir / "summary.md").read_text())
+        print(f"{len(records)} runs; outputs in {workdir}/:")
+        for name in outputs:
+            print(f"  {workdir / name}")
+        print(f"  TensorBoard: tensorboard --logdir {workdir / tensorboard}")
+
+    return main

@@ -28,6 +28,8 @@ import common
 from transfer_tf import data, export, models, results, training
 
 FLAGS = flags.FLAGS
+# One base net in about a minute and a half on a 2-core CPU (README.md).
+FLAGS.set_default("epochs", 15)
 flags.DEFINE_enum(
     "split", "all", list(data.SPLITS),
     "Which classes to train on: all, or half A or B of --class_split.",

@@ -5,7 +5,7 @@ r"""The Yosinski et al. (2014) transferability experiment, end to end.
 runs the default ``digits`` preset on the embedded MNIST digits: a random split of
 the ten classes into halves A and B, two seeds (each seed its own split), base nets
 baseA/baseB, the treatments BnB, BnB+, AnB, AnB+ and the random-frozen-layers
-control for every cut layer n = 1..7 (78 trainings). It takes about 8 minutes on
+control for every cut layer n = 1..7 (74 trainings). It takes about 8 minutes on
 the 2-core CPU of this project's machines (README.md has the measured figures) and
 writes to ``runs/transferability_digits``:
 
@@ -28,12 +28,11 @@ man-made/natural splits). Every flag overrides its preset value.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from absl import app, flags
 
 import common
-from transfer_tf import training, transfer
+from transfer_tf import transfer
 
 FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ flags.DEFINE_list(
     "Class splits: random (split seed = run seed), man_made (A man-made, B natural), "
     "explicit (--classes_a/--classes_b).",
 )  # fmt: skip
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds; one replicate (and random split) each.")
+common.define_study_flags("Seeds; one replicate (and random split) each.")
 flags.DEFINE_list("layers", [str(n) for n in range(1, 8)], "Cut layers n, in 1..7.")
 flags.DEFINE_list(
     "treatments", ["BnB", "BnB+", "AnB", "AnB+", "random"],
@@ -61,11 +60,6 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "reduced_per_class", [], "k values (examples per class) of the reduced control."
 )
-flags.DEFINE_float(
-    "fine_tune_learning_rate", None,
-    "Learning rate of BnB+/AnB+ (default: --learning_rate).",
-)  # fmt: skip
-flags.DEFINE_bool("dry_run", False, "List the runs (done or pending) and exit.")
 
 ALL_TREATMENTS = ["BnB", "BnB+", "AnB", "AnB+", "random", "reduced"]
 PRESETS = {
@@ -76,28 +70,25 @@ PRESETS = {
         layers=["2", "6"], treatments=ALL_TREATMENTS, reduced_per_class=["10"],
         tensorboard=False,
     ),
+    # Sized to finish in under 10 minutes on a 2-core CPU in float32 (BUILD.md):
+    # a width-0.125 net, batches of 64 (more steps per epoch for SGD on 4,000
+    # images), 6 epochs.
     "digits": dict(
-        workdir="runs/transferability_digits", width=0.25, epochs=12, patience=3,
-        learning_rate=0.02, seeds=["0", "1"],
+        workdir="runs/transferability_digits", width=0.125, batch_size=64, epochs=6,
+        patience=3, learning_rate=0.02, seeds=["0", "1"],
     ),
     "cifar10": dict(
         workdir="runs/transferability_cifar10",
         dataset=(
             f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
         ),
-        splits=["random", "man_made"], seeds=["0"], width=0.25, epochs=10,
-        patience=3, learning_rate=0.02,
+        # Half of CIFAR-10's training images (2,500 per class) and 8 epochs keep
+        # the 74 trainings to about 2 hours on a 2-core CPU (BUILD.md); pass
+        # --train_per_class=5000 --epochs=10 for the full data.
+        splits=["random", "man_made"], seeds=["0"], width=0.25, epochs=8,
+        patience=3, learning_rate=0.02, train_per_class=2500,
     ),
 }  # fmt: skip
-
-
-def _ints(name):
-    try:
-        return tuple(int(v) for v in FLAGS[name].value)
-    except ValueError as e:
-        raise ValueError(
-            f"--{name}={','.join(FLAGS[name].value)} must be integers"
-        ) from e
 
 
 def study_config() -> transfer.StudyConfig:
@@ -113,39 +104,20 @@ def study_config() -> transfer.StudyConfig:
         training=common.train_config(),
         fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
         splits=tuple(FLAGS.splits),
-        seeds=_ints("seeds"),
-        layers=_ints("layers"),
+        seeds=common.numbers("seeds"),
+        layers=common.numbers("layers"),
         treatments=tuple(FLAGS.treatments),
         targets=tuple(FLAGS.targets),
-        reduced_per_class=_ints("reduced_per_class"),
+        reduced_per_class=common.numbers("reduced_per_class"),
     )
 
 
-def main(argv):
-    del argv
-    common.setup_logging()
-    common.apply_preset(PRESETS[FLAGS.preset])
-    try:
-        config = study_config()
-        records = transfer.run_study(
-            config, FLAGS.workdir, FLAGS.overwrite, FLAGS.dry_run
-        )
-    except (ValueError, training.NonFiniteLossError) as e:  # incl. ConfigMismatchError
-        sys.exit(f"error: {e}")
-    if FLAGS.dry_run:
-        return
-    workdir = pathlib.Path(FLAGS.workdir)
-    print(open(workdir / "summary.md").read())
-    print(f"{len(records)} runs; outputs in {workdir}/:")
-    for name in (
-        "results.jsonl",
-        "summary.md",
-        "summary.csv",
-        "transfer.png",
-        "relative.png",
-    ):
-        print(f"  {workdir / name}")
-    print(f"  TensorBoard: tensorboard --logdir {workdir / 'runs'}")
+main = common.study_main(
+    PRESETS, study_config, transfer.run_study,
+    outputs=("results.jsonl", "summary.md", "summary.csv", "transfer.png",
+             "relative.png"),
+    tensorboard="runs",
+)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import json
 import sys
 
 from conftest import EXPERIMENTS, run_script
-
 from transfer_tf import models
 
 sys.path.insert(0, str(EXPERIMENTS))
@@ -39,10 +38,28 @@ def test_benchmark_smoke(tmp_path):
     rates = report["throughput"]["rows"]
     assert rates["naive Keras (float32, default compile)"] > 0
     assert any(k.startswith("transfer_tf") and v > 0 for k, v in rates.items())
-    assert report["flops"]["float32:off"]["peak_matmul"] > 1e9
+    assert report["flops"]["float32"]["peak_matmul"] > 1e9
+    assert 0 < report["flops"]["float32"]["transfer_tf"] < 10 * 1e12
     assert report["flops"]["per_image"] > 0
 
 
 def test_benchmark_rejects_unknown_section(tmp_path):
-    proc = run_script("benchmark", "--sections=gpu", f"--workdir={tmp_path}", check=False)
+    proc = run_script(
+        "benchmark", "--sections=gpu", f"--workdir={tmp_path}", check=False
+    )
     assert proc.returncode != 0 and "unknown sections ['gpu']" in proc.stderr
+
+
+def test_benchmark_cache_section_compares_the_two_paths(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(
+        "benchmark", "--sections=cache", "--cache_dataset=digits", "--cache_epochs=1",
+        "--width=0.05", "--batch_size=64", f"--workdir={tmp_path}", f"--output={out}",
+    )  # fmt: skip
+    assert "cached vs uncached" in proc.stdout
+    rows = json.loads(out.read_text())["cache"]["runs"]
+    assert set(rows) == {"3", "5", "7"}
+    for row in rows.values():
+        assert row["cached_s"] > 0 and row["uncached_s"] > 0
+        # The same seed and data: the two paths train the same model.
+        assert abs(row["cached_acc"] - row["uncached_acc"]) <= 0.02

@@ -348,3 +348,15 @@ def test_augmentation_crops_and_flips_uint8():
     outs = [data.augment_batch(images, "crop").numpy() for _ in range(5)]
     assert any(not np.array_equal(o, images.numpy()) for o in outs)
     np.testing.assert_array_equal(data.augment_batch(images, "none"), images)
+
+
+def test_small_training_sets_are_repeated_to_a_minimum_epoch(digits_source):
+    task = data.make_task(
+        digits_source, (0, 1), data.DataConfig(train_per_class=3, subset_seed=0)
+    )
+    assert len(task.y_train) == 6
+    batches = list(task.train_dataset(batch_size=4, seed=0, min_steps=5))
+    assert len(batches) == 6  # 6 examples tiled 4x to reach 5 batches of 4: 24
+    labels = np.concatenate([y.numpy() for _, y in batches])
+    assert np.bincount(labels).tolist() == [12, 12]
+    assert len(list(task.train_dataset(batch_size=4, seed=0))) == 2  # 6 -> 4 + 2

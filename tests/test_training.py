@@ -136,15 +136,30 @@ def probe_env(monkeypatch, tmp_path):
     training.auto_settings.cache_clear()
 
 
+def fake_measurement(rates, setup=None):
+    """A stand-in for measure_settings: given rates, 1 s of setup unless given."""
+
+    def measure(settings, *args, **kwargs):
+        return {
+            "images_per_second": {s: rates.get(s, rates["default"]) for s in settings},
+            "setup_seconds": {s: (setup or {}).get(s, 1.0) for s in settings},
+        }
+
+    return measure
+
+
 def test_auto_is_measured_once_per_machine_and_logged(probe_env, monkeypatch, caplog):
     calls = []
+    measure = fake_measurement(
+        {"float32:off": 100.0, "float32:on": 50.0, "mixed_bfloat16:on": 60.0,
+         "default": 190.0}
+    )  # fmt: skip
 
-    def fake_measure(settings, *args, **kwargs):
+    def counting(settings, *args, **kwargs):
         calls.append(settings)
-        rates = {"float32:off": 100.0, "float32:on": 50.0, "mixed_bfloat16:on": 60.0}
-        return {s: rates.get(s, 190.0) for s in settings}
+        return measure(settings)
 
-    monkeypatch.setattr(training, "measure_throughput", fake_measure)
+    monkeypatch.setattr(training, "measure_settings", counting)
     with caplog.at_level("INFO", logger="transfer_tf.training"):
         assert training.resolve_precision("auto") == "mixed_bfloat16"
         assert training.resolve_xla("auto") is False
@@ -160,19 +175,37 @@ def test_auto_is_measured_once_per_machine_and_logged(probe_env, monkeypatch, ca
 
 def test_probe_keeps_float32_unless_clearly_faster(monkeypatch):
     monkeypatch.setattr(
-        training, "measure_throughput",
-        lambda settings, *a, **k: {s: 105.0 if s == "mixed_bfloat16:off" else 100.0
-                                   for s in settings},
+        training, "measure_settings",
+        fake_measurement({"mixed_bfloat16:off": 105.0, "default": 100.0}),
     )  # fmt: skip
     choice = training.probe_settings()
     assert (choice["precision"], choice["xla"]) == ("float32", "off")  # 5% is noise
+
+
+def test_probe_weighs_compile_time_against_speed(monkeypatch):
+    # XLA runs 20% faster but compiles for 30 s: over a typical run of 400 steps
+    # of 128 images (512 s at 100 images/s) it still wins; with 200 s it loses.
+    rates = {"float32:on": 120.0, "default": 100.0, "mixed_bfloat16:off": 10.0,
+             "mixed_bfloat16:on": 10.0}  # fmt: skip
+    monkeypatch.setattr(
+        training, "measure_settings",
+        fake_measurement(rates, {"float32:on": 30.0}),
+    )  # fmt: skip
+    assert training.probe_settings()["xla"] == "on"
+    monkeypatch.setattr(
+        training, "measure_settings",
+        fake_measurement(rates, {"float32:on": 200.0}),
+    )  # fmt: skip
+    choice = training.probe_settings()
+    assert (choice["precision"], choice["xla"]) == ("float32", "off")
+    assert choice["typical_run_seconds"]["float32:on"] > 600
 
 
 def test_failed_probe_falls_back_to_the_rule(probe_env, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(training, "measure_throughput", broken)
+    monkeypatch.setattr(training, "measure_settings", broken)
     settings = training.auto_settings()
     assert settings["precision"] == training.rule_settings()["precision"]
     assert "probe failed: no compiler" in settings["source"]
@@ -185,6 +218,7 @@ def test_real_probe_measures_every_setting():
         "float32:off", "float32:on", "mixed_bfloat16:off", "mixed_bfloat16:on",
     }  # fmt: skip
     assert all(rate > 0 for rate in choice["images_per_second"].values())
+    assert all(t > 0 for t in choice["setup_seconds"].values())
     assert choice["precision"] in training.PRECISIONS and choice["xla"] in ("on", "off")
 
 

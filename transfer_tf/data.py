@@ -744,13 +744,51 @@ class Task:
         _check_choice("split", split, ("train", "validation", "test"))
         return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
 
-    def train_dataset(self, batch_size=128, seed=0, augment="none") -> tf.data.Dataset:
-        """Shuffled (reshuffled each epoch, seeded), optionally augmented batches."""
-        return pipeline(*self.arrays("train"), batch_size, True, seed, augment)
+    def train_dataset(
+        self, batch_size=128, seed=0, augment="none", min_steps=1
+    ) -> tf.data.Dataset:
+        """Shuffled (reshuffled each epoch, seeded), optionally augmented batches.
+
+        A training set smaller than ``min_steps`` batches is repeated until an
+        epoch has that many steps, so that epochs and early-stopping patience mean
+        similar amounts of training with one example per class as with thousands.
+        """
+        x, y = self.arrays("train")
+        need = batch_size * min_steps
+        if 0 < len(y) < need:
+            reps = -(-need // len(y))
+            x, y = np.tile(x, (reps, 1, 1, 1)), np.tile(y, reps)
+        return pipeline(x, y, batch_size, True, seed, augment)
 
     def eval_dataset(self, split: str, batch_size=128) -> tf.data.Dataset:
         """Unshuffled batches of ``validation`` or ``test`` (or ``train``)."""
         return pipeline(*self.arrays(split), batch_size, False)
+
+    def subset_indices(self, per_class: int | None, seed: int = 0) -> np.ndarray:
+        """Indices into the training split of :meth:`subset` (features computed
+        for the whole task are subset with them)."""
+        if per_class is None:
+            return np.arange(len(self.y_train))
+        original = np.asarray(self.source_classes)[self.y_train]
+        return reduce_per_class(original, per_class, seed)
+
+    def subset(self, per_class: int | None, seed: int = 0) -> Task:
+        """This task with at most ``per_class`` training examples of each class.
+
+        The examples are exactly those ``make_task`` keeps with
+        ``train_per_class=per_class, subset_seed=seed`` (validation and test are
+        unchanged), so every arm of a label-budget sweep trains on the same ones.
+        ``None`` returns the task itself.
+        """
+        if per_class is None:
+            return self
+        keep = self.subset_indices(per_class, seed)
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}@k{per_class}",
+            x_train=self.x_train[keep],
+            y_train=self.y_train[keep],
+        )
 
     def summary(self) -> str:
         return (

@@ -30,6 +30,12 @@ def _by_split(records):
     return splits
 
 
+def _points(rows, treatment):
+    """``(n, test accuracy)`` arrays of a treatment's runs."""
+    pts = [(r["n"], r["test_accuracy"]) for r in rows if r["treatment"] == treatment]
+    return np.array(pts).T if pts else (np.array([]), np.array([]))
+
+
 def transfer_figure(records, path) -> str:
     """The paper's Figure 2: test top-1 vs cut layer n, one dot per run, mean
     lines per treatment, the baseB level dashed. One panel per class split."""
@@ -43,16 +49,11 @@ def transfer_figure(records, path) -> str:
             ax.scatter(np.zeros(len(base)), base, s=40, zorder=3, **STYLE["baseB"])
             ax.axhline(np.mean(base), color="black", ls="--", lw=1, zorder=1)
         for treatment in ("BnB", "BnB+", "AnB", "AnB+", "random"):
-            pts = [
-                (r["n"], r["test_accuracy"])
-                for r in rows
-                if r["treatment"] == treatment
-            ]
-            if not pts:
+            n, acc = _points(rows, treatment)
+            if not len(n):
                 continue
             style = dict(STYLE[treatment])
             label = style.pop("label")
-            n, acc = np.array(pts).T
             ax.scatter(n + OFFSET[treatment], acc, s=22, alpha=0.7, zorder=3, **style)
             layers = sorted(set(n))
             means = [acc[n == m].mean() for m in layers]
@@ -84,14 +85,9 @@ def relative_figure(records, path) -> str:
             ("AnB", f"transfer AnB, {split} split", None, "-"),
             ("random", f"random frozen layers ({split} split)", "#7f7f7f", ":"),
         ):
-            pts = [
-                (r["n"], r["test_accuracy"])
-                for r in rows
-                if r["treatment"] == treatment
-            ]
-            if not pts:
+            n, acc = _points(rows, treatment)
+            if not len(n):
                 continue
-            n, acc = np.array(pts).T
             layers = sorted(set(n))
             rel = [acc[n == m].mean() / np.mean(base) - 1.0 for m in layers]
             lines += ax.plot(layers, rel, marker="o", ls=ls, color=color, label=label)

@@ -71,6 +71,31 @@ def write_json(path, record, indent=2):
         raise
 
 
+def write_text(path, text):
+    """Writes a text file atomically (temporary file, rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp.{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def records_csv(records, fields) -> str:
+    """CSV text with one row per record and the given fields as columns (floats
+    with 6 decimals, missing values empty)."""
+    lines = [",".join(fields)]
+    for r in records:
+        values = []
+        for field in fields:
+            v = r.get(field)
+            if isinstance(v, float):
+                values.append(f"{v:.6f}")
+            else:
+                values.append("" if v is None else str(v))
+        lines.append(",".join(values))
+    return "\n".join(lines) + "\n"
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

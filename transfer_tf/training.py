@@ -13,11 +13,14 @@ Precision and XLA
 ``precision`` is ``float32``, ``mixed_bfloat16``, ``mixed_float16`` or ``auto``;
 ``xla`` is ``on``, ``off`` or ``auto``. ``auto`` is decided by measurement, not
 assumed: on first use on a machine, :func:`probe_settings` trains the base net for
-a few steps in every precision x XLA combination (about 25 s on a 2-core CPU) and
-picks the fastest (float32 without XLA unless another is >= 10% faster); the
-choice is logged and kept per machine in ``~/.cache/transfer_tf/auto_settings.json``
-(``$TRANSFER_TF_AUTO_FILE``). On this project's 2-core AMD EPYC CPU it picks
-mixed_bfloat16 without XLA (bf16 ~1.8x faster, XLA 0.5-0.7x; BUILD.md). With
+a few steps in every precision x XLA combination (about a minute on a 2-core CPU)
+and picks the one that would finish a typical run first, its compilation included
+(float32 without XLA unless another is >= 10% faster); the choice is logged and
+kept per machine in ``~/.cache/transfer_tf/auto_settings.json``
+(``$TRANSFER_TF_AUTO_FILE``). CPUs differ: on a 2-core AMD EPYC with native bf16
+it picked mixed_bfloat16 (~1.8x faster); on a 2-core AMD EPYC without it
+(emulated bf16 runs at a tenth of float32's speed) float32, and XLA's compile
+time outweighs its gain on small nets (BUILD.md has the figures). With
 ``TRANSFER_TF_AUTO=rule`` (or when the probe fails) a fixed rule applies instead:
 on a GPU, XLA on and mixed_bfloat16 (compute capability >= 8) or mixed_float16
 (7.x); on a CPU, XLA off and mixed_bfloat16 only with native bf16 instructions
@@ -198,12 +201,20 @@ def auto_file() -> pathlib.Path:
     return pathlib.Path(os.environ.get(AUTO_FILE_ENV) or default)
 
 
-class _Throughput:
-    """A base net compiled in one precision/XLA setting, ready to be timed."""
+class ThroughputProbe:
+    """A base net compiled in one precision/XLA setting, ready to be timed.
 
-    def __init__(self, precision, xla, batch_size, shape, width):
+    ``setup_seconds`` is what building, compiling (XLA: compiling for the CPU or
+    GPU) and the first two steps took: a cost every training pays again.
+    ``compile`` replaces the project's compile step (the benchmark times a net
+    compiled the way a Keras user would by default).
+    """
+
+    def __init__(self, precision="float32", xla="off", batch_size=128,
+                 shape=(32, 32, 3), width=0.25, compile=None):  # fmt: skip
         from transfer_tf import models
 
+        started = time.perf_counter()
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (batch_size * 4, *shape), dtype=np.uint8)
         y = rng.integers(0, 10, batch_size * 4)
@@ -213,10 +224,15 @@ class _Throughput:
         self.model = models.build_base_net(
             shape, 10, width=width, dtype=precision, seed=0
         )
-        compile_model(self.model, TrainConfig(xla=xla, precision=precision), 1)
-        self.run(3)  # trace, compile and warm up
+        if compile is None:
+            compile_model(self.model, TrainConfig(xla=xla, precision=precision), 1)
+        else:
+            compile(self.model)
+        self.run(2)  # trace, compile and warm up
+        self.setup_seconds = time.perf_counter() - started
 
     def run(self, steps) -> float:
+        """Trains ``steps`` steps; returns images/s."""
         started = time.perf_counter()
         self.model.fit(
             self.ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False
@@ -224,44 +240,86 @@ class _Throughput:
         return steps * self.batch_size / (time.perf_counter() - started)
 
 
-def measure_throughput(settings, steps=12, rounds=3, batch_size=128, shape=(32, 32, 3),
-                       width=0.25) -> dict:  # fmt: skip
-    """Training images/s of the base net per ``"precision:xla"`` setting.
+def time_interleaved(probes: dict, steps=12, rounds=3) -> dict:
+    """Best images/s of each probe, timed in interleaved rounds.
 
-    Settings are timed in interleaved rounds and each keeps its best round, so a
-    burst of load from another process on a shared machine does not decide; after
-    the first round only settings within 20% of the best are timed again.
+    A short screening round (a quarter of ``steps``) first drops probes below
+    half the best one's speed: emulated bfloat16 on a CPU without bf16
+    instructions runs at a tenth of float32's speed, and timing it in full would
+    take several times longer than everything else. The rest are timed in
+    interleaved rounds, each keeping its best, so a burst of load from another
+    process on a shared machine does not decide; after each round only probes
+    within 20% of the best are timed again.
     """
-    nets = {}
+    best = {k: p.run(max(1, steps // 4)) for k, p in probes.items()}
+    contenders = [k for k in probes if best[k] >= 0.5 * max(best.values())]
+    for _ in range(rounds):
+        for key in contenders:
+            best[key] = max(best[key], probes[key].run(steps))
+        contenders = [k for k in contenders if best[k] >= 0.8 * max(best.values())]
+    return best
+
+
+def measure_settings(settings, steps=12, rounds=3, batch_size=128, shape=(32, 32, 3),
+                     width=0.25) -> dict:  # fmt: skip
+    """Training speed of the base net per ``"precision:xla"`` setting (see
+    :func:`time_interleaved`).
+
+    Returns:
+      ``{"images_per_second": {setting: rate}, "setup_seconds": {setting: s}}``.
+    """
+    ThroughputProbe("float32", "off", batch_size, shape, width).run(1)  # first use
+    probes = {}
     for setting in settings:
         precision, xla = setting.split(":")
-        nets[setting] = _Throughput(precision, xla, batch_size, shape, width)
-    best = dict.fromkeys(settings, 0.0)
-    contenders = list(settings)
-    for _ in range(rounds):
-        for setting in contenders:
-            best[setting] = max(best[setting], nets[setting].run(steps))
-        # Later rounds only re-time settings that could still win.
-        contenders = [k for k in settings if best[k] >= 0.8 * max(best.values())]
-    return {k: round(v, 1) for k, v in best.items()}
+        probes[setting] = ThroughputProbe(precision, xla, batch_size, shape, width)
+    best = time_interleaved(probes, steps, rounds)
+    return {
+        "images_per_second": {k: round(v, 1) for k, v in best.items()},
+        "setup_seconds": {k: round(p.setup_seconds, 2) for k, p in probes.items()},
+    }
 
 
-def probe_settings(steps=12, rounds=3, width=0.25) -> dict:
-    """Measures every precision x XLA candidate on this machine; picks the fastest,
-    keeping float32 without XLA unless another setting is at least 10% faster."""
+def measure_throughput(settings, steps=12, rounds=3, batch_size=128, shape=(32, 32, 3),
+                       width=0.25) -> dict:  # fmt: skip
+    """Training images/s of the base net per ``"precision:xla"`` setting (see
+    :func:`measure_settings`)."""
+    measured = measure_settings(settings, steps, rounds, batch_size, shape, width)
+    return measured["images_per_second"]
+
+
+# The length of a typical training, in steps of 128 images, by which the probe
+# weighs a setting's one-off compile time against its speed (a digits grid run:
+# about 8 epochs of 30-60 steps).
+TYPICAL_RUN_STEPS = 400
+
+
+def run_seconds(measured: dict, steps: int = TYPICAL_RUN_STEPS, batch_size=128):
+    """Predicted seconds of a ``steps``-long training per setting: its setup
+    (compilation) plus the steps at its measured speed."""
+    rates, setup = measured["images_per_second"], measured["setup_seconds"]
+    return {k: setup[k] + steps * batch_size / rates[k] for k in rates}
+
+
+def probe_settings(steps=10, rounds=2, width=0.25) -> dict:
+    """Measures every precision x XLA candidate on this machine and picks the one
+    that trains a typical run fastest, compilation included; float32 without XLA
+    stays unless another setting is at least 10% faster."""
     precisions = ["float32", "mixed_bfloat16"]
     if hardware()["gpu"]:
         precisions.append("mixed_float16")
     settings = [f"{p}:{x}" for p in precisions for x in ("off", "on")]
-    rates = measure_throughput(settings, steps, rounds, width=width)
-    best = max(rates, key=rates.get)
-    if rates[best] < 1.1 * rates["float32:off"]:
+    measured = measure_settings(settings, steps, rounds, width=width)
+    seconds = run_seconds(measured)
+    best = min(seconds, key=seconds.get)
+    if seconds[best] > seconds["float32:off"] / 1.1:
         best = "float32:off"
     precision, xla = best.split(":")
     return {
         "precision": precision,
         "xla": xla,
-        "images_per_second": rates,
+        **measured,
+        "typical_run_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": "probe",
     }
@@ -271,8 +329,8 @@ def probe_settings(steps=12, rounds=3, width=0.25) -> dict:
 def auto_settings() -> dict:
     """The precision and XLA setting that ``auto`` stands for on this machine.
 
-    Measured once per machine by :func:`probe_settings` (20-40 s on a 2-core
-    CPU) and kept in :func:`auto_file` under :func:`machine_key`; later runs read
+    Measured once per machine by :func:`probe_settings` (about a minute on a
+    2-core CPU) and kept in :func:`auto_file` under :func:`machine_key`; later runs read
     it. ``TRANSFER_TF_AUTO=rule`` skips the measurement and uses
     :func:`rule_settings`; so does a failed probe.
     """
@@ -338,12 +396,19 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     return optimizer
 
 
-def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int):
-    """Compiles for training; call again after any change of ``trainable``."""
+def compile_model(
+    model: keras.Model, config: TrainConfig, steps_per_epoch: int, loss=None,
+    metrics=None,
+):  # fmt: skip
+    """Compiles for training; call again after any change of ``trainable``.
+
+    The loss defaults to cross-entropy on logits and the metric to top-1
+    ``accuracy`` (a classifier); an autoencoder passes its reconstruction loss.
+    """
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics or [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=resolve_xla(config.xla),
     )
 
@@ -493,7 +558,10 @@ def count_examples(dataset: tf.data.Dataset) -> int:
     return int(dataset.map(lambda x, y: tf.shape(y)[0]).reduce(0, lambda a, b: a + b))
 
 
-def train(model, train_ds, val_ds, config: TrainConfig, workdir) -> TrainResult:
+def train(
+    model, train_ds, val_ds, config: TrainConfig, workdir, loss=None, metrics=None,
+    callbacks=(),
+) -> TrainResult:  # fmt: skip
     """Trains ``model`` in place and returns what happened.
 
     Args:
@@ -505,6 +573,9 @@ def train(model, train_ds, val_ds, config: TrainConfig, workdir) -> TrainResult:
       config: a TrainConfig.
       workdir: directory for ``metrics.jsonl``, ``tensorboard/`` and the crash
         backup. A rerun with a backup present resumes after the last finished epoch.
+      loss, metrics: override the classifier's cross-entropy and accuracy (an
+        autoencoder's ``(images, targets)`` reconstruction loss, say).
+      callbacks: further Keras callbacks (after the project's own).
 
     Returns:
       A TrainResult. The model holds the weights of the best validation epoch.
@@ -521,31 +592,31 @@ def train(model, train_ds, val_ds, config: TrainConfig, workdir) -> TrainResult:
             f"(cardinality {steps})"
         )
     keras.utils.set_random_seed(config.seed)
-    compile_model(model, config, steps)
+    compile_model(model, config, steps, loss, metrics)
     per_epoch = count_examples(train_ds)
     started = time.time()
     best = _BestWeights(workdir, config.patience, persist=config.backup)
-    callbacks = []
+    own = []
     if config.backup:
-        callbacks.append(
+        own.append(
             keras.callbacks.BackupAndRestore(workdir / "backup", double_checkpoint=True)
         )
-    callbacks += [
+    own += [
         best,
         _MetricsLog(workdir / "metrics.jsonl", started),
         _NonFiniteGuard(),
     ]
     if config.tensorboard:
-        callbacks.append(
+        own.append(
             keras.callbacks.TensorBoard(workdir / "tensorboard", write_graph=False)
         )
     if config.verbose:
-        callbacks.append(_EpochLog(config.epochs))
+        own.append(_EpochLog(config.epochs))
     model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
-        callbacks=callbacks,
+        callbacks=[*own, *callbacks],
         shuffle=False,  # the pipeline shuffles, seeded
         verbose=0,
     )

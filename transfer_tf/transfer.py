@@ -23,8 +23,6 @@ Summaries and plots are pure functions of ``results.jsonl``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import pathlib
 import shutil
@@ -34,34 +32,18 @@ from collections import defaultdict
 import keras
 import numpy as np
 
-from transfer_tf import cache, data, export, models, results, training
+from transfer_tf import cache, data, export, models, results, study, training
 
 log = logging.getLogger(__name__)
 
 TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random", "reduced")
 TARGETS = ("A", "B")
 SPLIT_KINDS = ("random", "man_made", "explicit")
-RESULTS_FILE = "results.jsonl"
-# Fields of a study that do not change any run's result: the grid's extent (seeds,
-# layers, treatments only choose which runs exist, so a grid can grow in place),
-# fields the grid sets itself, and logging or memory settings.
-NOT_RESULT_AFFECTING = {
-    "": ("splits", "seeds", "layers", "treatments", "targets", "reduced_per_class"),
-    "data": ("split", "class_split", "split_seed", "memory_budget_gb", "download"),
-    # Caching is exact (tests/test_cache.py), so it does not change results.
-    "training": (
-        "seed",
-        "verbose",
-        "tensorboard",
-        "backup",
-        "activation_cache",
-        "cache_memory_gb",
-    ),
-}
+RESULTS_FILE = study.RESULTS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(study.Config):
     """A whole transferability study.
 
     Attributes:
@@ -95,21 +77,28 @@ class StudyConfig:
     targets: tuple[str, ...] = ("B",)
     reduced_per_class: tuple[int, ...] = ()
 
+    # Fields of a study that do not change any run's result: the grid's extent
+    # (seeds, layers, treatments only choose which runs exist, so a grid can grow
+    # in place), fields the grid sets itself, and logging or memory settings.
+    NOT_RESULT_AFFECTING = {
+        "": ("splits", "seeds", "layers", "treatments", "targets",
+             "reduced_per_class"),
+        "data": ("split", "class_split", "split_seed", "memory_budget_gb",
+                 "download"),
+        # Caching is exact (tests/test_cache.py), so it does not change results.
+        "training": ("seed", "verbose", "tensorboard", "backup", "activation_cache",
+                     "cache_memory_gb"),
+    }  # fmt: skip
+
     def __post_init__(self):
-        for field in ("splits", "seeds", "layers", "treatments", "targets"):
-            value = tuple(getattr(self, field))
-            object.__setattr__(self, field, value)
-            if not value:
-                raise ValueError(f"{field} must not be empty")
-        object.__setattr__(self, "reduced_per_class", tuple(self.reduced_per_class))
+        fields = ("splits", "seeds", "layers", "treatments", "targets")
+        study.as_tuples(self, (*fields, "reduced_per_class"), required=fields)
         for field, values, choices in (
             ("splits", self.splits, SPLIT_KINDS),
             ("treatments", self.treatments, TREATMENTS),
             ("targets", self.targets, TARGETS),
         ):
-            bad = [v for v in values if v not in choices]
-            if bad:
-                raise ValueError(f"{field}={bad} not in {list(choices)}")
+            study.check_values(field, values, choices)
         for n in self.layers:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 7:
                 raise ValueError(
@@ -122,30 +111,7 @@ class StudyConfig:
             raise ValueError(f"reduced_per_class={self.reduced_per_class} must be >= 1")
         if "explicit" in self.splits and not self.data.classes_a:
             raise ValueError("split 'explicit' needs data.classes_a")
-        if (
-            self.fine_tune_learning_rate is not None
-            and not self.fine_tune_learning_rate > 0
-        ):
-            raise ValueError(
-                f"fine_tune_learning_rate={self.fine_tune_learning_rate!r} must be > 0"
-            )
-
-    def to_dict(self) -> dict:
-        return json.loads(results.dumps(dataclasses.asdict(self)))
-
-    def result_affecting(self) -> dict:
-        """The part of the configuration that changes a run's result."""
-        d = self.to_dict()
-        for section, fields in NOT_RESULT_AFFECTING.items():
-            target = d[section] if section else d
-            for field in fields:
-                target.pop(field)
-        return d
-
-    def config_hash(self) -> str:
-        """Hash of :meth:`result_affecting`, recorded with every run."""
-        text = results.dumps(self.result_affecting())
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        study.check_positive("fine_tune_learning_rate", self.fine_tune_learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,69 +194,36 @@ def expand(config: StudyConfig) -> list[Run]:
                                 fine_tune=t.endswith("+"),
                             )
                         )  # fmt: skip
-    keys = [r.key for r in runs]
-    assert len(keys) == len(set(keys)), "duplicate run keys"
-    return runs
+    return study.check_keys(runs)
 
 
 # ------------------------------------------------------------------------ execution
 
 
-class _Resources:
+class _Resources(study.Resources):
     """Decoded data, class splits, tasks and source nets, each made once."""
 
     def __init__(self, config: StudyConfig, workdir: pathlib.Path):
-        self.config = config
-        self.workdir = workdir
-        self._source = None
+        super().__init__(config, workdir)
         self._tasks = {}
         self._models = {}
         # One activation cache for the whole study: runs that freeze the same
         # source layers on the same task share their prefix activations.
         self.cache = cache.ActivationCache(
-            config.training.cache_memory_gb * 2**30, workdir / "activation_cache"
-        )
-
-    @property
-    def source(self) -> data.Source:
-        if self._source is None:
-            self._source = data.load_source(self.config.data)
-            log.info(
-                "dataset %s: %d classes, %d train / %d test images of %s",
-                self.config.data.dataset, self._source.num_classes,
-                len(self._source.y_train), len(self._source.y_test),
-                self._source.image_shape,
-            )  # fmt: skip
-        return self._source
-
-    def halves(self, split: str, seed: int) -> data.ClassSplit:
-        d = self.config.data
-        class_split = {
-            "random": "random",
-            "man_made": "man_made",
-            "explicit": "explicit",
-        }
-        return data.split_classes(
-            self.source.class_names,
-            class_split[split],
-            split_seed=seed,
-            classes_a=d.classes_a if split != "random" else (),
-            classes_b=d.classes_b if split == "explicit" else (),
+            config.training.cache_memory_gb * 2**30,
+            self.workdir / "activation_cache",
         )
 
     def task(self, run: Run) -> data.Task:
         key = (run.split, run.seed, run.target, run.train_per_class)
         if key not in self._tasks:
-            halves = self.halves(run.split, run.seed)
-            classes = halves.a if run.target == "A" else halves.b
-            config = dataclasses.replace(
-                self.config.data, train_per_class=run.train_per_class
-            )
-            self._tasks[key] = data.make_task(
-                self.source,
-                classes,
-                config,
+            self._tasks[key] = self.half_task(
+                run.target,
+                # the study's split kinds are data.CLASS_SPLITS; a random split's
+                # seed is the run's
+                self.halves(run.split, run.seed),
                 name=f"{run.split}/seed{run.seed}/{run.target}",
+                train_per_class=run.train_per_class,
             )
         return self._tasks[key]
 
@@ -331,19 +264,12 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt
     started = time.time()
     task = resources.task(run)
-    train_config = dataclasses.replace(
+    train_config = study.train_config_for(
         config.training,
-        seed=run.seed,
-        backup=False,  # a killed run is redone from scratch
-        verbose=0,
-        learning_rate=(
-            config.fine_tune_learning_rate
-            if run.fine_tune and config.fine_tune_learning_rate
-            else config.training.learning_rate
-        ),
+        run.seed,
+        config.fine_tune_learning_rate if run.fine_tune else None,
     )
-    dtype = training.resolve_precision(config.training.precision)
-    model = build_model(run, resources, dtype)
+    model = build_model(run, resources, resources.dtype)
     frozen = [
         layer.name for layer in model.layers if layer.weights and not layer.trainable
     ]
@@ -353,6 +279,13 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
     )  # fmt: skip
     if run.kind == "base":
         export.export_model(model, run_dir)
+        chance = 1.0 / task.num_classes
+        if outcome.test_accuracy < 1.5 * chance:
+            log.warning(
+                "%s reached only %.3f test top-1 (chance %.3f): the runs built on it "
+                "say little; train longer (--epochs, --patience) or lower "
+                "--learning_rate", run.key, outcome.test_accuracy, chance,
+            )  # fmt: skip
     record = {
         "key": run.key,
         "name": run.name,
@@ -384,19 +317,6 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
     return record
 
 
-def finished_records(workdir, config_hash: str) -> dict:
-    """``key -> record`` of the runs already in ``results.jsonl`` for this config."""
-    records = results.read_jsonl(pathlib.Path(workdir) / RESULTS_FILE)
-    return {r["key"]: r for r in records if r.get("config_hash") == config_hash}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def run_study(
     config: StudyConfig, workdir, overwrite: bool = False, dry_run: bool = False
 ) -> list[dict]:
@@ -410,49 +330,26 @@ def run_study(
     Returns:
       The records of every run of the study (finished earlier or now).
     """
-    workdir = pathlib.Path(workdir)
     runs = expand(config)
     config_hash = config.config_hash()
     if dry_run:
-        done = finished_records(workdir, config_hash) if workdir.exists() else {}
-        for i, run in enumerate(runs, 1):
-            state = "done" if run.key in done else "pending"
-            print(f"{i:4d}/{len(runs)}  {state:8s} {run.key}")
-        return list(done.values())
-    workdir = results.claim_workdir(
-        workdir,
-        {
-            **config.to_dict(),
-            "result_affecting": config.result_affecting(),
-            "config_hash": config_hash,
-        },
-        overwrite=overwrite,
-        compare=["result_affecting"],
-    )
-    done = finished_records(workdir, config_hash)
-    pending = [r for r in runs if r.key not in done]
-    log.info(
-        "%d runs in the study: %d already finished, %d to run; results in %s",
-        len(runs), len(runs) - len(pending), len(pending), workdir,
-    )  # fmt: skip
+        return study.list_runs(runs, workdir, config_hash)
+    workdir = study.claim_workdir(workdir, config, overwrite)
     resources = _Resources(config, workdir)
-    durations = []
-    for i, run in enumerate(pending, 1):
-        position = len(runs) - len(pending) + i
-        if run.kind == "transfer" and run.base_run().key not in done:
-            raise RuntimeError(
-                f"{run.key} needs {run.base_run().key}, which has not run"
-            )
-        record = execute(run, resources, config_hash)
-        results.append_jsonl(workdir / RESULTS_FILE, record)
-        done[run.key] = record
-        durations.append(record["wall_time"])
-        eta = np.mean(durations) * (len(pending) - i)
-        log.info(
-            "[%d/%d] %-28s test top-1 %.4f  (%d epochs, %.1f s)  ETA %s",
-            position, len(runs), run.key, record["test_accuracy"], record["epochs_run"],
-            record["wall_time"], _duration(eta),
-        )  # fmt: skip
+    resources.prepare()
+    done = study.run_pending(
+        runs,
+        study.finished_records(workdir, config_hash),
+        lambda run: execute(run, resources, config_hash),
+        workdir,
+        # Fine-tuned runs take the whole net's time, cached frozen ones a fraction.
+        group=lambda run: run.treatment,
+        describe=lambda r: (
+            f"test top-1 {r['test_accuracy']:.4f}  ({r['epochs_run']} epochs, "
+            f"{r['path']} path)"
+        ),
+        needs=lambda run: [run.base_run().key] if run.kind == "transfer" else [],
+    )
     shutil.rmtree(workdir / "activation_cache", ignore_errors=True)
     records = [done[r.key] for r in runs]
     write_outputs(study_records(records, config.targets), workdir)
@@ -471,9 +368,8 @@ def write_outputs(records: list[dict], workdir) -> dict:
 
     workdir = pathlib.Path(workdir)
     summary = summarize(records)
-    text = summary_markdown(summary)
-    (workdir / "summary.md").write_text(text)
-    (workdir / "summary.csv").write_text(summary_csv(summary))
+    results.write_text(workdir / "summary.md", summary_markdown(summary))
+    results.write_text(workdir / "summary.csv", summary_csv(summary))
     paths = {
         "summary": str(workdir / "summary.md"),
         "csv": str(workdir / "summary.csv"),
@@ -487,17 +383,6 @@ def write_outputs(records: list[dict], workdir) -> dict:
 
 ORDER = ("baseB", "BnB", "BnB+", "AnB", "AnB+", "random")
 RANGES = ((1, 7), (3, 7), (5, 7))
-
-
-def _stats(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-        "count": len(values),
-    }
 
 
 def summarize(records: list[dict]) -> dict:
@@ -524,7 +409,7 @@ def summarize(records: list[dict]) -> dict:
                 reduced[r["train_per_class"]].append(r["test_accuracy"])
             else:
                 groups[(r["treatment"], r["n"])].append(r["test_accuracy"])
-        cells = {k: _stats(v) for k, v in groups.items()}
+        cells = {k: study.stats(v) for k, v in groups.items()}
         base = cells.get(("baseB", 0))
         layers = sorted({n for (t, n) in cells if t != "baseB"})
         table1 = {}
@@ -556,16 +441,14 @@ def summarize(records: list[dict]) -> dict:
             "layers": layers,
             "table1": table1,
             "relative": relative,
-            "reduced": {k: _stats(v) for k, v in sorted(reduced.items())},
+            "reduced": {k: study.stats(v) for k, v in sorted(reduced.items())},
             "base": base,
         }
     return out
 
 
 def _pm(stats):
-    if not stats:
-        return ""
-    return f"{stats['mean']:.4f} ± {stats['std']:.4f} ({stats['count']})"
+    return study.format_stats(stats)
 
 
 def summary_markdown(summary: dict) -> str:
