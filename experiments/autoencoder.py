@@ -1,7 +1,10 @@
 r"""Self-supervised pretraining with a convolutional autoencoder, and its transfer.
 
+    python experiments/transferability.py --seeds=0 --treatments=AnB --layers=5 \
+        --width=0.25 --epochs=12 --batch_size=128 \
+        --workdir=runs/transferability_digits_ae
     python experiments/autoencoder.py --workdir=runs/autoencoder_digits \
-        --grid_workdir=runs/transferability_digits
+        --grid_workdir=runs/transferability_digits_ae
 
 runs the default ``digits`` preset on the embedded MNIST digits: it pretrains an
 autoencoder (encoder = the base net's conv1..conv5 at width 0.25, a 128-unit code,

@@ -33,7 +33,9 @@ Other presets: ``--preset=smoke`` (seconds, for tests) and ``--preset=cifar10``
 (``../shared/data/cifar10``: man-made -> natural and natural -> man-made). Use a
 trained base net as the transfer source with ``--source=WORKDIR`` (e.g. from
 ``train_base.py --split=A``), draw the transfer grid's AnB/AnB+ at the same layers
-with ``--grid_workdir=runs/transferability_digits`` (the digits preset's default),
+with ``--grid_workdir=WORKDIR`` (a grid run with this study's model and data
+flags, e.g. ``transferability.py --width=0.25 --epochs=12 --batch_size=128``; one
+trained otherwise is not drawn, with a warning),
 and add Keras Applications backbones with ``--backbones=MobileNetV2`` (ImageNet
 weights are downloaded by Keras, or give a file with ``--backbone_weights=PATH``).
 """
@@ -106,13 +108,12 @@ PRESETS = {
         precision="float32", tensorboard=False,
     ),
     "digits": dict(
-        workdir="runs/off_the_shelf_digits", grid_workdir="runs/transferability_digits",
+        workdir="runs/off_the_shelf_digits",
         width=0.25, epochs=12, patience=3,
         learning_rate=0.02, seeds=["0", "1"],
     ),
     "cifar10": dict(
         workdir="runs/off_the_shelf_cifar10",
-        grid_workdir="runs/transferability_cifar10",
         dataset=(
             f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
         ),
@@ -135,11 +136,11 @@ def study_config() -> features.StudyConfig:
         probe=common.probe_config(),
         targets=tuple(FLAGS.targets),
         seeds=common.numbers("seeds"),
-        layers=tuple(FLAGS.probe_layers),
+        probe_layers=tuple(FLAGS.probe_layers),
         poolings=tuple(FLAGS.poolings),
         budgets=common.budgets(),
-        sources=tuple(FLAGS.probe_sources),
-        treatments=tuple(FLAGS.arms),
+        probe_sources=tuple(FLAGS.probe_sources),
+        arms=tuple(FLAGS.arms),
         source_path=FLAGS.source,
         backbones=tuple(FLAGS.backbones),
         backbone_weights=None if weights.lower() == "none" else weights,

@@ -5,9 +5,10 @@ r"""The Yosinski et al. (2014) transferability experiment, end to end.
 runs the default ``digits`` preset on the embedded MNIST digits: a random split of
 the ten classes into halves A and B, two seeds (each seed its own split), base nets
 baseA/baseB, the treatments BnB, BnB+, AnB, AnB+ and the random-frozen-layers
-control for every cut layer n = 1..7 (74 trainings). It takes about 8 minutes on
-the 2-core CPU of this project's machines (README.md has the measured figures) and
-writes to ``runs/transferability_digits``:
+control for every cut layer n = 1..7 (74 trainings of a width-0.125 net, 6 epochs
+each). It took 8 min 15 s on the 2-core CPU of this project's machines, plus about
+a minute on a machine's first run to measure its fastest precision (README.md has
+the measured figures), and writes to ``runs/transferability_digits``:
 
 - ``results.jsonl``: one line per finished run;
 - ``summary.md`` / ``summary.csv``: mean ± std per treatment and n, the paper's

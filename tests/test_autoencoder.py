@@ -248,8 +248,12 @@ def test_expand_orders_pretraining_first_and_needs_a_grid_for_supervised():
 
 
 def test_study_config_errors_name_field_and_choices():
-    with pytest.raises(ValueError, match="budgets must include None"):
+    with pytest.raises(ValueError, match=r"budgets=\['1', '5'\] must include 'all'"):
         tiny_study(budgets=(1, 5))
+    with pytest.raises(ValueError, match=r"budgets=\['all', '5', 'all'\] has dup"):
+        tiny_study(budgets=(0, 5, "all"))
+    with pytest.raises(ValueError, match=r"seeds=\[0, 0\] has duplicates"):
+        tiny_study(seeds=(0, 0))
     with pytest.raises(ValueError, match=r"probe_layers=\['conv6'\] not in"):
         tiny_study(probe_layers=("conv1", "conv6"))
     with pytest.raises(ValueError, match=r"arms=\['finetune'\] not in"):
@@ -267,9 +271,18 @@ def test_grid_source_explains_what_is_missing(tmp_path):
     results.write_json(tmp_path / "config.json", {"data": {"dataset": "uci_digits"}})
     with pytest.raises(ValueError, match="ran on 'uci_digits', not 'digits'"):
         ae.grid_source(config)
+    wider = {"data": {"dataset": "digits"}, "model": {"width": 0.25}}
+    results.write_json(tmp_path / "config.json", wider)
+    with pytest.raises(ValueError, match=r"built its nets differently \(width: 0.25"):
+        ae.grid_source(config)
     results.write_json(tmp_path / "config.json", {"data": {"dataset": "digits"}})
     with pytest.raises(ValueError, match=r"no finished base net random/seed0/baseA"):
         ae.grid_source(config)
+    # A study that does not use the grid's net does not read it at all.
+    no_grid_arms = tiny_study(
+        grid_workdir=str(tmp_path), arms=("scratch",), probe_sources=()
+    )
+    assert set(ae.run_hashes(no_grid_arms, ae.expand(no_grid_arms)))
 
 
 def _record(kind, arm, seed, budget, accuracy, **kw):

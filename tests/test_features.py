@@ -76,8 +76,8 @@ def test_unknown_layer_lists_the_valid_ones(tiny_net, images):
         features.extract_features(tiny_net, images, [("conv9", "avg")])
     with pytest.raises(ValueError, match=r"pooling='mean' is not one of"):
         features.extract_features(tiny_net, images, [("conv2", "mean")])
-    with pytest.raises(ValueError, match=r"layers=\['conv6'\] not in"):
-        features.StudyConfig(layers=("conv1", "conv6"))
+    with pytest.raises(ValueError, match=r"probe_layers=\['conv6'\] not in"):
+        features.StudyConfig(probe_layers=("conv1", "conv6"))
 
 
 def test_incompatible_input_shape_is_a_clear_error(tiny_net):
@@ -287,7 +287,10 @@ def test_budget_subsets_are_the_ones_make_task_keeps(digits_source):
 
 def test_expand_orders_sources_first_and_keeps_selffer_at_all_labels():
     config = features.StudyConfig(
-        targets=("A", "B"), seeds=(0, 1), layers=("conv2", "fc6"), budgets=(5, None)
+        targets=("A", "B"),
+        seeds=(0, 1),
+        probe_layers=("conv2", "fc6"),
+        budgets=(5, None),
     )
     runs = features.expand(config)
     keys = [r.key for r in runs]
@@ -308,10 +311,10 @@ def test_expand_orders_sources_first_and_keeps_selffer_at_all_labels():
 
 
 def test_study_config_errors():
-    with pytest.raises(ValueError, match="budgets must include None"):
+    with pytest.raises(ValueError, match=r"budgets=\[.1., .5.\] must include .all."):
         features.StudyConfig(budgets=(1, 5))
-    with pytest.raises(ValueError, match=r"sources=\['imagenet'\]"):
-        features.StudyConfig(sources=("imagenet",))
+    with pytest.raises(ValueError, match=r"probe_sources=\['imagenet'\]"):
+        features.StudyConfig(probe_sources=("imagenet",))
     with pytest.raises(ValueError, match="give one target"):
         features.StudyConfig(targets=("A", "B"), source_path="/tmp/x")
 
@@ -344,7 +347,7 @@ def test_external_source_must_not_have_seen_the_target_classes(tmp_path, tiny_ne
     source = tmp_path / "base"
     export.export_model(tiny_net, source)
     results.write_json(source / "config.json", {"data": {"dataset": "digits"}})
-    config = features.StudyConfig(source_path=str(source), treatments=("probe",))
+    config = features.StudyConfig(source_path=str(source), arms=("probe",))
     with pytest.raises(ValueError, match=r"trained on classes \['0', '1', '5', '8'"):
         features.run_study(config, tmp_path / "study")
     results.write_json(
@@ -356,3 +359,26 @@ def test_external_source_must_not_have_seen_the_target_classes(tmp_path, tiny_ne
     config = dataclasses.replace(config, source_path=str(tmp_path / "rgb"))
     with pytest.raises(ValueError, match=r"takes images of shape \(32, 32, 3\)"):
         features.run_study(config, tmp_path / "study2")
+
+
+def test_grid_lines_are_drawn_only_for_a_like_for_like_grid(tmp_path):
+    results.write_json(
+        tmp_path / "config.json",
+        {"data": {"dataset": "digits"}, "model": {"width": 0.125}},
+    )
+    for key, treatment, seed in (
+        ("random/seed0/AnB/n3", "AnB", 0),
+        ("random/seed1/AnB/n3", "AnB", 1),
+        ("random/seed0/BnB/n3", "BnB", 0),
+    ):
+        results.append_jsonl(
+            tmp_path / "results.jsonl",
+            {"key": key, "treatment": treatment, "split": "random", "seed": seed,
+             "n": 3, "target": "B", "test_accuracy": 0.9},
+        )  # fmt: skip
+    same = models.ModelConfig(width=0.125)
+    drawn = features.grid_records(tmp_path, "random", 0, "digits", same)
+    assert [r["key"] for r in drawn] == ["random/seed0/AnB/n3"]  # split seed 0 only
+    wider = models.ModelConfig(width=0.25)
+    assert features.grid_records(tmp_path, "random", 0, "digits", wider) == []
+    assert features.grid_records(tmp_path, "random", 0, "uci_digits", same) == []

@@ -39,7 +39,9 @@ def test_config_hash_covers_exactly_the_result_affecting_fields():
 def test_budgets_and_value_checks_name_the_problem():
     assert study.budgets((1, "all", 10)) == (1, None, 10)
     assert study.budgets((0, 5)) == (None, 5)
-    with pytest.raises(ValueError, match="must include None"):
+    with pytest.raises(ValueError, match="has duplicates"):
+        study.budgets((0, "all"))
+    with pytest.raises(ValueError, match=r"must include 'all'"):
         study.budgets((1, 5))
     with pytest.raises(ValueError, match="positive integers"):
         study.budgets((-1, None))
@@ -126,4 +128,8 @@ def test_statistics_and_selection_on_validation():
         {"val_accuracy": 0.8, "val_loss": 0.1, "test_accuracy": 0.99},
     ]
     assert study.select_best(candidates)["test_accuracy"] == 0.2
+    nan_loss = {"val_accuracy": 0.9, "val_loss": None, "test_accuracy": 0.5}
+    assert study.select_best([nan_loss, *candidates])["test_accuracy"] == 0.2
+    with pytest.raises(ValueError, match="more than once"):
+        study.check_keys([ToyRun("a"), ToyRun("a")])
     assert sorted(["all", "10", "1"], key=study.budget_order) == ["1", "10", "all"]

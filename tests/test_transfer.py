@@ -134,6 +134,10 @@ def test_frozen_layers_recorded_per_treatment(study):
     frozen2 = by_key["random/seed0/AnB/n2"]["frozen_layers"]
     assert frozen2 == ["conv1", "conv1_bn", "conv2", "conv2_bn"]
     assert by_key["random/seed0/AnB+/n6"]["frozen_layers"] == []
+    # Frozen treatments train on cached activations, fine-tuned ones cannot.
+    assert by_key["random/seed0/AnB/n2"]["path"] == "cached"
+    assert by_key["random/seed0/AnB/n2"]["path_reason"] == "layers 1..2 are frozen"
+    assert by_key["random/seed0/AnB+/n6"]["path"] == "full"
     frozen6 = by_key["random/seed0/randomB/n6"]["frozen_layers"]
     assert [n for n in frozen6 if not n.endswith("_bn")] == list(models.LAYER_NAMES[:6])
 

@@ -722,8 +722,7 @@ class StudyConfig(study.Config):
             required=("seeds", "budgets", "probe_layers", "poolings", "arms"),
         )
         _check_choice("target", self.target, TARGETS)
-        for field in ("seeds", "budgets"):
-            study.check_values(field, getattr(self, field), getattr(self, field))
+        study.check_distinct(self, ("seeds",))
         for field, choices in (
             ("probe_layers", PROBE_LAYERS),
             ("poolings", features.POOLINGS),
@@ -777,7 +776,8 @@ class StudyConfig(study.Config):
         if run.kind != "pretrain":
             part.update(data=d["data"], target=d["target"])
         if run.kind == "probe":
-            part["probe"] = d["probe"]
+            # The random encoder is built in the classifiers' precision.
+            part.update(probe=d["probe"], precision=d["training"]["precision"])
         if run.kind == "train":
             part.update(
                 model=d["model"], training=d["training"],
@@ -894,8 +894,8 @@ def grid_source(config: StudyConfig, seed: int = 0) -> pathlib.Path:
     it, else the grid's first seed.
 
     Raises:
-      ValueError: the grid ran on another dataset or class split, or has not
-        finished that base net (saying what to run).
+      ValueError: the grid ran on another dataset, class split or architecture,
+        or has not finished that base net (saying what to run).
     """
     workdir = pathlib.Path(config.grid_workdir).expanduser()
     d = config.data
@@ -911,6 +911,14 @@ def grid_source(config: StudyConfig, seed: int = 0) -> pathlib.Path:
         raise ValueError(
             f"the grid in {str(workdir)!r} ran on {grid_data.get('dataset')!r}, not "
             f"{d.dataset!r}"
+        )
+    differences = study.model_differences(grid, config.model)
+    if differences:
+        raise ValueError(
+            f"the grid in {str(workdir)!r} built its nets differently "
+            f"({'; '.join(differences)}, grid -> this study): its source net would "
+            "not be compared like for like; run the grid with this study's model "
+            "flags (--width, --batch_norm, --dropout, --stem), or leave it out"
         )
     if d.class_split == "explicit" and (
         tuple(grid_data.get("classes_a", ())) != d.classes_a
@@ -1225,8 +1233,8 @@ def run_study(
       The records of every run of the study.
     """
     runs = expand(config)
-    if config.supervised:
-        grid_source(config)  # fail now, not after an hour of pretraining
+    # run_hashes reads the grid's net if a run uses it: a missing or mismatched
+    # grid fails now, not after an hour of pretraining.
     hashes = run_hashes(config, runs)
     if dry_run:
         return study.list_runs(runs, workdir, hashes)
@@ -1267,7 +1275,7 @@ def _execute_explained(run: Run, resources: _Resources, config_hash: str) -> dic
                 "only the fine-tuned runs are redone"
             )
         elif run.kind == "pretrain":
-            hint = "; lower the pretraining learning rate"
+            hint = "; lower the pretraining learning rate (--pretrain_learning_rate)"
         raise training.NonFiniteLossError(f"{run.key}: {e}{hint}") from e
 
 
@@ -1440,7 +1448,7 @@ def summary_markdown(summary: dict, config: StudyConfig) -> str:
         lines += [
             "",
             "No transfer-grid work directory was given: the supervised source is "
-            "not compared (pass `grid_workdir`).",
+            "not compared (pass `--grid_workdir`).",
         ]
     budgets = _budgets(summary)
     header = _budget_header(summary, budgets)

@@ -828,15 +828,15 @@ class StudyConfig(study.Config):
       targets: target halves; the transfer source of target B is the net trained
         on A, and the reverse.
       seeds: one replicate per seed: its own source nets and k-example subsets.
-      layers: layers probed, names ``conv1``..``fc7``.
+      probe_layers: layers probed, names ``conv1``..``fc7``.
       poolings: poolings of convolutional layers (dense ones are used as they
         are).
       budgets: labelled training examples per class; ``None`` = all.
-      sources: probe sources: ``transfer`` (net trained on the other half, or
+      probe_sources: probe sources: ``transfer`` (net trained on the other half, or
         ``source_path``), ``selffer`` (net trained on the target half itself; all
         labels only, as it has seen them all), ``random`` (the same architecture,
         untrained: random features).
-      treatments: ``probe``, ``fine_tune`` (the transfer source, a new fc8, every
+      arms: ``probe``, ``fine_tune`` (the transfer source, a new fc8, every
         layer trained: AnB+ at n=7), ``scratch`` (a base net trained on the target
         alone). Their k = all runs are the reference lines of the layer sweep.
       source_path: a trained base net used as the transfer source instead of
@@ -860,11 +860,11 @@ class StudyConfig(study.Config):
     probe: ProbeConfig = ProbeConfig()
     targets: tuple[str, ...] = ("B",)
     seeds: tuple[int, ...] = (0,)
-    layers: tuple[str, ...] = PROBE_LAYERS
+    probe_layers: tuple[str, ...] = PROBE_LAYERS
     poolings: tuple[str, ...] = ("flatten", "avg")
     budgets: tuple[int | None, ...] = (1, 5, 10, 50, None)
-    sources: tuple[str, ...] = SOURCE_ROLES
-    treatments: tuple[str, ...] = TREATMENTS
+    probe_sources: tuple[str, ...] = SOURCE_ROLES
+    arms: tuple[str, ...] = TREATMENTS
     source_path: str | None = None
     backbones: tuple[str, ...] = ()
     backbone_weights: str | None = "imagenet"
@@ -878,28 +878,31 @@ class StudyConfig(study.Config):
     # Fields that do not change any run's result: the study's extent (which runs
     # exist), where outputs go, and logging or memory settings.
     NOT_RESULT_AFFECTING = {
-        "": ("targets", "seeds", "layers", "poolings", "budgets", "sources",
-             "treatments", "backbones", "export_heads", "grid_workdir",
+        "": ("targets", "seeds", "probe_layers", "poolings", "budgets",
+             "probe_sources", "arms", "backbones", "export_heads", "grid_workdir",
              "cache_features"),
         "data": ("split", "memory_budget_gb", "download"),
-        "training": ("seed", "verbose", "tensorboard", "backup"),
+        # Whole nets train without a frozen prefix here: the cache never runs.
+        "training": ("seed", "verbose", "tensorboard", "backup", "activation_cache",
+                     "cache_memory_gb"),
     }  # fmt: skip
 
     def __post_init__(self):
-        required = ("targets", "seeds", "layers", "poolings", "budgets", "treatments")
-        study.as_tuples(self, (*required, "sources", "backbones"), required)
+        required = ("targets", "seeds", "probe_layers", "poolings", "budgets", "arms")
+        study.as_tuples(self, (*required, "probe_sources", "backbones"), required)
         for field, values, choices in (
             ("targets", self.targets, TARGETS),
             ("poolings", self.poolings, POOLINGS),
-            ("sources", self.sources, SOURCE_ROLES),
-            ("treatments", self.treatments, TREATMENTS),
+            ("probe_sources", self.probe_sources, SOURCE_ROLES),
+            ("arms", self.arms, TREATMENTS),
             ("backbones", self.backbones, sorted(BACKBONES)),
-            ("layers", self.layers, PROBE_LAYERS),
+            ("probe_layers", self.probe_layers, PROBE_LAYERS),
         ):
             study.check_values(field, values, choices)
         object.__setattr__(self, "budgets", study.budgets(self.budgets))
-        if "probe" in self.treatments and not (self.sources or self.backbones):
-            raise ValueError("treatment 'probe' needs sources or backbones")
+        study.check_distinct(self, ("seeds",))
+        if "probe" in self.arms and not (self.probe_sources or self.backbones):
+            raise ValueError("arm 'probe' needs probe_sources or backbones")
         if self.source_path is not None and len(self.targets) != 1:
             raise ValueError(
                 "source_path replaces the transfer source of one target; give one "
@@ -1008,10 +1011,10 @@ def expand(config: StudyConfig) -> list[Run]:
     for seed in config.seeds:
         halves = set()
         for target in config.targets:
-            if "scratch" in config.treatments or "selffer" in config.sources:
+            if "scratch" in config.arms or "selffer" in config.probe_sources:
                 halves.add(target)
-            transfer_used = "fine_tune" in config.treatments or (
-                "probe" in config.treatments and "transfer" in config.sources
+            transfer_used = "fine_tune" in config.arms or (
+                "probe" in config.arms and "transfer" in config.probe_sources
             )
             if transfer_used and not external:
                 halves.add(_other(target))
@@ -1019,19 +1022,21 @@ def expand(config: StudyConfig) -> list[Run]:
         for target in config.targets:
             transfer_source = _other(target)
             for k in config.budgets:
-                if "scratch" in config.treatments and k is not None:
+                if "scratch" in config.arms and k is not None:
                     runs.append(Run("scratch", target, seed, k))
-                if "fine_tune" in config.treatments:
+                if "fine_tune" in config.arms:
                     runs.append(Run("fine_tune", target, seed, k, transfer_source))
-            if "probe" not in config.treatments:
+            if "probe" not in config.arms:
                 continue
             sources = [
                 {"transfer": transfer_source, "selffer": target, "random": "random"}[r]
-                for r in config.sources
+                for r in config.probe_sources
             ] + list(config.backbones)
             for source in sources:
                 probed = (
-                    [BACKBONE_OUTPUT] if source in config.backbones else config.layers
+                    [BACKBONE_OUTPUT]
+                    if source in config.backbones
+                    else config.probe_layers
                 )
                 for layer in probed:
                     pools = config.poolings
@@ -1324,7 +1329,7 @@ def run_study(
         ),
     )
     records = [done[r.key] for r in runs]
-    if config.export_heads and "probe" in config.treatments:
+    if config.export_heads and "probe" in config.arms:
         export_heads(records, config, resources)
     write_outputs(records, config, workdir)
     log.info("study finished in %s", study.duration(time.time() - started))
@@ -1482,20 +1487,35 @@ def _pooling_lines(layer_cells) -> dict:
     return lines
 
 
-def grid_records(grid_workdir, class_split, split_seed, dataset) -> list[dict]:
+def grid_records(
+    grid_workdir, class_split, split_seed, dataset, model, train_per_class=None
+) -> list[dict]:
     """AnB / AnB+ records of a transfer-grid work directory for this class split
     (for ``random``, only the grid's seed equal to ``split_seed``: the same
-    halves). Empty when the grid used another dataset."""
+    halves). Empty when the grid used another dataset, another architecture than
+    ``model`` (a ModelConfig) or another cap of training examples per class."""
     if not grid_workdir:
         return []
     workdir = pathlib.Path(grid_workdir).expanduser()
     config_path = workdir / "config.json"
     if config_path.is_file():
-        grid_dataset = results.read_json(config_path).get("data", {}).get("dataset")
+        grid = results.read_json(config_path)
+        grid_dataset = grid.get("data", {}).get("dataset")
         if grid_dataset != dataset:
             log.warning(
                 "grid %s ran on %s, not %s: not drawn", workdir, grid_dataset, dataset
             )
+            return []
+        differences = study.model_differences(grid, model)
+        cap = grid.get("data", {}).get("train_per_class")
+        if cap != train_per_class:
+            differences.append(f"train_per_class: {cap!r} -> {train_per_class!r}")
+        if differences:
+            log.warning(
+                "grid %s trained its nets differently (%s, grid -> this study): "
+                "not drawn; run it with this study's model and data flags",
+                workdir, "; ".join(differences),
+            )  # fmt: skip
             return []
     return [
         r
@@ -1529,7 +1549,7 @@ def summary_markdown(summary: dict, config: StudyConfig, grid=()) -> str:
         "validation accuracy.",
     ]
     for target, s in summary.items():
-        layer_names = [n for n in PROBE_LAYERS if n in config.layers]
+        layer_names = [n for n in PROBE_LAYERS if n in config.probe_layers]
         lines += ["", f"## Target half {target}: layer sweep (all labels)", ""]
         lines.append("| source | pooling | " + " | ".join(layer_names) + " |")
         lines.append("|---|---|" + "---|" * len(layer_names))
@@ -1631,7 +1651,7 @@ def write_outputs(records, config: StudyConfig, workdir) -> dict:
     summary = summarize(records, list(config.targets))
     grid = grid_records(
         config.grid_workdir, config.data.class_split, config.data.split_seed,
-        config.data.dataset,
+        config.data.dataset, config.model, config.data.train_per_class,
     )  # fmt: skip
     text = summary_markdown(summary, config, grid)
     results.write_text(workdir / "summary.md", text)
@@ -1673,7 +1693,7 @@ def probe_layers_figure(summary, config: StudyConfig, path, grid=()) -> str:
     fig, axes = plt.subplots(
         1, len(targets), figsize=(7.5 * len(targets), 6.4), squeeze=False
     )
-    layer_names = [n for n in PROBE_LAYERS if n in config.layers]
+    layer_names = [n for n in PROBE_LAYERS if n in config.probe_layers]
     xs = {name: i for i, name in enumerate(layer_names)}
     backbone_colors = iter(plt.cm.tab10.colors[4:])
     for ax, target in zip(axes[0], targets, strict=True):

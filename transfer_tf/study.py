@@ -97,6 +97,14 @@ def check_values(field: str, values, choices):
         raise ValueError(f"{field}={list(values)} has duplicates")
 
 
+def check_distinct(config, fields: Iterable[str]):
+    """No value of these fields repeats (a seed given twice would be one run)."""
+    for field in fields:
+        values = getattr(config, field)
+        if len(set(values)) != len(values):
+            raise ValueError(f"{field}={list(values)} has duplicates")
+
+
 def check_positive(field: str, value, allow_none: bool = True):
     """A learning rate or similar: ``> 0`` (or ``None`` when allowed)."""
     if value is None and allow_none:
@@ -110,16 +118,19 @@ def budgets(values) -> tuple[int | None, ...]:
     meaning all of them, which must be among them (the reference of every sweep).
     """
     out = tuple(None if b in (None, 0, "all") else b for b in values)
+    shown = [budget_name(b) for b in out]
     if any(
         b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1)
         for b in out
     ):
-        raise ValueError(f"budgets={list(out)} must be positive integers or None (all)")
+        raise ValueError(f"budgets={shown} must be positive integers or 'all' (None)")
     if None not in out:
         raise ValueError(
-            "budgets must include None (all labelled examples): the reference lines "
-            "use it"
+            f"budgets={shown} must include 'all' (None: every labelled example): the "
+            "reference lines use it"
         )
+    if len(set(out)) != len(out):
+        raise ValueError(f"budgets={shown} has duplicates")
     return out
 
 
@@ -137,7 +148,10 @@ def check_keys(runs: list) -> list:
     keys = [r.key for r in runs]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
-        raise AssertionError(f"the expansion repeats run keys {repeated[:5]}")
+        raise ValueError(
+            f"the study lists runs {repeated[:5]} more than once (a seed, layer or "
+            "budget given twice?)"
+        )
     return runs
 
 
@@ -377,15 +391,30 @@ def format_stats(s, digits: int = 4, sign: bool = False, count: bool = True) -> 
 def select_best(records) -> dict:
     """The validation-best record: highest validation accuracy, then the lower
     validation loss (the test split never decides)."""
-    return max(
-        records,
-        key=lambda r: (r["val_accuracy"], -(r.get("val_loss") or 0.0)),
-    )
+
+    def key(r):
+        loss = r.get("val_loss")  # None: NaN when recorded
+        return (r["val_accuracy"] or 0.0, -(math.inf if loss is None else loss))
+
+    return max(records, key=key)
 
 
 def budget_order(budget) -> float:
     """Sort key of budget names: numbers ascending, ``all`` last."""
     return math.inf if budget == "all" else int(budget)
+
+
+def model_differences(recorded: dict, model_config) -> list[str]:
+    """``field: recorded -> ours`` where another work directory's ``config.json``
+    (``recorded``) built its nets differently from ``model_config``: nets of
+    another width are not a fair comparison or source."""
+    theirs = recorded.get("model", {})
+    ours = dataclasses.asdict(model_config)
+    return [
+        f"{k}: {theirs.get(k)!r} -> {v!r}"
+        for k, v in ours.items()
+        if k in theirs and theirs[k] != v
+    ]
 
 
 def claim_workdir(workdir, config: Config, overwrite: bool, compare="result_affecting",

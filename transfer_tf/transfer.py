@@ -99,6 +99,7 @@ class StudyConfig(study.Config):
             ("targets", self.targets, TARGETS),
         ):
             study.check_values(field, values, choices)
+        study.check_distinct(self, ("seeds", "layers", "reduced_per_class"))
         for n in self.layers:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 7:
                 raise ValueError(
@@ -217,13 +218,17 @@ class _Resources(study.Resources):
     def task(self, run: Run) -> data.Task:
         key = (run.split, run.seed, run.target, run.train_per_class)
         if key not in self._tasks:
+            # The data's train_per_class caps every run; a reduced run keeps at
+            # most its own k of that pool.
+            caps = [c for c in (self.config.data.train_per_class, run.train_per_class)
+                    if c is not None]  # fmt: skip
             self._tasks[key] = self.half_task(
                 run.target,
                 # the study's split kinds are data.CLASS_SPLITS; a random split's
                 # seed is the run's
                 self.halves(run.split, run.seed),
                 name=f"{run.split}/seed{run.seed}/{run.target}",
-                train_per_class=run.train_per_class,
+                train_per_class=min(caps) if caps else None,
             )
         return self._tasks[key]
 
@@ -309,6 +314,7 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
         "wall_time": time.time() - started,
         "precision": outcome.train.precision,
         "path": outcome.path,
+        "path_reason": outcome.path_reason,
         "cached_layers": outcome.cached_layers,
         "config_hash": config_hash,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
