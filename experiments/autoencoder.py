@@ -52,22 +52,14 @@ preset value.
 
 from __future__ import annotations
 
-import pathlib
-
 from absl import app, flags
 
 import common
 from transfer_tf import autoencoder, features, training
 
 FLAGS = flags.FLAGS
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
-flags.DEFINE_enum(
-    "preset", "digits", ["smoke", "digits", "cifar10"],
-    "Defaults for every flag not given: smoke (tiny, seconds), digits (the default "
-    "study), cifar10 (the shared CIFAR-10 image folder).",
-)  # fmt: skip
+common.define_preset_flag("the shared CIFAR-10 image folder")
 flags.DEFINE_enum(
     "target", "B", list(autoencoder.TARGETS),
     "The half of --class_split with few labels (the grid's source is the other).",
@@ -153,9 +145,7 @@ PRESETS = {
     ),
     "cifar10": dict(
         workdir="runs/autoencoder_cifar10",
-        dataset=(
-            f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
-        ),
+        dataset=common.CIFAR10_SPEC,
         width=0.25, epochs=10, patience=3, learning_rate=0.02, code_size=256,
         pretrain_epochs=8, pretrain_patience=3, train_per_class=1000,
         fine_tune_learning_rate=0.005,

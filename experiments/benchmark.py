@@ -45,8 +45,7 @@ import common
 from transfer_tf import data, models, results, training
 
 FLAGS = flags.FLAGS
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+ROOT = common.ROOT
 SECTIONS = ("throughput", "flops", "grid", "cache")
 flags.DEFINE_list("sections", list(SECTIONS), f"Parts to run, of {list(SECTIONS)}.")
 flags.DEFINE_integer("steps", 30, "Timed training steps per throughput setting.")
@@ -359,7 +358,7 @@ def grid_section(report, workdir):
 def cache_section(report, workdir):
     spec = FLAGS.cache_dataset
     if spec is None:
-        spec = f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "digits"
+        spec = common.CIFAR10_SPEC if common.SHARED_CIFAR10.is_dir() else "digits"
     config = data.DataConfig(
         dataset=spec, batch_size=FLAGS.batch_size,
         train_per_class=FLAGS.cache_per_class,

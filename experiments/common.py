@@ -20,6 +20,11 @@ from absl import logging as absl_logging
 from transfer_tf import data, models, results, training
 
 FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The image-folder copy of CIFAR-10 that development machines and CI share.
+SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+# The cifar10 presets read it where present, else TFDS' CIFAR-10 (with --download).
+CIFAR10_SPEC = f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
 
 # ----------------------------------------------------------------------- data flags
 flags.DEFINE_string(
@@ -221,6 +226,16 @@ def as_dict(config) -> dict:
 
 
 # ------------------------------------------------- flags of the multi-run studies
+
+
+def define_preset_flag(cifar10_help: str):
+    """``--preset``: smoke, digits (the default) or cifar10 defaults for every flag
+    not given on the command line (see :func:`apply_preset`)."""
+    flags.DEFINE_enum(
+        "preset", "digits", ["smoke", "digits", "cifar10"],
+        "Defaults for every flag not given: smoke (tiny, seconds), digits (the "
+        f"default study), cifar10 ({cifar10_help}).",
+    )  # fmt: skip
 
 
 def define_study_flags(seeds_help: str):

@@ -42,22 +42,14 @@ weights are downloaded by Keras, or give a file with ``--backbone_weights=PATH``
 
 from __future__ import annotations
 
-import pathlib
-
 from absl import app, flags
 
 import common
 from transfer_tf import features
 
 FLAGS = flags.FLAGS
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
-flags.DEFINE_enum(
-    "preset", "digits", ["smoke", "digits", "cifar10"],
-    "Defaults for every flag not given: smoke (tiny, seconds), digits (the default "
-    "study), cifar10 (the shared CIFAR-10 folder, man-made <-> natural).",
-)  # fmt: skip
+common.define_preset_flag("the shared CIFAR-10 folder, man-made <-> natural")
 flags.DEFINE_list(
     "targets", ["B"],
     "Target halves: B (transfer source: the net trained on A), or A,B.",
@@ -114,9 +106,7 @@ PRESETS = {
     ),
     "cifar10": dict(
         workdir="runs/off_the_shelf_cifar10",
-        dataset=(
-            f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
-        ),
+        dataset=common.CIFAR10_SPEC,
         class_split="man_made", targets=["A", "B"], width=0.25, epochs=10,
         patience=3, learning_rate=0.02, poolings=["avg"],
         budgets=["1", "10", "50", "500", "all"], probe_batch_size=512,

@@ -28,22 +28,14 @@ man-made/natural splits). Every flag overrides its preset value.
 
 from __future__ import annotations
 
-import pathlib
-
 from absl import app, flags
 
 import common
 from transfer_tf import transfer
 
 FLAGS = flags.FLAGS
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
-flags.DEFINE_enum(
-    "preset", "digits", ["smoke", "digits", "cifar10"],
-    "Defaults for every flag not given: smoke (tiny, seconds), digits (the default "
-    "study), cifar10 (the shared CIFAR-10 image folder, random + man_made splits).",
-)  # fmt: skip
+common.define_preset_flag("the shared CIFAR-10 image folder, random + man_made splits")
 flags.DEFINE_list(
     "splits", ["random"],
     "Class splits: random (split seed = run seed), man_made (A man-made, B natural), "
@@ -80,9 +72,7 @@ PRESETS = {
     ),
     "cifar10": dict(
         workdir="runs/transferability_cifar10",
-        dataset=(
-            f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
-        ),
+        dataset=common.CIFAR10_SPEC,
         # Half of CIFAR-10's training images (2,500 per class) and 8 epochs keep
         # the 74 trainings to about 2 hours on a 2-core CPU (BUILD.md); pass
         # --train_per_class=5000 --epochs=10 for the full data.
