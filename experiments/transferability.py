@@ -75,7 +75,7 @@ PRESETS = {
         dataset=common.CIFAR10_SPEC,
         # 1,000 training images per class, 8 epochs and the cut layers 1, 3, 5, 7
         # keep the 44 trainings near one hour on a 2-core CPU (BUILD.md); the
-        # 2,500-per-class, all-layers grid took ~200 s per training (4 hours).
+        # 2,500-per-class grid took ~200 s per training (4 hours for all layers).
         # Pass --train_per_class=5000 --layers=1,2,3,4,5,6,7 for the full grid.
         splits=["random", "man_made"], seeds=["0"], width=0.25, epochs=8,
         patience=3, learning_rate=0.02, train_per_class=1000,

@@ -242,3 +242,39 @@ def test_mixed_precision_and_adam_train(task, tmp_path):
     assert outcome.precision == "mixed_bfloat16"  # from the model, not the config
     assert training.evaluate(model, task.eval_dataset("test"))["accuracy"] > 0.4
     assert json.loads(json.dumps(outcome.__dict__))["epochs_run"] == 3
+
+
+class _ScriptedProbe:
+    """A throughput probe whose successive runs return scripted images/s."""
+
+    def __init__(self, rates):
+        self.rates = list(rates)
+        self.calls = 0
+
+    def run(self, steps):
+        self.calls += 1
+        return self.rates.pop(0)
+
+
+def test_time_interleaved_screens_and_prunes_when_choosing():
+    probes = {
+        "fast": _ScriptedProbe([100, 100, 100, 100]),
+        # hit by load in the short and the first full round, then at full speed
+        "unlucky": _ScriptedProbe([70, 60, 100, 100]),
+        "emulated": _ScriptedProbe([10]),
+    }
+    best = training.time_interleaved(probes, steps=4, rounds=3)
+    assert probes["emulated"].calls == 1  # screened out after the short round
+    assert probes["unlucky"].calls == 2  # dropped after its slow round ...
+    assert best["unlucky"] == 70  # ... keeping its slow screening figure
+
+
+def test_time_interleaved_times_every_probe_each_round_for_benchmarks():
+    probes = {
+        "fast": _ScriptedProbe([100, 100, 100, 100]),
+        "unlucky": _ScriptedProbe([70, 60, 100, 100]),
+        "emulated": _ScriptedProbe([10]),
+    }
+    best = training.time_interleaved(probes, steps=4, rounds=3, keep_within=0.0)
+    assert probes["unlucky"].calls == 4
+    assert best == {"fast": 100, "unlucky": 100, "emulated": 10}

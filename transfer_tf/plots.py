@@ -76,21 +76,27 @@ def relative_figure(records, path) -> str:
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.axhline(0.0, color="black", lw=1)
     lines = []
-    for split, rows in splits.items():
+    # Each split its own marker; the random-frozen controls of different splits
+    # differ in shade of grey.
+    for i, (split, rows) in enumerate(splits.items()):
         base = [r["test_accuracy"] for r in rows if r["treatment"] == "baseB"]
         if not base:
             continue
+        marker = "osD^v"[i % 5]
+        grey = ("#7f7f7f", "#2b2b2b", "#b3b3b3")[i % 3]
         for treatment, label, color, ls in (
             ("BnB", f"selffer BnB (reference), {split} split", None, "--"),
             ("AnB", f"transfer AnB, {split} split", None, "-"),
-            ("random", f"random frozen layers ({split} split)", "#7f7f7f", ":"),
+            ("random", f"random frozen layers ({split} split)", grey, ":"),
         ):
             n, acc = _points(rows, treatment)
             if not len(n):
                 continue
             layers = sorted(set(n))
             rel = [acc[n == m].mean() / np.mean(base) - 1.0 for m in layers]
-            lines += ax.plot(layers, rel, marker="o", ls=ls, color=color, label=label)
+            lines += ax.plot(
+                layers, rel, marker=marker, ls=ls, color=color, label=label
+            )
     if not lines:
         ax.text(
             0.5, 0.5, "no AnB or random runs yet", ha="center", transform=ax.transAxes
