@@ -60,3 +60,8 @@ def test_claim_workdir(tmp_path):
     results.claim_workdir(work, {"lr": 0.3}, overwrite=True)
     assert not (work / "keep.txt").exists()
     assert results.read_json(work / "config.json") == {"lr": 0.3}
+
+
+def test_markdown_table_lines():
+    lines = results.markdown_table(["a", "b"], [["1", ""], ["x", "y"]])
+    assert lines == ["| a | b |", "|---|---|", "| 1 |  |", "| x | y |"]

@@ -1454,49 +1454,42 @@ def summary_markdown(summary: dict, config: StudyConfig) -> str:
     header = _budget_header(summary, budgets)
     if summary["lines"]:
         lines += ["", "## Test top-1 per label budget", ""]
-        lines.append("| method | " + " | ".join(header) + " |")
-        lines.append("|---|" + "---|" * len(budgets))
-        for line, cells in summary["lines"].items():
-            row = [_format(cells.get(b)) for b in budgets]
-            lines.append(f"| {LABELS[line]} | " + " | ".join(row) + " |")
+        rows = [
+            [LABELS[line]] + [_format(cells.get(b)) for b in budgets]
+            for line, cells in summary["lines"].items()
+        ]
+        lines += results.markdown_table(["method", *header], rows)
     if summary["gains"]:
         lines += [
             "",
             "## Gain over scratch (paired by seed; **no gain** where <= 0)",
             "",
         ]
-        lines.append("| method | " + " | ".join(header) + " |")
-        lines.append("|---|" + "---|" * len(budgets))
+        rows = []
         for line, cells in summary["gains"].items():
-            row = []
+            row = [LABELS[line]]
             for b in budgets:
                 text = _format(cells.get(b), sign=True)
                 if text and cells[b]["mean"] <= 0:
                     text += " **no gain**"
                 row.append(text)
-            lines.append(f"| {LABELS[line]} | " + " | ".join(row) + " |")
+            rows.append(row)
+        lines += results.markdown_table(["method", *header], rows)
     if summary["layers"]:
         lines += ["", "## Linear probe per layer", ""]
-        lines.append("| source | layer | pooling | " + " | ".join(header) + " |")
-        lines.append("|---|---|---|" + "---|" * len(budgets))
-        for (source, layer, pooling), cells in summary["layers"].items():
-            row = [_format(cells.get(b)) for b in budgets]
-            lines.append(
-                f"| {source} | {layer} | {pooling} | " + " | ".join(row) + " |"
-            )
+        rows = [
+            [source, layer, pooling] + [_format(cells.get(b)) for b in budgets]
+            for (source, layer, pooling), cells in summary["layers"].items()
+        ]
+        lines += results.markdown_table(["source", "layer", "pooling", *header], rows)
         lines += ["", "Layer/pooling chosen on validation (per seed):", ""]
-        lines.append("| source | budget | choices |")
-        lines.append("|---|---|---|")
-        for (source, budget), chosen in sorted(
-            summary["chosen"].items(),
-            key=lambda kv: (kv[0][0], study.budget_order(kv[0][1])),
-        ):
-            text = ", ".join(f"{lay}/{pool}" for lay, pool in chosen)
-            lines.append(f"| {source} | {budget} | {text} |")
+        lines += study.choices_table(summary["chosen"], lambda c: f"{c[0]}/{c[1]}")
     if summary["wall"]:
-        lines += ["", "## Wall time", "", "| part | total |", "|---|---|"]
-        for part, seconds in summary["wall"].items():
-            lines.append(f"| {part} | {study.duration(seconds)} |")
+        lines += ["", "## Wall time", ""]
+        lines += results.markdown_table(
+            ["part", "total"],
+            [[part, study.duration(t)] for part, t in summary["wall"].items()],
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1551,8 +1551,7 @@ def summary_markdown(summary: dict, config: StudyConfig, grid=()) -> str:
     for target, s in summary.items():
         layer_names = [n for n in PROBE_LAYERS if n in config.probe_layers]
         lines += ["", f"## Target half {target}: layer sweep (all labels)", ""]
-        lines.append("| source | pooling | " + " | ".join(layer_names) + " |")
-        lines.append("|---|---|" + "---|" * len(layer_names))
+        rows = []
         best_key = {}  # the layer/pooling chosen most often over seeds
         for (source, budget), chosen in s["chosen"].items():
             if budget == "all":
@@ -1569,15 +1568,16 @@ def summary_markdown(summary: dict, config: StudyConfig, grid=()) -> str:
                 if text and best[0] == layer and best[1] in (pooling, "none"):
                     text = f"**{text}**"
                 row.append(text)
-            label = _source_label(source, target, d.class_split)
-            lines.append(f"| {label} | {pooling} | " + " | ".join(row) + " |")
+            rows.append([_source_label(source, target, d.class_split), pooling, *row])
         for treatment, cells in sorted(_grid_cells(grid, target).items()):
             row = [study.format_stats(cells.get(layer)) for layer in layer_names]
             retrained = "fine-tuned" if treatment.endswith("+") else "frozen"
-            lines.append(
-                f"| transfer grid {treatment} (layers 1..n copied, {retrained}; "
-                "upper layers retrained) | | " + " | ".join(row) + " |"
+            label = (
+                f"transfer grid {treatment} (layers 1..n copied, {retrained}; "
+                "upper layers retrained)"
             )
+            rows.append([label, "", *row])
+        lines += results.markdown_table(["source", "pooling", *layer_names], rows)
         references = [
             (f"{_source_label(source, target, d.class_split)}, final layer, {pooling}",
              cells.get(BACKBONE_OUTPUT))
@@ -1591,11 +1591,11 @@ def summary_markdown(summary: dict, config: StudyConfig, grid=()) -> str:
             if name in s["references"]:
                 references.append((label, s["references"][name]))
         if references:
-            lines += ["", "| reference (all labels) | test top-1 |", "|---|---|"]
-            lines += [
-                f"| {label} | {study.format_stats(stats)} |"
-                for label, stats in references
-            ]
+            lines.append("")
+            lines += results.markdown_table(
+                ["reference (all labels)", "test top-1"],
+                [[label, study.format_stats(stats)] for label, stats in references],
+            )
         budgets = sorted(
             {b for line in s["budgets"].values() for b in line}, key=study.budget_order
         )
@@ -1606,8 +1606,7 @@ def summary_markdown(summary: dict, config: StudyConfig, grid=()) -> str:
                 f"k={b}" if b != "all" else f"all (~{per_class:.0f}/class)"
                 for b in budgets
             ]
-            lines.append("| method | " + " | ".join(header) + " |")
-            lines.append("|---|" + "---|" * len(budgets))
+            rows = []
             order = sorted(
                 s["budgets"],
                 key=lambda line: (
@@ -1626,16 +1625,12 @@ def summary_markdown(summary: dict, config: StudyConfig, grid=()) -> str:
                         + " (layer chosen on validation)"
                     )
                 cells = [study.format_stats(s["budgets"][line].get(b)) for b in budgets]
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                rows.append([label, *cells])
+            lines += results.markdown_table(["method", *header], rows)
             lines += ["", "Layer, pooling and L2 the validation chose (per seed):", ""]
-            lines.append("| source | budget | choices |")
-            lines.append("|---|---|---|")
-            for (source, budget), chosen in sorted(
-                s["chosen"].items(),
-                key=lambda kv: (kv[0][0], study.budget_order(kv[0][1])),
-            ):
-                text = ", ".join(f"{lay}/{p} l2={l2:g}" for lay, p, l2 in chosen)
-                lines.append(f"| {source} | {budget} | {text} |")
+            lines += study.choices_table(
+                s["chosen"], lambda c: f"{c[0]}/{c[1]} l2={c[2]:g}"
+            )
     return "\n".join(lines) + "\n"
 
 

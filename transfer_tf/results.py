@@ -96,6 +96,13 @@ def records_csv(records, fields) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_table(header, rows) -> list[str]:
+    """The lines of a Markdown table: ``header`` (cell texts) and ``rows`` (lists
+    of cell texts, one per column)."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

@@ -404,6 +404,19 @@ def budget_order(budget) -> float:
     return math.inf if budget == "all" else int(budget)
 
 
+def choices_table(chosen: dict, describe) -> list[str]:
+    """Markdown lines of what validation chose per (source, budget), sorted by
+    source then budget: ``chosen`` maps ``(source, budget)`` to one choice per
+    seed, ``describe`` writes one choice."""
+    rows = [
+        [source, budget, ", ".join(describe(c) for c in choices)]
+        for (source, budget), choices in sorted(
+            chosen.items(), key=lambda kv: (kv[0][0], budget_order(kv[0][1]))
+        )
+    ]
+    return results.markdown_table(["source", "budget", "choices"], rows)
+
+
 def model_differences(recorded: dict, model_config) -> list[str]:
     """``field: recorded -> ours`` where another work directory's ``config.json``
     (``recorded``) built its nets differently from ``model_config``: nets of

@@ -465,49 +465,46 @@ def summary_markdown(summary: dict) -> str:
         "Targets A and B are pooled under the B names (selffer = BnB, transfer = AnB)."
     )
     for split, s in summary.items():
-        layers = s["layers"]
+        columns = [0, *s["layers"]]
         lines += ["", f"## Split: {split}", ""]
-        lines.append(
-            "| treatment | " + " | ".join(f"n={n}" for n in [0, *layers]) + " |"
+        rows = [[t] + [_pm(s["cells"].get((t, n))) for n in columns] for t in ORDER]
+        lines += results.markdown_table(
+            ["treatment"] + [f"n={n}" for n in columns], [r for r in rows if any(r[1:])]
         )
-        lines.append("|---" * (len(layers) + 2) + "|")
-        for t in ORDER:
-            row = [_pm(s["cells"].get((t, n))) for n in [0, *layers]]
-            if any(row):
-                lines.append(f"| {t} | " + " | ".join(row) + " |")
         lines += [
             "",
             "Table 1 (paper): mean accuracy difference over a range of layers.",
             "",
         ]
-        lines.append("| difference | layers 1-7 | layers 3-7 | layers 5-7 |")
-        lines.append("|---|---|---|---|")
+        rows = []
         for name in ("AnB+ - baseB", "AnB+ - BnB+"):
             cells = []
             for lo, hi in RANGES:
                 v = s["table1"].get((name, f"{lo}-{hi}"))
                 cells.append(f"{v['mean']:+.4f} ({v['layers']} layers)" if v else "")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            rows.append([name, *cells])
+        lines += results.markdown_table(
+            ["difference"] + [f"layers {lo}-{hi}" for lo, hi in RANGES], rows
+        )
         if s["reduced"]:
             lines += [
                 "",
                 "Reduced-data control (base nets with k training examples per class):",
                 "",
             ]
-            lines.append("| k per class | test top-1 |")
-            lines.append("|---|---|")
-            lines += [f"| {k} | {_pm(v)} |" for k, v in s["reduced"].items()]
-            lines.append(f"| all | {_pm(s['base'])} |")
+            rows = [[str(k), _pm(v)] for k, v in s["reduced"].items()]
+            rows.append(["all", _pm(s["base"])])
+            lines += results.markdown_table(["k per class", "test top-1"], rows)
     lines += ["", "## Drop relative to the base net (mean / mean(baseB) - 1)", ""]
     all_layers = sorted({n for s in summary.values() for n in s["layers"]})
-    lines.append(
-        "| split | treatment | " + " | ".join(f"n={n}" for n in all_layers) + " |"
+    rows = [
+        [split, t] + [f"{row[n]:+.2%}" if n in row else "" for n in all_layers]
+        for split, s in summary.items()
+        for t, row in s["relative"].items()
+    ]
+    lines += results.markdown_table(
+        ["split", "treatment"] + [f"n={n}" for n in all_layers], rows
     )
-    lines.append("|---" * (len(all_layers) + 2) + "|")
-    for split, s in summary.items():
-        for t, row in s["relative"].items():
-            values = [f"{row[n]:+.2%}" if n in row else "" for n in all_layers]
-            lines.append(f"| {split} | {t} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
