@@ -401,15 +401,17 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
 
 def compile_model(
     model: keras.Model, config: TrainConfig, steps_per_epoch: int, loss=None,
-    metrics=None,
+    metrics=None, optimizer=None,
 ):  # fmt: skip
     """Compiles for training; call again after any change of ``trainable``.
 
     The loss defaults to cross-entropy on logits and the metric to top-1
     ``accuracy`` (a classifier); an autoencoder passes its reconstruction loss.
+    ``optimizer`` replaces the one :func:`make_optimizer` builds from ``config``
+    (per-layer learning rates, say).
     """
     model.compile(
-        optimizer=make_optimizer(config, steps_per_epoch),
+        optimizer=optimizer or make_optimizer(config, steps_per_epoch),
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics or [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=resolve_xla(config.xla),
@@ -442,9 +444,12 @@ class _MetricsLog(keras.callbacks.Callback):
             name = key[4:] if key.startswith("val_") else key
             split = "val" if key.startswith("val_") else "train"
             record[f"{split}/{name}"] = float(value)
-        record["learning_rate"] = float(
-            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        )
+        try:
+            record["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+        except (AttributeError, ValueError, TypeError):
+            pass  # a MultiOptimizer has one learning rate per variable group
         results.append_jsonl(self.path, record)
 
 
@@ -563,7 +568,7 @@ def count_examples(dataset: tf.data.Dataset) -> int:
 
 def train(
     model, train_ds, val_ds, config: TrainConfig, workdir, loss=None, metrics=None,
-    callbacks=(),
+    callbacks=(), optimizer=None,
 ) -> TrainResult:  # fmt: skip
     """Trains ``model`` in place and returns what happened.
 
@@ -579,6 +584,8 @@ def train(
       loss, metrics: override the classifier's cross-entropy and accuracy (an
         autoencoder's ``(images, targets)`` reconstruction loss, say).
       callbacks: further Keras callbacks (after the project's own).
+      optimizer: a Keras optimizer to use instead of the one ``config`` describes
+        (e.g. ``keras.optimizers.MultiOptimizer`` for per-layer learning rates).
 
     Returns:
       A TrainResult. The model holds the weights of the best validation epoch.
@@ -595,7 +602,7 @@ def train(
             f"(cardinality {steps})"
         )
     keras.utils.set_random_seed(config.seed)
-    compile_model(model, config, steps, loss, metrics)
+    compile_model(model, config, steps, loss, metrics, optimizer)
     per_epoch = count_examples(train_ds)
     started = time.time()
     best = _BestWeights(workdir, config.patience, persist=config.backup)
