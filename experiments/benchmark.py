@@ -4,32 +4,37 @@ r"""Measured speed of transfer_tf on this machine, as ratios from one run.
 
 prints, side by side (shared machines are noisy: compare the ratios):
 
-1. ``throughput``: training images/s of the base net (width 0.25, 32x32x3,
-   batch 128) — naive Keras (``fit``, float32, default compile settings) vs
-   transfer_tf's settings (float32, bfloat16 and ``auto``: the measured choice),
-   all timed in the same interleaved rounds, vs an equivalent PyTorch model and
-   loop in float32 and bfloat16 (when ``torch`` is installed: ``pip install
-   '.[bench]'``; skipped otherwise);
-2. ``flops``: achieved training FLOP/s of the base net (transfer_tf and PyTorch)
-   against the measured peak matmul FLOP/s of this machine in the same precision
-   (the best of TensorFlow's and NumPy's matmul);
+1. ``throughput``: training images/s of the base net (32x32x3, batch 128) at
+   each width of ``--widths`` (0.125 and 0.25): naive Keras (TensorFlow's
+   default settings — its oneDNN and thread defaults, float32, default compile,
+   in a process of its own), transfer_tf (this process: the oneDNN state and
+   threads measured on this machine, float32 with and without XLA, ``auto``
+   marking the measured choice for the net) and an equivalent PyTorch model and
+   loop (when ``torch`` is installed: ``pip install '.[bench]'``), all timed in
+   the same interleaved rounds, each keeping its best;
+2. ``flops``: achieved training FLOP/s of those rows against the measured peak
+   float32 matmul FLOP/s of this machine (the best of TensorFlow's and NumPy's);
 3. ``grid``: wall time, accuracy and peak memory (RSS) of the default digits
-   transfer grid on one seed and the layers of ``--grid_layers`` (3 and 7) run
-   tuned (auto settings, activation cache) vs naive (float32, no XLA, no cache),
-   each in its own process;
-4. ``cache``: per-run wall time and accuracy of frozen runs (layers 1..n random
-   and frozen, n = 3, 5, 7, the rest trained for ``--cache_epochs``) with and
-   without the activation cache, same precision, on half B of CIFAR-10
-   (``../shared/data/cifar10``, 1,000 training images per class; digits when it
-   is absent).
+   transfer grid on one seed and the layers of ``--grid_layers`` (3 and 7),
+   tuned (transfer_tf's defaults: measured settings, activation cache) vs naive
+   (TensorFlow's defaults, float32, no XLA, no cache), each in its own process,
+   and whether the treatment means agree within 0.005;
+4. ``cache``: frozen runs (layers 1..n random and frozen, n = 3, 5, 7, the rest
+   trained for ``--cache_epochs``) with and without the activation cache on half
+   B of CIFAR-10 (``../shared/data/cifar10``, 1,000 training images per class;
+   digits when it is absent), against their FLOP bound: the speed-up that
+   removing the frozen layers' forward passes allows, counted from the layers'
+   FLOPs (the cached run still computes the prefix once per image).
 
-About 10 minutes on the 2-core CPU of this project's machines; BUILD.md records
+About 12 minutes on the 2-core CPU of this project's machines; BUILD.md records
 the output. ``--sections`` picks a subset; ``--output`` writes the numbers as JSON.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
@@ -42,42 +47,57 @@ import tensorflow as tf
 from absl import app, flags
 
 import common
-from transfer_tf import data, models, results, training
+from transfer_tf import data, models, onednn, precision, results, training
 
 FLAGS = flags.FLAGS
 ROOT = common.ROOT
 SECTIONS = ("throughput", "flops", "grid", "cache")
 flags.DEFINE_list("sections", list(SECTIONS), f"Parts to run, of {list(SECTIONS)}.")
-flags.DEFINE_integer("steps", 30, "Timed training steps per throughput setting.")
+flags.DEFINE_integer("steps", 30, "Timed training steps per throughput round.")
+flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds of the throughput.")
 flags.DEFINE_list(
-    "grid_layers", ["3", "7"],
+    "widths", ["0.125", "0.25"], "Base-net widths of the throughput section."
+)
+flags.DEFINE_list(
+    "grid_layers",
+    ["3", "7"],
     "Cut layers of the grid section (the default digits grid at these layers).",
-)  # fmt: skip
+)
 flags.DEFINE_string(
     "output", None, "Also write the measured numbers to this JSON file."
 )
 flags.DEFINE_string(
-    "cache_dataset", None,
+    "cache_dataset",
+    None,
     "Dataset of the cache section (default: ../shared/data/cifar10 if present, "
     "else digits).",
-)  # fmt: skip
+)
 flags.DEFINE_integer("cache_epochs", 4, "Epochs of each run of the cache section.")
 flags.DEFINE_integer(
     "cache_per_class", 1000, "Training images per class in the cache section."
 )
+flags.DEFINE_float("cache_width", 0.25, "Base-net width of the cache section.")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
+flags.DEFINE_bool("naive_child", False, "Internal: be the naive-Keras timing process.")
 
 SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
+NAIVE_ENV_DROP = (onednn.ONEDNN_ENV, onednn.INTRA_ENV, onednn.INTER_ENV)
+
+
+def naive_env() -> dict:
+    """TensorFlow's defaults: no oneDNN or thread setting, no measurement."""
+    env = {k: v for k, v in os.environ.items() if k not in NAIVE_ENV_DROP}
+    env[precision.AUTO_MODE_ENV] = "rule"  # rule = TensorFlow's oneDNN default
+    return env
+
+
+def widths() -> list[float]:
+    return [float(w) for w in FLAGS.widths]
 
 
 # --------------------------------------------------------------------- throughput
-
-
-def _batches(batch_size):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch_size * 8, *SHAPE), dtype=np.uint8)
-    y = rng.integers(0, NUM_CLASSES, batch_size * 8)
-    return x, y
 
 
 def naive_compile(model):
@@ -90,217 +110,294 @@ def naive_compile(model):
     )
 
 
-def torch_throughput(width, batch_size, steps, precision, reference=0.0) -> dict | None:
-    """images/s of the same net in PyTorch (best of NCHW and channels-last).
+def naive_child_main():
+    """The naive-Keras process: builds its nets, then times one round per
+    ``round`` line on stdin (so the parent interleaves it with its own)."""
+    nets = {
+        w: precision.TimedNet(
+            "float32", "off", FLAGS.batch_size, SHAPE, w, compile=naive_compile
+        )
+        for w in widths()
+    }
+    print(json.dumps({"onednn": precision.onednn_enabled()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        rates = {str(w): net.run(FLAGS.steps) for w, net in nets.items()}
+        print(json.dumps(rates), flush=True)
 
-    Like the Keras settings, a layout first runs a short screening; one below
-    half of ``reference`` (images/s) is not timed in full (emulated bfloat16 on a
-    CPU without bf16 instructions would take minutes)."""
-    try:
+
+class NaiveKeras:
+    """The naive-Keras timing process, driven one round at a time."""
+
+    def __init__(self):
+        args = [
+            sys.executable,
+            str(ROOT / "experiments" / "benchmark.py"),
+            "--naive_child",
+            f"--widths={','.join(FLAGS.widths)}",
+            f"--steps={FLAGS.steps}",
+            f"--batch_size={FLAGS.batch_size}",
+        ]
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=naive_env(),
+        )
+        self.onednn = self._read()["onednn"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the naive-Keras timing process died")
+        return json.loads(line)
+
+    def round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return {float(w): rate for w, rate in self._read().items()}
+
+    def close(self):
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class TorchNet:
+    """The base net in PyTorch (NCHW or channels-last), float32, SGD with
+    momentum, timed like :class:`precision.TimedNet`."""
+
+    def __init__(self, width, batch_size, layout):
         import torch
         from torch import nn
+
+        filters = [max(1, round(f * width)) for f in models.ALEXNET_FILTERS]
+        units = max(1, round(models.ALEXNET_UNITS * width))
+        chans, blocks = SHAPE[2], []
+        for i, f in enumerate(filters):
+            k = 5 if i < 2 else 3
+            blocks += [nn.Conv2d(chans, f, k, padding=k // 2), nn.ReLU()]
+            if i in (0, 1, 4):  # AlexNet's pools, Keras "same" padding
+                blocks.append(nn.MaxPool2d(3, 2, padding=1))
+            chans = f
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            *blocks,
+            nn.Flatten(),
+            nn.Linear(chans * 4 * 4, units),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(units, units),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(units, NUM_CLASSES),
+        )
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (batch_size * 8, *SHAPE), dtype=np.uint8)
+        self.images = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch_size * 8))
+        if layout == "channels_last":
+            self.net = self.net.to(memory_format=torch.channels_last)
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
+        self.loss = nn.CrossEntropyLoss()
+        self.batch_size = batch_size
+        self.run(2)  # warm up
+
+    def run(self, steps) -> float:
+        started = time.perf_counter()
+        for i in range(steps):
+            start = (i % 8) * self.batch_size
+            batch = self.images[start : start + self.batch_size].float() / 255.0
+            labels = self.labels[start : start + self.batch_size]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss(self.net(batch), labels).backward()
+            self.optimizer.step()
+        return steps * self.batch_size / (time.perf_counter() - started)
+
+
+def torch_version() -> str | None:
+    try:
+        import torch
     except ImportError:
         return None
-    filters = [max(1, round(f * width)) for f in models.ALEXNET_FILTERS]
-    units = max(1, round(models.ALEXNET_UNITS * width))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            chans, blocks = SHAPE[2], []
-            for i, f in enumerate(filters):
-                k = 5 if i < 2 else 3
-                blocks += [nn.Conv2d(chans, f, k, padding=k // 2), nn.ReLU()]
-                if i in (0, 1, 4):  # AlexNet's pools, Keras "same" padding
-                    blocks.append(nn.MaxPool2d(3, 2, padding=1))
-                chans = f
-            self.features = nn.Sequential(*blocks)
-            self.classifier = nn.Sequential(
-                nn.Flatten(), nn.Linear(chans * 4 * 4, units), nn.ReLU(),
-                nn.Dropout(0.5), nn.Linear(units, units), nn.ReLU(), nn.Dropout(0.5),
-                nn.Linear(units, NUM_CLASSES),
-            )  # fmt: skip
-
-        def forward(self, images):
-            return self.classifier(self.features(images.float() / 255.0))
-
-    torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    x, y = _batches(batch_size)
-    xs = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    ys = torch.from_numpy(y)
-    rates = {}
-    for layout in ("nchw", "channels_last"):
-        net = Net()
-        images = xs
-        if layout == "channels_last":
-            net = net.to(memory_format=torch.channels_last)
-            images = xs.contiguous(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        loss_fn = nn.CrossEntropyLoss()
-
-        def step(i, net=net, images=images, optimizer=optimizer, loss_fn=loss_fn):
-            start = (i % 8) * batch_size
-            batch, labels = (
-                images[start : start + batch_size],
-                ys[start : start + batch_size],
-            )
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(
-                "cpu", dtype=torch.bfloat16, enabled=precision != "float32"
-            ):
-                loss = loss_fn(net(batch), labels)
-            loss.backward()
-            optimizer.step()
-
-        def timed(count):
-            started = time.perf_counter()
-            for i in range(count):
-                step(i)
-            return count * batch_size / (time.perf_counter() - started)
-
-        timed(2)  # warm up
-        rates[layout] = timed(max(2, steps // 4))
-        if rates[layout] >= 0.5 * reference:
-            rates[layout] = max(rates[layout], timed(steps))
-    best = max(rates, key=rates.get)
-    return {
-        "images_per_second": rates[best],
-        "layout": best,
-        "version": torch.__version__,
-    }
+    return torch.__version__
 
 
 def throughput_section(report):
-    width, batch, steps = FLAGS.width, FLAGS.batch_size, FLAGS.steps
-    auto = training.auto_settings()
-    tuned_setting = f"{auto['precision']}:{auto['xla']}"
-    settings = sorted({"float32:off", "mixed_bfloat16:off", tuned_setting})
-    naive_name = "naive Keras (float32, default compile)"
-    # Every Keras variant in the same interleaved rounds, so that load from other
-    # processes hits them alike, and every round times all of them (keep_within=0).
-    probes = {
-        naive_name: training.ThroughputProbe(
-            "float32", "off", batch, SHAPE, width, compile=naive_compile
-        )
-    }
-    names = {
-        setting: f"transfer_tf {setting}"
-        + (" (auto)" if setting == tuned_setting else "")
-        for setting in settings
-    }
-    for setting, name in names.items():
-        precision, xla = setting.split(":")
-        probes[name] = training.ThroughputProbe(precision, xla, batch, SHAPE, width)
-    rows = training.time_interleaved(probes, steps, rounds=3, keep_within=0.0)
-    naive = rows[naive_name]
-    ours = {setting: rows[name] for setting, name in names.items()}
-    torch_rows = {}
-    for precision in ("float32", "mixed_bfloat16"):
-        measured = torch_throughput(width, batch, steps, precision, max(ours.values()))
-        if measured:
-            name = f"PyTorch {measured['version']} {precision} ({measured['layout']})"
-            rows[name] = torch_rows[precision] = measured["images_per_second"]
-    print(f"\n[throughput] base net width {width}, input {SHAPE}, batch {batch}")
-    for name, rate in rows.items():
-        print(f"  {name:52s} {rate:8.0f} images/s   x{rate / naive:.2f} vs naive Keras")
-    if not torch_rows:
-        print("  PyTorch: not installed (pip install '.[bench]'), comparison skipped")
-    for precision, rate in torch_rows.items():
-        print(
-            f"  transfer_tf / PyTorch in {precision}: "
-            f"x{ours[f'{precision}:off'] / rate:.2f}"
-        )
-    report["throughput"] = {
-        "rows": rows, "ours": ours, "torch": torch_rows, "auto": auto,
-    }  # fmt: skip
+    batch, steps = FLAGS.batch_size, FLAGS.steps
+    naive = NaiveKeras()
+    ours, auto = {}, {}
+    for w in widths():
+        signature = precision.Signature(input_shape=SHAPE, width=w, batch_size=batch)
+        auto[w] = precision.settings_for(signature, precision.TYPICAL_RUN_STEPS)
+        for p in precision.candidate_precisions():
+            for xla in ("off", "on"):
+                ours[(w, f"{p}:{xla}")] = precision.TimedNet(
+                    p, xla, signature=signature
+                )
+    version = torch_version()
+    torch_nets = {}
+    if version:
+        for w in widths():
+            for layout in ("nchw", "channels_last"):
+                torch_nets[(w, layout)] = TorchNet(w, batch, layout)
+    # Every row in the same interleaved rounds, so that load from other processes
+    # hits them alike; each keeps its best round.
+    best = collections.defaultdict(float)
+    for _ in range(FLAGS.rounds):
+        for w, rate in naive.round().items():
+            best[("naive", w)] = max(best[("naive", w)], rate)
+        for (w, setting), net in ours.items():
+            best[(w, setting)] = max(best[(w, setting)], net.run(steps))
+        for (w, layout), net in torch_nets.items():
+            best[(w, layout)] = max(best[(w, layout)], net.run(steps))
+    naive.close()
+    naive_state = "on" if naive.onednn else "off"
+    print(
+        f"\n[throughput] base net, input {SHAPE}, batch {batch}, images/s (best of "
+        f"{FLAGS.rounds} interleaved rounds of {steps} steps)"
+    )
+    out = {}
+    for w in widths():
+        tuned = f"{auto[w]['precision']}:{auto[w]['xla']}"
+        rows = {
+            f"naive Keras (TF defaults: oneDNN {naive_state}, float32, no XLA)": best[
+                ("naive", w)
+            ]
+        }
+        for (width, setting), _ in ours.items():
+            if width == w:
+                mark = " (auto)" if setting == tuned else ""
+                rows[f"transfer_tf {setting}{mark}"] = best[(w, setting)]
+        layouts = {k[1]: best[k] for k in torch_nets if k[0] == w}
+        if layouts:
+            layout = max(layouts, key=layouts.get)
+            rows[f"PyTorch {version} float32 ({layout})"] = layouts[layout]
+        naive_rate = best[("naive", w)]
+        print(f"  width {w:g}:")
+        for name, rate in rows.items():
+            print(f"    {name:58s} {rate:7.0f}   x{rate / naive_rate:.2f} vs naive")
+        summary = {
+            "rows": rows,
+            "naive": naive_rate,
+            "auto": {
+                k: auto[w].get(k) for k in ("precision", "xla", "source", "run_steps")
+            },
+            "auto_rate": best[(w, tuned)],
+            "float32_off": best[(w, "float32:off")],
+            "torch": max(layouts.values()) if layouts else None,
+        }
+        if summary["torch"]:
+            print(
+                f"    transfer_tf (auto) / PyTorch: "
+                f"x{summary['auto_rate'] / summary['torch']:.2f}   "
+                f"transfer_tf (auto) / naive Keras: "
+                f"x{summary['auto_rate'] / naive_rate:.2f}"
+            )
+        else:
+            print("    PyTorch: not installed (pip install '.[bench]'), skipped")
+        out[str(w)] = summary
+    report["throughput"] = out
 
 
 # -------------------------------------------------------------------------- flops
 
 
-def training_flops_per_image(model) -> float:
-    """Multiply-adds x2 of one forward pass, x3 for forward + both backward products."""
-    total = 0.0
+def forward_flops(model) -> dict[str, float]:
+    """Forward FLOPs per image of each Conv2D / Dense layer (2 x multiply-adds)."""
+    out = {}
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2D):
             _, h, w, c_out = layer.output.shape
             k_h, k_w = layer.kernel_size
-            total += 2 * h * w * c_out * k_h * k_w * layer.input.shape[-1]
+            out[layer.name] = 2 * h * w * c_out * k_h * k_w * layer.input.shape[-1]
         elif isinstance(layer, keras.layers.Dense):
-            total += 2 * layer.input.shape[-1] * layer.units
-    return 3 * total
+            out[layer.name] = 2 * layer.input.shape[-1] * layer.units
+    return out
 
 
-def matmul_peak(dtype, size=2048, repeats=10) -> float:
+def training_flops_per_image(model) -> float:
+    """Multiply-adds x2 of one forward pass, x3 for forward + both backward products."""
+    return 3 * sum(forward_flops(model).values())
+
+
+def matmul_peak(dtype=tf.float32, size=2048, repeats=10) -> dict:
     """Best measured FLOP/s of a square matmul in ``dtype``: TensorFlow's, and in
-    float32 also NumPy's (OpenBLAS), whichever is faster."""
+    float32 also NumPy's (OpenBLAS)."""
     a = tf.cast(tf.random.normal((size, size), dtype=tf.float32), dtype)
     matmul = tf.function(lambda m: tf.matmul(m, m))
-    candidates = [lambda: matmul(a).numpy()]
+    candidates = {"tensorflow": lambda: matmul(a).numpy()}
     if dtype == tf.float32:
         m = np.asarray(a)
-        candidates.append(lambda: m @ m)
-    best = 0.0
-    for run in candidates:
+        candidates["numpy"] = lambda: m @ m
+    best = {}
+    for name, run in candidates.items():
         run()
+        best[name] = 0.0
         for _ in range(repeats):
             started = time.perf_counter()
             run()
-            best = max(best, 2 * size**3 / (time.perf_counter() - started))
+            best[name] = max(best[name], 2 * size**3 / (time.perf_counter() - started))
     return best
 
 
 def flops_section(report):
-    model = models.build_base_net(SHAPE, NUM_CLASSES, width=FLAGS.width)
-    per_image = training_flops_per_image(model)
-    measured = report.get("throughput")
-    if measured is None:
-        ours = training.measure_throughput(
-            ["float32:off", "mixed_bfloat16:off"], FLAGS.steps, rounds=2,
-            batch_size=FLAGS.batch_size, width=FLAGS.width,
-        )  # fmt: skip
-        torch_rates = {}
-    else:  # the rates just measured
-        ours, torch_rates = measured["ours"], measured["torch"]
-    print(f"\n[flops] base net: {per_image / 1e6:.1f} MFLOP per training image")
-    out = {}
-    for precision, dtype in (("float32", tf.float32), ("mixed_bfloat16", tf.bfloat16)):
-        peak = matmul_peak(dtype)
-        out[precision] = {"peak_matmul": peak}
-        for who, rate in (
-            ("transfer_tf", ours.get(f"{precision}:off")),
-            ("PyTorch", torch_rates.get(precision)),
-        ):
-            if rate is None:
-                continue
+    if "throughput" not in report:
+        throughput_section(report)
+    peaks = matmul_peak()
+    peak = max(peaks.values())
+    shown = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
+    print(f"\n[flops] float32 matmul peak {peak / 1e9:.1f} GFLOP/s ({shown})")
+    out = {"peak_matmul": peak, "peaks": peaks}
+    for w in widths():
+        per_image = training_flops_per_image(
+            models.build_base_net(SHAPE, NUM_CLASSES, width=w)
+        )
+        t = report["throughput"][str(w)]
+        rows = {"naive Keras": t["naive"], "transfer_tf (auto)": t["auto_rate"]}
+        if t["torch"]:
+            rows["PyTorch"] = t["torch"]
+        print(f"  width {w:g}: {per_image / 1e6:.1f} MFLOP per training image")
+        out[str(w)] = {"per_image": per_image}
+        for who, rate in rows.items():
             achieved = rate * per_image
-            out[precision][who] = achieved
+            out[str(w)][who] = achieved
             print(
-                f"  {precision:15s} {who:12s} achieved {achieved / 1e9:7.1f} GFLOP/s "
-                f"of a measured {peak / 1e9:7.1f} GFLOP/s matmul peak = "
-                f"{achieved / peak:.0%}"
+                f"    {who:20s} {achieved / 1e9:7.1f} GFLOP/s = {achieved / peak:4.0%} "
+                "of the matmul peak"
             )
-    report["flops"] = {"per_image": per_image, **out}
+    report["flops"] = out
 
 
 # --------------------------------------------------------------------------- grid
 
 
-def run_grid(workdir, extra) -> dict:
+def run_grid(workdir, extra, env) -> dict:
     """Runs the transfer grid in a child process; wall time and its peak RSS."""
     args = [
-        sys.executable, str(ROOT / "experiments" / "transferability.py"),
-        "--preset=digits", "--seeds=0", f"--layers={','.join(FLAGS.grid_layers)}",
-        f"--workdir={workdir}", "--overwrite", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "experiments" / "transferability.py"),
+        "--preset=digits",
+        "--seeds=0",
+        f"--layers={','.join(FLAGS.grid_layers)}",
+        f"--workdir={workdir}",
+        "--overwrite",
+        *extra,
+    ]
     started = time.time()
-    proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - started
-    stderr = proc.stderr.read()
+    with open(pathlib.Path(str(workdir) + ".log"), "w+") as log_file:
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=log_file, text=True, env=env
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.time() - started
+        log_file.seek(0)
+        stderr = log_file.read()
     if status != 0:
         raise RuntimeError(f"grid {extra} failed:\n{stderr[-3000:]}")
     records = results.read_jsonl(pathlib.Path(workdir) / "results.jsonl")
@@ -308,119 +405,194 @@ def run_grid(workdir, extra) -> dict:
         "wall_time": wall,
         "max_rss_mib": usage.ru_maxrss / 1024,
         "records": records,
+        "onednn": sorted({r.get("onednn") for r in records}, key=str),
+        "settings": sorted({f"{r['precision']}:{r['xla']}" for r in records}),
     }
 
 
 def grid_section(report, workdir):
-    tuned = run_grid(workdir / "grid_tuned", [])
+    tuned = run_grid(workdir / "grid_tuned", [], dict(os.environ))
     naive = run_grid(
         workdir / "grid_naive",
         ["--precision=float32", "--xla=off", "--noactivation_cache"],
+        naive_env(),
     )
     runs = len(tuned["records"])
     print(
         f"\n[grid] digits preset, seed 0, layers {','.join(FLAGS.grid_layers)}: "
-        f"{runs} runs"
+        f"{runs} runs, each in its own process"
     )
     for name, g in (
-        ("tuned (auto, cache)", tuned),
-        ("naive (float32, no cache)", naive),
+        ("tuned (transfer_tf defaults)", tuned),
+        ("naive (TF defaults, float32, no cache)", naive),
     ):
         print(
-            f"  {name:28s} {g['wall_time']:7.1f} s   "
-            f"peak RSS {g['max_rss_mib']:6.0f} MiB"
+            f"  {name:40s} {g['wall_time']:7.1f} s   peak RSS "
+            f"{g['max_rss_mib']:6.0f} MiB   oneDNN {g['onednn']}, {g['settings']}"
         )
-    print(f"  speed-up x{naive['wall_time'] / tuned['wall_time']:.2f}")
+    speedup = naive["wall_time"] / tuned["wall_time"]
     by_treatment = {}
     for name, g in (("tuned", tuned), ("naive", naive)):
         for r in g["records"]:
             by_treatment.setdefault(r["treatment"], {}).setdefault(name, []).append(
                 r["test_accuracy"]
             )
+    means = {
+        t: {k: float(np.mean(v)) for k, v in a.items()} for t, a in by_treatment.items()
+    }
+    worst = max(abs(m["tuned"] - m["naive"]) for m in means.values())
+    print(
+        f"  speed-up x{speedup:.2f}; treatment means differ by at most {worst:.4f} "
+        f"({'within' if worst <= 0.005 else 'NOT within'} 0.005)"
+    )
     print("  mean test top-1 per treatment (tuned / naive):")
-    for treatment, acc in sorted(by_treatment.items()):
-        t, n = np.mean(acc["tuned"]), np.mean(acc["naive"])
-        print(f"    {treatment:7s} {t:.4f} / {n:.4f}  (diff {t - n:+.4f})")
+    for treatment, m in sorted(means.items()):
+        print(
+            f"    {treatment:7s} {m['tuned']:.4f} / {m['naive']:.4f}  "
+            f"(diff {m['tuned'] - m['naive']:+.4f})"
+        )
     report["grid"] = {
         "runs": runs,
         "tuned": {k: v for k, v in tuned.items() if k != "records"},
         "naive": {k: v for k, v in naive.items() if k != "records"},
-        "accuracy": {
-            t: {k: float(np.mean(v)) for k, v in a.items()}
-            for t, a in by_treatment.items()
-        },
+        "speedup": speedup,
+        "max_mean_difference": worst,
+        "accuracy": means,
     }
 
 
 # -------------------------------------------------------------------------- cache
 
 
+def cache_flop_bound(model, n, cut, epochs, sizes) -> float:
+    """Uncached / cached training FLOPs of a run that trains layers above ``n``
+    with the cache holding layer ``cut``'s output (``cut`` <= ``n``).
+
+    Per training image, the uncached path runs every layer forward, the cached
+    one only layers above the cut; both run the same backward pass: weight
+    gradients of layers n+1..8 and input gradients of layers n+2..8. Each
+    epoch evaluates the validation split and the run the test split once; the
+    cached run first computes layers 1..cut once per image of every split.
+    ``sizes`` is ``(train, validation, test)`` images."""
+    flops = forward_flops(model)
+    index = {name: models.layer_index(name) for name in flops}
+    every = sum(flops.values())
+    above = sum(f for k, f in flops.items() if index[k] > cut)
+    below = every - above
+    backward = sum(f for k, f in flops.items() if index[k] > n)
+    backward += sum(f for k, f in flops.items() if index[k] > n + 1)
+    train, validation, test = sizes
+    uncached = epochs * (train * (every + backward) + validation * every)
+    uncached += test * every
+    cached = (train + validation + test) * below
+    cached += epochs * (train * (above + backward) + validation * above)
+    cached += test * above
+    return uncached / cached
+
+
 def cache_section(report, workdir):
     spec = FLAGS.cache_dataset
     if spec is None:
-        spec = common.CIFAR10_SPEC if common.SHARED_CIFAR10.is_dir() else "digits"
+        spec = data.cifar10_spec()
+        spec = spec if spec.startswith("folder:") else "digits"
     config = data.DataConfig(
-        dataset=spec, batch_size=FLAGS.batch_size,
+        dataset=spec,
+        batch_size=FLAGS.batch_size,
         train_per_class=FLAGS.cache_per_class,
-    )  # fmt: skip
+    )
     source = data.load_source(config)
     halves = data.split_classes(source.class_names, "random", 0)
     task = data.make_task(source, halves.b, config)
-    train_config = common.train_config(
-        seed=0, verbose=0, tensorboard=False, backup=False, patience=0,
+    width = FLAGS.cache_width
+    train_config = training.TrainConfig(
+        seed=0,
+        verbose=0,
+        tensorboard=False,
+        backup=False,
+        patience=0,
         epochs=FLAGS.cache_epochs,
-    )  # fmt: skip
-    dtype = training.resolve_precision(train_config.precision)
-    template = models.build_base_net(
-        task.image_shape, task.num_classes, width=FLAGS.width
+        precision="float32",
+        xla="off",
     )
+    template = models.build_base_net(task.image_shape, task.num_classes, width=width)
+    sizes = tuple(len(task.arrays(s)[1]) for s in ("train", "validation", "test"))
     print(
         f"\n[cache] frozen runs (layers 1..n random and frozen, the rest trained) on "
-        f"{task.summary()}, {FLAGS.cache_epochs} epochs, {dtype}: cached vs uncached"
+        f"{task.summary()}, width {width:g}, {FLAGS.cache_epochs} epochs, float32: "
+        "cached vs uncached, against the FLOP bound"
     )
     rows = {}
     for n in (3, 5, 7):
         timing = {}
         for cached in (True, False):
-            net = models.random_frozen_net(template, n, task.num_classes, 0, dtype)
+            net = models.random_frozen_net(template, n, task.num_classes, 0, "float32")
             cfg = dataclasses.replace(train_config, activation_cache=cached)
             started = time.time()
             out = training.train_task(
                 net, task, cfg, workdir / f"cache_n{n}_{cached}", config.batch_size
             )
-            timing[cached] = (time.time() - started, out.test_accuracy)
-        (tc, ac), (tu, au) = timing[True], timing[False]
+            timing[cached] = (time.time() - started, out.test_accuracy, out)
+        (tc, ac, out), (tu, au, _) = timing[True], timing[False]
+        bound = cache_flop_bound(
+            template, n, out.cached_layers, FLAGS.cache_epochs, sizes
+        )
+        speedup = tu / tc
         rows[n] = {
             "cached_s": tc,
             "uncached_s": tu,
             "cached_acc": ac,
             "uncached_acc": au,
+            "cache_seconds": out.cache_seconds,
+            "speedup": speedup,
+            "flop_bound": bound,
+            "of_bound": speedup / bound,
         }
         print(
-            f"  n={n}: cached {tc:6.1f} s (top-1 {ac:.4f})   uncached {tu:6.1f} s "
-            f"(top-1 {au:.4f})   x{tu / tc:.2f}"
+            f"  n={n}: cached {tc:6.1f} s (top-1 {ac:.4f}; prefix "
+            f"{out.cache_seconds:4.1f} s)   uncached {tu:6.1f} s (top-1 {au:.4f})"
+            f"   x{speedup:.2f} of a FLOP bound x{bound:.2f} = {speedup / bound:.0%}"
         )
-    report["cache"] = {"dataset": spec, "epochs": FLAGS.cache_epochs, "runs": rows}
+    report["cache"] = {
+        "dataset": spec,
+        "epochs": FLAGS.cache_epochs,
+        "sizes": sizes,
+        "runs": rows,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def header() -> str:
+    hw = precision.hardware()
+    rt = precision.runtime()
+    return (
+        f"machine: {hw['cpu']}, {os.cpu_count()} cores, gpu={hw['gpu']}, "
+        f"cpu_bf16={hw['cpu_bf16']}; TensorFlow {tf.__version__}, Keras "
+        f"{keras.__version__}\ntransfer_tf runtime: oneDNN "
+        f"{'on' if rt['onednn'] else 'off'} ({rt['onednn_source']}), threads "
+        f"intra-op {rt['intra_op_threads'] or 'default'} / inter-op "
+        f"{rt['inter_op_threads'] or 'default'}; measured settings in "
+        f"{precision.auto_file()}"
+    )
 
 
 def main(argv):
     del argv
+    if FLAGS.naive_child:
+        return naive_child_main()
     common.setup_logging()
-    common.apply_preset(
-        {"width": 0.25, "epochs": 12, "patience": 3, "learning_rate": 0.02}
-    )
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     if unknown:
         sys.exit(f"error: unknown sections {unknown}; choose from {list(SECTIONS)}")
     workdir = pathlib.Path(FLAGS.workdir or "/tmp/transfer_tf_benchmark")
     workdir.mkdir(parents=True, exist_ok=True)
-    hw = training.hardware()
-    print(
-        f"machine: {hw['cpu']}, {os.cpu_count()} cores, gpu={hw['gpu']}, "
-        f"cpu_bf16={hw['cpu_bf16']}; TensorFlow {tf.__version__}, "
-        f"Keras {keras.__version__}"
-    )
-    report = {"machine": training.machine_key(), "date": time.strftime("%Y-%m-%d")}
+    print(header())
+    report = {
+        "machine": precision.machine_key(),
+        "runtime": precision.runtime(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     started = time.time()
     for section in SECTIONS:
         if section in FLAGS.sections:

@@ -1,204 +1,210 @@
-"""Flags shared by every experiment script, and their conversion to configs.
+"""What every experiment script shares: flags bound to configuration fields,
+presets, logging and the ``main`` of a study script.
 
-Every script accepts the same data, model and training flags, spelled like the
-config fields they fill (``--learning_rate`` sets ``TrainConfig.learning_rate``).
-Library code never reads flags; scripts call :func:`data_config`,
-:func:`model_config` and :func:`train_config` once at start-up.
+A script's flags are generated from its configuration dataclass: one flag per
+field, its default the field's default (so the flags' defaults *are* the library's
+defaults), its help the field's documentation (the ``Attributes:`` section of the
+dataclass docstring), enum choices from the validation constants. ``--preset``
+picks a library preset (``studies.<name>.STUDY.preset(...)``); every flag given
+on the command line overrides its field, every other field keeps the preset's
+value. Library code never reads flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
+import os
 import pathlib
+import re
 import sys
 
-from absl import flags
-from absl import logging as absl_logging
+# Before TensorFlow is first imported: keep its warnings and errors, drop its INFO
+# start-up chatter (set TF_CPP_MIN_LOG_LEVEL=0 to see everything).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from transfer_tf import data, models, results, training
+from absl import flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from transfer_tf import data, models, results, training  # noqa: E402
+from transfer_tf.studies import config as config_lib  # noqa: E402
+from transfer_tf.studies import runner  # noqa: E402
 
 FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The image-folder copy of CIFAR-10 that development machines and CI share.
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
-# The cifar10 presets read it where present, else TFDS' CIFAR-10 (with --download).
-CIFAR10_SPEC = f"folder:{SHARED_CIFAR10}" if SHARED_CIFAR10.is_dir() else "tfds:cifar10"
+log = logging.getLogger("transfer_tf.experiments")
 
-# ----------------------------------------------------------------------- data flags
-flags.DEFINE_string(
-    "dataset", "digits",
-    "Dataset spec: digits (embedded MNIST, default), uci_digits, folder:PATH "
-    "(PATH/{train,test}/<class>/*.jpg), tfds:NAME, npz:PATH.",
-)  # fmt: skip
-flags.DEFINE_enum(
-    "class_split", "random", list(data.CLASS_SPLITS),
-    "How classes are divided into halves A and B: random (seeded), man_made "
-    "(A = man-made, B = natural; CIFAR-10/100 built in, else give --classes_a), "
-    "explicit (--classes_a / --classes_b).",
-)  # fmt: skip
-flags.DEFINE_integer("split_seed", 0, "Seed of the random class split.")
-flags.DEFINE_list(
-    "classes_a", [],
-    "Classes of half A: names or indices, or @FILE (one per line or comma separated).",
-)  # fmt: skip
-flags.DEFINE_list("classes_b", [], "Classes of half B (default: every class not in A).")
-flags.DEFINE_integer(
-    "train_per_class", None, "Keep at most this many training examples per class."
-)
-flags.DEFINE_integer("subset_seed", 0, "Seed choosing the --train_per_class examples.")
-flags.DEFINE_float(
-    "validation_fraction", 0.1,
-    "Fraction of each class's training examples held out for validation "
-    "(early stopping and model selection; the test split is never used for that).",
-)  # fmt: skip
-flags.DEFINE_list("image_size", [], "Resize images to HEIGHT,WIDTH (default: native).")
-flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
-flags.DEFINE_enum(
-    "augment", "none", list(data.AUGMENTATIONS),
-    "Training augmentation: none, crop (random crop after padding), crop_flip "
-    "(plus horizontal flip; not for digits).",
-)  # fmt: skip
-flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS' own).")
-flags.DEFINE_bool("download", False, "Allow TFDS to download a missing dataset.")
-flags.DEFINE_string(
-    "label_key", "label", "TFDS label feature (coarse_label: CIFAR-100 superclasses)."
-)
-flags.DEFINE_float(
-    "memory_budget_gb", 8.0, "Decoded images must fit in this many GiB of memory."
-)
-
-# ---------------------------------------------------------------------- model flags
-flags.DEFINE_float(
-    "width", 0.25,
-    "Multiplier of AlexNet's layer widths (1.0 = 96..384 filters, 4096-unit fc6/fc7).",
-)  # fmt: skip
-flags.DEFINE_bool("batch_norm", False, "Batch normalisation after each weight layer.")
-flags.DEFINE_float("dropout", 0.5, "Dropout rate after fc6 and fc7.")
-flags.DEFINE_enum(
-    "stem", "auto", list(models.STEMS),
-    "conv1 shape: imagenet (11x11 stride 4), small (5x5 stride 1), auto (imagenet "
-    "from 128 px up).",
-)  # fmt: skip
-
-# ------------------------------------------------------------------- training flags
-flags.DEFINE_integer("epochs", 30, "Maximum training epochs per net.")
-flags.DEFINE_enum(
-    "optimizer", "sgd", list(training.OPTIMIZERS), "sgd (momentum) or adam."
-)
-flags.DEFINE_float("learning_rate", 0.02, "Initial learning rate.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Decoupled weight decay of kernels (0: off).")
-flags.DEFINE_enum(
-    "schedule", "cosine", list(training.SCHEDULES),
-    "Learning-rate schedule: constant, cosine (to 0 over --epochs), step (x0.1 at "
-    "50% and 75% of --epochs).",
-)  # fmt: skip
-flags.DEFINE_integer(
-    "patience", 5,
-    "Stop after this many epochs without a lower validation loss (0: never); the "
-    "best validation epoch's weights are kept.",
-)  # fmt: skip
-flags.DEFINE_enum(
-    "precision", "auto", list(training.PRECISIONS),
-    "Compute precision; auto = the fastest on this machine, measured once and kept "
-    "in ~/.cache/transfer_tf/auto_settings.json (BUILD.md).",
-)  # fmt: skip
-flags.DEFINE_enum(
-    "xla", "auto", list(training.XLA_CHOICES),
-    "XLA compilation; auto = whichever is faster on this machine, measured with "
-    "--precision (XLA usually wins on GPUs and loses on CPUs).",
-)  # fmt: skip
-flags.DEFINE_integer("seed", 0, "Seed of initialisation, dropout and shuffling.")
-flags.DEFINE_bool("tensorboard", True, "Write TensorBoard events.")
-flags.DEFINE_bool(
-    "activation_cache", True,
-    "Train only the layers above a frozen prefix on its activations, computed once "
-    "(exact; used automatically when layers 1..n are frozen and --augment=none).",
-)  # fmt: skip
-flags.DEFINE_float(
-    "cache_memory_gb", 2.0, "Memory budget of cached activations (beyond: on disk)."
-)
-
-# ------------------------------------------------------------------------ run flags
-flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
-flags.DEFINE_bool(
-    "overwrite", False,
-    "Delete the work directory's earlier results when its configuration differs "
-    "(without it, such a rerun is refused).",
-)  # fmt: skip
+# Choices of enum-like fields, by field name (validated again by the configs).
+CHOICES = {
+    "split": data.SPLITS,
+    "class_split": data.CLASS_SPLITS,
+    "augment": data.AUGMENTATIONS,
+    "stem": models.STEMS,
+    "optimizer": training.OPTIMIZERS,
+    "schedule": training.SCHEDULES,
+    "precision": training.PRECISIONS,
+    "xla": training.XLA_CHOICES,
+}
+# Fields that are never flags: set by the runner per run, or internal.
+NEVER = {
+    "training.verbose",
+    "training.backup",
+    "pretraining.verbose",
+    "pretraining.backup",
+    "data.split",
+}
+# Sections whose fields are flags under their own names; others get a prefix.
+PLAIN_SECTIONS = ("data", "model", "training")
+PREFIXES = {"probe": "probe_", "pretraining": "pretrain_"}
 
 
-def _image_size():
-    if not FLAGS.image_size:
-        return None
-    try:
-        height, width = (int(v) for v in FLAGS.image_size)
-    except ValueError as e:
-        raise ValueError(
-            f"--image_size={','.join(FLAGS.image_size)} must be HEIGHT,WIDTH"
-        ) from e
-    return (height, width)
+# ---------------------------------------------------------------- documentation
 
 
-def data_config(**overrides) -> data.DataConfig:
-    """The DataConfig described by the data flags (plus ``overrides``)."""
-    values = dict(
-        dataset=FLAGS.dataset,
-        class_split=FLAGS.class_split,
-        split_seed=FLAGS.split_seed,
-        classes_a=tuple(FLAGS.classes_a),
-        classes_b=tuple(FLAGS.classes_b),
-        train_per_class=FLAGS.train_per_class,
-        subset_seed=FLAGS.subset_seed,
-        validation_fraction=FLAGS.validation_fraction,
-        image_size=_image_size(),
-        batch_size=FLAGS.batch_size,
-        augment=FLAGS.augment,
-        data_dir=FLAGS.data_dir,
-        download=FLAGS.download,
-        label_key=FLAGS.label_key,
-        memory_budget_gb=FLAGS.memory_budget_gb,
-    )
-    values.update(overrides)
-    return data.DataConfig(**values)
+def field_docs(cls) -> dict[str, str]:
+    """``{field: text}`` from the ``Attributes:`` section of a dataclass docstring
+    (Google style: ``name: text`` with indented continuation lines)."""
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes:" not in doc:
+        return {}
+    out, name = {}, None
+    for line in doc.split("Attributes:", 1)[1].splitlines():
+        match = re.match(r"^  (\w+): (.*)$", line)
+        if match:
+            name = match.group(1)
+            out[name] = match.group(2).strip()
+        elif name and line.startswith("    "):
+            out[name] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    return out
 
 
-def model_config() -> models.ModelConfig:
-    return models.ModelConfig(
-        width=FLAGS.width,
-        batch_norm=FLAGS.batch_norm,
-        dropout=FLAGS.dropout,
-        stem=FLAGS.stem,
-    )
+def _field(config, path):
+    """``(owner dataclass, field)`` of a dotted path."""
+    *parents, name = path.split(".")
+    owner = config
+    for parent in parents:
+        owner = getattr(owner, parent)
+    field = next(f for f in dataclasses.fields(owner) if f.name == name)
+    return owner, field
 
 
-def train_config(**overrides) -> training.TrainConfig:
-    values = dict(
-        epochs=FLAGS.epochs,
-        optimizer=FLAGS.optimizer,
-        learning_rate=FLAGS.learning_rate,
-        momentum=FLAGS.momentum,
-        weight_decay=FLAGS.weight_decay,
-        schedule=FLAGS.schedule,
-        patience=FLAGS.patience,
-        precision=FLAGS.precision,
-        xla=FLAGS.xla,
-        seed=FLAGS.seed,
-        tensorboard=FLAGS.tensorboard,
-        activation_cache=FLAGS.activation_cache,
-        cache_memory_gb=FLAGS.cache_memory_gb,
-    )
-    values.update(overrides)
-    return training.TrainConfig(**values)
+# ------------------------------------------------------------------------ binding
 
 
-def apply_preset(preset: dict):
-    """Sets every flag of ``preset`` that the user did not give on the command line."""
-    for name, value in preset.items():
-        if not FLAGS[name].present:
-            FLAGS[name].value = value
+def flag_table(default_config, renames=None, exclude=()) -> dict[str, str]:
+    """``{flag name: dotted field path}`` for every leaf field of a config.
+
+    Fields of ``data``, ``model`` and ``training`` are flags under their own
+    names, ``probe`` and ``pretraining`` fields get the prefixes ``probe_`` and
+    ``pretrain_``, top-level fields keep their names; ``renames`` maps a dotted
+    path to another flag name and ``exclude`` drops paths.
+    """
+    renames = renames or {}
+    table = {}
+    for path in config_lib.leaves(default_config):
+        if path in NEVER or path in exclude:
+            continue
+        section, _, name = path.rpartition(".")
+        head = section.split(".")[0]
+        if path in renames:
+            flag = renames[path]
+        elif not section or head in PLAIN_SECTIONS:
+            flag = name
+        else:
+            flag = PREFIXES.get(head, f"{head}_") + name
+        if flag in table:
+            raise ValueError(f"flags {table[flag]} and {path} are both --{flag}")
+        table[flag] = path
+    return table
+
+
+def _shown(value) -> str:
+    return "all" if value is None else str(value)
+
+
+def define_config_flags(default_config, table: dict[str, str]):
+    """Defines one flag per entry of ``table`` with the field's default, type
+    and documentation."""
+    for flag, path in table.items():
+        owner, field = _field(default_config, path)
+        default = getattr(owner, field.name)
+        doc = field_docs(type(owner)).get(field.name, "")
+        annotation = str(field.type).replace(" ", "")
+        if annotation == "bool":
+            flags.DEFINE_bool(flag, default, doc)
+        elif field.name in CHOICES and annotation == "str":
+            flags.DEFINE_enum(flag, default, list(CHOICES[field.name]), doc)
+        elif annotation.startswith("tuple"):
+            shown = [] if default is None else [_shown(v) for v in default]
+            flags.DEFINE_list(flag, shown, doc)
+        elif annotation.startswith("int"):
+            flags.DEFINE_integer(flag, default, doc)
+        elif annotation.startswith("float"):
+            flags.DEFINE_float(flag, default, doc)
+        elif annotation.startswith("str"):
+            flags.DEFINE_string(flag, default, doc)
+        else:
+            raise TypeError(f"no flag type for {path}: {field.type}")
+
+
+def _parse_list(flag, values, annotation):
+    """A list flag's strings as the field's tuple (errors name the flag)."""
+    if annotation == "tuple[int,int]|None":  # image_size
+        if not values:
+            return None
+        if len(values) != 2:
+            raise ValueError(f"--{flag}={','.join(values)} must be HEIGHT,WIDTH")
+    element = annotation[len("tuple[") :].split(",")[0]
+    out = []
+    for value in values:
+        text = value.strip()
+        if "None" in element and text.lower() in ("all", "none"):
+            out.append(None)
+            continue
+        try:
+            if element.startswith("int"):
+                out.append(int(text))
+            elif element.startswith("float"):
+                out.append(float(text))
+            else:
+                out.append(text)
+        except ValueError:
+            kind = element.split("|")[0]
+            also = " or 'all'" if "None" in element else ""
+            raise ValueError(
+                f"--{flag}={','.join(values)}: {text!r} is not a {kind}{also}"
+            ) from None
+    return tuple(out)
+
+
+def overrides(default_config, table: dict[str, str]) -> dict:
+    """``{path: value}`` of the flags given on the command line."""
+    out = {}
+    for flag, path in table.items():
+        if not FLAGS[flag].present:
+            continue
+        owner, field = _field(default_config, path)
+        annotation = str(field.type).replace(" ", "")
+        value = FLAGS[flag].value
+        if annotation.startswith("tuple"):
+            value = _parse_list(flag, value, annotation)
+        elif annotation == "str|None" and value is not None:
+            value = None if value.strip().lower() in ("", "none") else value
+        out[path] = value
+    return out
+
+
+def config_from_flags(study: runner.Study, table):
+    """The study's configuration: ``--preset`` overridden by the given flags."""
+    base = study.preset(FLAGS.preset)
+    return config_lib.override(base, overrides(study.config_class(), table))
+
+
+# ------------------------------------------------------------------------ logging
 
 
 def setup_logging():
@@ -212,153 +218,86 @@ def setup_logging():
         force=True,
     )
     logging.getLogger("transfer_tf").setLevel(logging.INFO)
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    # absl.app.run sets absl's own verbosity from --verbosity; quiet it again.
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # absl.app.run sets absl's own verbosity from --verbosity; keep warnings.
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-log = logging.getLogger("transfer_tf.experiments")
+# ---------------------------------------------------------------- study scripts
+
+
+def define_study_flags(study: runner.Study, table: dict[str, str]):
+    """``--preset``, ``--workdir``, ``--overwrite``, ``--dry_run`` and one flag per
+    configuration field of ``table``."""
+    flags.DEFINE_enum(
+        "preset",
+        "digits",
+        sorted(study.presets),
+        "Defaults of every flag not given on the command line: "
+        + "; ".join(
+            f"{name} ({_preset_doc(study, name)})" for name in sorted(study.presets)
+        ),
+    )
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        f"Output directory (default: runs/{study.name}_<preset>); created when the "
+        "first run starts.",
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Delete the work directory's earlier results when its configuration "
+        "differs (without it, such a rerun is refused).",
+    )
+    flags.DEFINE_bool("dry_run", False, "List the study's runs (done or pending).")
+    define_config_flags(study.config_class(), table)
+
+
+def _preset_doc(study, name) -> str:
+    changes = study.presets[name]
+    if not changes:
+        return "the defaults below"
+    return ", ".join(f"{k}={_shown(v)}" for k, v in list(changes.items())[:4]) + (
+        ", ..." if len(changes) > 4 else ""
+    )
+
+
+def study_main(study: runner.Study, table: dict[str, str]):
+    """The ``main`` of a study script: builds the configuration from
+    ``--preset`` and the flags given, runs (or with ``--dry_run`` lists) the study
+    and prints its summary and where its outputs are. Bad input exits with
+    ``error: ...`` (no traceback) and loses no earlier result."""
+
+    def main(argv):
+        if len(argv) > 1:
+            sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
+        setup_logging()
+        workdir = pathlib.Path(FLAGS.workdir or f"runs/{study.name}_{FLAGS.preset}")
+        try:
+            config = config_from_flags(study, table)
+            records = runner.run_study(
+                study, config, workdir, FLAGS.overwrite, FLAGS.dry_run
+            )
+        except (ValueError, training.NonFiniteLossError, OSError) as e:
+            sys.exit(f"error: {e}")  # incl. ConfigMismatchError
+        if FLAGS.dry_run:
+            return
+        summary = workdir / "summary.md"
+        if summary.is_file():
+            print(summary.read_text())
+        print(f"{len(records)} runs; outputs in {workdir}/:")
+        names = ["results.jsonl", "config.json"]
+        names += sorted(
+            p.name for p in workdir.iterdir() if p.suffix in (".md", ".csv", ".png")
+        )
+        for name in [*names, *study.outputs]:
+            print(f"  {workdir / name}")
+        print(f"  TensorBoard: tensorboard --logdir {workdir / runner.RUNS_DIR}")
+
+    return main
 
 
 def as_dict(config) -> dict:
     """A dataclass config as a JSON-ready dict."""
     return json.loads(results.dumps(dataclasses.asdict(config)))
-
-
-# ------------------------------------------------- flags of the multi-run studies
-
-
-def define_preset_flag(cifar10_help: str):
-    """``--preset``: smoke, digits (the default) or cifar10 defaults for every flag
-    not given on the command line (see :func:`apply_preset`)."""
-    flags.DEFINE_enum(
-        "preset", "digits", ["smoke", "digits", "cifar10"],
-        "Defaults for every flag not given: smoke (tiny, seconds), digits (the "
-        f"default study), cifar10 ({cifar10_help}).",
-    )  # fmt: skip
-
-
-def define_study_flags(seeds_help: str):
-    """``--preset``-independent flags every study script shares (the grid, the
-    off-the-shelf and the autoencoder study): ``--seeds``, ``--dry_run`` and
-    ``--fine_tune_learning_rate``, spelled like their config fields."""
-    flags.DEFINE_list("seeds", ["0"], seeds_help)
-    flags.DEFINE_bool(
-        "dry_run", False, "List the study's runs (done or pending) and exit."
-    )
-    flags.DEFINE_float(
-        "fine_tune_learning_rate", None,
-        "Learning rate of the fine-tuned nets (default: --learning_rate).",
-    )  # fmt: skip
-
-
-def define_probe_flags(layers, sources, arms, poolings):
-    """Flags of the label-budget studies with linear probes (off-the-shelf features,
-    the autoencoder); the arguments are ``(default, help)`` of the flags whose
-    choices differ between them."""
-    flags.DEFINE_list(
-        "budgets", ["1", "5", "10", "50", "all"],
-        "Labelled training examples per class; 'all' is required (the reference).",
-    )  # fmt: skip
-    flags.DEFINE_list("probe_layers", *layers)
-    flags.DEFINE_list("poolings", *poolings)
-    flags.DEFINE_list("probe_sources", *sources)
-    flags.DEFINE_list("arms", *arms)
-    flags.DEFINE_string(
-        "grid_workdir", None,
-        "A transferability.py work directory (see the script's docstring for how "
-        "this study uses it).",
-    )  # fmt: skip
-    flags.DEFINE_integer(
-        "min_epoch_steps", 10,
-        "Trained nets: small training sets are repeated until an epoch has this many "
-        "steps (epochs and patience then mean the same at every budget).",
-    )  # fmt: skip
-    flags.DEFINE_list(
-        "l2_grid", ["0", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"],
-        "L2 strengths of the linear heads (one head each; chosen on validation).",
-    )  # fmt: skip
-    flags.DEFINE_float("probe_learning_rate", 1e-2, "Adam learning rate of the heads.")
-    flags.DEFINE_integer("probe_epochs", 100, "Maximum epochs of the heads.")
-    flags.DEFINE_integer("probe_patience", 8, "Early-stopping patience of each head.")
-    flags.DEFINE_integer("probe_batch_size", 256, "Batch size of the heads.")
-    flags.DEFINE_integer(
-        "probe_min_epoch_steps",
-        5,
-        "Linear heads: an epoch has at least this many steps.",
-    )
-
-
-def numbers(name: str, kind=int) -> tuple:
-    """A list flag's values as numbers; a clear error names the flag."""
-    try:
-        return tuple(kind(v) for v in FLAGS[name].value)
-    except ValueError as e:
-        raise ValueError(
-            f"--{name}={','.join(FLAGS[name].value)} must be {kind.__name__}s"
-        ) from e
-
-
-def budgets(name: str = "budgets") -> tuple:
-    """``--budgets``: integers, ``all`` meaning every labelled example (None)."""
-    out = []
-    for value in FLAGS[name].value:
-        if value.strip().lower() == "all":
-            out.append(None)
-            continue
-        try:
-            out.append(int(value))
-        except ValueError as e:
-            raise ValueError(
-                f"--{name}={','.join(FLAGS[name].value)}: {value!r} is not an integer "
-                "or 'all'"
-            ) from e
-    return tuple(out)
-
-
-def probe_config():
-    """The ProbeConfig of the probe flags."""
-    from transfer_tf import features
-
-    return features.ProbeConfig(
-        l2_grid=numbers("l2_grid", float),
-        learning_rate=FLAGS.probe_learning_rate,
-        batch_size=FLAGS.probe_batch_size,
-        epochs=FLAGS.probe_epochs,
-        patience=FLAGS.probe_patience,
-        min_epoch_steps=FLAGS.probe_min_epoch_steps,
-    )
-
-
-def check_split_seed():
-    """``--split_seed`` means something only for ``--class_split=random``."""
-    if FLAGS["split_seed"].present and FLAGS.class_split != "random":
-        raise ValueError("--split_seed applies to --class_split=random only")
-
-
-def study_main(presets: dict, make_config, run_study, outputs, tensorboard=""):
-    """The ``main`` of a study script: applies ``--preset``, builds the config,
-    runs (or with ``--dry_run`` lists) the study and prints its summary and where
-    its outputs are. Bad input exits with ``error: ...`` (no traceback) and loses
-    no earlier result."""
-
-    def main(argv):
-        del argv
-        setup_logging()
-        apply_preset(presets[FLAGS.preset])
-        try:
-            records = run_study(
-                make_config(), FLAGS.workdir, FLAGS.overwrite, FLAGS.dry_run
-            )
-        except (ValueError, training.NonFiniteLossError) as e:
-            sys.exit(f"error: {e}")  # incl. ConfigMismatchError
-        if FLAGS.dry_run:
-            return
-        workdir = pathlib.Path(FLAGS.workdir)
-        print((workdir / "summary.md").read_text())
-        print(f"{len(records)} runs; outputs in {workdir}/:")
-        for name in outputs:
-            print(f"  {workdir / name}")
-        print(f"  TensorBoard: tensorboard --logdir {workdir / tensorboard}")
-
-    return main

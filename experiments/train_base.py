@@ -3,8 +3,7 @@ r"""Trains one base net on a dataset (or one half of its classes) and exports it
     python experiments/train_base.py --workdir=/tmp/base_digits
 
 trains the default base net (width 0.25, up to 15 epochs) on the embedded 5,000
-MNIST digits; on the 2-core CPU of this project's machines it took 1 min 23 s and
-reached 0.974 test top-1 (README.md). Other examples:
+MNIST digits (README.md has its measured accuracy and wall time). Other examples:
 
     python experiments/train_base.py --split=A --split_seed=1 --workdir=/tmp/baseA
     python experiments/train_base.py --dataset=folder:../shared/data/cifar10 \
@@ -19,31 +18,54 @@ one is reported, not redone.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
 from absl import app, flags
 
 import common
-from transfer_tf import data, export, models, results, training
+from transfer_tf import data, export, models, precision, results, training
 
 FLAGS = flags.FLAGS
-# One base net in about a minute and a half on a 2-core CPU (README.md).
-FLAGS.set_default("epochs", 15)
-flags.DEFINE_enum(
-    "split", "all", list(data.SPLITS),
-    "Which classes to train on: all, or half A or B of --class_split.",
-)  # fmt: skip
 
 
-def run(workdir, data_config, model_config, train_config, overwrite=False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One base net: its data, architecture and training.
+
+    Attributes:
+      data: the dataset, and which classes (``split``: all, or half A or B of
+        ``class_split``) the net trains on.
+      model: the base-net architecture.
+      training: how it is trained.
+    """
+
+    data: data.DataConfig = data.DataConfig()
+    model: models.ModelConfig = models.ModelConfig()
+    training: training.TrainConfig = training.TrainConfig()
+
+
+FLAG_TABLE = {
+    **common.flag_table(Config()),
+    "split": "data.split",
+}
+common.define_config_flags(Config(), FLAG_TABLE)
+flags.DEFINE_string("workdir", "runs/train_base", "Output directory.")
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Delete the work directory's earlier results when its configuration differs "
+    "(without it, such a rerun is refused).",
+)
+
+
+def run(workdir, config: Config, overwrite=False) -> dict:
     """Trains, evaluates and exports one base net; returns the result record."""
-    config = {
-        "data": common.as_dict(data_config),
-        "model": common.as_dict(model_config),
-        "training": common.as_dict(train_config),
-    }
-    workdir = results.claim_workdir(workdir, config, overwrite)
+    config = dataclasses.replace(
+        config, training=precision.resolve_config(config.training)
+    )
+    workdir = results.claim_workdir(workdir, common.as_dict(config), overwrite)
     if (workdir / "result.json").exists():
         result = results.read_json(workdir / "result.json")
         common.log.info(
@@ -51,23 +73,29 @@ def run(workdir, data_config, model_config, train_config, overwrite=False) -> di
         )
         return result
     started = time.time()
-    task = data.load_task(data_config)
+    task = data.load_task(config.data)
     common.log.info("%s", task.summary())
-    precision = training.resolve_precision(train_config.precision)
     model = models.build_base_net(
-        task.image_shape, task.num_classes, dtype=precision, seed=train_config.seed,
-        **common.as_dict(model_config),
-    )  # fmt: skip
+        task.image_shape,
+        task.num_classes,
+        dtype=config.training.precision,
+        seed=config.training.seed,
+        **common.as_dict(config.model),
+    )
     outcome = training.train_task(
-        model, task, train_config, workdir, data_config.batch_size, data_config.augment
+        model,
+        task,
+        config.training,
+        workdir,
+        config.data.batch_size,
+        config.data.augment,
     )
     paths = export.export_model(model, workdir)
     result = {
         **outcome.record(),
         "classes": list(task.class_names),
-        "num_train": len(task.y_train),
         "num_validation": len(task.y_validation),
-        "train_time": outcome.train.wall_time,
+        "onednn": precision.onednn_enabled(),
         "wall_time": time.time() - started,
         **paths,
     }
@@ -76,18 +104,16 @@ def run(workdir, data_config, model_config, train_config, overwrite=False) -> di
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
     common.setup_logging()
     try:
-        result = run(
-            FLAGS.workdir or "/tmp/transfer_tf/train_base",
-            common.data_config(split=FLAGS.split),
-            common.model_config(),
-            common.train_config(),
-            FLAGS.overwrite,
+        config = common.config_lib.override(
+            Config(), common.overrides(Config(), FLAG_TABLE)
         )
-    except (ValueError, training.NonFiniteLossError) as e:  # incl. ConfigMismatchError
-        sys.exit(f"error: {e}")
+        result = run(FLAGS.workdir, config, FLAGS.overwrite)
+    except (ValueError, training.NonFiniteLossError, OSError) as e:
+        sys.exit(f"error: {e}")  # incl. ConfigMismatchError
     print(
         f"test top-1 {result['test_accuracy']:.4f} after {result['epochs_run']} epochs "
         f"(best epoch {result['best_epoch']}), {result['wall_time']:.0f} s; "

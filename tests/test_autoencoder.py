@@ -1,5 +1,5 @@
-"""The autoencoder: shapes, pretraining from images only, transfer of its layers,
-export of its encoder, and the study's expansion and summaries."""
+"""The autoencoder: shapes, pretraining from images only, transfer of its layers
+(transfer_tf.autoencoder)."""
 
 from __future__ import annotations
 
@@ -12,40 +12,9 @@ import tensorflow as tf
 
 from conftest import TINY
 from transfer_tf import autoencoder as ae
-from transfer_tf import data, export, models, results, study, training
+from transfer_tf import models, results, training
 
 FLOAT32 = dict(precision="float32", xla="off", verbose=0)
-
-
-def fake_grid(root, seed=0):
-    """A transfer-grid work directory with a finished (untrained) base net on A."""
-    run = root / "runs" / "random" / "seed0" / "baseA"
-    run.mkdir(parents=True, exist_ok=True)
-    models.build_base_net((28, 28, 1), 5, seed=seed, **TINY).save(run / "model.keras")
-    results.write_json(root / "config.json", {"data": {"dataset": "digits"}})
-    results.append_jsonl(
-        root / "results.jsonl", {"key": "random/seed0/baseA", "kind": "base"}
-    )
-    return root
-
-
-def tiny_study(**kw):
-    values = dict(
-        data=data.DataConfig(train_per_class=20, batch_size=32),
-        model=models.ModelConfig(**TINY),
-        autoencoder=ae.AutoencoderConfig(code_size=8, max_images=96),
-        pretraining=training.TrainConfig(
-            epochs=1,
-            optimizer="adam",
-            learning_rate=1e-3,
-            weight_decay=0.0,
-            tensorboard=False,
-            **FLOAT32,
-        ),  # fmt: skip
-        training=training.TrainConfig(epochs=1, **FLOAT32),
-    )
-    values.update(kw)
-    return ae.StudyConfig(**values)
 
 
 # -------------------------------------------------------------------------- model
@@ -57,7 +26,10 @@ def test_reconstruction_has_the_input_shape_and_encoder_mirrors_base_net(shape):
     images = np.random.default_rng(0).integers(0, 256, (2, *shape), dtype=np.uint8)
     recon = model(images, training=False).numpy()
     assert recon.shape == (2, *shape) and recon.dtype == np.float32
-    assert 0.0 <= recon.min() and recon.max() <= 1.0
+    # Each image is reconstructed from itself: alone or in a batch, the same.
+    alone = model(images[1:], training=False).numpy()
+    np.testing.assert_allclose(alone[0], recon[1], atol=1e-6)
+    assert not np.allclose(recon[0], recon[1])
     encoder = ae.encoder_model(model)
     assert encoder(images).shape == (2, 8) and encoder.output.dtype == "float32"
     # The encoder's layers are the base net's: same names, order and weight shapes.
@@ -116,9 +88,15 @@ def test_reconstruction_loss_falls_during_short_training(tmp_path, digits_source
     model = ae.build_autoencoder((28, 28, 1), code_size=16, seed=0, width=0.1)
     before = ae.reconstruction_error(model, val)["mse"]
     config = training.TrainConfig(
-        epochs=3, optimizer="adam", learning_rate=3e-3, weight_decay=0.0, patience=0,
-        tensorboard=False, backup=False, **FLOAT32,
-    )  # fmt: skip
+        epochs=3,
+        optimizer="adam",
+        learning_rate=3e-3,
+        weight_decay=0.0,
+        patience=0,
+        tensorboard=False,
+        backup=False,
+        **FLOAT32,
+    )
     outcome = ae.pretrain(
         model, train, val, ae.AutoencoderConfig(loss="bce"), config, tmp_path, 16
     )
@@ -128,43 +106,6 @@ def test_reconstruction_loss_falls_during_short_training(tmp_path, digits_source
     after = ae.reconstruction_error(model, val, mean_image=train.mean(0))
     assert after["mse"] < 0.5 * before
     assert after["psnr"] == pytest.approx(10 * np.log10(1 / after["mse"]))
-
-
-class _PoisonedLabels:
-    """Labels that fail the test on any use."""
-
-    def _fail(self, *args, **kwargs):
-        raise AssertionError("pretraining read a label")
-
-    __getitem__ = __len__ = __iter__ = __array__ = __getattr__ = _fail
-
-
-def test_pretraining_never_reads_labels_and_exports_the_encoder(
-    tmp_path, digits_source
-):
-    poisoned = dataclasses.replace(
-        digits_source,
-        x_test=digits_source.x_test[:64],
-        y_train=_PoisonedLabels(),
-        y_test=_PoisonedLabels(),
-    )
-    with pytest.raises(AssertionError, match="read a label"):
-        np.asarray(poisoned.y_train)  # the poison works
-    record = ae.run_pretraining(tiny_study(), poisoned, tmp_path)
-    assert record["train_images"] + record["validation_images"] == 96
-    assert 0 < record["test_mse"] < 1 and record["test_examples"] == 64
-    assert (tmp_path / "reconstructions.png").stat().st_size > 1000
-
-    # The exported encoder: raw uint8 images in, the Keras encoder's codes out.
-    images = digits_source.x_test[:16]
-    autoencoder = export.load_keras_model(tmp_path / "pretrain" / ae.AUTOENCODER_FILE)
-    expected = ae.encoder_model(autoencoder)(images, training=False).numpy()
-    saved = export.load_saved_model(tmp_path / ae.ENCODER_DIR)
-    codes = saved.serve(tf.constant(images)).numpy()
-    assert codes.shape == (16, 8) and codes.dtype == np.float32
-    np.testing.assert_allclose(codes, expected, atol=1e-5)
-    keras_encoder = export.load_keras_model(tmp_path / ae.ENCODER_DIR)
-    np.testing.assert_allclose(keras_encoder(images).numpy(), expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------- transfer
@@ -226,151 +167,3 @@ def test_match_block_scale_changes_the_scale_not_the_features(
     assert ae.block_rms(scaled, 3, images) == pytest.approx(
         ae.block_rms(fresh, 3, images), rel=1e-4
     )
-
-
-# -------------------------------------------------------------------------- study
-
-
-def test_expand_orders_pretraining_first_and_needs_a_grid_for_supervised():
-    config = tiny_study(seeds=(0, 1), budgets=(1, 10, None))
-    runs = ae.expand(config)
-    assert runs[0].key == "pretrain"
-    assert len({r.key for r in runs}) == len(runs)
-    # 2 sources x 6 layers x 2 seeds x 3 budgets, then 2 arms x 2 seeds x 3 budgets
-    assert sum(r.kind == "probe" for r in runs) == 2 * 6 * 2 * 3
-    assert {r.arm for r in runs if r.kind == "train"} == {"encoder_init", "scratch"}
-    with_grid = ae.expand(dataclasses.replace(config, grid_workdir="/nowhere"))
-    supervised = [r for r in with_grid if "supervised" in (r.arm, r.source)]
-    # The supervised net has no code: 5 conv layers probed, plus its classifiers.
-    assert len(supervised) == 5 * 2 * 3 + 2 * 3
-    keys = {r.key for r in with_grid}
-    assert {"seed1/probe_autoencoder/code/none/k10", "seed0/encoder_init/kall"} <= keys
-
-
-def test_study_config_errors_name_field_and_choices():
-    with pytest.raises(ValueError, match=r"budgets=\['1', '5'\] must include 'all'"):
-        tiny_study(budgets=(1, 5))
-    with pytest.raises(ValueError, match=r"budgets=\['all', '5', 'all'\] has dup"):
-        tiny_study(budgets=(0, 5, "all"))
-    with pytest.raises(ValueError, match=r"seeds=\[0, 0\] has duplicates"):
-        tiny_study(seeds=(0, 0))
-    with pytest.raises(ValueError, match=r"probe_layers=\['conv6'\] not in"):
-        tiny_study(probe_layers=("conv1", "conv6"))
-    with pytest.raises(ValueError, match=r"arms=\['finetune'\] not in"):
-        tiny_study(arms=("probe", "finetune"))
-    with pytest.raises(ValueError, match="init_layers=6 is out of range"):
-        tiny_study(init_layers=6)
-    with pytest.raises(ValueError, match=r"target='C' is not one of \['A', 'B'\]"):
-        tiny_study(target="C")
-
-
-def test_grid_source_explains_what_is_missing(tmp_path):
-    config = tiny_study(grid_workdir=str(tmp_path))
-    with pytest.raises(ValueError, match="not a transfer-grid work directory"):
-        ae.grid_source(config)
-    results.write_json(tmp_path / "config.json", {"data": {"dataset": "uci_digits"}})
-    with pytest.raises(ValueError, match="ran on 'uci_digits', not 'digits'"):
-        ae.grid_source(config)
-    wider = {"data": {"dataset": "digits"}, "model": {"width": 0.25}}
-    results.write_json(tmp_path / "config.json", wider)
-    with pytest.raises(ValueError, match=r"built its nets differently \(width: 0.25"):
-        ae.grid_source(config)
-    results.write_json(tmp_path / "config.json", {"data": {"dataset": "digits"}})
-    with pytest.raises(ValueError, match=r"no finished base net random/seed0/baseA"):
-        ae.grid_source(config)
-    # A study that does not use the grid's net does not read it at all.
-    no_grid_arms = tiny_study(
-        grid_workdir=str(tmp_path), arms=("scratch",), probe_sources=()
-    )
-    assert set(ae.run_hashes(no_grid_arms, ae.expand(no_grid_arms)))
-
-
-def _record(kind, arm, seed, budget, accuracy, **kw):
-    return dict(kind=kind, arm=arm, seed=seed, budget=budget, test_accuracy=accuracy,
-                val_accuracy=accuracy, val_loss=1.0, num_train=10, num_classes=5,
-                wall_time=1.0, **kw)  # fmt: skip
-
-
-def test_summary_pairs_seeds_and_marks_no_gain():
-    records = [
-        _record("train", "scratch", 0, "1", 0.40),
-        _record("train", "scratch", 1, "1", 0.50),
-        _record("train", "scratch", 0, "all", 0.95),
-        _record("train", "encoder_init", 0, "1", 0.50),
-        _record("train", "encoder_init", 1, "1", 0.60),
-        _record("train", "encoder_init", 0, "all", 0.94),
-        # Two probe layers: the one with the better validation accuracy counts.
-        _record(
-            "probe",
-            "probe",
-            0,
-            "1",
-            0.70,
-            source="autoencoder",
-            layer="code",
-            pooling="none",
-        ),  # fmt: skip
-        {
-            **_record(
-                "probe",
-                "probe",
-                0,
-                "1",
-                0.30,
-                source="autoencoder",
-                layer="conv1",
-                pooling="flatten",
-            ),
-            "val_accuracy": 0.9,
-        },  # fmt: skip
-    ]
-    summary = ae.summarize(records)
-    gains = summary["gains"]["encoder_init"]
-    assert gains["1"]["mean"] == pytest.approx(0.10) and gains["1"]["count"] == 2
-    assert gains["all"]["mean"] == pytest.approx(-0.01)
-    assert summary["lines"]["probe:autoencoder"]["1"]["mean"] == pytest.approx(0.30)
-    assert summary["lines"]["probe:autoencoder/code"]["1"]["mean"] == pytest.approx(0.7)
-    assert summary["chosen"][("autoencoder", "1")] == [("conv1", "flatten")]
-    text = ae.summary_markdown(summary, tiny_study())
-    row = next(
-        line for line in text.splitlines() if line.startswith("| fine-tuned, conv")
-        and "+0.1000" in line
-    )  # fmt: skip
-    assert "-0.0100 **no gain**" in row and "+0.1000 ± 0.0000 |" in row
-
-
-def test_finished_runs_are_recognised_by_their_configuration(tmp_path):
-    grid = fake_grid(tmp_path / "grid")
-    config = tiny_study(
-        grid_workdir=str(grid), budgets=(2, None), probe_layers=("conv1", "code")
-    )
-    runs = ae.expand(config)
-    hashes = ae.run_hashes(config, runs)
-    for key, value in hashes.items():
-        results.append_jsonl(tmp_path / "results.jsonl", {"key": key,
-                             "config_hash": value})  # fmt: skip
-    assert set(study.finished_records(tmp_path, hashes)) == set(hashes)
-    # More seeds or budgets only add runs; the finished ones still count.
-    grown = dataclasses.replace(config, seeds=(0, 1), budgets=(2, 5, None))
-    found = study.finished_records(tmp_path, ae.run_hashes(grown, ae.expand(grown)))
-    assert set(found) == set(hashes)
-    # A downstream setting redoes exactly the runs it affects.
-    kept = {r.key for r in runs if r.kind != "train"}
-    other = dataclasses.replace(
-        config, training=dataclasses.replace(config.training, learning_rate=0.5)
-    )
-    assert set(study.finished_records(tmp_path, ae.run_hashes(other, runs))) == kept
-    other = dataclasses.replace(config, fine_tune_learning_rate=1e-3)
-    found = study.finished_records(tmp_path, ae.run_hashes(other, runs))
-    assert set(found) == kept | {r.key for r in runs if r.arm == "scratch"}
-    # Another pretraining changes every run, and the work directory refuses it.
-    other = dataclasses.replace(
-        config, autoencoder=dataclasses.replace(config.autoencoder, code_size=9)
-    )
-    assert not study.finished_records(tmp_path, ae.run_hashes(other, runs))
-    assert other.config_hash() != config.config_hash()
-    # A retrained grid net invalidates exactly the runs that use it.
-    fake_grid(grid, seed=5)
-    found = study.finished_records(tmp_path, ae.run_hashes(config, runs))
-    uses_grid = {r.key for r in runs if "supervised" in (r.arm, r.source)}
-    assert uses_grid and set(found) == set(hashes) - uses_grid

@@ -30,9 +30,13 @@ def test_training_flops_are_counted_from_layer_shapes():
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(
-        "benchmark", "--sections=throughput,flops", "--steps=2", "--width=0.05",
-        f"--workdir={tmp_path}", f"--output={out}",
-    )  # fmt: skip
+        "benchmark",
+        "--sections=throughput,flops",
+        "--steps=2",
+        "--width=0.05",
+        f"--workdir={tmp_path}",
+        f"--output={out}",
+    )
     assert "vs naive Keras" in proc.stdout and "matmul peak" in proc.stdout
     report = json.loads(out.read_text())
     rates = report["throughput"]["rows"]
@@ -53,9 +57,15 @@ def test_benchmark_rejects_unknown_section(tmp_path):
 def test_benchmark_cache_section_compares_the_two_paths(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(
-        "benchmark", "--sections=cache", "--cache_dataset=digits", "--cache_epochs=1",
-        "--width=0.05", "--batch_size=64", f"--workdir={tmp_path}", f"--output={out}",
-    )  # fmt: skip
+        "benchmark",
+        "--sections=cache",
+        "--cache_dataset=digits",
+        "--cache_epochs=1",
+        "--width=0.05",
+        "--batch_size=64",
+        f"--workdir={tmp_path}",
+        f"--output={out}",
+    )
     assert "cached vs uncached" in proc.stdout
     rows = json.loads(out.read_text())["cache"]["runs"]
     assert set(rows) == {"3", "5", "7"}

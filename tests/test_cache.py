@@ -24,9 +24,14 @@ def source():
 
 def config(**kw):
     values = dict(
-        epochs=1, learning_rate=0.05, patience=0, tensorboard=False, verbose=0,
-        precision="float32", seed=3,
-    )  # fmt: skip
+        epochs=1,
+        learning_rate=0.05,
+        patience=0,
+        tensorboard=False,
+        verbose=0,
+        precision="float32",
+        seed=3,
+    )
     values.update(kw)
     return training.TrainConfig(**values)
 

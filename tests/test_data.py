@@ -62,11 +62,24 @@ def test_npz_errors(tmp_path):
         data.load_source(data.DataConfig(dataset=f"npz:{partial}"))
     mismatch = tmp_path / "mismatch.npz"
     np.savez(
-        mismatch, x_train=np.zeros((3, 28, 28)), y_train=np.zeros(2, int),
-        x_test=np.zeros((2, 28, 28)), y_test=np.zeros(2, int),
-    )  # fmt: skip
+        mismatch,
+        x_train=np.zeros((3, 28, 28)),
+        y_train=np.zeros(2, int),
+        x_test=np.zeros((2, 28, 28)),
+        y_test=np.zeros(2, int),
+    )
     with pytest.raises(ValueError, match="3 images but y_train has 2 labels"):
         data.load_source(data.DataConfig(dataset=f"npz:{mismatch}"))
+    negative = tmp_path / "negative.npz"
+    np.savez(
+        negative,
+        x_train=np.zeros((3, 28, 28)),
+        y_train=np.array([0, -1, 1]),
+        x_test=np.zeros((2, 28, 28)),
+        y_test=np.array([0, 1]),
+    )
+    with pytest.raises(ValueError, match="must be class indices >= 0, but there is a"):
+        data.load_source(data.DataConfig(dataset=f"npz:{negative}"))
 
 
 def test_unknown_spec_lists_the_valid_ones():
@@ -166,26 +179,32 @@ def test_tfds_source_with_mock_data(tmp_path):
         assert s.class_names == data.CIFAR10_CLASSES
         coarse = data.load_source(
             data.DataConfig(
-                dataset="tfds:cifar100", data_dir=str(tmp_path), download=True,
+                dataset="tfds:cifar100",
+                data_dir=str(tmp_path),
+                download=True,
                 label_key="coarse_label",
             )
-        )  # fmt: skip
+        )
         assert coarse.class_names == tuple(data.CIFAR100_SUPERCLASSES)
         assert coarse.y_train.max() < 20
         resized = data.load_source(
             data.DataConfig(
-                dataset="tfds:cifar10", data_dir=str(tmp_path), download=True,
+                dataset="tfds:cifar10",
+                data_dir=str(tmp_path),
+                download=True,
                 image_size=(40, 40),
             )
-        )  # fmt: skip
+        )
         assert resized.image_shape == (40, 40, 3)
         with pytest.raises(ValueError, match="no label feature 'fine'"):
             data.load_source(
                 data.DataConfig(
-                    dataset="tfds:cifar10", data_dir=str(tmp_path), download=True,
+                    dataset="tfds:cifar10",
+                    data_dir=str(tmp_path),
+                    download=True,
                     label_key="fine",
                 )
-            )  # fmt: skip
+            )
 
 
 def test_tfds_refuses_to_download_unless_allowed(tmp_path):

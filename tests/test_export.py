@@ -52,3 +52,18 @@ def test_load_errors(tmp_path):
     broken.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot load Keras model"):
         export.load_keras_model(broken)
+
+
+def test_saved_model_refuses_images_of_another_shape(tmp_path):
+    model = models.build_base_net((28, 28, 1), 5, seed=0, **TINY)
+    export.export_model(model, tmp_path)
+    loaded = export.load_saved_model(tmp_path)  # keep: owns the variables
+    serving = loaded.signatures["serving_default"]  # what TF Serving calls
+    good = np.zeros((2, 28, 28, 1), np.uint8)
+    assert serving(image=tf.constant(good))["output_0"].shape == (2, 5)
+    for shape in ((2, 32, 32, 1), (2, 28, 28, 3)):
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            serving(image=tf.zeros(shape, tf.uint8))
+        assert "takes uint8 images of shape (batch, 28, 28, 1)" in str(error.value)
+        with pytest.raises((TypeError, ValueError), match=r"\(None, 28, 28, 1\)"):
+            loaded.serve(tf.zeros(shape, tf.uint8))

@@ -124,9 +124,14 @@ def small_task(digits_source):
 
 def _fit(model, task, tmp_path, epochs=2, lr=0.05):
     config = training.TrainConfig(
-        epochs=epochs, learning_rate=lr, patience=0, tensorboard=False, backup=False,
-        verbose=0, precision="float32",
-    )  # fmt: skip
+        epochs=epochs,
+        learning_rate=lr,
+        patience=0,
+        tensorboard=False,
+        backup=False,
+        verbose=0,
+        precision="float32",
+    )
     return training.train(
         model,
         task.train_dataset(32),

@@ -62,6 +62,29 @@ def test_claim_workdir(tmp_path):
     assert results.read_json(work / "config.json") == {"lr": 0.3}
 
 
-def test_markdown_table_lines():
-    lines = results.markdown_table(["a", "b"], [["1", ""], ["x", "y"]])
-    assert lines == ["| a | b |", "|---|---|", "| 1 |  |", "| x | y |"]
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "model.npy"
+    with results.atomic_path(target) as tmp:
+        assert tmp.suffix == ".npy" and tmp.parent == target.parent
+        tmp.write_text("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError), results.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["model.npy"]
+    directory = tmp_path / "saved_model"
+    for content in ("a", "b"):
+        with results.atomic_path(directory) as tmp:
+            tmp.mkdir()
+            (tmp / "saved_model.pb").write_text(content)
+    assert (directory / "saved_model.pb").read_text() == "b"
+
+
+def test_write_if_changed(tmp_path):
+    path = tmp_path / "summary.md"
+    assert results.write_if_changed(path, "x\n")
+    stamp = path.stat().st_mtime_ns
+    assert not results.write_if_changed(path, b"x\n")
+    assert path.stat().st_mtime_ns == stamp
+    assert results.write_if_changed(path, "y\n") and path.read_text() == "y\n"

@@ -14,9 +14,15 @@ from transfer_tf import data
 def test_train_base_smoke(tmp_path):
     work = tmp_path / "base"
     args = [
-        f"--workdir={work}", "--split=B", "--split_seed=1", "--width=0.05",
-        "--epochs=8", "--train_per_class=60", "--batch_size=32", "--learning_rate=0.05",
-    ]  # fmt: skip
+        f"--workdir={work}",
+        "--split=B",
+        "--split_seed=1",
+        "--width=0.05",
+        "--epochs=8",
+        "--train_per_class=60",
+        "--batch_size=32",
+        "--learning_rate=0.05",
+    ]
     proc = run_script("train_base", *args)
     assert "test top-1" in proc.stdout
     for name in ("config.json", "metrics.jsonl", "model.keras", "result.json"):

@@ -1,4 +1,4 @@
-"""train(): learning, early stopping, metrics, resume, NaN failure, auto rules."""
+"""train(): learning, early stopping, metrics, resume, NaN failure, precision."""
 
 from __future__ import annotations
 
@@ -20,9 +20,13 @@ def task(digits_source):
 
 def config(**kw):
     values = dict(
-        epochs=4, learning_rate=0.05, patience=0, tensorboard=False, verbose=0,
+        epochs=4,
+        learning_rate=0.05,
+        patience=0,
+        tensorboard=False,
+        verbose=0,
         precision="float32",
-    )  # fmt: skip
+    )
     values.update(kw)
     return training.TrainConfig(**values)
 
@@ -109,119 +113,6 @@ def test_same_seed_reproduces_weights(task, tmp_path):
     assert max(diffs) < 1e-5
 
 
-def test_rule_settings(monkeypatch):
-    def fake(gpu=None, cc=None, bf16=False):
-        info = {"gpu": gpu, "compute_capability": cc, "cpu_bf16": bf16, "cpu": "x"}
-        monkeypatch.setattr(training, "hardware", lambda: info)
-
-    fake(bf16=True)
-    assert training.rule_settings() == {
-        "precision": "mixed_bfloat16", "xla": "off", "source": "rule",
-    }  # fmt: skip
-    fake(bf16=False)
-    assert training.rule_settings()["precision"] == "float32"
-    fake(gpu="A100", cc=(8, 0))
-    assert training.rule_settings()["precision"] == "mixed_bfloat16"
-    assert training.rule_settings()["xla"] == "on"
-    fake(gpu="T4", cc=(7, 5))
-    assert training.rule_settings()["precision"] == "mixed_float16"
-
-
-@pytest.fixture
-def probe_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(training.AUTO_MODE_ENV, "probe")
-    monkeypatch.setenv(training.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
-    training.auto_settings.cache_clear()
-    yield tmp_path / "auto.json"
-    training.auto_settings.cache_clear()
-
-
-def fake_measurement(rates, setup=None):
-    """A stand-in for measure_settings: given rates, 1 s of setup unless given."""
-
-    def measure(settings, *args, **kwargs):
-        return {
-            "images_per_second": {s: rates.get(s, rates["default"]) for s in settings},
-            "setup_seconds": {s: (setup or {}).get(s, 1.0) for s in settings},
-        }
-
-    return measure
-
-
-def test_auto_is_measured_once_per_machine_and_logged(probe_env, monkeypatch, caplog):
-    calls = []
-    measure = fake_measurement(
-        {"float32:off": 100.0, "float32:on": 50.0, "mixed_bfloat16:on": 60.0,
-         "default": 190.0}
-    )  # fmt: skip
-
-    def counting(settings, *args, **kwargs):
-        calls.append(settings)
-        return measure(settings)
-
-    monkeypatch.setattr(training, "measure_settings", counting)
-    with caplog.at_level("INFO", logger="transfer_tf.training"):
-        assert training.resolve_precision("auto") == "mixed_bfloat16"
-        assert training.resolve_xla("auto") is False
-    assert "auto settings: precision=mixed_bfloat16, xla=off" in caplog.text
-    stored = results.read_json(probe_env)
-    assert list(stored) == [training.machine_key()]
-    assert stored[training.machine_key()]["images_per_second"]["float32:off"] == 100.0
-    training.auto_settings.cache_clear()  # a new process reads the file
-    assert training.resolve_precision("auto") == "mixed_bfloat16"
-    assert len(calls) == 1
-    assert training.resolve_precision("float32") == "float32"  # explicit wins
-
-
-def test_probe_keeps_float32_unless_clearly_faster(monkeypatch):
-    monkeypatch.setattr(
-        training, "measure_settings",
-        fake_measurement({"mixed_bfloat16:off": 105.0, "default": 100.0}),
-    )  # fmt: skip
-    choice = training.probe_settings()
-    assert (choice["precision"], choice["xla"]) == ("float32", "off")  # 5% is noise
-
-
-def test_probe_weighs_compile_time_against_speed(monkeypatch):
-    # XLA runs 20% faster but compiles for 30 s: over a typical run of 400 steps
-    # of 128 images (512 s at 100 images/s) it still wins; with 200 s it loses.
-    rates = {"float32:on": 120.0, "default": 100.0, "mixed_bfloat16:off": 10.0,
-             "mixed_bfloat16:on": 10.0}  # fmt: skip
-    monkeypatch.setattr(
-        training, "measure_settings",
-        fake_measurement(rates, {"float32:on": 30.0}),
-    )  # fmt: skip
-    assert training.probe_settings()["xla"] == "on"
-    monkeypatch.setattr(
-        training, "measure_settings",
-        fake_measurement(rates, {"float32:on": 200.0}),
-    )  # fmt: skip
-    choice = training.probe_settings()
-    assert (choice["precision"], choice["xla"]) == ("float32", "off")
-    assert choice["typical_run_seconds"]["float32:on"] > 600
-
-
-def test_failed_probe_falls_back_to_the_rule(probe_env, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler")
-
-    monkeypatch.setattr(training, "measure_settings", broken)
-    settings = training.auto_settings()
-    assert settings["precision"] == training.rule_settings()["precision"]
-    assert "probe failed: no compiler" in settings["source"]
-    assert not probe_env.exists()
-
-
-def test_real_probe_measures_every_setting():
-    choice = training.probe_settings(steps=2, rounds=1, width=0.05)
-    assert set(choice["images_per_second"]) >= {
-        "float32:off", "float32:on", "mixed_bfloat16:off", "mixed_bfloat16:on",
-    }  # fmt: skip
-    assert all(rate > 0 for rate in choice["images_per_second"].values())
-    assert all(t > 0 for t in choice["setup_seconds"].values())
-    assert choice["precision"] in training.PRECISIONS and choice["xla"] in ("on", "off")
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match="optimizer='rmsprop' is not one of"):
         training.TrainConfig(optimizer="rmsprop")
@@ -242,39 +133,3 @@ def test_mixed_precision_and_adam_train(task, tmp_path):
     assert outcome.precision == "mixed_bfloat16"  # from the model, not the config
     assert training.evaluate(model, task.eval_dataset("test"))["accuracy"] > 0.4
     assert json.loads(json.dumps(outcome.__dict__))["epochs_run"] == 3
-
-
-class _ScriptedProbe:
-    """A throughput probe whose successive runs return scripted images/s."""
-
-    def __init__(self, rates):
-        self.rates = list(rates)
-        self.calls = 0
-
-    def run(self, steps):
-        self.calls += 1
-        return self.rates.pop(0)
-
-
-def test_time_interleaved_screens_and_prunes_when_choosing():
-    probes = {
-        "fast": _ScriptedProbe([100, 100, 100, 100]),
-        # hit by load in the short and the first full round, then at full speed
-        "unlucky": _ScriptedProbe([70, 60, 100, 100]),
-        "emulated": _ScriptedProbe([10]),
-    }
-    best = training.time_interleaved(probes, steps=4, rounds=3)
-    assert probes["emulated"].calls == 1  # screened out after the short round
-    assert probes["unlucky"].calls == 2  # dropped after its slow round ...
-    assert best["unlucky"] == 70  # ... keeping its slow screening figure
-
-
-def test_time_interleaved_times_every_probe_each_round_for_benchmarks():
-    probes = {
-        "fast": _ScriptedProbe([100, 100, 100, 100]),
-        "unlucky": _ScriptedProbe([70, 60, 100, 100]),
-        "emulated": _ScriptedProbe([10]),
-    }
-    best = training.time_interleaved(probes, steps=4, rounds=3, keep_within=0.0)
-    assert probes["unlucky"].calls == 4
-    assert best == {"fast": 100, "unlucky": 100, "emulated": 10}

@@ -1,15 +1,21 @@
 """transfer_tf: measure and exploit how well learned features transfer between tasks.
 
-Modules, in the order data flows: ``data`` (dataset specs, class splits, tf.data),
-``models`` (base nets with layers conv1..fc8, transfer nets), ``training`` (one
-``train()`` for every experiment), ``export`` (SavedModel and .keras), ``results``
-(crash-safe result files).
+Capabilities, in the order data flows: ``data`` (dataset specs, class splits,
+tf.data), ``models`` (base nets with layers conv1..fc8, transfer nets),
+``training`` (one ``train()`` for every experiment), ``precision`` (the measured
+choice of precision and XLA), ``cache`` (exact activation caching), ``features``
+(layer outputs), ``backbones`` (Keras Applications), ``heads`` (linear probes),
+``autoencoder``, ``export``, ``results`` (crash-safe files), ``plots``. Studies
+built on them live in ``transfer_tf.studies``, all run by one runner.
+
+Importing the package sets one piece of global state, before anything imports
+TensorFlow: the CPU settings TensorFlow reads at import (oneDNN kernels, thread
+pools), from what was measured on this machine, unless the user set them
+(``transfer_tf.onednn``). Logging is set up by the scripts.
 """
 
-import os
+from transfer_tf import onednn as _onednn
 
-# TensorFlow's C++ start-up chatter (oneDNN notices, CUDA probes) drowns the
-# experiments' own progress lines (set TF_CPP_MIN_LOG_LEVEL=0 to see it).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+_onednn.bootstrap()

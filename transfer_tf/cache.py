@@ -214,9 +214,11 @@ class ActivationCache:
             else:
                 # .npy cannot describe bfloat16: store the raw 16-bit words.
                 array = np.lib.format.open_memmap(
-                    disk_dir / f".{split}.npy.tmp", mode="w+",
-                    dtype=_storage_dtype(dtype), shape=(len(x), *shape),
-                )  # fmt: skip
+                    disk_dir / f".{split}.npy.tmp",
+                    mode="w+",
+                    dtype=_storage_dtype(dtype),
+                    shape=(len(x), *shape),
+                )
             for start in range(0, len(x), self.batch_size):
                 batch = np.asarray(call(x[start : start + self.batch_size]))
                 array[start : start + len(batch)] = batch.view(array.dtype)
@@ -259,23 +261,28 @@ def _storage_dtype(dtype):
     return np.dtype(f"uint{dtype.itemsize * 8}") if dtype.kind == "V" else dtype
 
 
-def dataset(activations: np.ndarray, labels, batch_size, training, seed=0):
+def dataset(activations: np.ndarray, labels, batch_size, training, seed=0, min_steps=1):
     """Batches of ``(activation, label)`` in the same order as ``data.pipeline``.
 
     Shuffling indices with the same seed and buffer as the image pipeline shuffles
     the examples gives the same batches, so the cached and uncached paths see the
-    same examples in the same order. Disk entries are gathered from their memory
-    map batch by batch.
+    same examples in the same order; a set smaller than ``min_steps`` batches is
+    repeated as ``data.Task.train_dataset`` repeats it. Disk entries are gathered
+    from their memory map batch by batch.
     """
     labels = np.asarray(labels)
+    index = np.arange(len(labels))
+    need = batch_size * min_steps
+    if 0 < len(labels) < need:
+        index = np.tile(index, -(-need // len(labels)))
     if isinstance(activations, np.memmap) or not isinstance(activations, np.ndarray):
         source = activations
-        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(labels)), labels))
+        ds = tf.data.Dataset.from_tensor_slices((index, labels[index]))
     else:
         source = None
-        ds = tf.data.Dataset.from_tensor_slices((activations, labels))
+        ds = tf.data.Dataset.from_tensor_slices((activations[index], labels[index]))
     if training:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if source is not None:
         storage = _storage_dtype(source.dtype)

@@ -11,6 +11,9 @@ A dataset is named by one spec string, accepted the same way by every script:
   ``tfds:cifar100`` with ``label_key="coarse_label"`` for the 20 superclasses,
   ``tfds:imagenet2012``, ...). Downloads only when ``download=True``.
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (optional ``class_names``).
+- ``mnist_m:PHOTO_FOLDER``: MNIST-M (Ganin & Lempitsky 2015), the ``digits``
+  blended with colour patches cut from the photos of an image folder (seeded and
+  cached; see ``transfer_tf.mnist_m``).
 
 The two embedded digit sets ship without a test split; a fixed, stratified 20% of
 their examples is held out as the test split (the same for every run).
@@ -51,9 +54,17 @@ VALIDATION_SEED = 1234
 EMBEDDED_TEST_FRACTION = 0.2
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 CIFAR10_MAN_MADE = ("airplane", "automobile", "ship", "truck")
 
 # CIFAR-100: the 20 superclasses and their five fine classes each, in the dataset's
@@ -65,17 +76,29 @@ CIFAR100_SUPERCLASSES = {
     "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
     "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
     "household_electrical_devices": (
-        "clock", "keyboard", "lamp", "telephone", "television",
+        "clock",
+        "keyboard",
+        "lamp",
+        "telephone",
+        "television",
     ),
     "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
     "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
     "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
     "large_man-made_outdoor_things": (
-        "bridge", "castle", "house", "road", "skyscraper",
+        "bridge",
+        "castle",
+        "house",
+        "road",
+        "skyscraper",
     ),
     "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
     "large_omnivores_and_herbivores": (
-        "camel", "cattle", "chimpanzee", "elephant", "kangaroo",
+        "camel",
+        "cattle",
+        "chimpanzee",
+        "elephant",
+        "kangaroo",
     ),
     "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
     "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
@@ -85,7 +108,7 @@ CIFAR100_SUPERCLASSES = {
     "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
     "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
     "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
-}  # fmt: skip
+}
 CIFAR100_CLASSES = tuple(sorted(c for f in CIFAR100_SUPERCLASSES.values() for c in f))
 CIFAR100_MAN_MADE_SUPERCLASSES = (
     "food_containers",
@@ -273,10 +296,13 @@ def _check_arrays(name, x_train, y_train, x_test, y_test, class_names):
     if class_names is None:
         class_names = [str(i) for i in range(num_classes)]
     class_names = tuple(str(c) for c in class_names)
-    if (
-        len(class_names) < num_classes
-        or min(arrays["train"][1].min(), arrays["test"][1].min()) < 0
-    ):
+    lowest = min(arrays["train"][1].min(), arrays["test"][1].min())
+    if lowest < 0:
+        raise ValueError(
+            f"{name}: labels must be class indices >= 0, but there is a label "
+            f"{int(lowest)}"
+        )
+    if len(class_names) < num_classes:
         raise ValueError(
             f"{name}: labels span 0..{num_classes - 1} but {len(class_names)} class "
             "names were given"
@@ -518,14 +544,43 @@ def _tfds_arrays(ds, config, spec):
     return np.stack(images), np.array(labels, dtype=np.int64)
 
 
+def _load_mnist_m(spec, config):
+    from transfer_tf import mnist_m  # it builds on the digits source of this module
+
+    return mnist_m.load(spec, config)
+
+
 SOURCES = {
     "digits": _load_digits,
     "uci_digits": _load_uci_digits,
     "folder": _load_folder,
     "tfds": _load_tfds,
     "npz": _load_npz,
+    "mnist_m": _load_mnist_m,
 }
-SPEC_FORMS = ["digits", "uci_digits", "folder:PATH", "tfds:NAME", "npz:PATH"]
+# Spec kinds that take an argument after the colon.
+WITH_ARGUMENT = ("folder", "tfds", "npz", "mnist_m")
+SPEC_FORMS = [
+    "digits",
+    "uci_digits",
+    "folder:PATH",
+    "tfds:NAME",
+    "npz:PATH",
+    "mnist_m:PHOTO_FOLDER",
+]
+
+
+def cifar10_spec() -> str:
+    """The CIFAR-10 the ``cifar10`` presets read: the shared image folder
+    ``../shared/data/cifar10`` beside the project's checkout (or the current
+    directory) when present, else TFDS' CIFAR-10 (which needs ``download`` once).
+    """
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    for root in (checkout, pathlib.Path.cwd()):
+        folder = root.parent / "shared" / "data" / "cifar10"
+        if folder.is_dir():
+            return f"folder:{folder}"
+    return "tfds:cifar10"
 
 
 def load_source(config: DataConfig) -> Source:
@@ -539,7 +594,7 @@ def load_source(config: DataConfig) -> Source:
         split, unreadable image (naming the file), empty class, bad arrays.
     """
     kind = config.dataset.split(":", 1)[0]
-    if kind not in SOURCES or (kind in ("folder", "tfds", "npz")) != (
+    if kind not in SOURCES or (kind in WITH_ARGUMENT) != (
         ":" in config.dataset
     ):
         raise ValueError(
@@ -583,11 +638,6 @@ def _resize_source(source, size):
     return dataclasses.replace(
         source, x_train=resize(source.x_train), x_test=resize(source.x_test)
     )
-
-
-def clear_cache():
-    """Forgets decoded datasets (tests use it to keep memory low)."""
-    _load_cached.cache_clear()
 
 
 # ---------------------------------------------------------------------- class splits

@@ -2,17 +2,21 @@
 
 ``model.save`` writes only ``.keras``/``.h5`` in Keras 3; a TensorFlow SavedModel
 (for TF Serving, TFLite, other languages) is ``model.export(path)``. Both are
-written; the SavedModel's ``serve`` signature takes raw uint8 images, because the
-rescaling is part of the model.
+written; the SavedModel's ``serve`` endpoint (also its ``serving_default``
+signature, which TF Serving calls) takes raw uint8 images, because the rescaling
+is part of the model, and refuses a batch of another image shape with a message
+saying the shape it expects (a signature alone lets any shape through to the
+kernels, which then fail obscurely or even answer).
 """
 
 from __future__ import annotations
 
 import pathlib
-import shutil
 
 import keras
 import tensorflow as tf
+
+from transfer_tf import results
 
 KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
@@ -31,15 +35,39 @@ def export_model(model: keras.Model, directory) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     keras_path = directory / KERAS_FILE
     saved_path = directory / SAVED_MODEL_DIR
-    tmp_keras = directory / ".tmp.model.keras"
-    model.save(tmp_keras)
-    tmp_keras.replace(keras_path)
-    tmp_saved = directory / ".tmp.saved_model"
-    shutil.rmtree(tmp_saved, ignore_errors=True)
-    model.export(str(tmp_saved), format="tf_saved_model", verbose=False)
-    shutil.rmtree(saved_path, ignore_errors=True)
-    tmp_saved.replace(saved_path)
+    with results.atomic_path(keras_path) as tmp:
+        model.save(tmp)
+    with results.atomic_path(saved_path) as tmp:
+        serving_archive(model).write_out(str(tmp), verbose=False)
     return {"keras": str(keras_path), "saved_model": str(saved_path)}
+
+
+def serving_archive(model: keras.Model) -> keras.export.ExportArchive:
+    """The model's SavedModel archive with a ``serve`` endpoint that checks the
+    image shape before running the model."""
+    shape = tuple(int(d) for d in model.input_shape[1:])
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    described = "x".join(str(d) for d in shape)
+    message = (
+        f"model {model.name!r} takes {dtype.name} images of shape (batch, "
+        f"{', '.join(map(str, shape))}) ({described}); resize or convert the "
+        "images to that shape"
+    )
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *shape), dtype, name="image")])
+    def serve(images):
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(images)[1:], tf.constant(shape), message=message
+            )
+        ]
+        with tf.control_dependencies(checks):
+            return model(tf.identity(images), training=False)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve)
+    return archive
 
 
 def load_keras_model(path) -> keras.Model:

@@ -41,7 +41,7 @@ class ModelConfig:
         when the smaller image side is at least 128 px.
     """
 
-    width: float = 1.0
+    width: float = 0.25
     batch_norm: bool = False
     dropout: float = 0.5
     stem: str = "auto"
@@ -75,7 +75,7 @@ def check_cut(n: int, allow_top: bool = False) -> int:
 def build_base_net(
     input_shape,
     num_classes: int,
-    width: float = 1.0,
+    width: float = ModelConfig.width,
     batch_norm: bool = False,
     dropout: float = 0.5,
     stem: str = "auto",
@@ -130,9 +130,15 @@ def build_base_net(
     for i, (f, (k, s)) in enumerate(zip(filters, kernels, strict=True)):
         layer_name = LAYER_NAMES[i]
         conv = layers.Conv2D(
-            f, k, strides=s, padding="same", kernel_initializer="he_normal",
-            use_bias=not config.batch_norm, name=layer_name, dtype=dtype,
-        )  # fmt: skip
+            f,
+            k,
+            strides=s,
+            padding="same",
+            kernel_initializer="he_normal",
+            use_bias=not config.batch_norm,
+            name=layer_name,
+            dtype=dtype,
+        )
         x = block(x, conv, layer_name)
         if layer_name in POOLED:
             x = layers.MaxPooling2D(
@@ -141,9 +147,12 @@ def build_base_net(
     x = layers.Flatten(name="flatten", dtype=dtype)(x)
     for layer_name in ("fc6", "fc7"):
         dense = layers.Dense(
-            units, kernel_initializer="he_normal", use_bias=not config.batch_norm,
-            name=layer_name, dtype=dtype,
-        )  # fmt: skip
+            units,
+            kernel_initializer="he_normal",
+            use_bias=not config.batch_norm,
+            name=layer_name,
+            dtype=dtype,
+        )
         x = block(x, dense, layer_name)
         if config.dropout:
             x = layers.Dropout(

@@ -1,8 +1,14 @@
-"""Figures drawn from results records only (so they can be redrawn at any time)."""
+"""Every figure of the project, drawn from records or summaries only (so each can
+be redrawn at any time).
+
+Figures are returned as matplotlib figures; :func:`png_bytes` renders one for a
+study's report (the runner writes it only when it changed) and :func:`save`
+writes one to a file atomically.
+"""
 
 from __future__ import annotations
 
-import pathlib
+import io
 
 import matplotlib
 
@@ -10,6 +16,8 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from transfer_tf import results  # noqa: E402
 
 # The paper's Figure 2 colours: selffer blue, transfer red; fine-tuned lighter.
 STYLE = {
@@ -21,6 +29,24 @@ STYLE = {
     "random": dict(color="#7f7f7f", marker="v", label="random frozen layers"),
 }
 OFFSET = {"BnB": -0.15, "BnB+": -0.05, "AnB": 0.05, "AnB+": 0.15, "random": 0.0}
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (the same bytes for the same figure); closes it."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, dpi=110, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def save(fig, path) -> str:
+    """Writes the figure as PNG atomically; returns the path."""
+    results.write_bytes(path, png_bytes(fig))
+    return str(path)
+
+
+# ------------------------------------------------------------ transferability grid
 
 
 def _by_split(records):
@@ -36,7 +62,7 @@ def _points(rows, treatment):
     return np.array(pts).T if pts else (np.array([]), np.array([]))
 
 
-def transfer_figure(records, path) -> str:
+def transfer_figure(records):
     """The paper's Figure 2: test top-1 vs cut layer n, one dot per run, mean
     lines per treatment, the baseB level dashed. One panel per class split."""
     splits = _by_split(records)
@@ -64,10 +90,10 @@ def transfer_figure(records, path) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test top-1 accuracy (target half)")
     axes[0][-1].legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def relative_figure(records, path) -> str:
+def relative_figure(records):
     """The paper's Figure 3 (bottom): mean accuracy relative to the base net
     (mean / mean(baseB) - 1) vs n for transfer between random halves, transfer
     between semantic halves, and random frozen layers; the selffer BnB of each
@@ -112,15 +138,95 @@ def relative_figure(records, path) -> str:
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def _save(fig, path) -> str:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{path.name}")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    tmp.replace(path)
-    return str(path)
+# ------------------------------------------------------------------ generic curves
+
+
+def curves_figure(panels, ylabel="test top-1 accuracy", legend="best", width=7.0):
+    """Panels of lines with error bars and horizontal reference lines.
+
+    Args:
+      panels: one dict per panel: ``title``, ``xlabel``; ``lines``: a list of
+        ``{"x", "y", "e" (or None), "label", **style}`` drawn as error bars;
+        ``references``: ``{"y", "label", **style}`` drawn as horizontal lines;
+        optional ``xticks`` ``(positions, labels)``, ``xscale`` and ``empty`` (a
+        text shown when the panel has no line).
+      ylabel: the y axis of the first panel.
+      legend: ``best`` (inside) or ``below`` (under each panel, for many lines).
+      width: inches per panel.
+    """
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(width * len(panels), 6.4 if legend == "below" else 5.2),
+        squeeze=False,
+    )
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for line in panel.get("lines", ()):
+            style = {k: v for k, v in line.items() if k not in ("x", "y", "e")}
+            e = line.get("e")
+            ax.errorbar(
+                line["x"],
+                line["y"],
+                yerr=e if e is not None and np.any(e) else None,
+                capsize=2,
+                **{"marker": "o", "ms": 4, **style},
+            )
+        for ref in panel.get("references", ()):
+            style = {k: v for k, v in ref.items() if k != "y"}
+            ax.axhline(ref["y"], **{"lw": 1.2, **style})
+        if panel.get("xscale"):
+            ax.set_xscale(panel["xscale"])
+        if panel.get("xticks"):
+            ax.set_xticks(*panel["xticks"])
+            ax.minorticks_off()
+        ax.set_xlabel(panel.get("xlabel", ""))
+        ax.set_title(panel.get("title", ""))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            if legend == "below":
+                ax.legend(
+                    fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2
+                )
+            else:
+                ax.legend(fontsize=7, loc="best")
+        elif panel.get("empty"):
+            ax.text(0.5, 0.5, panel["empty"], ha="center", transform=ax.transAxes)
+    axes[0][0].set_ylabel(ylabel)
+    return fig
+
+
+def budget_axis(budgets, all_per_class: float) -> tuple[dict, tuple]:
+    """x positions of label budgets on a log axis (``all`` at its mean number of
+    examples per class) and the ticks that name them."""
+    position = {b: all_per_class if b == "all" else float(b) for b in budgets}
+    ticks = sorted((x, b) for b, x in position.items())
+    return position, (
+        [x for x, _ in ticks],
+        [f"all\n({x:.0f})" if b == "all" else b for x, b in ticks],
+    )
+
+
+# ---------------------------------------------------------------------- autoencoder
+
+
+def reconstructions_figure(originals, reconstructions, title=None):
+    """Originals (top row) above their reconstructions (bottom row)."""
+    count = len(originals)
+    fig, axes = plt.subplots(2, count, figsize=(1.2 * count, 2.9), squeeze=False)
+    for row, images in enumerate((np.asarray(originals) / 255.0, reconstructions)):
+        for col in range(count):
+            image = np.clip(np.asarray(images[col], np.float32), 0, 1)
+            ax = axes[row][col]
+            if image.shape[-1] == 1:
+                ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(("original", "reconstruction")[row], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig

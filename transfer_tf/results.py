@@ -9,13 +9,13 @@ the next append cuts it off first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import pathlib
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -53,54 +53,77 @@ def _finite(value):
     return value
 
 
-def write_json(path, record, indent=2):
-    """Writes ``record`` as JSON atomically (temporary file, fsync, rename)."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside ``path`` that replaces it when the block succeeds.
+
+    Whatever the block writes there (a file, or a directory such as a
+    SavedModel) is renamed over ``path`` only once it is complete, so a killed
+    writer never leaves a half-written file that a rerun would trust; on an
+    error the temporary is removed. The temporary keeps ``path``'s suffix
+    (``np.save`` and Keras look at it).
+
+    Yields:
+      The temporary ``pathlib.Path`` to write to.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(record), indent=indent, sort_keys=True, default=_default)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
+    _remove(tmp)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if tmp.is_dir():
+            _remove(path)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_bytes(path, data: bytes, sync: bool = False):
+    """Writes ``data`` to ``path`` atomically (optionally fsynced first)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def dumps_pretty(record) -> str:
+    """Indented, key-sorted JSON text with a final newline (NaN: ``null``)."""
+    return (
+        json.dumps(_finite(record), indent=2, sort_keys=True, default=_default) + "\n"
+    )
+
+
+def write_json(path, record):
+    """Writes ``record`` as JSON atomically (temporary file, fsync, rename)."""
+    write_bytes(path, dumps_pretty(record).encode(), sync=True)
 
 
 def write_text(path, text):
     """Writes a text file atomically (temporary file, rename)."""
+    write_bytes(path, text.encode())
+
+
+def write_if_changed(path, content: str | bytes) -> bool:
+    """Writes ``content`` atomically unless ``path`` already holds exactly it, so a
+    rerun that changes nothing writes nothing (a read-only copy of a finished
+    study can still be reported on). Returns whether it wrote."""
+    data = content.encode() if isinstance(content, str) else content
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def records_csv(records, fields) -> str:
-    """CSV text with one row per record and the given fields as columns (floats
-    with 6 decimals, missing values empty)."""
-    lines = [",".join(fields)]
-    for r in records:
-        values = []
-        for field in fields:
-            v = r.get(field)
-            if isinstance(v, float):
-                values.append(f"{v:.6f}")
-            else:
-                values.append("" if v is None else str(v))
-        lines.append(",".join(values))
-    return "\n".join(lines) + "\n"
-
-
-def markdown_table(header, rows) -> list[str]:
-    """The lines of a Markdown table: ``header`` (cell texts) and ``rows`` (lists
-    of cell texts, one per column)."""
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    write_bytes(path, data)
+    return True
 
 
 def read_json(path):
@@ -172,13 +195,7 @@ def read_jsonl(path):
 
 def rewrite_jsonl(path, records):
     """Replaces a JSON-lines file atomically with ``records``."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, "".join(dumps(r) + "\n" for r in records).encode(), sync=True)
 
 
 def config_diff(old: dict, new: dict, prefix="") -> list[str]:
@@ -227,5 +244,5 @@ def claim_workdir(workdir, config: dict, overwrite=False, compare=None) -> pathl
             log.warning("--overwrite: deleting the old contents of %s", workdir)
             shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json(path, config)
+    write_if_changed(path, dumps_pretty(config))
     return workdir

@@ -8,37 +8,17 @@ on the validation split, never on the test split), writes ``metrics.jsonl`` and
 TensorBoard events, resumes after a crash from a backup in the work directory, and
 fails with a clear error when the loss becomes NaN.
 
-Precision and XLA
------------------
-``precision`` is ``float32``, ``mixed_bfloat16``, ``mixed_float16`` or ``auto``;
-``xla`` is ``on``, ``off`` or ``auto``. ``auto`` is decided by measurement, not
-assumed: on first use on a machine, :func:`probe_settings` trains the base net for
-a few steps in every precision x XLA combination (about a minute on a 2-core CPU)
-and picks the one that would finish a typical run first, its compilation included
-(float32 without XLA unless another is >= 10% faster); the choice is logged and
-kept per machine in ``~/.cache/transfer_tf/auto_settings.json``
-(``$TRANSFER_TF_AUTO_FILE``). CPUs differ: on a 2-core AMD EPYC with native bf16
-it picked mixed_bfloat16 (~1.8x faster); on a 2-core AMD EPYC without it
-(emulated bf16 runs at a tenth of float32's speed) float32, and XLA's compile
-time outweighs its gain on small nets (BUILD.md has the figures). With
-``TRANSFER_TF_AUTO=rule`` (or when the probe fails) a fixed rule applies instead:
-on a GPU, XLA on and mixed_bfloat16 (compute capability >= 8) or mixed_float16
-(7.x); on a CPU, XLA off and mixed_bfloat16 only with native bf16 instructions
-(``avx512_bf16``/``amx_bf16``).
-
-The precision is a property of the model (its dtype policy), so drivers build
-models with ``dtype=resolve_precision(config.precision)``.
+Precision and XLA choices (``auto``: measured per machine) live in
+``transfer_tf.precision``; the precision is a property of the model (its dtype
+policy), XLA a property of its compilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
-import os
 import pathlib
-import platform
 import shutil
 import time
 
@@ -47,16 +27,15 @@ import numpy as np
 import tensorflow as tf
 
 from transfer_tf import cache as activation_cache
+from transfer_tf import precision as precision_module
 from transfer_tf import results
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-XLA_CHOICES = ("auto", "on", "off")
-AUTO_FILE_ENV = "TRANSFER_TF_AUTO_FILE"
-AUTO_MODE_ENV = "TRANSFER_TF_AUTO"
+PRECISIONS = precision_module.PRECISIONS
+XLA_CHOICES = precision_module.XLA_CHOICES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +67,9 @@ class TrainConfig:
         disk in the work directory.
     """
 
-    epochs: int = 30
+    epochs: int = 15
     optimizer: str = "sgd"
-    learning_rate: float = 0.01
+    learning_rate: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -145,235 +124,6 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-# ------------------------------------------------------------------ hardware rules
-
-
-@functools.lru_cache(maxsize=1)
-def hardware() -> dict:
-    """GPU name and compute capability, CPU model and its bf16 support."""
-    info = {"gpu": None, "compute_capability": None, "cpu": platform.machine(),
-            "cpu_bf16": False}  # fmt: skip
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        info["gpu"] = details.get("device_name", gpus[0].name)
-        info["compute_capability"] = details.get("compute_capability")
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-        flags = text.split()
-        info["cpu_bf16"] = "avx512_bf16" in flags or "amx_bf16" in flags
-        names = [line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-        if names:
-            info["cpu"] = names[0]
-    except OSError:
-        pass
-    return info
-
-
-def rule_settings() -> dict:
-    """The fallback rule when no measurement is wanted or possible."""
-    hw = hardware()
-    if hw["gpu"]:
-        major = (hw["compute_capability"] or (0, 0))[0]
-        precision = "float32"
-        if major >= 8:
-            precision = "mixed_bfloat16"
-        elif major >= 7:
-            precision = "mixed_float16"
-        return {"precision": precision, "xla": "on", "source": "rule"}
-    precision = "mixed_bfloat16" if hw["cpu_bf16"] else "float32"
-    return {"precision": precision, "xla": "off", "source": "rule"}
-
-
-def machine_key() -> str:
-    """What the measured choice depends on: hardware and library versions."""
-    hw = hardware()
-    return (
-        f"{hw['cpu']} x{os.cpu_count()} | gpu={hw['gpu']} | "
-        f"tensorflow {tf.__version__} | keras {keras.__version__}"
-    )
-
-
-def auto_file() -> pathlib.Path:
-    """Where measured auto settings are kept (``$TRANSFER_TF_AUTO_FILE``)."""
-    default = pathlib.Path.home() / ".cache" / "transfer_tf" / "auto_settings.json"
-    return pathlib.Path(os.environ.get(AUTO_FILE_ENV) or default)
-
-
-class ThroughputProbe:
-    """A base net compiled in one precision/XLA setting, ready to be timed.
-
-    ``setup_seconds`` is what building, compiling (XLA: compiling for the CPU or
-    GPU) and the first two steps took: a cost every training pays again.
-    ``compile`` replaces the project's compile step (the benchmark times a net
-    compiled the way a Keras user would by default).
-    """
-
-    def __init__(self, precision="float32", xla="off", batch_size=128,
-                 shape=(32, 32, 3), width=0.25, compile=None):  # fmt: skip
-        from transfer_tf import models
-
-        started = time.perf_counter()
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (batch_size * 4, *shape), dtype=np.uint8)
-        y = rng.integers(0, 10, batch_size * 4)
-        self.ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-        self.ds = self.ds.repeat()
-        self.batch_size = batch_size
-        self.model = models.build_base_net(
-            shape, 10, width=width, dtype=precision, seed=0
-        )
-        if compile is None:
-            compile_model(self.model, TrainConfig(xla=xla, precision=precision), 1)
-        else:
-            compile(self.model)
-        self.run(2)  # trace, compile and warm up
-        self.setup_seconds = time.perf_counter() - started
-
-    def run(self, steps) -> float:
-        """Trains ``steps`` steps; returns images/s."""
-        started = time.perf_counter()
-        self.model.fit(
-            self.ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False
-        )
-        return steps * self.batch_size / (time.perf_counter() - started)
-
-
-def time_interleaved(probes: dict, steps=12, rounds=3, keep_within=0.8) -> dict:
-    """Best images/s of each probe, timed in interleaved rounds.
-
-    A short screening round (a quarter of ``steps``) first drops probes below
-    half the best one's speed: emulated bfloat16 on a CPU without bf16
-    instructions runs at a tenth of float32's speed, and timing it in full would
-    take several times longer than everything else. The rest are timed in
-    interleaved rounds, each keeping its best, so a burst of load from another
-    process on a shared machine does not decide. When choosing a setting, only
-    probes within ``keep_within`` of the best (80%) are timed again after each
-    round; a benchmark that compares the probes passes ``keep_within=0`` so that
-    one unlucky round cannot leave a probe with its slow first figure.
-    """
-    best = {k: p.run(max(1, steps // 4)) for k, p in probes.items()}
-    contenders = [k for k in probes if best[k] >= 0.5 * max(best.values())]
-    for _ in range(rounds):
-        for key in contenders:
-            best[key] = max(best[key], probes[key].run(steps))
-        fastest = max(best.values())
-        contenders = [k for k in contenders if best[k] >= keep_within * fastest]
-    return best
-
-
-def measure_settings(settings, steps=12, rounds=3, batch_size=128, shape=(32, 32, 3),
-                     width=0.25) -> dict:  # fmt: skip
-    """Training speed of the base net per ``"precision:xla"`` setting (see
-    :func:`time_interleaved`).
-
-    Returns:
-      ``{"images_per_second": {setting: rate}, "setup_seconds": {setting: s}}``.
-    """
-    ThroughputProbe("float32", "off", batch_size, shape, width).run(1)  # first use
-    probes = {}
-    for setting in settings:
-        precision, xla = setting.split(":")
-        probes[setting] = ThroughputProbe(precision, xla, batch_size, shape, width)
-    best = time_interleaved(probes, steps, rounds)
-    return {
-        "images_per_second": {k: round(v, 1) for k, v in best.items()},
-        "setup_seconds": {k: round(p.setup_seconds, 2) for k, p in probes.items()},
-    }
-
-
-def measure_throughput(settings, steps=12, rounds=3, batch_size=128, shape=(32, 32, 3),
-                       width=0.25) -> dict:  # fmt: skip
-    """Training images/s of the base net per ``"precision:xla"`` setting (see
-    :func:`measure_settings`)."""
-    measured = measure_settings(settings, steps, rounds, batch_size, shape, width)
-    return measured["images_per_second"]
-
-
-# The length of a typical training, in steps of 128 images, by which the probe
-# weighs a setting's one-off compile time against its speed (a digits grid run:
-# about 8 epochs of 30-60 steps).
-TYPICAL_RUN_STEPS = 400
-
-
-def run_seconds(measured: dict, steps: int = TYPICAL_RUN_STEPS, batch_size=128):
-    """Predicted seconds of a ``steps``-long training per setting: its setup
-    (compilation) plus the steps at its measured speed."""
-    rates, setup = measured["images_per_second"], measured["setup_seconds"]
-    return {k: setup[k] + steps * batch_size / rates[k] for k in rates}
-
-
-def probe_settings(steps=10, rounds=2, width=0.25) -> dict:
-    """Measures every precision x XLA candidate on this machine and picks the one
-    that trains a typical run fastest, compilation included; float32 without XLA
-    stays unless another setting is at least 10% faster."""
-    precisions = ["float32", "mixed_bfloat16"]
-    if hardware()["gpu"]:
-        precisions.append("mixed_float16")
-    settings = [f"{p}:{x}" for p in precisions for x in ("off", "on")]
-    measured = measure_settings(settings, steps, rounds, width=width)
-    seconds = run_seconds(measured)
-    best = min(seconds, key=seconds.get)
-    if seconds[best] > seconds["float32:off"] / 1.1:
-        best = "float32:off"
-    precision, xla = best.split(":")
-    return {
-        "precision": precision,
-        "xla": xla,
-        **measured,
-        "typical_run_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": "probe",
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def auto_settings() -> dict:
-    """The precision and XLA setting that ``auto`` stands for on this machine.
-
-    Measured once per machine by :func:`probe_settings` (about a minute on a
-    2-core CPU) and kept in :func:`auto_file` under :func:`machine_key`; later runs read
-    it. ``TRANSFER_TF_AUTO=rule`` skips the measurement and uses
-    :func:`rule_settings`; so does a failed probe.
-    """
-    if os.environ.get(AUTO_MODE_ENV, "probe") == "rule":
-        return rule_settings()
-    path, key = auto_file(), machine_key()
-    try:
-        store = results.read_json(path) if path.exists() else {}
-    except ValueError:
-        store = {}
-    if key not in store:
-        log.info("measuring the fastest precision and XLA setting on this machine...")
-        try:
-            store[key] = probe_settings()
-        except Exception as e:  # any failure of the probe falls back to the rule
-            log.warning("probe failed (%s); using the rule", e)
-            return {**rule_settings(), "source": f"rule (probe failed: {e})"}
-        results.write_json(path, store)
-    chosen = store[key]
-    log.info(
-        "auto settings: precision=%s, xla=%s (measured images/s %s; kept in %s)",
-        chosen["precision"], chosen["xla"], chosen["images_per_second"], path,
-    )  # fmt: skip
-    return chosen
-
-
-def resolve_precision(precision: str) -> str:
-    """The dtype policy name for a precision choice (``auto``: measured)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {list(PRECISIONS)}")
-    return auto_settings()["precision"] if precision == "auto" else precision
-
-
-def resolve_xla(xla: str) -> bool:
-    """Whether to compile with XLA (``auto``: measured)."""
-    if xla not in XLA_CHOICES:
-        raise ValueError(f"xla={xla!r} is not one of {list(XLA_CHOICES)}")
-    return (auto_settings()["xla"] if xla == "auto" else xla) == "on"
-
-
 # ----------------------------------------------------------------------- optimiser
 
 
@@ -400,9 +150,13 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
 
 
 def compile_model(
-    model: keras.Model, config: TrainConfig, steps_per_epoch: int, loss=None,
-    metrics=None, optimizer=None,
-):  # fmt: skip
+    model: keras.Model,
+    config: TrainConfig,
+    steps_per_epoch: int,
+    loss=None,
+    metrics=None,
+    optimizer=None,
+):
     """Compiles for training; call again after any change of ``trainable``.
 
     The loss defaults to cross-entropy on logits and the metric to top-1
@@ -414,7 +168,7 @@ def compile_model(
         optimizer=optimizer or make_optimizer(config, steps_per_epoch),
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics or [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=resolve_xla(config.xla),
+        jit_compile=precision_module.resolve_xla(config.xla) == "on",
     )
 
 
@@ -464,8 +218,14 @@ class _BestWeights(keras.callbacks.Callback):
         self.patience = patience
         self.persist = persist
         self.best_weights = None
-        self.state = {"best_loss": math.inf, "best_accuracy": None, "best_epoch": 0,
-                      "wait": 0, "last_epoch": 0, "stopped_early": False}  # fmt: skip
+        self.state = {
+            "best_loss": math.inf,
+            "best_accuracy": None,
+            "best_epoch": 0,
+            "wait": 0,
+            "last_epoch": 0,
+            "stopped_early": False,
+        }
 
     def on_train_begin(self, logs=None):
         resumed = self.model._initial_epoch  # set by BackupAndRestore
@@ -545,8 +305,11 @@ class _EpochLog(keras.callbacks.Callback):
         parts = [f"{k} {float(v):.4f}" for k, v in logs.items() if k != "learning_rate"]
         log.info(
             "epoch %d/%d  %s  (%.1f s)",
-            epoch + 1, self.epochs, "  ".join(parts), time.time() - self.started,
-        )  # fmt: skip
+            epoch + 1,
+            self.epochs,
+            "  ".join(parts),
+            time.time() - self.started,
+        )
 
 
 # ------------------------------------------------------------------------- train
@@ -567,9 +330,16 @@ def count_examples(dataset: tf.data.Dataset) -> int:
 
 
 def train(
-    model, train_ds, val_ds, config: TrainConfig, workdir, loss=None, metrics=None,
-    callbacks=(), optimizer=None,
-) -> TrainResult:  # fmt: skip
+    model,
+    train_ds,
+    val_ds,
+    config: TrainConfig,
+    workdir,
+    loss=None,
+    metrics=None,
+    callbacks=(),
+    optimizer=None,
+) -> TrainResult:
     """Trains ``model`` in place and returns what happened.
 
     Args:
@@ -677,6 +447,7 @@ class TaskResult:
     test_accuracy: float
     test_loss: float
     test_examples: int
+    num_train: int
     path: str  # "cached": layers above a cached prefix were trained; else "full"
     cached_layers: int
     path_reason: str
@@ -684,10 +455,26 @@ class TaskResult:
     cache_seconds: float = 0.0
 
     def record(self) -> dict:
-        """A flat, JSON-ready dict (for result.json and results.jsonl)."""
-        out = dataclasses.asdict(self.train)
-        out.update({k: v for k, v in dataclasses.asdict(self).items() if k != "train"})
-        return out
+        """The fields a results file records of the training (JSON-ready)."""
+        t = self.train
+        return {
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "test_examples": self.test_examples,
+            "val_accuracy": t.best_val_accuracy,
+            "val_loss": t.best_val_loss,
+            "num_train": self.num_train,
+            "best_epoch": t.best_epoch,
+            "epochs_run": t.epochs_run,
+            "stopped_early": t.stopped_early,
+            "examples_seen": t.examples_seen,
+            "train_time": t.wall_time,
+            "precision": t.precision,
+            "xla": "on" if t.jit_compile else "off",
+            "path": self.path,
+            "path_reason": self.path_reason,
+            "cached_layers": self.cached_layers,
+        }
 
 
 def train_task(
@@ -698,6 +485,7 @@ def train_task(
     batch_size: int = 128,
     augment: str = "none",
     cache: activation_cache.ActivationCache | None = None,
+    min_epoch_steps: int = 1,
 ) -> TaskResult:
     """Trains ``model`` on a ``data.Task`` and evaluates it on the task's test split.
 
@@ -706,7 +494,9 @@ def train_task(
     ``cache`` (computed once; a new cache in ``workdir`` when ``None``) and only the
     layers above it are trained, in place, so ``model`` comes out as the full,
     exportable net. Otherwise every image goes through the whole net each epoch.
-    Shuffling is seeded identically on both paths.
+    Shuffling is seeded identically on both paths. A training set smaller than
+    ``min_epoch_steps`` batches is repeated until an epoch has that many steps
+    (see ``data.Task.train_dataset``).
 
     Returns:
       A TaskResult saying which path ran and why.
@@ -721,14 +511,21 @@ def train_task(
     if n == 0:
         outcome = train(
             model,
-            task.train_dataset(batch_size, config.seed, augment),
+            task.train_dataset(batch_size, config.seed, augment, min_epoch_steps),
             task.eval_dataset("validation", batch_size),
             config,
             workdir,
         )
         test = evaluate(model, task.eval_dataset("test", batch_size))
         return TaskResult(
-            outcome, test["accuracy"], test["loss"], test["examples"], "full", 0, reason
+            outcome,
+            test["accuracy"],
+            test["loss"],
+            test["examples"],
+            len(task.y_train),
+            "full",
+            0,
+            reason,
         )
     if cache is None:
         cache = activation_cache.ActivationCache(
@@ -741,7 +538,12 @@ def train_task(
     def feed(split, training):
         labels = task.arrays(split)[1]
         return activation_cache.dataset(
-            getattr(acts, split), labels, batch_size, training, config.seed
+            getattr(acts, split),
+            labels,
+            batch_size,
+            training,
+            config.seed,
+            min_epoch_steps if training else 1,
         )
 
     outcome = train(
@@ -749,6 +551,14 @@ def train_task(
     )
     test = evaluate(head, feed("test", False))
     return TaskResult(
-        outcome, test["accuracy"], test["loss"], test["examples"], "cached", n, reason,
-        acts.storage, acts.seconds,
-    )  # fmt: skip
+        outcome,
+        test["accuracy"],
+        test["loss"],
+        test["examples"],
+        len(task.y_train),
+        "cached",
+        n,
+        reason,
+        acts.storage,
+        acts.seconds,
+    )

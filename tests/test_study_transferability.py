@@ -1,4 +1,5 @@
-"""The transferability grid: expansion, execution, summaries, resume, refusal."""
+"""The transferability grid: expansion, execution, summaries, resume, refusal,
+and experiments/transferability.py killed and resumed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import EXPERIMENTS, ROOT, run_script
-from transfer_tf import data, models, results, training, transfer
+from transfer_tf import data, models, results, training
+from transfer_tf.studies import runner, transferability
+
+STUDY = transferability.STUDY
 
 ALL = ("BnB", "BnB+", "AnB", "AnB+", "random", "reduced")
 
@@ -33,14 +37,14 @@ def tiny_study(**kw):
         reduced_per_class=(10,),
     )
     values.update(kw)
-    return transfer.StudyConfig(**values)
+    return transferability.Config(**values)
 
 
 # ------------------------------------------------------------------------ expansion
 
 
 def test_expand_orders_bases_first_and_covers_every_treatment():
-    runs = transfer.expand(tiny_study(seeds=(0, 1), layers=(1, 4, 7)))
+    runs = transferability.expand(tiny_study(seeds=(0, 1), layers=(1, 4, 7)))
     # per seed: baseA, baseB, one reduced, 5 treatments x 3 layers
     assert len(runs) == 2 * (2 + 1 + 5 * 3)
     assert len({r.key for r in runs}) == len(runs)
@@ -63,7 +67,9 @@ def test_expand_orders_bases_first_and_covers_every_treatment():
 
 
 def test_expand_mirrored_targets_pool_under_b_names():
-    runs = transfer.expand(tiny_study(treatments=("BnB", "AnB+"), targets=("A", "B")))
+    runs = transferability.expand(
+        tiny_study(treatments=("BnB", "AnB+"), targets=("A", "B"))
+    )
     by_name = {r.name: r for r in runs if r.n == 2}
     assert by_name["AnA"].treatment == "BnB"  # selffer on A
     assert by_name["BnA+"].treatment == "AnB+"  # transfer B -> A
@@ -71,7 +77,7 @@ def test_expand_mirrored_targets_pool_under_b_names():
 
 
 def test_expand_only_needs_base_a_for_transfer():
-    runs = transfer.expand(tiny_study(treatments=("BnB", "random")))
+    runs = transferability.expand(tiny_study(treatments=("BnB", "random")))
     assert [r.name for r in runs if r.kind == "base"] == ["baseB"]
 
 
@@ -102,13 +108,13 @@ def test_config_hash_ignores_the_grid_extent():
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     config = tiny_study()
-    records = transfer.run_study(config, workdir)
+    records = runner.run_study(STUDY, config, workdir)
     return config, workdir, records
 
 
 def test_study_writes_every_output(study):
     config, workdir, records = study
-    assert len(records) == len(transfer.expand(config)) == 13
+    assert len(records) == len(transferability.expand(config)) == 13
     for name in ("results.jsonl", "summary.md", "summary.csv", "config.json"):
         assert (workdir / name).is_file(), name
     for name in ("transfer.png", "relative.png"):
@@ -117,12 +123,28 @@ def test_study_writes_every_output(study):
     lines = results.read_jsonl(workdir / "results.jsonl")
     assert [r["key"] for r in lines] == [r["key"] for r in records]
     required = {
-        "treatment", "n", "split", "seed", "target", "test_accuracy", "best_epoch",
-        "epochs_run", "examples_seen", "wall_time", "config_hash",
-    }  # fmt: skip
+        "treatment",
+        "n",
+        "split",
+        "seed",
+        "target",
+        "test_accuracy",
+        "best_epoch",
+        "epochs_run",
+        "examples_seen",
+        "wall_time",
+        "config_hash",
+    }
     assert all(required <= set(r) for r in lines)
-    assert {r["treatment"] for r in lines} == {"baseB", "BnB", "BnB+", "AnB", "AnB+",
-                                               "random", "reduced"}  # fmt: skip
+    assert {r["treatment"] for r in lines} == {
+        "baseB",
+        "BnB",
+        "BnB+",
+        "AnB",
+        "AnB+",
+        "random",
+        "reduced",
+    }
     base_dir = workdir / "runs" / "random" / "seed0" / "baseA"
     assert (base_dir / "saved_model" / "saved_model.pb").is_file()
     assert (base_dir / "model.keras").is_file()
@@ -144,18 +166,23 @@ def test_frozen_layers_recorded_per_treatment(study):
 
 def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
     config, workdir, _ = study
-    resources = transfer._Resources(config, workdir)
-    run = transfer.Run("transfer", "random", 0, "B", n=2, source="A")
-    model = transfer.build_model(run, resources, "float32")
-    base = resources.base_model(run)
+    context = transferability.Context(
+        runner.resolve_auto(config), workdir, lambda run: workdir / "runs" / run.key
+    )
+    run = transferability.Run("transfer", "random", 0, "B", n=2, source="A")
+    model = transferability.build_model(run, context, "float32")
+    base = context.base_model(run)
     before = models.layer_weights(model, 7)
     for name, w in models.layer_weights(base, 2).items():
         np.testing.assert_array_equal(before[name], w)  # copied from baseA
-    task = resources.task(run)
+    task = context.task(run)
     training.train(
-        model, task.train_dataset(32), task.eval_dataset("validation"),
-        dataclasses.replace(config.training, epochs=1), tmp_path,
-    )  # fmt: skip
+        model,
+        task.train_dataset(32),
+        task.eval_dataset("validation"),
+        dataclasses.replace(config.training, epochs=1),
+        tmp_path,
+    )
     after = models.layer_weights(model, 7)
     for name in before:
         changed = not np.array_equal(before[name], after[name])
@@ -164,9 +191,7 @@ def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
 
 def test_summary_equals_numbers_recomputed_from_results(study):
     config, workdir, _ = study
-    lines = transfer.study_records(
-        results.read_jsonl(workdir / "results.jsonl"), config.targets
-    )
+    lines = transferability.study_records(results.read_jsonl(workdir / "results.jsonl"))
     csv = {}
     for row in (workdir / "summary.csv").read_text().splitlines()[1:]:
         split, treatment, n, mean, std, count = row.split(",")
@@ -184,7 +209,7 @@ def test_summary_equals_numbers_recomputed_from_results(study):
         assert csv[key][1] == len(values)
     # baseB counts only the B-target base net, not baseA (a source only).
     assert csv[("baseB", 0)][1] == 1
-    summary = transfer.summarize(lines)["random"]
+    summary = transferability.summarize(lines)["random"]
     base = np.mean(groups[("baseB", 0)])
     expected = np.mean([np.mean(groups[("AnB+", n)]) - base for n in (2, 6)])
     assert summary["table1"][("AnB+ - baseB", "1-7")]["mean"] == pytest.approx(expected)
@@ -199,7 +224,7 @@ def test_summary_equals_numbers_recomputed_from_results(study):
 def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
     config, workdir, records = study
     before = (workdir / "results.jsonl").read_text()
-    again = transfer.run_study(config, workdir)
+    again = runner.run_study(STUDY, config, workdir)
     assert (workdir / "results.jsonl").read_text() == before
     assert [r["finished_at"] for r in again] == [r["finished_at"] for r in records]
     # A different training configuration is refused, and nothing is lost.
@@ -207,14 +232,14 @@ def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
         config, training=dataclasses.replace(config.training, learning_rate=0.5)
     )
     with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.05 -> 0.5"):
-        transfer.run_study(changed, workdir)
+        runner.run_study(STUDY, changed, workdir)
     assert (workdir / "results.jsonl").read_text() == before
 
 
 def test_dry_run_lists_done_and_pending(study, capsys):
     config, workdir, _ = study
     grown = dataclasses.replace(config, layers=(2, 4, 6))
-    transfer.run_study(grown, workdir, dry_run=True)
+    runner.run_study(STUDY, grown, workdir, dry_run=True)
     out = capsys.readouterr().out
     assert "done     random/seed0/AnB/n2" in out
     assert "pending  random/seed0/AnB/n4" in out
@@ -224,17 +249,18 @@ def test_dry_run_lists_done_and_pending(study, capsys):
 # ---------------------------------------------------------------- the script, killed
 
 
-def _wait_for_lines(path, count, proc, timeout=240):
+def _wait_until(condition, proc, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"finished before the kill: {proc.stderr.read()}")
-        if path.exists() and path.read_text().count("\n") >= count:
+        if condition():
             return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for results")
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for the run")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
     """kill -9 in the middle of the smoke study, rerun, compare to a clean run."""
     config, _, reference_records = study
@@ -242,15 +268,24 @@ def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
     args = [sys.executable, str(EXPERIMENTS / "transferability.py"), "--preset=smoke"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
-        [*args, f"--workdir={killed}"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    _wait_for_lines(killed / "results.jsonl", 4, proc)
-    time.sleep(0.7)  # somewhere inside the next run
+        [*args, f"--workdir={killed}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Kill at a controlled point: the fifth run (a 3-epoch fine-tuning) has
+    # finished its first epoch, so it is in flight and four runs are recorded.
+    in_flight = killed / "runs" / "random" / "seed0" / "BnB+" / "n2"
+    _wait_until(lambda: (in_flight / "metrics.jsonl").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     survived = results.read_jsonl(killed / "results.jsonl")  # never corrupt
-    assert 4 <= len(survived) < 13
+    assert [r["key"] for r in survived] == [
+        r.key for r in transferability.expand(config)
+    ][:4]
+    assert not (in_flight / "result.json").exists()
 
     resumed = run_script("transferability", "--preset=smoke", f"--workdir={killed}")
     assert f"{len(survived)} already finished" in resumed.stderr
@@ -260,7 +295,9 @@ def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
 
     # The script's smoke preset is the in-process study's config: same hash, and
     # the same seeds give the same accuracy (within a CPU tolerance).
-    assert {r["config_hash"] for r in final} == {config.config_hash()}
+    assert {r["config_hash"] for r in final} == {
+        runner.resolve_auto(config).config_hash()
+    }
     reference = {r["key"]: r for r in reference_records}
     for r in final:
         gap = abs(r["test_accuracy"] - reference[r["key"]]["test_accuracy"])
@@ -269,8 +306,11 @@ def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
         assert (killed / name).is_file()
 
     refused = run_script(
-        "transferability", "--preset=smoke", f"--workdir={killed}", "--epochs=4",
+        "transferability",
+        "--preset=smoke",
+        f"--workdir={killed}",
+        "--epochs=4",
         check=False,
-    )  # fmt: skip
+    )
     assert refused.returncode != 0 and "epochs: 3 -> 4" in refused.stderr
     assert "--overwrite" in refused.stderr

@@ -14,10 +14,11 @@ For every class split (random halves with a seed, or a semantic split) and seed:
   trained; Jarrett et al. 2009's random filters) and ``reduced`` (base nets trained
   on k examples per class).
 
-Runs are data: :func:`expand` turns a :class:`StudyConfig` into an ordered list of
-:class:`Run` (bases first); :func:`run_study` skips the runs already recorded in
-``results.jsonl`` and executes the rest, appending one line per finished run.
-Summaries and plots are pure functions of ``results.jsonl``.
+Runs are data: :func:`expand` turns a :class:`Config` into an ordered list of
+:class:`Run` (bases first); the study runner (``transfer_tf.studies.runner``)
+skips the finished ones and executes the rest. The report (``summary.md``,
+``summary.csv``, ``transfer.png``, ``relative.png``) is a pure function of the
+records.
 """
 
 from __future__ import annotations
@@ -25,25 +26,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import shutil
-import time
 from collections import defaultdict
 
 import keras
 import numpy as np
 
-from transfer_tf import cache, data, export, models, results, study, training
+from transfer_tf import cache, data, export, models, plots, results, training
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import runner, stats
 
 log = logging.getLogger(__name__)
 
 TREATMENTS = ("BnB", "BnB+", "AnB", "AnB+", "random", "reduced")
 TARGETS = ("A", "B")
-SPLIT_KINDS = ("random", "man_made", "explicit")
-RESULTS_FILE = study.RESULTS_FILE
+SPLIT_KINDS = data.CLASS_SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig(study.Config):
+class Config(config_lib.StudyConfig):
     """A whole transferability study.
 
     Attributes:
@@ -66,14 +66,14 @@ class StudyConfig(study.Config):
       reduced_per_class: k values of the ``reduced`` control.
     """
 
-    data: data.DataConfig = data.DataConfig()
-    model: models.ModelConfig = models.ModelConfig(width=0.25)
-    training: training.TrainConfig = training.TrainConfig()
+    data: data.DataConfig = data.DataConfig(batch_size=64)
+    model: models.ModelConfig = models.ModelConfig(width=0.125)
+    training: training.TrainConfig = training.TrainConfig(epochs=6, patience=3)
     fine_tune_learning_rate: float | None = None
     splits: tuple[str, ...] = ("random",)
     seeds: tuple[int, ...] = (0, 1)
     layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
-    treatments: tuple[str, ...] = ("BnB", "BnB+", "AnB", "AnB+")
+    treatments: tuple[str, ...] = ("BnB", "BnB+", "AnB", "AnB+", "random")
     targets: tuple[str, ...] = ("B",)
     reduced_per_class: tuple[int, ...] = ()
 
@@ -81,25 +81,30 @@ class StudyConfig(study.Config):
     # (seeds, layers, treatments only choose which runs exist, so a grid can grow
     # in place), fields the grid sets itself, and logging or memory settings.
     NOT_RESULT_AFFECTING = {
-        "": ("splits", "seeds", "layers", "treatments", "targets",
-             "reduced_per_class"),
-        "data": ("split", "class_split", "split_seed", "memory_budget_gb",
-                 "download"),
+        "": ("splits", "seeds", "layers", "treatments", "targets", "reduced_per_class"),
+        "data": ("split", "class_split", "split_seed", "memory_budget_gb", "download"),
         # Caching is exact (tests/test_cache.py), so it does not change results.
-        "training": ("seed", "verbose", "tensorboard", "backup", "activation_cache",
-                     "cache_memory_gb"),
-    }  # fmt: skip
+        "training": (
+            "seed",
+            "verbose",
+            "tensorboard",
+            "backup",
+            "activation_cache",
+            "cache_memory_gb",
+        ),
+    }
 
     def __post_init__(self):
         fields = ("splits", "seeds", "layers", "treatments", "targets")
-        study.as_tuples(self, (*fields, "reduced_per_class"), required=fields)
+        config_lib.as_tuples(self, (*fields, "reduced_per_class"), required=fields)
         for field, values, choices in (
             ("splits", self.splits, SPLIT_KINDS),
             ("treatments", self.treatments, TREATMENTS),
             ("targets", self.targets, TARGETS),
         ):
-            study.check_values(field, values, choices)
-        study.check_distinct(self, ("seeds", "layers", "reduced_per_class"))
+            config_lib.check_values(field, values, choices)
+        config_lib.check_seeds("seeds", self.seeds)
+        config_lib.check_distinct(self, ("layers", "reduced_per_class"))
         for n in self.layers:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 7:
                 raise ValueError(
@@ -112,7 +117,41 @@ class StudyConfig(study.Config):
             raise ValueError(f"reduced_per_class={self.reduced_per_class} must be >= 1")
         if "explicit" in self.splits and not self.data.classes_a:
             raise ValueError("split 'explicit' needs data.classes_a")
-        study.check_positive("fine_tune_learning_rate", self.fine_tune_learning_rate)
+        config_lib.check_positive(
+            "fine_tune_learning_rate", self.fine_tune_learning_rate
+        )
+
+
+PRESETS = {
+    # Seconds, for tests: a tiny net with batch norm, 40 images per class.
+    "smoke": {
+        "model.width": 0.05,
+        "model.batch_norm": True,
+        "training.epochs": 3,
+        "training.patience": 0,
+        "training.learning_rate": 0.05,
+        "training.tensorboard": False,
+        "data.train_per_class": 40,
+        "data.batch_size": 32,
+        "seeds": (0,),
+        "layers": (2, 6),
+        "treatments": TREATMENTS,
+        "reduced_per_class": (10,),
+    },
+    # The defaults: the embedded digits, two seeds (each its own random split).
+    "digits": {},
+    # ../shared/data/cifar10 (else TFDS), random and man-made/natural halves.
+    "cifar10": {
+        "data.dataset": data.cifar10_spec(),
+        "data.batch_size": 128,
+        "data.train_per_class": 1000,
+        "model.width": 0.25,
+        "training.epochs": 8,
+        "splits": ("random", "man_made"),
+        "seeds": (0,),
+        "layers": (1, 3, 5, 7),
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +161,8 @@ class Run:
     ``kind`` is ``base``, ``reduced``, ``transfer`` (source half may equal the
     target: selffer) or ``random``.
     """
+
+    RECORDED = ("name", "treatment")
 
     kind: str
     split: str
@@ -163,8 +204,11 @@ class Run:
         """The base net whose layers this run copies."""
         return Run("base", self.split, self.seed, self.source)
 
+    def needs(self) -> list[str]:
+        return [self.base_run().key] if self.kind == "transfer" else []
 
-def expand(config: StudyConfig) -> list[Run]:
+
+def expand(config: Config) -> list[Run]:
     """Every run of the study, in execution order (base nets before their users)."""
     runs = []
     for split in config.splits:
@@ -191,21 +235,26 @@ def expand(config: StudyConfig) -> list[Run]:
                         source = target if t.startswith("B") else other
                         runs.append(
                             Run(
-                                "transfer", split, seed, target, n=n, source=source,
+                                "transfer",
+                                split,
+                                seed,
+                                target,
+                                n=n,
+                                source=source,
                                 fine_tune=t.endswith("+"),
                             )
-                        )  # fmt: skip
-    return study.check_keys(runs)
+                        )
+    return runner.check_keys(runs)
 
 
 # ------------------------------------------------------------------------ execution
 
 
-class _Resources(study.Resources):
+class Context(runner.Context):
     """Decoded data, class splits, tasks and source nets, each made once."""
 
-    def __init__(self, config: StudyConfig, workdir: pathlib.Path):
-        super().__init__(config, workdir)
+    def __init__(self, config: Config, workdir, run_dir):
+        super().__init__(config, workdir, run_dir)
         self._tasks = {}
         self._models = {}
         # One activation cache for the whole study: runs that freeze the same
@@ -220,12 +269,14 @@ class _Resources(study.Resources):
         if key not in self._tasks:
             # The data's train_per_class caps every run; a reduced run keeps at
             # most its own k of that pool.
-            caps = [c for c in (self.config.data.train_per_class, run.train_per_class)
-                    if c is not None]  # fmt: skip
+            caps = [
+                c
+                for c in (self.config.data.train_per_class, run.train_per_class)
+                if c is not None
+            ]
             self._tasks[key] = self.half_task(
                 run.target,
-                # the study's split kinds are data.CLASS_SPLITS; a random split's
-                # seed is the run's
+                # a random split's seed is the run's
                 self.halves(run.split, run.seed),
                 name=f"{run.split}/seed{run.seed}/{run.target}",
                 train_per_class=min(caps) if caps else None,
@@ -235,53 +286,62 @@ class _Resources(study.Resources):
     def base_model(self, run: Run) -> keras.Model:
         base = run.base_run()
         if base.key not in self._models:
-            path = self.workdir / "runs" / base.key
-            self._models[base.key] = export.load_keras_model(path)
+            self._models[base.key] = export.load_keras_model(self.run_dir(base))
         return self._models[base.key]
 
 
-def build_model(run: Run, resources: _Resources, dtype: str) -> keras.Model:
+def build_model(run: Run, context: Context, dtype: str) -> keras.Model:
     """The untrained net of a run (its copied layers already in place)."""
-    task = resources.task(run)
+    task = context.task(run)
+    architecture = dataclasses.asdict(context.config.model)
     if run.kind in ("base", "reduced"):
         return models.build_base_net(
-            task.image_shape, task.num_classes, dtype=dtype, seed=run.seed,
-            **dataclasses.asdict(resources.config.model),
-        )  # fmt: skip
+            task.image_shape,
+            task.num_classes,
+            dtype=dtype,
+            seed=run.seed,
+            **architecture,
+        )
     if run.kind == "random":
         template = models.build_base_net(
-            task.image_shape, task.num_classes, dtype=dtype,
-            **dataclasses.asdict(resources.config.model),
-        )  # fmt: skip
+            task.image_shape, task.num_classes, dtype=dtype, **architecture
+        )
         return models.random_frozen_net(
             template, run.n, task.num_classes, run.seed, dtype
         )
     return models.transfer_net(
-        resources.base_model(run), run.n, task.num_classes, fine_tune=run.fine_tune,
-        seed=run.seed, input_shape=task.image_shape, dtype=dtype,
-    )  # fmt: skip
+        context.base_model(run),
+        run.n,
+        task.num_classes,
+        fine_tune=run.fine_tune,
+        seed=run.seed,
+        input_shape=task.image_shape,
+        dtype=dtype,
+    )
 
 
-def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
-    """Trains and evaluates one run in its own directory; returns its record."""
-    config = resources.config
-    run_dir = resources.workdir / "runs" / run.key
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt
-    started = time.time()
-    task = resources.task(run)
-    train_config = study.train_config_for(
+def execute(run: Run, context: Context, run_dir) -> dict:
+    """Trains and evaluates one run in ``run_dir``; returns its outcome."""
+    config = context.config
+    task = context.task(run)
+    train_config = runner.train_config_for(
         config.training,
         run.seed,
         config.fine_tune_learning_rate if run.fine_tune else None,
     )
-    model = build_model(run, resources, resources.dtype)
+    model = build_model(run, context, context.dtype)
     frozen = [
         layer.name for layer in model.layers if layer.weights and not layer.trainable
     ]
     outcome = training.train_task(
-        model, task, train_config, run_dir, config.data.batch_size, config.data.augment,
-        cache=resources.cache,
-    )  # fmt: skip
+        model,
+        task,
+        train_config,
+        run_dir,
+        config.data.batch_size,
+        config.data.augment,
+        cache=context.cache,
+    )
     if run.kind == "base":
         export.export_model(model, run_dir)
         chance = 1.0 / task.num_classes
@@ -289,100 +349,83 @@ def execute(run: Run, resources: _Resources, config_hash: str) -> dict:
             log.warning(
                 "%s reached only %.3f test top-1 (chance %.3f): the runs built on it "
                 "say little; train longer (--epochs, --patience) or lower "
-                "--learning_rate", run.key, outcome.test_accuracy, chance,
-            )  # fmt: skip
-    record = {
-        "key": run.key,
-        "name": run.name,
-        "treatment": run.treatment,
-        "kind": run.kind,
-        "split": run.split,
-        "seed": run.seed,
-        "target": run.target,
-        "source": run.source,
-        "n": run.n,
-        "fine_tune": run.fine_tune,
-        "train_per_class": run.train_per_class,
+                "--learning_rate",
+                run.key,
+                outcome.test_accuracy,
+                chance,
+            )
+    return {
         "frozen_layers": frozen,
-        "test_accuracy": outcome.test_accuracy,
-        "test_loss": outcome.test_loss,
-        "val_accuracy": outcome.train.best_val_accuracy,
-        "best_epoch": outcome.train.best_epoch,
-        "epochs_run": outcome.train.epochs_run,
-        "examples_seen": outcome.train.examples_seen,
-        "train_time": outcome.train.wall_time,
-        "wall_time": time.time() - started,
-        "precision": outcome.train.precision,
+        **outcome.record(),
         "path": outcome.path,
-        "path_reason": outcome.path_reason,
-        "cached_layers": outcome.cached_layers,
-        "config_hash": config_hash,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    results.write_json(run_dir / "result.json", record)
-    return record
 
 
-def run_study(
-    config: StudyConfig, workdir, overwrite: bool = False, dry_run: bool = False
-) -> list[dict]:
-    """Runs every pending run of the study and writes its summaries and plots.
+def grid_records(workdir, data_config, model_config, fields=("dataset",)) -> list:
+    """The records of a transferability work directory that another study reads
+    (its source nets, its AnB curves), checked to be comparable.
 
-    Rerunning the same call continues where it stopped: runs recorded in
-    ``results.jsonl`` are skipped and the one that was in flight is redone. A work
-    directory of a different configuration is refused (``ConfigMismatchError``)
-    unless ``overwrite``.
+    Args:
+      workdir: the grid's work directory (``--grid_workdir``).
+      data_config, model_config: the reading study's; the grid must have built
+        its nets with the same architecture and the same data ``fields``.
 
-    Returns:
-      The records of every run of the study (finished earlier or now).
+    Raises:
+      ValueError: the path is not a transferability work directory (naming what
+        is missing), or its nets were built differently (naming the fields).
     """
-    runs = expand(config)
-    config_hash = config.config_hash()
-    if dry_run:
-        return study.list_runs(runs, workdir, config_hash)
-    workdir = study.claim_workdir(workdir, config, overwrite)
-    resources = _Resources(config, workdir)
-    resources.prepare()
-    done = study.run_pending(
-        runs,
-        study.finished_records(workdir, config_hash),
-        lambda run: execute(run, resources, config_hash),
-        workdir,
-        # Fine-tuned runs take the whole net's time, cached frozen ones a fraction.
-        group=lambda run: run.treatment,
-        describe=lambda r: (
-            f"test top-1 {r['test_accuracy']:.4f}  ({r['epochs_run']} epochs, "
-            f"{r['path']} path)"
-        ),
-        needs=lambda run: [run.base_run().key] if run.kind == "transfer" else [],
-    )
-    shutil.rmtree(workdir / "activation_cache", ignore_errors=True)
-    records = [done[r.key] for r in runs]
-    write_outputs(study_records(records, config.targets), workdir)
-    return records
-
-
-def study_records(records: list[dict], targets) -> list[dict]:
-    """The records the summaries use: base nets count only for a target half (a
-    baseA trained just as the source of AnB is not the B-target reference)."""
-    return [r for r in records if r["kind"] != "base" or r["target"] in targets]
-
-
-def write_outputs(records: list[dict], workdir) -> dict:
-    """Writes summary.md, summary.csv, transfer.png and relative.png."""
-    from transfer_tf import plots
-
-    workdir = pathlib.Path(workdir)
-    summary = summarize(records)
-    results.write_text(workdir / "summary.md", summary_markdown(summary))
-    results.write_text(workdir / "summary.csv", summary_csv(summary))
-    paths = {
-        "summary": str(workdir / "summary.md"),
-        "csv": str(workdir / "summary.csv"),
-        "transfer": plots.transfer_figure(records, workdir / "transfer.png"),
-        "relative": plots.relative_figure(records, workdir / "relative.png"),
+    path = pathlib.Path(workdir).expanduser()
+    config_path = path / runner.CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(
+            f"grid_workdir {str(path)!r} is not a transfer-grid work directory (no "
+            "config.json); run experiments/transferability.py there first"
+        )
+    grid = results.read_json(config_path)
+    if grid.get("study", STUDY.name) != STUDY.name:
+        raise ValueError(
+            f"grid_workdir {str(path)!r} holds a {grid['study']} study, not a "
+            "transferability grid"
+        )
+    theirs = {"data": grid.get("data", {}), "model": grid.get("model", {})}
+    ours = {
+        "data": {f: getattr(data_config, f) for f in fields},
+        "model": dataclasses.asdict(model_config),
     }
-    return paths
+    differences = [
+        f"{section}.{k}: {theirs[section].get(k)!r} -> {v!r}"
+        for section, values in ours.items()
+        for k, v in values.items()
+        if theirs[section].get(k) != (list(v) if isinstance(v, tuple) else v)
+    ]
+    if differences:
+        raise ValueError(
+            f"the grid in {str(path)!r} built its nets differently "
+            f"({'; '.join(differences)}, grid -> this study): they would not be "
+            "compared like for like; run the grid with this study's data and model "
+            "flags, or leave it out"
+        )
+    return results.read_jsonl(path / runner.RESULTS_FILE)
+
+
+def report(records: list[dict], config: Config) -> dict:
+    """``summary.md``, ``summary.csv``, ``transfer.png`` and ``relative.png``."""
+    records = study_records(records)
+    summary = summarize(records)
+    return {
+        "summary.md": summary_markdown(summary),
+        "summary.csv": summary_csv(summary),
+        "transfer.png": plots.png_bytes(plots.transfer_figure(records)),
+        "relative.png": plots.png_bytes(plots.relative_figure(records)),
+    }
+
+
+def study_records(records: list[dict]) -> list[dict]:
+    """The records the summaries use: base nets count only for a target half of
+    the grid (a baseA trained just as the source of AnB is not the B-target
+    reference)."""
+    targets = {r["target"] for r in records if r["kind"] != "base"} or {"B"}
+    return [r for r in records if r["kind"] != "base" or r["target"] in targets]
 
 
 # --------------------------------------------------------------------------- summary
@@ -415,7 +458,7 @@ def summarize(records: list[dict]) -> dict:
                 reduced[r["train_per_class"]].append(r["test_accuracy"])
             else:
                 groups[(r["treatment"], r["n"])].append(r["test_accuracy"])
-        cells = {k: study.stats(v) for k, v in groups.items()}
+        cells = {k: stats.stats(v) for k, v in groups.items()}
         base = cells.get(("baseB", 0))
         layers = sorted({n for (t, n) in cells if t != "baseB"})
         table1 = {}
@@ -447,14 +490,10 @@ def summarize(records: list[dict]) -> dict:
             "layers": layers,
             "table1": table1,
             "relative": relative,
-            "reduced": {k: study.stats(v) for k, v in sorted(reduced.items())},
+            "reduced": {k: stats.stats(v) for k, v in sorted(reduced.items())},
             "base": base,
         }
     return out
-
-
-def _pm(stats):
-    return study.format_stats(stats)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -467,8 +506,11 @@ def summary_markdown(summary: dict) -> str:
     for split, s in summary.items():
         columns = [0, *s["layers"]]
         lines += ["", f"## Split: {split}", ""]
-        rows = [[t] + [_pm(s["cells"].get((t, n))) for n in columns] for t in ORDER]
-        lines += results.markdown_table(
+        rows = [
+            [t] + [stats.format_stats(s["cells"].get((t, n))) for n in columns]
+            for t in ORDER
+        ]
+        lines += stats.markdown_table(
             ["treatment"] + [f"n={n}" for n in columns], [r for r in rows if any(r[1:])]
         )
         lines += [
@@ -483,7 +525,7 @@ def summary_markdown(summary: dict) -> str:
                 v = s["table1"].get((name, f"{lo}-{hi}"))
                 cells.append(f"{v['mean']:+.4f} ({v['layers']} layers)" if v else "")
             rows.append([name, *cells])
-        lines += results.markdown_table(
+        lines += stats.markdown_table(
             ["difference"] + [f"layers {lo}-{hi}" for lo, hi in RANGES], rows
         )
         if s["reduced"]:
@@ -492,9 +534,9 @@ def summary_markdown(summary: dict) -> str:
                 "Reduced-data control (base nets with k training examples per class):",
                 "",
             ]
-            rows = [[str(k), _pm(v)] for k, v in s["reduced"].items()]
-            rows.append(["all", _pm(s["base"])])
-            lines += results.markdown_table(["k per class", "test top-1"], rows)
+            rows = [[str(k), stats.format_stats(v)] for k, v in s["reduced"].items()]
+            rows.append(["all", stats.format_stats(s["base"])])
+            lines += stats.markdown_table(["k per class", "test top-1"], rows)
     lines += ["", "## Drop relative to the base net (mean / mean(baseB) - 1)", ""]
     all_layers = sorted({n for s in summary.values() for n in s["layers"]})
     rows = [
@@ -502,7 +544,7 @@ def summary_markdown(summary: dict) -> str:
         for split, s in summary.items()
         for t, row in s["relative"].items()
     ]
-    lines += results.markdown_table(
+    lines += stats.markdown_table(
         ["split", "treatment"] + [f"n={n}" for n in all_layers], rows
     )
     return "\n".join(lines) + "\n"
@@ -521,3 +563,20 @@ def summary_csv(summary: dict) -> str:
                 f"{split},reduced@k{k},0,{v['mean']:.6f},{v['std']:.6f},{v['count']}"
             )
     return "\n".join(lines) + "\n"
+
+
+STUDY = runner.Study(
+    name="transferability",
+    config_class=Config,
+    presets=PRESETS,
+    expand=expand,
+    context=Context,
+    execute=execute,
+    report=report,
+    # Fine-tuned runs take the whole net's time, cached frozen ones a fraction.
+    group=lambda run: run.treatment,
+    describe=lambda r: (
+        f"test top-1 {r['test_accuracy']:.4f}  ({r['epochs_run']} epochs, "
+        f"{r['path']} path)"
+    ),
+)

@@ -1,0 +1,332 @@
+"""The study runner and study configurations: hashing, presets, resume, refusal,
+claiming, reports, progress — on a toy study that trains nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from transfer_tf import data, precision, results, training
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import runner
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(config_lib.StudyConfig):
+    data: data.DataConfig = data.DataConfig()
+    seeds: tuple[int, ...] = (0,)
+    learning_rate: float = 0.1
+    slow_factor: float = 1.0  # what only the "slow" runs depend on
+
+    NOT_RESULT_AFFECTING = {"": ("seeds",), "data": ("memory_budget_gb",)}
+
+    def __post_init__(self):
+        config_lib.as_tuples(self, ("seeds",), required=("seeds",))
+        config_lib.check_seeds("seeds", self.seeds)
+        config_lib.check_positive("learning_rate", self.learning_rate, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyRun:
+    RECORDED = ("name",)
+
+    kind: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"seed{self.seed}/{self.kind}"
+
+    @property
+    def name(self) -> str:
+        return self.kind.upper()
+
+    def needs(self):
+        return [f"seed{self.seed}/base"] if self.kind != "base" else []
+
+
+class ToyContext(runner.Context):
+    def prepare(self):
+        if self.config.data.dataset == "broken":
+            raise ValueError("unknown dataset 'broken'")
+
+
+EXECUTED = []
+
+
+def toy_execute(run, context, run_dir):
+    EXECUTED.append(run.key)
+    if run.kind == "crash":
+        raise RuntimeError("killed")
+    (run_dir / "weights.txt").write_text("w")
+    factor = context.config.slow_factor if run.kind == "slow" else 1.0
+    return {"test_accuracy": 0.5 * factor * context.config.learning_rate}
+
+
+def toy_expand(config):
+    runs = []
+    for seed in config.seeds:
+        runs += [ToyRun("base", seed), ToyRun("fast", seed), ToyRun("slow", seed)]
+    return runs
+
+
+def toy_report(records, config):
+    keys = ",".join(sorted(r["key"] for r in records))
+    return {"summary.md": f"{len(records)} runs: {keys}\n"}
+
+
+def toy_run_part(config, run):
+    part = config.result_affecting()
+    if run.kind != "slow":
+        part.pop("slow_factor")
+    return part
+
+
+TOY = runner.Study(
+    name="toy",
+    config_class=ToyConfig,
+    presets={"digits": {}, "smoke": {"learning_rate": 0.2, "seeds": (0, 1)}},
+    expand=toy_expand,
+    context=ToyContext,
+    execute=toy_execute,
+    report=toy_report,
+    run_part=toy_run_part,
+    identity=lambda config: {"learning_rate": config.learning_rate},
+)
+
+
+@pytest.fixture(autouse=True)
+def _clear():
+    EXECUTED.clear()
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_config_hash_covers_exactly_the_result_affecting_fields():
+    base = ToyConfig()
+    assert "seeds" not in base.result_affecting()
+    assert "memory_budget_gb" not in base.result_affecting()["data"]
+    assert base.result_affecting()["learning_rate"] == 0.1
+    grown = ToyConfig(seeds=(0, 1, 2), data=data.DataConfig(memory_budget_gb=1.0))
+    assert grown.config_hash() == base.config_hash()
+    assert ToyConfig(learning_rate=0.2).config_hash() != base.config_hash()
+    assert config_lib.hash_of({"a": 1, "b": 2}) == config_lib.hash_of({"b": 2, "a": 1})
+
+
+def test_budgets_seeds_and_value_checks_name_the_problem():
+    assert config_lib.budgets((1, "all", 10)) == (1, None, 10)
+    with pytest.raises(ValueError, match="must be positive integers or 'all'"):
+        config_lib.budgets((0, 5, None))  # 0 is not silently "all"
+    with pytest.raises(ValueError, match="has duplicates"):
+        config_lib.budgets((None, "all"))
+    with pytest.raises(ValueError, match=r"must include 'all'"):
+        config_lib.budgets((1, 5))
+    with pytest.raises(ValueError, match="positive integers"):
+        config_lib.budgets((True, None))
+    with pytest.raises(ValueError, match=r"seeds=\[-1\]: seeds must be integers >= 0"):
+        ToyConfig(seeds=(-1,))
+    with pytest.raises(ValueError, match=r"arms=\['probes'\] not in"):
+        config_lib.check_values("arms", ("probes",), ("probe", "scratch"))
+    with pytest.raises(ValueError, match="has duplicates"):
+        config_lib.check_values("arms", ("probe", "probe"), ("probe",))
+    with pytest.raises(ValueError, match=r"fine_tune_learning_rate=0 must be > 0"):
+        config_lib.check_positive("fine_tune_learning_rate", 0)
+    config_lib.check_positive("fine_tune_learning_rate", None)
+
+
+def test_override_by_dotted_paths_validates_the_result():
+    config = config_lib.override(
+        ToyConfig(), {"data.batch_size": 32, "data.augment": "crop", "seeds": (3,)}
+    )
+    assert config.data.batch_size == 32 and config.data.augment == "crop"
+    assert config.seeds == (3,) and config.learning_rate == 0.1
+    with pytest.raises(ValueError, match=r"unknown configuration field 'data.batch'"):
+        config_lib.override(ToyConfig(), {"data.batch": 32})
+    with pytest.raises(ValueError, match=r"batch_size=0 must be positive"):
+        config_lib.override(ToyConfig(), {"data.batch_size": 0})
+    assert config_lib.differences(ToyConfig(), config) == {
+        "data.batch_size": (128, 32),
+        "data.augment": ("none", "crop"),
+        "seeds": ((0,), (3,)),
+    }
+
+
+def test_presets_are_overrides_of_the_defaults():
+    assert TOY.preset("digits") == ToyConfig()
+    assert TOY.preset("smoke") == ToyConfig(learning_rate=0.2, seeds=(0, 1))
+    with pytest.raises(ValueError, match=r"unknown preset 'cifar' of toy"):
+        TOY.preset("cifar")
+
+
+# -------------------------------------------------------------------------- runs
+
+
+def test_runs_record_resume_and_redo_only_what_a_change_affects(tmp_path):
+    records = runner.run_study(TOY, ToyConfig(seeds=(0, 1)), tmp_path)
+    assert EXECUTED == [
+        "seed0/base",
+        "seed0/fast",
+        "seed0/slow",
+        "seed1/base",
+        "seed1/fast",
+        "seed1/slow",
+    ]
+    assert [r["key"] for r in records] == EXECUTED
+    record = records[0]
+    assert record["name"] == "BASE" and record["kind"] == "base"
+    assert record["test_accuracy"] == pytest.approx(0.05)
+    assert {"wall_time", "config_hash", "finished_at", "onednn"} <= set(record)
+    run_dir = tmp_path / "runs" / "seed0" / "base"
+    assert results.read_json(run_dir / "result.json") == record
+    assert results.read_json(run_dir / "config.json")["run"]["key"] == "seed0/base"
+    assert (run_dir / "weights.txt").is_file()
+
+    EXECUTED.clear()
+    runner.run_study(TOY, ToyConfig(seeds=(0, 1)), tmp_path)
+    assert EXECUTED == []  # everything finished
+    # A field only the slow runs depend on redoes exactly them.
+    runner.run_study(TOY, ToyConfig(seeds=(0, 1), slow_factor=2.0), tmp_path)
+    assert EXECUTED == ["seed0/slow", "seed1/slow"]
+
+
+def test_a_crash_keeps_finished_records_and_the_rerun_does_the_rest(tmp_path):
+    def expand(config):
+        return [ToyRun("base", 0), ToyRun("fast", 0), ToyRun("crash", 0)]
+
+    crashing = dataclasses.replace(TOY, expand=expand)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.run_study(crashing, ToyConfig(), tmp_path)
+    lines = results.read_jsonl(tmp_path / runner.RESULTS_FILE)
+    assert [r["key"] for r in lines] == ["seed0/base", "seed0/fast"]
+    EXECUTED.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.run_study(crashing, ToyConfig(), tmp_path)
+    assert EXECUTED == ["seed0/crash"]
+
+
+def test_a_run_whose_source_has_not_run_is_refused(tmp_path):
+    alone = dataclasses.replace(TOY, expand=lambda config: [ToyRun("fast", 0)])
+    runner.run_study(alone, ToyConfig(), tmp_path)  # its source is not in the study
+    looping = dataclasses.replace(
+        TOY, expand=lambda config: [ToyRun("fast", 0), ToyRun("base", 0)]
+    )
+    with pytest.raises(RuntimeError, match=r"seed0/fast needs \['seed0/base'\]"):
+        runner.run_study(looping, ToyConfig(), tmp_path / "other")
+
+
+def test_dry_run_lists_done_and_pending_and_writes_nothing(tmp_path, capsys):
+    runner.run_study(TOY, ToyConfig(), tmp_path, dry_run=True)
+    assert not tmp_path.joinpath("config.json").exists()
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    capsys.readouterr()
+    runner.run_study(TOY, ToyConfig(seeds=(0, 1)), tmp_path, dry_run=True)
+    out = capsys.readouterr().out
+    assert "done     seed0/base" in out and "pending  seed1/base" in out
+
+
+# -------------------------------------------------- the contract with careless users
+
+
+def test_bad_input_is_refused_before_the_workdir_is_claimed(tmp_path):
+    broken = ToyConfig(data=data.DataConfig(dataset="broken"))
+    with pytest.raises(ValueError, match="unknown dataset 'broken'"):
+        runner.run_study(TOY, broken, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+    # The corrected rerun is not refused as "another configuration".
+    runner.run_study(TOY, ToyConfig(), tmp_path / "work")
+    assert len(results.read_jsonl(tmp_path / "work" / runner.RESULTS_FILE)) == 3
+
+
+def test_another_identity_is_refused_naming_the_field(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    before = (tmp_path / runner.RESULTS_FILE).read_text()
+    with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.1 -> 0.5"):
+        runner.run_study(TOY, ToyConfig(learning_rate=0.5), tmp_path)
+    assert (tmp_path / runner.RESULTS_FILE).read_text() == before
+    runner.run_study(TOY, ToyConfig(learning_rate=0.5), tmp_path, overwrite=True)
+    assert len(results.read_jsonl(tmp_path / runner.RESULTS_FILE)) == 3
+
+
+def test_the_report_covers_every_compatible_record(tmp_path, caplog):
+    runner.run_study(TOY, ToyConfig(seeds=(0, 1)), tmp_path)
+    with caplog.at_level("INFO"):
+        runner.run_study(TOY, ToyConfig(seeds=(0,)), tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("6 runs:") and "seed1/slow" in summary
+    assert "3 beyond this command's selection" in caplog.text
+    # Records of another configuration are not reported.
+    runner.run_study(TOY, ToyConfig(seeds=(0,), slow_factor=3.0), tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("5 runs:") and "seed1/slow" not in summary
+
+
+def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        runner.run_study(TOY, ToyConfig(), path)
+
+
+def test_read_only_workdirs(tmp_path, monkeypatch):
+    runner.run_study(TOY, ToyConfig(), tmp_path / "done")
+    (tmp_path / "locked").mkdir()
+    writable = os.access
+    # Permission bits do not stop root (CI may run as root): deny writes instead.
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda path, mode: writable(path, mode) and not (mode & os.W_OK),
+    )
+    # A finished study reports from a read-only copy: nothing needs writing.
+    runner.run_study(TOY, ToyConfig(), tmp_path / "done")
+    with pytest.raises(ValueError, match="cannot write to work directory"):
+        runner.run_study(TOY, ToyConfig(), tmp_path / "locked")
+    with pytest.raises(ValueError, match="cannot write to work directory"):
+        runner.run_study(TOY, ToyConfig(), tmp_path / "locked" / "new")
+
+
+def test_a_finished_rerun_writes_nothing(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@dataclasses.dataclass(frozen=True)
+class WithTraining(config_lib.StudyConfig):
+    training: training.TrainConfig = training.TrainConfig()
+
+
+def test_auto_precision_is_resolved_before_hashing(monkeypatch):
+    monkeypatch.setattr(
+        precision, "auto_settings", lambda: {"precision": "float32", "xla": "on"}
+    )
+    resolved = runner.resolve_auto(WithTraining())
+    assert resolved.training.precision == "float32" and resolved.training.xla == "on"
+    explicit = WithTraining(training.TrainConfig(precision="float32", xla="on"))
+    assert resolved.config_hash() == explicit.config_hash()
+
+
+# ---------------------------------------------------------------------- progress
+
+
+def test_eta_is_per_group_and_falls_back_to_typical_runs():
+    progress = runner.Progress(
+        group=lambda run: run.kind, typical=lambda run: run.kind != "pretrain"
+    )
+    assert np.isnan(progress.eta([ToyRun("x", 0)]))
+    progress.add(ToyRun("pretrain", 0), 1000.0)
+    progress.add(ToyRun("a", 0), 10.0)
+    progress.add(ToyRun("a", 1), 20.0)
+    left = [ToyRun("a", 2), ToyRun("b", 0), ToyRun("pretrain", 1)]
+    # a: its own mean 15; b unseen: the typical mean 15; pretrain: its own 1000.
+    assert progress.eta(left) == pytest.approx(15 + 15 + 1000)
+
+
+def test_expansions_with_repeated_keys_are_refused():
+    with pytest.raises(ValueError, match="more than once"):
+        runner.check_keys([ToyRun("a", 0), ToyRun("a", 0)])

@@ -1,0 +1,519 @@
+"""The one study runner: expand -> skip finished -> execute -> record -> report.
+
+A study module declares a :class:`Study`: its configuration class and presets,
+``expand(config) -> [Run]`` (runs are data, each with a stable ``key``), how one
+run executes (``execute(run, context, run_dir) -> dict`` of its outcome), and its
+report (``report(records, config) -> {file name: text or PNG bytes}``: summaries
+and figures, a pure function of the records). Everything else is here, written
+once:
+
+- ``auto`` precision and XLA are resolved before anything else, so the settings
+  that ran are what is recorded and hashed;
+- every run has a hash of the part of the configuration it depends on
+  (:attr:`Study.run_part`; by default everything that affects results); a run is
+  finished when ``results.jsonl`` holds its key with that hash, so a rerun skips
+  it and a changed setting redoes exactly the runs it affects;
+- a work directory holding another study identity (:attr:`Study.identity`,
+  by default every result-affecting field) is refused with the differing fields
+  named, unless ``overwrite``;
+- all input is validated (configuration, dataset, sources) before the work
+  directory is claimed, and it is claimed only when the first run starts: a
+  mistyped command leaves nothing behind;
+- each run gets ``runs/<key>/`` with ``config.json`` (written first),
+  ``metrics.jsonl`` and TensorBoard events (from training) and ``result.json``;
+  its record is appended to ``results.jsonl`` atomically once it finished, so a
+  killed study loses at most the run in flight;
+- progress with an estimate of the time left; ``dry_run`` lists the runs;
+- the report is drawn from every compatible record of the directory (not only
+  this command's selection) and written only where it changed, so rerunning a
+  finished study on a read-only copy works.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Hashable
+
+import numpy as np
+
+from transfer_tf import data, precision, results
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import stats
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+CONFIG_FILE = "config.json"
+RUNS_DIR = "runs"
+
+
+def _everything(config) -> dict:
+    return config.result_affecting()
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """What a study declares; the runner does the rest.
+
+    Attributes:
+      name: the study's name (``transferability``); default work directories are
+        ``runs/<name>_<preset>``.
+      config_class: its frozen configuration dataclass (a
+        :class:`config.StudyConfig`); ``config_class()`` is the default preset.
+      presets: ``{name: {dotted field path: value}}``, overrides of the defaults.
+      expand: ``config -> [Run]`` in execution order (sources before their users).
+        A run is a frozen dataclass with a ``key`` property; its fields (and the
+        properties named in its ``RECORDED`` tuple) head its record, and a
+        ``needs()`` method, if it has one, names the keys of runs it reads.
+      context: ``(config, workdir, run_dir) -> Context``: what runs share.
+      execute: ``(run, context, run_dir) -> outcome`` (a dict for the record).
+      report: ``(records, config) -> {file name: str | bytes}``.
+      check: ``(config, context) -> None``: validation that needs the data
+        (raises ValueError), run before the work directory is claimed.
+      finish: ``(records, config, context) -> None``: artifacts made from
+        finished runs (exported heads), after the last run.
+      run_part: ``(config, run) -> dict``: what a run's result depends on.
+      identity: ``config -> dict``: what a work directory is refused on.
+      group: runs of a group take similar time (for the estimate of time left).
+      typical: runs that estimate groups not seen yet.
+      describe: ``record -> text`` of a run's outcome for the progress line.
+      resumable: ``run -> bool``: keep the run's directory when it is redone
+        (its training resumes from a backup there).
+      explain: ``(run, error) -> hint``: what to change when a run fails.
+      outputs: further files the script lists after a run.
+    """
+
+    name: str
+    config_class: type
+    presets: dict
+    expand: Callable
+    context: Callable
+    execute: Callable
+    report: Callable
+    check: Callable | None = None
+    finish: Callable | None = None
+    run_part: Callable = lambda config, run: _everything(config)
+    identity: Callable = _everything
+    group: Callable = lambda run: None
+    typical: Callable = lambda run: True
+    describe: Callable = lambda record: f"test top-1 {record['test_accuracy']:.4f}"
+    resumable: Callable = lambda run: False
+    explain: Callable = lambda run, error: ""
+    outputs: tuple[str, ...] = ()
+
+    def preset(self, name: str):
+        """The configuration of a preset (``digits``, ``smoke``, ``cifar10``...)."""
+        if name not in self.presets:
+            raise ValueError(
+                f"unknown preset {name!r} of {self.name}; choose one of "
+                f"{sorted(self.presets)}"
+            )
+        return config_lib.override(self.config_class(), self.presets[name])
+
+
+# --------------------------------------------------------------------- the context
+
+
+class Context:
+    """What the runs of a study share and make once: the decoded dataset, its
+    class splits and tasks. Studies subclass it to keep their nets and features.
+
+    Attributes:
+      config: the study's configuration (``auto`` settings resolved).
+      workdir: the study's work directory (read-only for studies: runs write
+        into the ``run_dir`` they are given).
+      run_dir: ``run -> path`` of a run's directory (to read another run's files).
+    """
+
+    def __init__(self, config, workdir, run_dir: Callable):
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.run_dir = run_dir
+        self._source = None
+
+    @property
+    def source(self) -> data.Source:
+        if self._source is None:
+            self._source = data.load_source(self.config.data)
+            log.info(
+                "dataset %s: %d classes, %d train / %d test images of %s",
+                self.config.data.dataset,
+                self._source.num_classes,
+                len(self._source.x_train),
+                len(self._source.x_test),
+                self._source.image_shape,
+            )
+        return self._source
+
+    @property
+    def dtype(self) -> str:
+        """The dtype policy of the study's classifiers."""
+        return precision.resolve_precision(self.config.training.precision)
+
+    def prepare(self):
+        """Loads the data (a bad dataset fails here, before anything is written)."""
+        return self.source
+
+    def halves(self, class_split=None, split_seed=None) -> data.ClassSplit:
+        """The class split of the data config (or the one given)."""
+        d = self.config.data
+        class_split = d.class_split if class_split is None else class_split
+        return data.split_classes(
+            self.source.class_names,
+            class_split,
+            d.split_seed if split_seed is None else split_seed,
+            classes_a=d.classes_a if class_split != "random" else (),
+            classes_b=d.classes_b if class_split == "explicit" else (),
+        )
+
+    def half_task(self, half: str, halves=None, name=None, **overrides) -> data.Task:
+        """The task of half ``A`` or ``B`` (labels re-indexed within the half)."""
+        halves = halves or self.halves()
+        classes = halves.a if half == "A" else halves.b
+        config = dataclasses.replace(self.config.data, **overrides)
+        name = name or f"{self.config.data.dataset}/{half}"
+        return data.make_task(self.source, classes, config, name=name)
+
+
+# ------------------------------------------------------------------------ records
+
+
+def resolve_auto(config):
+    """``config`` with every training section's ``auto`` precision and XLA
+    replaced by the setting it stands for on this machine."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and {"precision", "xla"} <= {
+            f.name for f in dataclasses.fields(value)
+        }:
+            changes[field.name] = precision.resolve_config(value)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def check_keys(runs: list) -> list:
+    """The runs of an expansion, checked to have distinct keys (a key names a
+    run's results line and its directory)."""
+    keys = [r.key for r in runs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(
+            f"the study lists runs {repeated[:5]} more than once (a seed, layer or "
+            "budget given twice?)"
+        )
+    return runs
+
+
+def header(run) -> dict:
+    """The fields that identify a run in its record: its dataclass fields and
+    the properties its class lists in ``RECORDED``."""
+    out = {"key": run.key, **dataclasses.asdict(run)}
+    for name in getattr(run, "RECORDED", ()):
+        out[name] = getattr(run, name)
+    return out
+
+
+def _rebuild(run_class, record):
+    """The run a record was made by (None when the record lacks its fields)."""
+    names = [f.name for f in dataclasses.fields(run_class)]
+    if not all(name in record for name in names):
+        return None
+    try:
+        run = run_class(**{name: record[name] for name in names})
+    except (TypeError, ValueError):
+        return None
+    return run if run.key == record.get("key") else None
+
+
+class Runner:
+    """One study, configuration and work directory (see the module docstring)."""
+
+    def __init__(self, study: Study, config, workdir):
+        if not isinstance(config, study.config_class):
+            raise TypeError(
+                f"{study.name} takes a {study.config_class.__name__}, not "
+                f"{type(config).__name__}"
+            )
+        self.study = study
+        self.config = resolve_auto(config)
+        self.workdir = pathlib.Path(workdir).expanduser()
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise ValueError(f"work directory {str(self.workdir)!r} is not a directory")
+        self.runs = check_keys(study.expand(self.config))
+        self.run_class = type(self.runs[0])
+        self.identity = study.identity(self.config)
+        self.hashes = {r.key: self.run_hash(r) for r in self.runs}
+
+    def run_hash(self, run) -> str:
+        return config_lib.hash_of(self.study.run_part(self.config, run))
+
+    def run_dir(self, run) -> pathlib.Path:
+        return self.workdir / RUNS_DIR / run.key
+
+    # -------------------------------------------------------------- reading
+
+    def all_records(self) -> list[dict]:
+        """Every record of the work directory made with this configuration (the
+        last one of a key wins), whether or not this command lists its run."""
+        compatible = {}
+        for record in results.read_jsonl(self.workdir / RESULTS_FILE):
+            key = record.get("key")
+            if key in self.hashes:
+                ok = record.get("config_hash") == self.hashes[key]
+            else:
+                run = _rebuild(self.run_class, record)
+                ok = run is not None and record.get("config_hash") == self.run_hash(run)
+            if ok:
+                compatible[key] = record
+        # This command's runs in its order, then the others as the file has them.
+        order = {key: i for i, key in enumerate(self.hashes)}
+        return sorted(
+            compatible.values(), key=lambda r: order.get(r["key"], len(order))
+        )
+
+    def finished(self) -> dict:
+        """``key -> record`` of this command's runs that are finished."""
+        return {r["key"]: r for r in self.all_records() if r["key"] in self.hashes}
+
+    def check_identity(self, overwrite: bool):
+        """Refuses a work directory of another study identity (or deletes its
+        contents with ``overwrite``)."""
+        path = self.workdir / CONFIG_FILE
+        if not path.is_file():
+            return
+        try:
+            recorded = results.read_json(path)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); move it away") from e
+        old = recorded.get("identity", recorded.get("result_affecting"))
+        diff = results.config_diff(old or {}, self.identity)
+        if not diff:
+            return
+        if not overwrite:
+            raise results.ConfigMismatchError(
+                f"{self.workdir} holds results of a different configuration "
+                f"(differs in {'; '.join(diff)}). Use another --workdir, or pass "
+                "--overwrite to delete the old results."
+            )
+        log.warning("--overwrite: deleting the old contents of %s", self.workdir)
+        shutil.rmtree(self.workdir)
+
+    def check_writable(self):
+        """The work directory (or its nearest existing parent) can be written."""
+        existing = self.workdir
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"cannot write to work directory {str(self.workdir)!r} "
+                f"({str(existing)!r} is not a writable directory)"
+            )
+
+    def claim(self):
+        """Creates the work directory and records the configuration (only
+        rewritten when it changed)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        document = {
+            **self.config.to_dict(),
+            "identity": self.identity,
+            "result_affecting": self.config.result_affecting(),
+            "config_hash": self.config.config_hash(),
+            "study": self.study.name,
+        }
+        results.write_if_changed(
+            self.workdir / CONFIG_FILE,
+            results.dumps_pretty(document),
+        )
+
+    # ---------------------------------------------------------------- doing
+
+    def dry_run(self) -> list[dict]:
+        """Prints every run as ``done`` or ``pending``; writes nothing."""
+        done = self.finished() if self.workdir.is_dir() else {}
+        for i, run in enumerate(self.runs, 1):
+            state = "done" if run.key in done else "pending"
+            print(f"{i:4d}/{len(self.runs)}  {state:8s} {run.key}")
+        return list(done.values())
+
+    def execute(self, run, context) -> dict:
+        """Runs one run in its directory and returns its record."""
+        run_dir = self.run_dir(run)
+        if not self.study.resumable(run):
+            shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished attempt
+        run_dir.mkdir(parents=True, exist_ok=True)
+        head = header(run)
+        config_hash = self.hashes[run.key]
+        results.write_json(
+            run_dir / CONFIG_FILE,
+            {
+                "run": head,
+                "depends_on": self.study.run_part(self.config, run),
+                "config_hash": config_hash,
+            },
+        )
+        started = time.time()
+        try:
+            outcome = self.study.execute(run, context, run_dir)
+        except Exception as e:
+            hint = self.study.explain(run, e)
+            if hint:
+                raise type(e)(f"{run.key}: {e}{hint}") from e
+            raise
+        record = {
+            **head,
+            **outcome,
+            "wall_time": time.time() - started,
+            "config_hash": config_hash,
+            "onednn": precision.onednn_enabled(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        results.write_json(run_dir / "result.json", record)
+        return record
+
+    def run(self, overwrite: bool = False) -> list[dict]:
+        """Runs every pending run, then writes the report; returns the records
+        of this command's runs."""
+        self.check_identity(overwrite)
+        context = self.study.context(self.config, self.workdir, self.run_dir)
+        context.prepare()
+        if self.study.check:
+            self.study.check(self.config, context)
+        done = self.finished() if self.workdir.is_dir() else {}
+        pending = [r for r in self.runs if r.key not in done]
+        log.info(
+            "%d runs in the study: %d already finished, %d to run; results in %s",
+            len(self.runs),
+            len(self.runs) - len(pending),
+            len(pending),
+            self.workdir,
+        )
+        if pending:
+            self.check_writable()
+            self.claim()
+        progress = Progress(self.study.group, self.study.typical)
+        started = time.time()
+        for i, run in enumerate(pending, 1):
+            # A source outside the study (an external net) is the study's own check.
+            missing = [k for k in _needs(run) if k in self.hashes and k not in done]
+            if missing:
+                raise RuntimeError(f"{run.key} needs {missing}, which have not run")
+            record = self.execute(run, context)
+            results.append_jsonl(self.workdir / RESULTS_FILE, record)
+            done[run.key] = record
+            progress.add(run, record["wall_time"])
+            eta = progress.eta(pending[i:])
+            log.info(
+                "[%d/%d] %-40s %s  (%.1f s)  ETA %s",
+                len(self.runs) - len(pending) + i,
+                len(self.runs),
+                run.key,
+                self.study.describe(record),
+                record["wall_time"],
+                stats.duration(eta) if math.isfinite(eta) else "?",
+            )
+        if pending:
+            log.info("runs finished in %s", stats.duration(time.time() - started))
+        records = [done[r.key] for r in self.runs]
+        if self.study.finish:
+            self.study.finish(records, self.config, context)
+        self.write_report()
+        return records
+
+    def write_report(self) -> dict[str, pathlib.Path]:
+        """Writes the study's report from every compatible record (only the
+        files whose content changed). Returns ``{name: path}``."""
+        everything = self.all_records()
+        extra = len(everything) - len(
+            [r for r in everything if r["key"] in self.hashes]
+        )
+        if extra:
+            log.info(
+                "the report covers all %d finished runs of this configuration in "
+                "%s, %d beyond this command's selection",
+                len(everything),
+                self.workdir,
+                extra,
+            )
+        outputs = self.study.report(everything, self.config)
+        changed = [
+            name
+            for name, content in outputs.items()
+            if not (self.workdir / name).is_file()
+            or (self.workdir / name).read_bytes()
+            != (content.encode() if isinstance(content, str) else content)
+        ]
+        if changed:
+            self.check_writable()
+        for name in changed:
+            results.write_if_changed(self.workdir / name, outputs[name])
+        return {name: self.workdir / name for name in outputs}
+
+
+def _needs(run) -> list[str]:
+    needs = getattr(run, "needs", None)
+    return list(needs()) if callable(needs) else []
+
+
+def run_study(
+    study: Study, config, workdir, overwrite: bool = False, dry_run: bool = False
+) -> list[dict]:
+    """Runs (or with ``dry_run`` lists) a study's pending runs and writes its
+    report; returns the records of the runs its configuration lists."""
+    runner = Runner(study, config, workdir)
+    if dry_run:
+        return runner.dry_run()
+    return runner.run(overwrite)
+
+
+# ---------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Time left: per group of similar runs (a treatment, a kind), the mean time
+    of its finished runs times its pending count; for a group not seen yet, the
+    mean of the typical runs seen so far (a one-off pretraining is not typical).
+    """
+
+    def __init__(
+        self,
+        group: Callable[..., Hashable] = lambda run: None,
+        typical: Callable[..., bool] = lambda run: True,
+    ):
+        self.group = group
+        self.typical = typical
+        self.spent = collections.defaultdict(list)
+        self.typical_times = []
+
+    def add(self, run, seconds: float):
+        self.spent[self.group(run)].append(seconds)
+        if self.typical(run):
+            self.typical_times.append(seconds)
+
+    def eta(self, left) -> float:
+        times = self.typical_times or [t for g in self.spent.values() for t in g]
+        if not times:
+            return math.nan
+        overall = float(np.mean(times))
+        return sum(
+            float(np.mean(self.spent[g])) if self.spent.get(g) else overall
+            for g in map(self.group, left)
+        )
+
+
+def train_config_for(config, seed: int, learning_rate: float | None = None):
+    """A run's training settings: its seed, quiet, no per-epoch backup (a killed
+    run is redone from scratch), and its own learning rate when given."""
+    return dataclasses.replace(
+        config,
+        seed=seed,
+        backup=False,
+        verbose=0,
+        learning_rate=learning_rate or config.learning_rate,
+    )
