@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import math
 import pathlib
+from typing import ClassVar
 
 import keras
 import numpy as np
@@ -321,6 +322,9 @@ class AutoencoderConfig:
     validation_fraction: float = 0.05
     max_images: int | None = None
     preview_images: int = 8
+
+    # Reconstructions shown in TensorBoard change no result.
+    RESULT_NEUTRAL: ClassVar[tuple[str, ...]] = ("preview_images",)
 
     def __post_init__(self):
         precision.check_choice("loss", self.loss, LOSSES)

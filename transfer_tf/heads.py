@@ -396,3 +396,29 @@ def probe_model(
         if lay.name != "head":
             lay.trainable = False
     return model
+
+
+def probe_on_task(
+    features: dict, task, k: int | None, seed: int, config: ProbeConfig
+) -> LinearProbe:
+    """A linear probe on a task's features with ``k`` labelled examples per class.
+
+    Args:
+      features: ``{"train"|"validation"|"test": (N, D) array}`` of the task's
+        images (``features.extract_splits``).
+      task: the ``data.Task`` the features belong to.
+      k: labelled training examples per class (the same examples as
+        ``task.subset(k, seed)``); ``None``: all.
+      seed: seeds the subset and the shuffling.
+      config: how the head is trained.
+    """
+    idx = task.subset_indices(k, seed)
+    return train_linear_probe(
+        features["train"][idx],
+        task.y_train[idx],
+        features["validation"],
+        task.y_validation,
+        task.num_classes,
+        config,
+        seed=seed,
+    )

@@ -677,70 +677,75 @@ class Strategy:
         )
 
 
-STRATEGIES = {
-    "freeze": Strategy(
-        name="freeze",
-        description="layers 1..n copied and frozen, n+1..8 trained (AnB)",
-        reference="Yosinski et al. 2014",
-        copies_source=True,
-        fine_tune=False,
-        train=_train_plain,
+def _registry(*strategies: Strategy) -> dict[str, Strategy]:
+    return {s.name: s for s in strategies}
+
+
+# Strategy(name, description, reference, copies_source, fine_tune, train, options)
+STRATEGIES = _registry(
+    Strategy(
+        "freeze",
+        "layers 1..n copied and frozen, n+1..8 trained (AnB)",
+        "Yosinski et al. 2014",
+        True,
+        False,
+        _train_plain,
     ),
-    "fine_tune": Strategy(
-        name="fine_tune",
-        description="layers 1..n copied, every layer trained (AnB+)",
-        reference="Yosinski et al. 2014",
-        copies_source=True,
-        fine_tune=True,
-        train=_train_plain,
+    Strategy(
+        "fine_tune",
+        "layers 1..n copied, every layer trained (AnB+)",
+        "Yosinski et al. 2014",
+        True,
+        True,
+        _train_plain,
     ),
-    "discriminative": Strategy(
-        name="discriminative",
-        description="every layer trained, each at factor x the rate of the one above",
-        reference="Howard & Ruder 2018",
-        copies_source=True,
-        fine_tune=True,
-        train=_train_discriminative,
-        options={"factor": DEFAULT_FACTOR},
+    Strategy(
+        "discriminative",
+        "every layer trained, each at factor x the rate of the one above",
+        "Howard & Ruder 2018",
+        True,
+        True,
+        _train_discriminative,
+        {"factor": DEFAULT_FACTOR},
     ),
-    "gradual_unfreezing": Strategy(
-        name="gradual_unfreezing",
-        description="new layers trained first, one copied layer more every epoch",
-        reference="Howard & Ruder 2018",
-        copies_source=True,
-        fine_tune=True,
-        train=_train_gradual,
+    Strategy(
+        "gradual_unfreezing",
+        "new layers trained first, one copied layer more every epoch",
+        "Howard & Ruder 2018",
+        True,
+        True,
+        _train_gradual,
         # initial_layers None: the 8 - n new layers
-        options={"every_epochs": 1, "initial_layers": None, "factor": 1.0},
+        {"every_epochs": 1, "initial_layers": None, "factor": 1.0},
     ),
-    "lp_ft": Strategy(
-        name="lp_ft",
-        description="layers 1..n frozen first, then every layer at a lower rate",
-        reference="Kumar et al. 2022",
-        copies_source=True,
-        fine_tune=True,
-        train=_train_lp_ft,
+    Strategy(
+        "lp_ft",
+        "layers 1..n frozen first, then every layer at a lower rate",
+        "Kumar et al. 2022",
+        True,
+        True,
+        _train_lp_ft,
         # fine_tune_config None: the config at DEFAULT_FINE_TUNE_FACTOR x its rate
-        options={"fine_tune_config": None},
+        {"fine_tune_config": None},
     ),
-    "l2_sp": Strategy(
-        name="l2_sp",
-        description="every layer trained, copied ones pulled towards the source",
-        reference="Li, Grandvalet & Davoine 2018",
-        copies_source=True,
-        fine_tune=True,
-        train=_train_l2_sp,
-        options={"alpha": DEFAULT_ALPHA, "beta": DEFAULT_BETA},
+    Strategy(
+        "l2_sp",
+        "every layer trained, copied ones pulled towards the source",
+        "Li, Grandvalet & Davoine 2018",
+        True,
+        True,
+        _train_l2_sp,
+        {"alpha": DEFAULT_ALPHA, "beta": DEFAULT_BETA},
     ),
-    "scratch": Strategy(
-        name="scratch",
-        description="the source's architecture, freshly initialised, all trained",
-        reference="baseline",
-        copies_source=False,
-        fine_tune=True,
-        train=_train_plain,
+    Strategy(
+        "scratch",
+        "the source's architecture, freshly initialised, all trained",
+        "baseline",
+        False,
+        True,
+        _train_plain,
     ),
-}
+)
 
 
 def strategy(name: str) -> Strategy:

@@ -21,6 +21,7 @@ import math
 import pathlib
 import shutil
 import time
+from typing import ClassVar
 
 import keras
 import numpy as np
@@ -82,6 +83,16 @@ class TrainConfig:
     verbose: int = 1
     activation_cache: bool = True
     cache_memory_gb: float = 2.0
+
+    # Fields that change no result: logging, crash backups, and the activation
+    # cache, which is exact (tests/test_cache.py).
+    RESULT_NEUTRAL: ClassVar[tuple[str, ...]] = (
+        "verbose",
+        "tensorboard",
+        "backup",
+        "activation_cache",
+        "cache_memory_gb",
+    )
 
     def __post_init__(self):
         for field, value, choices in (

@@ -132,23 +132,8 @@ class Config(config_lib.StudyConfig):
             "arms",
             "grid_workdir",
         ),
-        "data": ("split", "memory_budget_gb", "download"),
-        "training": (
-            "seed",
-            "verbose",
-            "tensorboard",
-            "backup",
-            "activation_cache",
-            "cache_memory_gb",
-        ),
-        "pretraining": (
-            "verbose",
-            "tensorboard",
-            "backup",
-            "activation_cache",
-            "cache_memory_gb",
-        ),
-        "autoencoder": ("preview_images",),
+        "data": ("split",),
+        "training": ("seed",),
     }
 
     def __post_init__(self):
@@ -203,7 +188,7 @@ class Config(config_lib.StudyConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class Run(runner.BudgetRun):
     """One unit of the study.
 
     ``kind``: ``pretrain`` (once), ``probe`` (a linear head on ``source``'s
@@ -216,15 +201,7 @@ class Run:
 
     kind: str
     seed: int = 0
-    k: int | None = None
     arm: str | None = None
-    source: str | None = None
-    layer: str | None = None
-    pooling: str | None = None
-
-    @property
-    def budget(self) -> str:
-        return config_lib.budget_name(self.k)
 
     @property
     def key(self) -> str:
@@ -272,7 +249,7 @@ def expand(config: Config) -> list[Run]:
                                 Run(
                                     "probe",
                                     seed,
-                                    k,
+                                    k=k,
                                     arm="probe",
                                     source=source,
                                     layer=layer,
@@ -286,7 +263,7 @@ def expand(config: Config) -> list[Run]:
     ]
     for seed in config.seeds:
         for k in config.budgets:
-            runs += [Run("train", seed, k, arm=arm) for arm in arms]
+            runs += [Run("train", seed, k=k, arm=arm) for arm in arms]
     return runner.check_keys(runs)
 
 
@@ -584,14 +561,8 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
         )
     if transferred and images is not None:
         scale = ae.match_block_scale(model, n, images, ae.block_rms(fresh, n, images))
-    outcome = training.train_task(
-        model,
-        task,
-        train_config,
-        run_dir,
-        config.data.batch_size,
-        config.data.augment,
-        min_epoch_steps=config.min_epoch_steps,
+    outcome = context.train(
+        model, task, train_config, run_dir, min_epoch_steps=config.min_epoch_steps
     )
     return {
         **outcome.record(),
@@ -602,16 +573,7 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
 def _execute_probe(run: Run, context: Context, run_dir) -> dict:
     arrays = context.features(run)
     task = context.task()
-    idx = task.subset_indices(run.k, run.seed)
-    probe = heads.train_linear_probe(
-        arrays["train"][idx],
-        task.y_train[idx],
-        arrays["validation"],
-        task.y_validation,
-        task.num_classes,
-        context.config.probe,
-        seed=run.seed,
-    )
+    probe = heads.probe_on_task(arrays, task, run.k, run.seed, context.config.probe)
     return {
         **probe.record(arrays["test"], task.y_test),
         "train_time": probe.train_time,
@@ -985,16 +947,8 @@ PRESETS = {
 }
 
 
-STUDY = runner.Study(
-    name="autoencoder",
-    config_class=Config,
-    presets=PRESETS,
-    expand=expand,
-    context=Context,
-    execute=execute,
-    report=report,
-    check=check,
-    run_part=run_part,
+STUDY = runner.from_module(
+    __name__,
     identity=lambda config: config.pretraining_affecting(),
     group=lambda run: (run.kind, run.arm),
     typical=lambda run: run.kind != "pretrain",

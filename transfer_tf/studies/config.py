@@ -29,8 +29,10 @@ class StudyConfig:
 
     A subclass lists in ``NOT_RESULT_AFFECTING`` the fields that change no run's
     result (``{"": top-level fields, "data": fields of the data section, ...}``):
-    the study's extent (which runs exist), logging and memory settings. Everything
-    else is hashed into :meth:`config_hash`.
+    the study's extent (which runs exist) and fields the study sets per run (a
+    run's seed). Each section's own ``RESULT_NEUTRAL`` fields (logging, memory
+    budgets: ``TrainConfig.RESULT_NEUTRAL``, ...) are left out too. Everything else
+    is hashed into :meth:`config_hash`.
     """
 
     NOT_RESULT_AFFECTING: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -41,6 +43,10 @@ class StudyConfig:
     def result_affecting(self) -> dict:
         """The part of the configuration that changes some run's result."""
         d = self.to_dict()
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            for name in getattr(type(value), "RESULT_NEUTRAL", ()):
+                d[field.name].pop(name, None)
         for section, fields in self.NOT_RESULT_AFFECTING.items():
             target = d[section] if section else d
             for field in fields:

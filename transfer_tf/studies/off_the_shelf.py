@@ -125,16 +125,8 @@ class Config(config_lib.StudyConfig):
             "grid_workdir",
             "cache_features",
         ),
-        "data": ("split", "memory_budget_gb", "download"),
-        # Whole nets train without a frozen prefix here: the cache never runs.
-        "training": (
-            "seed",
-            "verbose",
-            "tensorboard",
-            "backup",
-            "activation_cache",
-            "cache_memory_gb",
-        ),
+        "data": ("split",),
+        "training": ("seed",),
     }
 
     def __post_init__(self):
@@ -236,7 +228,7 @@ def _other(half: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class Run(runner.BudgetRun):
     """One unit of the study (its fields and ``RECORDED`` properties head its
     record).
 
@@ -252,14 +244,6 @@ class Run:
     treatment: str
     target: str
     seed: int
-    k: int | None = None
-    source: str | None = None
-    layer: str | None = None
-    pooling: str | None = None
-
-    @property
-    def budget(self) -> str:
-        return config_lib.budget_name(self.k)
 
     @property
     def role(self) -> str | None:
@@ -325,9 +309,11 @@ def expand(config: Config) -> list[Run]:
             transfer_source = _other(target)
             for k in config.budgets:
                 if "scratch" in config.arms and k is not None:
-                    runs.append(Run("scratch", target, seed, k))
+                    runs.append(Run("scratch", target, seed, k=k))
                 if "fine_tune" in config.arms:
-                    runs.append(Run("fine_tune", target, seed, k, transfer_source))
+                    runs.append(
+                        Run("fine_tune", target, seed, k=k, source=transfer_source)
+                    )
             if "probe" not in config.arms:
                 continue
             sources = [
@@ -351,7 +337,15 @@ def expand(config: Config) -> list[Run]:
                             if source == target and k is not None:
                                 continue
                             runs.append(
-                                Run("probe", target, seed, k, source, layer, pooling)
+                                Run(
+                                    "probe",
+                                    target,
+                                    seed,
+                                    k=k,
+                                    source=source,
+                                    layer=layer,
+                                    pooling=pooling,
+                                )
                             )
     return runner.check_keys(runs)
 
@@ -506,14 +500,8 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
             seed=run.seed,
             **dataclasses.asdict(config.model),
         )
-    outcome = training.train_task(
-        model,
-        task,
-        train_config,
-        run_dir,
-        config.data.batch_size,
-        config.data.augment,
-        min_epoch_steps=config.min_epoch_steps,
+    outcome = context.train(
+        model, task, train_config, run_dir, min_epoch_steps=config.min_epoch_steps
     )
     if run.treatment == "scratch" and run.k is None:
         export.export_model(model, run_dir)
@@ -523,16 +511,7 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
 def _execute_probe(run: Run, context: Context, run_dir) -> dict:
     arrays = context.features(run)
     task = context.task(run.target)
-    idx = task.subset_indices(run.k, run.seed)
-    probe = heads.train_linear_probe(
-        arrays["train"][idx],
-        task.y_train[idx],
-        arrays["validation"],
-        task.y_validation,
-        task.num_classes,
-        context.config.probe,
-        seed=run.seed,
-    )
+    probe = heads.probe_on_task(arrays, task, run.k, run.seed, context.config.probe)
     probe.save(run_dir / "head.npz")
     return {
         **probe.record(arrays["test"], task.y_test),
@@ -617,7 +596,14 @@ def export_heads(records, config: Config, context: Context) -> list[dict]:
         ):
             exported.append(results.read_json(info_path))
             continue
-        run = Run("probe", target, seed, None, source, best["layer"], best["pooling"])
+        run = Run(
+            "probe",
+            target,
+            seed,
+            source=source,
+            layer=best["layer"],
+            pooling=best["pooling"],
+        )
         probe = heads.LinearProbe.load(context.run_dir(run) / "head.npz")
         model = heads.probe_model(
             context.source_model(run),
@@ -1061,21 +1047,14 @@ def report(records, config: Config) -> dict:
     }
 
 
-def _finish(records, config: Config, context: Context):
+def finish(records, config: Config, context: Context):
+    """Exports the validation-best heads once the probes have run."""
     if config.export_heads and "probe" in config.arms:
         export_heads(records, config, context)
 
 
-STUDY = runner.Study(
-    name="off_the_shelf",
-    config_class=Config,
-    presets=PRESETS,
-    expand=expand,
-    context=Context,
-    execute=execute,
-    report=report,
-    check=check,
-    finish=_finish,
+STUDY = runner.from_module(
+    __name__,
     group=lambda run: run.treatment,
     outputs=("heads",),
 )

@@ -38,12 +38,13 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from transfer_tf import data, precision, results
+from transfer_tf import data, precision, results, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import stats
 
@@ -118,6 +119,28 @@ class Study:
         return config_lib.override(self.config_class(), self.presets[name])
 
 
+def from_module(module_name: str, **hooks) -> Study:
+    """The :class:`Study` a study module declares by convention: its ``Config``,
+    ``PRESETS``, ``expand``, ``Context``, ``execute`` and ``report`` (and ``check``,
+    ``finish``, ``run_part`` when it defines them); ``hooks`` set the rest. The
+    study is named after the module (``transfer_tf.studies.transferability``:
+    ``transferability``)."""
+    module = sys.modules[module_name]
+    fields = {
+        "name": module_name.rsplit(".", 1)[-1],
+        "config_class": module.Config,
+        "presets": module.PRESETS,
+        "expand": module.expand,
+        "context": getattr(module, "Context", Context),
+        "execute": module.execute,
+        "report": module.report,
+    }
+    for optional in ("check", "finish", "run_part"):
+        if hasattr(module, optional):
+            fields[optional] = getattr(module, optional)
+    return Study(**{**fields, **hooks})
+
+
 # --------------------------------------------------------------------- the context
 
 
@@ -161,6 +184,14 @@ class Context:
         """Loads the data (a bad dataset fails here, before anything is written)."""
         return self.source
 
+    def train(self, model, task, train_config, run_dir, **kwargs):
+        """``training.train_task`` with the study's batch size and augmentation
+        (``kwargs``: its ``cache`` and ``min_epoch_steps``)."""
+        d = self.config.data
+        return training.train_task(
+            model, task, train_config, run_dir, d.batch_size, d.augment, **kwargs
+        )
+
     def halves(self, class_split=None, split_seed=None) -> data.ClassSplit:
         """The class split of the data config (or the one given)."""
         d = self.config.data
@@ -180,6 +211,26 @@ class Context:
         config = dataclasses.replace(self.config.data, **overrides)
         name = name or f"{self.config.data.dataset}/{half}"
         return data.make_task(self.source, classes, config, name=name)
+
+
+# -------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BudgetRun:
+    """The fields of a run with ``k`` labelled examples per class (``None``: all)
+    that may read a ``source`` net's ``layer`` with a ``pooling`` (a linear probe);
+    the label-budget studies' runs extend it."""
+
+    k: int | None = None
+    source: str | None = None
+    layer: str | None = None
+    pooling: str | None = None
+
+    @property
+    def budget(self) -> str:
+        """``"all"`` or the number, as budgets appear in keys, records and tables."""
+        return config_lib.budget_name(self.k)
 
 
 # ------------------------------------------------------------------------ records

@@ -82,16 +82,8 @@ class Config(config_lib.StudyConfig):
     # in place), fields the grid sets itself, and logging or memory settings.
     NOT_RESULT_AFFECTING = {
         "": ("splits", "seeds", "layers", "treatments", "targets", "reduced_per_class"),
-        "data": ("split", "class_split", "split_seed", "memory_budget_gb", "download"),
-        # Caching is exact (tests/test_cache.py), so it does not change results.
-        "training": (
-            "seed",
-            "verbose",
-            "tensorboard",
-            "backup",
-            "activation_cache",
-            "cache_memory_gb",
-        ),
+        "data": ("split", "class_split", "split_seed"),
+        "training": ("seed",),
     }
 
     def __post_init__(self):
@@ -333,15 +325,7 @@ def execute(run: Run, context: Context, run_dir) -> dict:
     frozen = [
         layer.name for layer in model.layers if layer.weights and not layer.trainable
     ]
-    outcome = training.train_task(
-        model,
-        task,
-        train_config,
-        run_dir,
-        config.data.batch_size,
-        config.data.augment,
-        cache=context.cache,
-    )
+    outcome = context.train(model, task, train_config, run_dir, cache=context.cache)
     if run.kind == "base":
         export.export_model(model, run_dir)
         chance = 1.0 / task.num_classes
@@ -565,14 +549,8 @@ def summary_csv(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-STUDY = runner.Study(
-    name="transferability",
-    config_class=Config,
-    presets=PRESETS,
-    expand=expand,
-    context=Context,
-    execute=execute,
-    report=report,
+STUDY = runner.from_module(
+    __name__,
     # Fine-tuned runs take the whole net's time, cached frozen ones a fraction.
     group=lambda run: run.treatment,
     describe=lambda r: (

@@ -1,0 +1,156 @@
+"""oneDNN and thread settings made at import (transfer_tf.onednn): each case in a
+fresh process, which reports what TensorFlow itself says (IsMklEnabled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from transfer_tf import onednn
+
+REPORT = """
+import json, os, sys
+{before}
+import transfer_tf
+from transfer_tf import onednn
+import tensorflow as tf
+from tensorflow.python.util import _pywrap_util_port
+print(json.dumps({{
+    "mkl": bool(_pywrap_util_port.IsMklEnabled()),
+    "decision": onednn.decision(),
+    "env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+    "intra": os.environ.get("TF_NUM_INTRAOP_THREADS"),
+    "inter": os.environ.get("TF_NUM_INTEROP_THREADS"),
+}}))
+"""
+
+
+def child(tmp_path, mode="measure", before="", **env) -> dict:
+    """Imports transfer_tf in a fresh process; what it and TensorFlow report."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            onednn.ONEDNN_ENV,
+            onednn.INTRA_ENV,
+            onednn.INTER_ENV,
+            onednn.AUTO_MODE_ENV,
+        )
+    }
+    clean.update(
+        {
+            onednn.AUTO_MODE_ENV: mode,
+            onednn.AUTO_FILE_ENV: str(tmp_path / "auto.json"),
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        },
+        **env,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORT.format(before=before)],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def store(tmp_path, **choice):
+    onednn.store_choice(choice, tmp_path / "auto.json")
+
+
+@pytest.fixture(scope="module")
+def tensorflow_default(tmp_path_factory) -> bool:
+    """oneDNN as TensorFlow decides on this CPU (nothing set, nothing stored)."""
+    reported = child(tmp_path_factory.mktemp("none"))
+    assert reported["decision"]["source"] == "not measured yet"
+    assert reported["env"] is None
+    return reported["mkl"]
+
+
+def test_the_stored_choice_is_applied_at_import(tmp_path, tensorflow_default):
+    store(
+        tmp_path,
+        onednn=not tensorflow_default,
+        intra_op_threads=1,
+        inter_op_threads=1,
+    )
+    reported = child(tmp_path)
+    assert reported["mkl"] is (not tensorflow_default)
+    assert reported["decision"]["source"] == "measured"
+    assert (reported["intra"], reported["inter"]) == ("1", "1")
+
+
+def test_the_users_variable_wins_over_the_stored_choice(tmp_path, tensorflow_default):
+    store(tmp_path, onednn=not tensorflow_default, intra_op_threads=1)
+    wanted = "1" if tensorflow_default else "0"
+    reported = child(tmp_path, **{onednn.ONEDNN_ENV: wanted, onednn.INTRA_ENV: "2"})
+    assert reported["mkl"] is tensorflow_default
+    assert reported["decision"]["source"] == "user"
+    assert reported["intra"] == "2"
+
+
+def test_rule_mode_keeps_tensorflows_default(tmp_path, tensorflow_default):
+    store(tmp_path, onednn=not tensorflow_default, intra_op_threads=1)
+    reported = child(tmp_path, mode="rule")
+    assert reported["mkl"] is tensorflow_default
+    assert reported["decision"]["source"] == "rule"
+    assert reported["env"] is None and reported["intra"] is None
+
+
+def test_nothing_changes_once_tensorflow_is_imported(tmp_path, tensorflow_default):
+    store(tmp_path, onednn=not tensorflow_default)
+    reported = child(tmp_path, before="import tensorflow")
+    assert reported["mkl"] is tensorflow_default
+    assert reported["decision"]["source"] == "tensorflow already imported"
+
+
+def test_store_keeps_other_entries(tmp_path):
+    path = tmp_path / "auto.json"
+    onednn.update_store("other", {"x": 1}, path)
+    onednn.store_choice({"onednn": True}, path)
+    assert onednn.read_store(path)["other"] == {"x": 1}
+    assert onednn.stored_choice(path) == {"onednn": True}
+    assert onednn.store_key().startswith(onednn.STORE_PREFIX)
+    assert "tensorflow" in onednn.machine_key()
+    # Importing the package (and so deciding) imports no TensorFlow.
+    code = "import sys; import transfer_tf.onednn; print('tensorflow' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_both_states_are_measured_in_fresh_processes(tmp_path, monkeypatch):
+    """The real decision: two child processes, one per oneDNN state, each
+    storing the speed of the signature under the state TensorFlow reported."""
+    from transfer_tf import precision
+
+    monkeypatch.setenv(onednn.AUTO_MODE_ENV, "measure")
+    monkeypatch.setenv(onednn.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
+    monkeypatch.setattr(precision, "_measured", {})
+    tiny = precision.Signature(input_shape=(28, 28, 1), width=0.05, batch_size=16)
+    choice = precision.decide_onednn(tiny, ["float32:off"], 100)
+    stored = onednn.read_store(tmp_path / "auto.json")
+    assert stored[onednn.store_key()] == choice
+    for state in (False, True):
+        entry = stored[precision.settings_key(tiny, state)]
+        assert entry["onednn"] is state
+        assert entry["images_per_second"]["float32:off"] > 0
+    assert set(choice["run_seconds"]) == {"off", "on"}
+    assert choice["onednn"] in (True, False)
+    assert precision.decide_onednn(tiny, ["float32:off"], 100) is None  # once
