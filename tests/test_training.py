@@ -133,3 +133,71 @@ def test_mixed_precision_and_adam_train(task, tmp_path):
     assert outcome.precision == "mixed_bfloat16"  # from the model, not the config
     assert training.evaluate(model, task.eval_dataset("test"))["accuracy"] > 0.4
     assert json.loads(json.dumps(outcome.__dict__))["epochs_run"] == 3
+
+
+def _plateau_callback(tmp_path, **kw):
+    values = dict(
+        schedule="plateau",
+        learning_rate=0.1,
+        plateau_patience=2,
+        plateau_reductions=2,
+        epochs=20,
+    )
+    values.update(kw)
+    cfg = config(**values)
+    model = models.build_base_net((28, 28, 1), 3, seed=0, **TINY)
+    training.compile_model(model, cfg, steps_per_epoch=1)
+    callback = training._BestWeights(tmp_path, cfg, persist=False)
+    callback.set_model(model)
+    model._initial_epoch = 0
+    callback.on_train_begin()
+    return model, callback
+
+
+def test_plateau_rule_reduces_the_rate_then_stops_as_converged(tmp_path):
+    model, callback = _plateau_callback(tmp_path)
+    rates, stopped = [], []
+    losses = [1.0, 0.9, 0.95, 0.95, 0.8, 0.85, 0.85, 0.9, 0.9]
+    for epoch, loss in enumerate(losses):
+        callback.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": 0.5})
+        rates.append(round(float(model.optimizer.learning_rate), 6))
+        stopped.append(model.stop_training)
+    # Two epochs without improvement: x0.2; improvement at epoch 5 resets the
+    # wait; two more: the second (last) reduction; two more: converged.
+    assert rates == [0.1, 0.1, 0.1, 0.02, 0.02, 0.02, 0.004, 0.004, 0.004]
+    assert stopped == [False] * 8 + [True]
+    assert callback.state["stop_reason"] == "converged"
+    assert callback.state["best_epoch"] == 5 and callback.state["reductions"] == 2
+
+
+def test_min_epochs_keeps_a_net_that_has_not_started_learning(tmp_path):
+    model, callback = _plateau_callback(tmp_path, plateau_reductions=0, min_epochs=6)
+    for epoch in range(6):
+        callback.on_epoch_end(epoch, {"val_loss": 1.0, "val_accuracy": 0.3})
+        assert model.stop_training == (epoch == 5)
+
+
+def test_select_initial_keeps_copied_weights_that_training_only_worsens(task, tmp_path):
+    model, _ = fit(task, tmp_path / "pretrained", epochs=4)
+    before = model.get_weights()
+    # Fine-tune on shuffled labels: every epoch is worse on validation than the
+    # starting point, which must win as epoch 0.
+    x, y = task.arrays("train")
+    noise = data.pipeline(x, np.random.default_rng(0).permutation(y), 32, True)
+    outcome = training.train(
+        model,
+        noise,
+        task.eval_dataset("validation", 64),
+        config(epochs=3, select_initial=True, learning_rate=0.05),
+        tmp_path / "fine_tuned",
+    )
+    assert outcome.best_epoch == 0 and outcome.epochs_run == 3
+    for w0, w1 in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(w0, w1)
+
+
+def test_at_chance_is_a_binomial_test_over_the_validation_examples():
+    assert training.at_chance(0.22, 100, 5)  # 22/100 is guessing among 5
+    assert not training.at_chance(0.40, 100, 5)
+    assert training.at_chance(0.40, 5, 5)  # 2 of 5: too few to tell
+    assert training.at_chance(None, 100, 5)

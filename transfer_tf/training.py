@@ -34,7 +34,8 @@ from transfer_tf import results
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+STOP_REASONS = ("epoch cap", "no improvement", "converged")
 PRECISIONS = precision_module.PRECISIONS
 XLA_CHOICES = precision_module.XLA_CHOICES
 
@@ -50,10 +51,26 @@ class TrainConfig:
       momentum: SGD momentum.
       weight_decay: decoupled weight decay of kernels (biases and batch-norm
         parameters are excluded); 0 disables it.
-      schedule: ``constant``, ``cosine`` (to zero over ``epochs``) or ``step``
-        (x0.1 at 50% and again at 75% of ``epochs``, Caffe's "step" policy).
-      patience: stop after this many epochs without a lower validation loss; 0
-        never stops early. The best-validation-loss weights are restored either way.
+      schedule: ``constant``, ``cosine`` (to zero over ``epochs``), ``step``
+        (x0.1 at 50% and again at 75% of ``epochs``, Caffe's "step" policy) or
+        ``plateau``: train to convergence by rule, with ``epochs`` only a cap:
+        the learning rate is multiplied by ``plateau_factor`` whenever the
+        validation loss has not improved for ``plateau_patience`` epochs, and
+        training stops when it has not improved for ``plateau_patience`` epochs
+        after the ``plateau_reductions``-th reduction (stop reason
+        ``converged``).
+      patience: with the other schedules, stop after this many epochs without a
+        lower validation loss; 0 never stops early. The best-validation-loss
+        weights are restored either way.
+      plateau_patience: epochs without a lower validation loss before the
+        ``plateau`` schedule reduces the learning rate (or stops).
+      plateau_factor: what the ``plateau`` schedule multiplies the rate by.
+      plateau_reductions: reductions before the ``plateau`` schedule may stop.
+      min_epochs: never stop before this many epochs (a net that has not
+        started learning is not stopped as "converged").
+      select_initial: the starting weights compete with every epoch's as epoch
+        0 (a fine-tuned net that training only makes worse keeps its copied
+        weights; ``best_epoch`` 0 says so).
       precision: see the module docstring.
       xla: see the module docstring.
       seed: seeds Python, NumPy, TensorFlow and Keras (dropout) before training.
@@ -75,6 +92,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     patience: int = 5
+    plateau_patience: int = 3
+    plateau_factor: float = 0.2
+    plateau_reductions: int = 2
+    min_epochs: int = 0
+    select_initial: bool = False
     precision: str = "auto"
     xla: str = "auto"
     seed: int = 0
@@ -114,6 +136,19 @@ class TrainConfig:
             )
         if self.patience < 0:
             raise ValueError(f"patience={self.patience!r} must be >= 0")
+        if self.plateau_patience < 1 or self.plateau_reductions < 0:
+            raise ValueError(
+                f"plateau_patience={self.plateau_patience!r} must be >= 1 and "
+                f"plateau_reductions={self.plateau_reductions!r} >= 0"
+            )
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(
+                f"plateau_factor={self.plateau_factor!r} must be in (0, 1)"
+            )
+        if not 0 <= self.min_epochs <= self.epochs:
+            raise ValueError(
+                f"min_epochs={self.min_epochs!r} must be in 0..epochs ({self.epochs})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +164,8 @@ class TrainResult:
     stopped_early: bool
     precision: str
     jit_compile: bool
+    stop_reason: str = "epoch cap"
+    learning_rate_reductions: int = 0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -148,6 +185,7 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(
             [int(total * 0.5), int(total * 0.75)], [lr, lr * 0.1, lr * 0.01]
         )
+    # "constant" and "plateau" keep a number, which the plateau rule reduces.
     weight_decay = config.weight_decay or None
     if config.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(
@@ -218,15 +256,33 @@ class _MetricsLog(keras.callbacks.Callback):
         results.append_jsonl(self.path, record)
 
 
-class _BestWeights(keras.callbacks.Callback):
-    """Early stopping on validation loss with best-weights restore, whose state
-    survives a crash (``early_stopping.json`` + ``best_weights.npz``)."""
+def scale_learning_rate(optimizer, factor: float) -> None:
+    """Multiplies an optimizer's learning rate (of every inner optimizer of a
+    ``MultiOptimizer``) by ``factor``; the rate must be a number, not a
+    schedule."""
+    inner = getattr(optimizer, "optimizers", None)
+    for opt in inner if inner else [optimizer]:
+        rate = opt._learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(
+                f"cannot reduce the learning rate of {opt.name}: it follows a "
+                "schedule; the plateau schedule needs a constant rate"
+            )
+        opt.learning_rate = float(keras.ops.convert_to_numpy(opt.learning_rate)) * (
+            factor
+        )
 
-    def __init__(self, workdir, patience, persist):
+
+class _BestWeights(keras.callbacks.Callback):
+    """Early stopping on validation loss with best-weights restore, and the
+    ``plateau`` schedule, whose state survives a crash (``early_stopping.json`` +
+    ``best_weights.npz``)."""
+
+    def __init__(self, workdir, config: TrainConfig, persist, initial=None):
         super().__init__()
         self.state_path = pathlib.Path(workdir) / "early_stopping.json"
         self.weights_path = pathlib.Path(workdir) / "best_weights.npz"
-        self.patience = patience
+        self.config = config
         self.persist = persist
         self.best_weights = None
         self.state = {
@@ -236,7 +292,12 @@ class _BestWeights(keras.callbacks.Callback):
             "wait": 0,
             "last_epoch": 0,
             "stopped_early": False,
+            "stop_reason": "epoch cap",
+            "reductions": 0,
+            "learning_rate": None,
         }
+        # The starting weights as epoch 0 (select_initial): (loss, accuracy, weights)
+        self.initial = initial
 
     def on_train_begin(self, logs=None):
         resumed = self.model._initial_epoch  # set by BackupAndRestore
@@ -245,23 +306,38 @@ class _BestWeights(keras.callbacks.Callback):
             if self.weights_path.exists():
                 with np.load(self.weights_path) as f:
                     self.best_weights = [f[f"w{i}"] for i in range(len(f.files))]
+            rate = self.state["learning_rate"]
+            if self.config.schedule == "plateau" and rate is not None:
+                self.model.optimizer.learning_rate = rate  # its reductions so far
+        elif self.initial is not None:
+            loss, accuracy, weights = self.initial
+            self.state.update(best_loss=loss, best_accuracy=accuracy, best_epoch=0)
+            self.best_weights = weights
 
     def _save_best(self):
-        tmp = self.weights_path.with_name(".best_weights.tmp.npz")
-        np.savez(tmp, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
-        tmp.replace(self.weights_path)
+        with results.atomic_path(self.weights_path) as tmp:
+            np.savez(tmp, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+
+    def _stop(self, reason):
+        self.state.update(stopped_early=True, stop_reason=reason)
+        self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
+        config, state = self.config, self.state
         loss = float(logs.get("val_loss", math.nan))
-        self.state["last_epoch"] = epoch + 1
+        state["last_epoch"] = epoch + 1
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"validation loss is {loss} after epoch {epoch + 1}; lower the "
                 "learning rate or check the data"
             )
-        if loss < self.state["best_loss"]:
-            self.state.update(
+        plateau = config.schedule == "plateau"
+        # The plateau rule asks for a real improvement, not float noise.
+        best = state["best_loss"]
+        margin = 1e-4 * abs(best) if plateau and math.isfinite(best) else 0.0
+        if loss < best - margin:
+            state.update(
                 best_loss=loss,
                 best_accuracy=float(logs.get("val_accuracy", math.nan)),
                 best_epoch=epoch + 1,
@@ -271,12 +347,25 @@ class _BestWeights(keras.callbacks.Callback):
             if self.persist:
                 self._save_best()
         else:
-            self.state["wait"] += 1
-            if self.patience and self.state["wait"] >= self.patience:
-                self.state["stopped_early"] = True
-                self.model.stop_training = True
+            state["wait"] += 1
+        may_stop = epoch + 1 >= config.min_epochs
+        if plateau and state["wait"] >= config.plateau_patience:
+            if state["reductions"] < config.plateau_reductions:
+                scale_learning_rate(self.model.optimizer, config.plateau_factor)
+                state["reductions"] += 1
+                state["wait"] = 0
+            elif may_stop:
+                self._stop("converged")
+        elif not plateau and config.patience and state["wait"] >= config.patience:
+            if may_stop:
+                self._stop("no improvement")
+        optimizer = self.model.optimizer
+        if plateau and not getattr(optimizer, "optimizers", None):
+            state["learning_rate"] = float(
+                keras.ops.convert_to_numpy(optimizer.learning_rate)
+            )
         if self.persist:
-            results.write_json(self.state_path, self.state)
+            results.write_json(self.state_path, state)
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
@@ -386,7 +475,13 @@ def train(
     compile_model(model, config, steps, loss, metrics, optimizer)
     per_epoch = count_examples(train_ds)
     started = time.time()
-    best = _BestWeights(workdir, config.patience, persist=config.backup)
+    initial = None
+    resuming = config.backup and (workdir / "backup").exists()
+    if config.select_initial and not resuming:
+        out = model.evaluate(val_ds, return_dict=True, verbose=0)
+        initial = (float(out["loss"]), float(out.get("accuracy", math.nan)))
+        initial += (model.get_weights(),)
+    best = _BestWeights(workdir, config, persist=config.backup, initial=initial)
     own = []
     if config.backup:
         own.append(
@@ -425,6 +520,8 @@ def train(
         stopped_early=best.state["stopped_early"],
         precision=model_precision(model),
         jit_compile=bool(model.jit_compile),
+        stop_reason=best.state["stop_reason"],
+        learning_rate_reductions=best.state["reductions"],
     )
 
 
@@ -459,6 +556,8 @@ class TaskResult:
     test_loss: float
     test_examples: int
     num_train: int
+    num_classes: int
+    num_validation: int
     path: str  # "cached": layers above a cached prefix were trained; else "full"
     cached_layers: int
     path_reason: str
@@ -485,7 +584,31 @@ class TaskResult:
             "path": self.path,
             "path_reason": self.path_reason,
             "cached_layers": self.cached_layers,
+            "stop_reason": t.stop_reason,
+            "learning_rate_reductions": t.learning_rate_reductions,
+            "at_chance": self.at_chance,
         }
+
+    @property
+    def at_chance(self) -> bool:
+        """Whether the net failed to learn: its best validation accuracy is not
+        significantly above chance (one-sided binomial test at the 1% level over
+        the validation examples). Such a run is no measurement of transfer."""
+        return at_chance(
+            self.train.best_val_accuracy, self.num_validation, self.num_classes
+        )
+
+
+def at_chance(accuracy, examples: int, num_classes: int, level: float = 0.01):
+    """Whether ``accuracy`` on ``examples`` examples of ``num_classes`` balanced
+    classes is consistent with guessing (one-sided binomial test at ``level``)."""
+    from scipy import stats
+
+    if accuracy is None or not math.isfinite(accuracy) or examples < 1:
+        return True
+    correct = int(round(accuracy * examples))
+    test = stats.binomtest(correct, examples, 1.0 / num_classes, alternative="greater")
+    return bool(test.pvalue > level)
 
 
 def train_task(
@@ -534,6 +657,8 @@ def train_task(
             test["loss"],
             test["examples"],
             len(task.y_train),
+            task.num_classes,
+            len(task.y_validation),
             "full",
             0,
             reason,
@@ -567,6 +692,8 @@ def train_task(
         test["loss"],
         test["examples"],
         len(task.y_train),
+        task.num_classes,
+        len(task.y_validation),
         "cached",
         n,
         reason,

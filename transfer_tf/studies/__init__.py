@@ -14,6 +14,9 @@ STUDIES = {
     "transferability": "transfer_tf.studies.transferability",
     "off_the_shelf": "transfer_tf.studies.off_the_shelf",
     "autoencoder": "transfer_tf.studies.autoencoder",
+    "what_transfers": "transfer_tf.studies.what_transfers",
+    "fine_tuning": "transfer_tf.studies.fine_tuning",
+    "domain_adaptation": "transfer_tf.studies.domain_adaptation",
 }
 
 
