@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from conftest import EXPERIMENTS, run_script
 from transfer_tf import models
 
@@ -27,24 +29,48 @@ def test_training_flops_are_counted_from_layer_shapes():
     assert per_image == 3 * forward
 
 
+def test_cache_flop_bound_counts_the_removed_forward_passes():
+    model = models.build_base_net((28, 28, 1), 10, width=0.05)
+    flops = benchmark.forward_flops(model)
+    every = sum(flops.values())
+    # Cut at 7 with the cache at fc6 (fc7's dropout ends it): one epoch, no
+    # validation or test images. Uncached: every layer forward + fc8's weight
+    # gradient; cached: layers 1..6 once, fc7 and fc8 forward + the same.
+    sizes = (100, 0, 0)
+    bound = benchmark.cache_flop_bound(model, 7, 6, 1, sizes)
+    top = flops["fc7"] + flops["fc8"]
+    assert bound == pytest.approx(1.0)  # one epoch: the prefix runs once anyway
+    bound = benchmark.cache_flop_bound(model, 7, 6, 10, sizes)
+    expected = 10 * (every + flops["fc8"]) / (every - top + 10 * (top + flops["fc8"]))
+    assert bound == pytest.approx(expected) and bound > 5
+    # Lower cuts leave more to compute: the bound falls with n.
+    bounds = [benchmark.cache_flop_bound(model, n, n, 4, (100, 50, 50)) for n in (3, 5)]
+    assert 1 < bounds[0] < bounds[1]
+
+
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(
         "benchmark",
         "--sections=throughput,flops",
         "--steps=2",
-        "--width=0.05",
+        "--rounds=1",
+        "--widths=0.05",
+        "--batch_size=16",
         f"--workdir={tmp_path}",
         f"--output={out}",
     )
-    assert "vs naive Keras" in proc.stdout and "matmul peak" in proc.stdout
+    assert "transfer_tf runtime: oneDNN" in proc.stdout
+    assert "vs naive" in proc.stdout and "of the matmul peak" in proc.stdout
     report = json.loads(out.read_text())
-    rates = report["throughput"]["rows"]
-    assert rates["naive Keras (float32, default compile)"] > 0
-    assert any(k.startswith("transfer_tf") and v > 0 for k, v in rates.items())
-    assert report["flops"]["float32"]["peak_matmul"] > 1e9
-    assert 0 < report["flops"]["float32"]["transfer_tf"] < 10 * 1e12
-    assert report["flops"]["per_image"] > 0
+    assert "onednn" in report["runtime"]
+    row = report["throughput"]["0.05"]
+    assert row["naive"] > 0 and row["auto_rate"] > 0
+    assert any(k.startswith("naive Keras (TF defaults") for k in row["rows"])
+    assert any(k.startswith("transfer_tf float32:off") for k in row["rows"])
+    assert report["flops"]["peak_matmul"] > 1e9
+    assert 0 < report["flops"]["0.05"]["transfer_tf (auto)"] < 10 * 1e12
+    assert report["flops"]["0.05"]["per_image"] > 0
 
 
 def test_benchmark_rejects_unknown_section(tmp_path):
@@ -61,7 +87,7 @@ def test_benchmark_cache_section_compares_the_two_paths(tmp_path):
         "--sections=cache",
         "--cache_dataset=digits",
         "--cache_epochs=1",
-        "--width=0.05",
+        "--cache_width=0.05",
         "--batch_size=64",
         f"--workdir={tmp_path}",
         f"--output={out}",
@@ -71,5 +97,6 @@ def test_benchmark_cache_section_compares_the_two_paths(tmp_path):
     assert set(rows) == {"3", "5", "7"}
     for row in rows.values():
         assert row["cached_s"] > 0 and row["uncached_s"] > 0
+        assert row["flop_bound"] >= 1 and row["of_bound"] > 0
         # The same seed and data: the two paths train the same model.
         assert abs(row["cached_acc"] - row["uncached_acc"]) <= 0.02

@@ -281,9 +281,9 @@ def test_user_choice_of_onednn_is_not_measured(measure_env, monkeypatch):
 
 def test_real_measurement_times_the_signature():
     measured = precision.measure_settings(
-        ["float32:off", "float32:on"], steps=2, rounds=1, signature=TINY
+        ["float32:off"], steps=2, rounds=1, signature=TINY
     )
-    assert set(measured["images_per_second"]) == {"float32:off", "float32:on"}
+    assert set(measured["images_per_second"]) == {"float32:off"}
     assert all(rate > 0 for rate in measured["images_per_second"].values())
     assert all(t > 0 for t in measured["setup_seconds"].values())
     auto = precision.Signature("autoencoder", (28, 28, 1), 0.05, batch_size=16)

@@ -69,3 +69,19 @@ def test_verdicts_for_each_outcome():
     assert stats.verdict(None, "negative") == "not resolved"
     with pytest.raises(ValueError, match="expected='up'"):
         stats.verdict(clearly_up, "up")
+
+
+def test_welch_interval_of_two_independent_groups():
+    iv = stats.difference_interval([0.1, 0.2, 0.3], [0.0, 0.0, 0.3, 0.1])
+    # mean 0.2 - 0.1; se = sqrt(0.01/3 + 0.02/4); Welch df from the two variances
+    va, vb = 0.01 / 3, 0.02 / 4
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3)
+    from scipy import stats as scipy_stats
+
+    half = scipy_stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    assert iv["mean"] == pytest.approx(0.1)
+    assert iv["low"] == pytest.approx(0.1 - half) and iv["high"] == pytest.approx(
+        0.1 + half
+    )
+    assert stats.difference_interval([0.5], [0.1, 0.2])["low"] is None
+    assert stats.difference_interval([], [0.1]) is None

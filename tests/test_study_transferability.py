@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import EXPERIMENTS, ROOT, run_script
-from transfer_tf import data, models, results, training
+from transfer_tf import models, results, training
 from transfer_tf.studies import runner, transferability
 
 STUDY = transferability.STUDY
@@ -23,21 +23,9 @@ ALL = ("BnB", "BnB+", "AnB", "AnB+", "random", "reduced")
 
 
 def tiny_study(**kw):
-    values = dict(
-        data=data.DataConfig(train_per_class=40, batch_size=32),
-        model=models.ModelConfig(width=0.05, batch_norm=True),
-        # The smoke preset of experiments/transferability.py, so that the in-process
-        # study is the reference of the killed-and-resumed script run below.
-        training=training.TrainConfig(
-            epochs=3, learning_rate=0.05, patience=0, verbose=0
-        ),
-        seeds=(0,),
-        layers=(2, 6),
-        treatments=ALL,
-        reduced_per_class=(10,),
-    )
-    values.update(kw)
-    return transferability.Config(**values)
+    """The smoke preset of experiments/transferability.py, so that the in-process
+    study is the reference of the killed-and-resumed script run below."""
+    return dataclasses.replace(STUDY.preset("smoke"), **kw)
 
 
 # ------------------------------------------------------------------------ expansion
@@ -112,6 +100,7 @@ def study(tmp_path_factory):
     return config, workdir, records
 
 
+@pytest.mark.slow
 def test_study_writes_every_output(study):
     config, workdir, records = study
     assert len(records) == len(transferability.expand(config)) == 13
@@ -150,6 +139,7 @@ def test_study_writes_every_output(study):
     assert (base_dir / "model.keras").is_file()
 
 
+@pytest.mark.slow
 def test_frozen_layers_recorded_per_treatment(study):
     _, _, records = study
     by_key = {r["key"]: r for r in records}
@@ -164,6 +154,7 @@ def test_frozen_layers_recorded_per_treatment(study):
     assert [n for n in frozen6 if not n.endswith("_bn")] == list(models.LAYER_NAMES[:6])
 
 
+@pytest.mark.slow
 def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
     config, workdir, _ = study
     context = transferability.Context(
@@ -180,7 +171,7 @@ def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
         model,
         task.train_dataset(32),
         task.eval_dataset("validation"),
-        dataclasses.replace(config.training, epochs=1),
+        dataclasses.replace(config.training, epochs=1, min_epochs=0),
         tmp_path,
     )
     after = models.layer_weights(model, 7)
@@ -189,6 +180,7 @@ def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
         assert changed == (models.layer_index(name.split("/")[0]) > 2), name
 
 
+@pytest.mark.slow
 def test_summary_equals_numbers_recomputed_from_results(study):
     config, workdir, _ = study
     lines = transferability.study_records(results.read_jsonl(workdir / "results.jsonl"))
@@ -198,6 +190,9 @@ def test_summary_equals_numbers_recomputed_from_results(study):
         csv[(treatment, int(n))] = (float(mean), int(count))
     groups = {}
     for r in lines:
+        if r["at_chance"]:  # failed nets are listed, never averaged
+            assert r["key"] in (workdir / "summary.md").read_text()
+            continue
         if r["kind"] == "reduced":
             key = (f"reduced@k{r['train_per_class']}", 0)
         else:
@@ -209,7 +204,7 @@ def test_summary_equals_numbers_recomputed_from_results(study):
         assert csv[key][1] == len(values)
     # baseB counts only the B-target base net, not baseA (a source only).
     assert csv[("baseB", 0)][1] == 1
-    summary = transferability.summarize(lines)["random"]
+    summary = transferability.summarize(lines)["splits"]["random"]
     base = np.mean(groups[("baseB", 0)])
     expected = np.mean([np.mean(groups[("AnB+", n)]) - base for n in (2, 6)])
     assert summary["table1"][("AnB+ - baseB", "1-7")]["mean"] == pytest.approx(expected)
@@ -219,8 +214,73 @@ def test_summary_equals_numbers_recomputed_from_results(study):
     assert summary["relative"]["AnB"][6] == pytest.approx(drop)
     text = (workdir / "summary.md").read_text()
     assert "AnB+ - baseB" in text and "Split: random" in text
+    # Four epochs do not converge a base net: BnB at n=6 (only fc7-fc8
+    # retrained on top of baseB's layers) overtakes baseB, and the gate says so
+    # at the top, marking every finding as confounded.
+    gate_section = text.split("## Findings")[0]
+    assert "**random: FAILED** (BnB - baseB at n=6" in gate_section
+    assert text.count("confounded: gate failed on random") >= 3
 
 
+def _values(**cells):
+    """``{(treatment, n): {replicate: accuracy}}`` from ``name_n=[accuracies]``."""
+    out = {}
+    for name, accuracies in cells.items():
+        treatment, n = name.rsplit("_", 1)
+        treatment = treatment.replace("plus", "+")
+        out[(treatment, int(n))] = {f"seed{i}/B": a for i, a in enumerate(accuracies)}
+    return out
+
+
+def test_gate_passes_only_when_the_top_selffer_nets_match_their_base():
+    base = [0.80, 0.82, 0.78]
+    matched = _values(baseB_0=base, BnB_7=[0.81, 0.815, 0.785], BnBplus_7=base)
+    g = transferability.gate(matched, [7], 0.02)
+    assert g["passed"] and g["n"] == 7 and set(g["checks"]) == {"BnB", "BnB+"}
+    # Consistently 5 points above the base: detectably different and too far.
+    ahead = _values(baseB_0=base, BnB_7=[b + 0.05 for b in base], BnBplus_7=base)
+    g = transferability.gate(ahead, [7], 0.02)
+    assert not g["passed"] and not g["checks"]["BnB"]["passed"]
+    assert "BnB - baseB at n=7 = +5.00" in g["why"]
+    # One replicate: no interval, only the tolerance decides.
+    one = _values(baseB_0=[0.8], BnB_7=[0.81], BnBplus_7=[0.79])
+    assert transferability.gate(one, [7], 0.02)["passed"]
+    assert transferability.gate({}, [], 0.02)["passed"] is None
+
+
+def test_findings_are_judged_from_paired_intervals():
+    # 3 replicates; AnB+ beats baseB by 2-3 points everywhere: boost reproduced;
+    # AnB falls behind BnB by 10 points more at n=7 than at n=1: reproduced.
+    base = [0.70, 0.72, 0.74]
+    values = _values(
+        baseB_0=base,
+        BnB_1=base,
+        BnB_7=base,
+        AnB_1=base,
+        AnB_7=[b - 0.10 for b in base],
+        AnBplus_1=[b + 0.02 for b in base],
+        AnBplus_7=[b + 0.03 for b in base],
+        BnBplus_7=base,
+    )
+    split = {
+        "values": values,
+        "layers": [1, 7],
+        "gate": transferability.gate(values, [1, 7], 0.02),
+    }
+    found = {f["key"]: f for f in transferability.findings({"random": split})}
+    assert split["gate"]["passed"]
+    assert found["specificity"]["verdict"] == "reproduced"
+    assert found["specificity"]["interval"]["mean"] == pytest.approx(-0.10)
+    assert found["boost_base"]["verdict"] == "reproduced"
+    assert found["boost_base"]["interval"]["mean"] == pytest.approx(0.025)
+    assert "co_adaptation" not in found  # no middle layer run... except n in 2..6
+    # The same numbers with a failed gate are marked confounded.
+    split["gate"] = {"passed": False}
+    found = {f["key"]: f for f in transferability.findings({"random": split})}
+    assert found["boost_base"]["verdict"].startswith("reproduced (confounded")
+
+
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
     config, workdir, records = study
     before = (workdir / "results.jsonl").read_text()
@@ -236,6 +296,7 @@ def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
     assert (workdir / "results.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_dry_run_lists_done_and_pending(study, capsys):
     config, workdir, _ = study
     grown = dataclasses.replace(config, layers=(2, 4, 6))
@@ -309,8 +370,8 @@ def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
         "transferability",
         "--preset=smoke",
         f"--workdir={killed}",
-        "--epochs=4",
+        "--epochs=5",
         check=False,
     )
-    assert refused.returncode != 0 and "epochs: 3 -> 4" in refused.stderr
+    assert refused.returncode != 0 and "epochs: 4 -> 5" in refused.stderr
     assert "--overwrite" in refused.stderr

@@ -117,6 +117,15 @@ KNOWN_CLASS_NAMES = {
 }
 
 
+def man_made_classes(class_names) -> tuple[str, ...] | None:
+    """The man-made classes of a vocabulary with a known man-made/natural split
+    (CIFAR-10, CIFAR-100 fine or coarse), else None."""
+    for vocabulary, man_made in _man_made_sets():
+        if set(vocabulary) <= set(class_names):
+            return tuple(man_made)
+    return None
+
+
 def _man_made_sets():
     """Every class-name vocabulary with a known man-made (A) / natural (B) split."""
     fine = tuple(
@@ -687,6 +696,7 @@ def split_classes(
     split_seed=0,
     classes_a=(),
     classes_b=(),
+    size_a: int | None = None,
 ) -> ClassSplit:
     """Divides a dataset's classes into two disjoint halves A and B.
 
@@ -700,6 +710,9 @@ def split_classes(
       split_seed: seed of the random split.
       classes_a: names or indices (or ``@FILE``) of half A.
       classes_b: names or indices of half B; empty means all classes not in A.
+      size_a: ``random`` only: the number of classes of half A (default
+        ``ceil(k/2)``), e.g. the size of a semantic split's half A, so that a
+        random split can be compared with it class count for class count.
 
     Returns:
       The ClassSplit; indices in each half are sorted, so labels re-indexed
@@ -716,16 +729,15 @@ def split_classes(
         raise ValueError(f"a class split needs at least 2 classes, got {k}")
     if class_split == "random":
         order = np.random.default_rng(split_seed).permutation(k)
-        half = (k + 1) // 2
+        half = (k + 1) // 2 if size_a is None else size_a
+        if not 1 <= half < k:
+            raise ValueError(f"size_a={size_a!r} must leave both halves non-empty")
         return ClassSplit(
             tuple(sorted(order[:half].tolist())), tuple(sorted(order[half:].tolist()))
         )
     if class_split == "man_made" and not classes_a:
-        for vocabulary, man_made in _man_made_sets():
-            if set(vocabulary) <= set(class_names):
-                classes_a = man_made
-                break
-        else:
+        classes_a = man_made_classes(class_names)
+        if classes_a is None:
             raise ValueError(
                 "no man-made/natural split is known for classes "
                 f"{list(class_names[:10])}...; give the man-made classes with "

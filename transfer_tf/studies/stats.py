@@ -155,3 +155,32 @@ def format_interval(iv: dict | None, scale: float = 100.0, unit: str = "") -> st
         return f"{mean} (1, no interval)"
     low, high = scale * iv["low"], scale * iv["high"]
     return f"{mean} [{low:+.2f}, {high:+.2f}] ({iv['count']})"
+
+
+def difference_interval(a, b, confidence: float = 0.95) -> dict | None:
+    """Mean of ``a`` minus mean of ``b`` for two independent groups (not paired:
+    two splits' replicates), with Welch's t-interval; no interval unless both
+    groups have at least two values."""
+    from scipy import stats as scipy_stats
+
+    a = [float(v) for v in a if v is not None]
+    b = [float(v) for v in b if v is not None]
+    if not a or not b:
+        return None
+    mean = float(np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2:
+        return {"mean": mean, "se": None, "low": None, "high": None, "count": 1}
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    if se == 0.0:
+        return {"mean": mean, "se": 0.0, "low": mean, "high": mean, "count": 2}
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
+    count = min(len(a), len(b))
+    return {
+        "mean": mean,
+        "se": se,
+        "low": mean - half,
+        "high": mean + half,
+        "count": count,
+    }

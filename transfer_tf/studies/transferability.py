@@ -51,9 +51,23 @@ class Config(config_lib.StudyConfig):
         and ``split_seed`` are ignored: ``splits`` and ``seeds`` decide them).
       model: the base-net architecture.
       training: how every net is trained (the base nets, and the frozen
-        treatments' upper layers).
+        treatments' upper layers): to convergence by the plateau rule, the same
+        for every arm, ``epochs`` only a cap.
       fine_tune_learning_rate: initial learning rate of the fine-tuned
-        treatments (BnB+, AnB+); ``None`` uses ``training.learning_rate``.
+        treatments (BnB+, AnB+); ``None`` uses ``training.learning_rate``. A
+        converged base fine-tuned at the base's initial rate is knocked out of
+        its minimum, so the presets use a tenth of it.
+      fine_tune_select_initial: the fine-tuned treatments' best epoch may be
+        epoch 0 (the copied layers with the new, untrained fc8; it wins only if
+        every epoch of fine-tuning is worse on validation, and the record's
+        ``best_epoch`` 0 then says so).
+      match_semantic_sizes: ``random`` halves get the class counts of the
+        dataset's man-made/natural split (CIFAR-10: 4 classes in A, 6 in B), so
+        the random and semantic splits are compared with the same number of
+        target classes in the same direction.
+      gate_tolerance: how far (accuracy, 0.02 = 2 points) the selffer nets at
+        the top of the net (BnB and BnB+ at the highest cut layer) may be from
+        their base for the convergence gate to pass (see :func:`gate`).
       splits: class splits to study: ``random`` (split seed = the run's seed),
         ``man_made`` (A = man-made, B = natural) and/or ``explicit``
         (``data.classes_a`` / ``data.classes_b``).
@@ -68,8 +82,13 @@ class Config(config_lib.StudyConfig):
 
     data: data.DataConfig = data.DataConfig(batch_size=64)
     model: models.ModelConfig = models.ModelConfig(width=0.125)
-    training: training.TrainConfig = training.TrainConfig(epochs=6, patience=3)
-    fine_tune_learning_rate: float | None = None
+    training: training.TrainConfig = training.TrainConfig(
+        epochs=30, schedule="plateau", plateau_patience=2, min_epochs=3
+    )
+    fine_tune_learning_rate: float | None = 0.002
+    fine_tune_select_initial: bool = True
+    match_semantic_sizes: bool = False
+    gate_tolerance: float = 0.02
     splits: tuple[str, ...] = ("random",)
     seeds: tuple[int, ...] = (0, 1)
     layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
@@ -81,7 +100,15 @@ class Config(config_lib.StudyConfig):
     # (seeds, layers, treatments only choose which runs exist, so a grid can grow
     # in place), fields the grid sets itself, and logging or memory settings.
     NOT_RESULT_AFFECTING = {
-        "": ("splits", "seeds", "layers", "treatments", "targets", "reduced_per_class"),
+        "": (
+            "splits",
+            "seeds",
+            "layers",
+            "treatments",
+            "targets",
+            "reduced_per_class",
+            "gate_tolerance",
+        ),
         "data": ("split", "class_split", "split_seed"),
         "training": ("seed",),
     }
@@ -112,18 +139,20 @@ class Config(config_lib.StudyConfig):
         config_lib.check_positive(
             "fine_tune_learning_rate", self.fine_tune_learning_rate
         )
+        config_lib.check_positive("gate_tolerance", self.gate_tolerance, False)
 
 
 PRESETS = {
-    # Seconds, for tests: a tiny net with batch norm, 40 images per class.
+    # Seconds, for tests: a tiny net with batch norm, 100 images per class, four
+    # epochs (enough for the nets to learn, not to converge).
     "smoke": {
         "model.width": 0.05,
         "model.batch_norm": True,
-        "training.epochs": 3,
-        "training.patience": 0,
+        "training.epochs": 4,
         "training.learning_rate": 0.05,
         "training.tensorboard": False,
-        "data.train_per_class": 40,
+        "fine_tune_learning_rate": 0.01,
+        "data.train_per_class": 100,
         "data.batch_size": 32,
         "seeds": (0,),
         "layers": (2, 6),
@@ -268,12 +297,43 @@ class Context(runner.Context):
             ]
             self._tasks[key] = self.half_task(
                 run.target,
-                # a random split's seed is the run's
-                self.halves(run.split, run.seed),
+                self.split_halves(run.split, run.seed),
                 name=f"{run.split}/seed{run.seed}/{run.target}",
                 train_per_class=min(caps) if caps else None,
             )
         return self._tasks[key]
+
+    def split_halves(self, split: str, seed: int) -> data.ClassSplit:
+        """The halves of a split kind (a random split's seed is the run's; with
+        ``match_semantic_sizes`` its half A has the semantic half A's size)."""
+        if split == "random" and self.config.match_semantic_sizes:
+            man_made = data.man_made_classes(self.source.class_names)
+            if man_made is None:
+                raise ValueError(
+                    "match_semantic_sizes: no man-made/natural split is known for "
+                    f"{self.config.data.dataset}"
+                )
+            return data.split_classes(
+                self.source.class_names, "random", seed, size_a=len(man_made)
+            )
+        return self.halves(split, seed)
+
+    def describe_halves(self, split: str, seed: int) -> dict:
+        """Each half's class names and, where the dataset has a semantic split,
+        how many man-made classes each half holds."""
+        names = self.source.class_names
+        halves = self.split_halves(split, seed)
+        out = {
+            "classes_a": [names[i] for i in halves.a],
+            "classes_b": [names[i] for i in halves.b],
+        }
+        man_made = data.man_made_classes(names)
+        if man_made is not None:
+            for half in ("a", "b"):
+                out[f"man_made_in_{half}"] = sum(
+                    c in man_made for c in out[f"classes_{half}"]
+                )
+        return out
 
     def base_model(self, run: Run) -> keras.Model:
         base = run.base_run()
@@ -321,6 +381,10 @@ def execute(run: Run, context: Context, run_dir) -> dict:
         run.seed,
         config.fine_tune_learning_rate if run.fine_tune else None,
     )
+    if run.fine_tune:
+        train_config = dataclasses.replace(
+            train_config, select_initial=config.fine_tune_select_initial
+        )
     model = build_model(run, context, context.dtype)
     frozen = [
         layer.name for layer in model.layers if layer.weights and not layer.trainable
@@ -338,11 +402,39 @@ def execute(run: Run, context: Context, run_dir) -> dict:
                 outcome.test_accuracy,
                 chance,
             )
-    return {
+    record = {
         "frozen_layers": frozen,
         **outcome.record(),
-        "path": outcome.path,
+        **context.describe_halves(run.split, run.seed),
     }
+    if config.training.tensorboard:
+        write_hparams(run, record, run_dir)
+    return record
+
+
+def write_hparams(run: Run, record: dict, run_dir):
+    """The run's treatment, n, split, seed and halves with its accuracies, for
+    TensorBoard's HParams tab (``tensorboard --logdir <workdir>/runs``)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard" / "hparams"))
+    with writer.as_default():
+        hp.hparams(
+            {
+                "treatment": run.treatment,
+                "n": run.n,
+                "split": run.split,
+                "seed": run.seed,
+                "target": run.target,
+                "source": run.source or "",
+                "fine_tune": run.fine_tune,
+            },
+            trial_id=run.key,
+        )
+        for name in ("test_accuracy", "val_accuracy"):
+            tf.summary.scalar(name, record[name] or 0.0, step=0)
+    writer.close()
 
 
 def grid_records(workdir, data_config, model_config, fields=("dataset",)) -> list:
@@ -395,12 +487,13 @@ def grid_records(workdir, data_config, model_config, fields=("dataset",)) -> lis
 def report(records: list[dict], config: Config) -> dict:
     """``summary.md``, ``summary.csv``, ``transfer.png`` and ``relative.png``."""
     records = study_records(records)
-    summary = summarize(records)
+    summary = summarize(records, config.gate_tolerance)
+    measured = [r for r in records if not r.get("at_chance")]
     return {
         "summary.md": summary_markdown(summary),
         "summary.csv": summary_csv(summary),
-        "transfer.png": plots.png_bytes(plots.transfer_figure(records)),
-        "relative.png": plots.png_bytes(plots.relative_figure(records)),
+        "transfer.png": plots.png_bytes(plots.transfer_figure(measured)),
+        "relative.png": plots.png_bytes(plots.relative_figure(measured)),
     }
 
 
@@ -416,48 +509,61 @@ def study_records(records: list[dict]) -> list[dict]:
 
 ORDER = ("baseB", "BnB", "BnB+", "AnB", "AnB+", "random")
 RANGES = ((1, 7), (3, 7), (5, 7))
+MIDDLE = (3, 4, 5)  # where the paper saw co-adaptation hurt BnB
 
 
-def summarize(records: list[dict]) -> dict:
+def replicate(record) -> str:
+    """A replicate: one seed (for ``random``, its own split) and target half;
+    every paired difference is taken within one."""
+    return f"seed{record['seed']}/{record['target']}"
+
+
+def summarize(records: list[dict], gate_tolerance: float = 0.02) -> dict:
     """Aggregates the runs' test top-1 accuracy (a pure function of the records).
 
+    Runs flagged ``at_chance`` (the net did not learn) are excluded and listed.
+
     Returns a dict with, per split kind:
-      ``cells``: ``{(treatment, n): stats}`` over seeds and pooled targets
-        (base nets at n=0);
+      ``cells``: ``{(treatment, n): stats}`` over replicates (base nets at n=0);
+      ``values``: ``{(treatment, n): {replicate: accuracy}}``;
       ``table1``: the paper's Table 1, ``AnB+ - baseB`` and ``AnB+ - BnB+``
-        averaged over layers 1-7, 3-7 and 5-7 (mean over the layers present);
-      ``relative``: ``{treatment: {n: mean / mean(baseB) - 1}}``, the drop of
-        AnB, BnB and random relative to the base;
-      ``reduced``: ``{k: stats}`` of the reduced-data control.
+        averaged over layers 1-7, 3-7 and 5-7, as intervals over replicates;
+      ``relative``: ``{treatment: {n: mean / mean(baseB) - 1}}``;
+      ``reduced``: ``{k: stats}`` of the reduced-data control;
+      ``gate``: the convergence gate (:func:`gate`);
+      ``halves``: ``{replicate: classes of A and B, man-made counts}``;
+      ``excluded``: keys of the runs at chance;
+    and under ``"findings"`` the paper's findings with intervals and verdicts
+    (:func:`findings`).
     """
     out = {}
     by_split = defaultdict(list)
     for r in records:
         by_split[r["split"]].append(r)
     for split, rows in by_split.items():
-        groups = defaultdict(list)
+        values = defaultdict(dict)
         reduced = defaultdict(list)
+        excluded, halves = [], {}
         for r in rows:
+            if r.get("at_chance"):
+                excluded.append(r["key"])
+                continue
+            if r["kind"] == "base" and "classes_a" in r:
+                halves[f"seed{r['seed']}"] = {
+                    k: r[k] for k in r if k.startswith(("classes_", "man_made_in_"))
+                }
             if r["treatment"] == "reduced":
                 reduced[r["train_per_class"]].append(r["test_accuracy"])
             else:
-                groups[(r["treatment"], r["n"])].append(r["test_accuracy"])
-        cells = {k: stats.stats(v) for k, v in groups.items()}
+                values[(r["treatment"], r["n"])][replicate(r)] = r["test_accuracy"]
+        cells = {k: stats.stats(list(v.values())) for k, v in values.items()}
         base = cells.get(("baseB", 0))
         layers = sorted({n for (t, n) in cells if t != "baseB"})
         table1 = {}
         for lo, hi in RANGES:
-            for name, reference in (("AnB+ - baseB", None), ("AnB+ - BnB+", "BnB+")):
-                diffs = []
-                for n in range(lo, hi + 1):
-                    tuned = cells.get(("AnB+", n))
-                    ref = base if reference is None else cells.get((reference, n))
-                    if tuned and ref:
-                        diffs.append(tuned["mean"] - ref["mean"])
-                table1[(name, f"{lo}-{hi}")] = (
-                    {"mean": float(np.mean(diffs)), "layers": len(diffs)}
-                    if diffs
-                    else None
+            for name, reference in (("AnB+ - baseB", "baseB"), ("AnB+ - BnB+", "BnB+")):
+                table1[(name, f"{lo}-{hi}")] = _layer_mean_interval(
+                    values, "AnB+", reference, range(lo, hi + 1)
                 )
         relative = {}
         if base and base["mean"] > 0:
@@ -471,25 +577,280 @@ def summarize(records: list[dict]) -> dict:
                     relative[t] = row
         out[split] = {
             "cells": cells,
+            "values": dict(values),
             "layers": layers,
             "table1": table1,
             "relative": relative,
             "reduced": {k: stats.stats(v) for k, v in sorted(reduced.items())},
             "base": base,
+            "gate": gate(values, layers, gate_tolerance),
+            "halves": halves,
+            "excluded": sorted(excluded),
         }
+    return {"splits": out, "findings": findings(out)}
+
+
+def _reference(values, reference: str, n: int) -> dict:
+    return values.get((reference, 0 if reference == "baseB" else n), {})
+
+
+def _layer_mean_interval(values, treatment, reference, ns) -> dict | None:
+    """Per replicate, the mean over the layers ``ns`` (those run) of
+    ``treatment(n) - reference(n)``; the interval of that over replicates."""
+    per_replicate = defaultdict(list)
+    for n in ns:
+        for rep, diff in zip(
+            *_paired_keys(
+                values.get((treatment, n), {}), _reference(values, reference, n)
+            ),
+            strict=True,
+        ):
+            per_replicate[rep].append(diff)
+    if not per_replicate:
+        return None
+    iv = stats.interval([float(np.mean(v)) for v in per_replicate.values()])
+    iv["layers"] = len({n for n in ns if (treatment, n) in values})
+    return iv
+
+
+def _paired_keys(a: dict, b: dict):
+    keys = sorted(set(a) & set(b))
+    return keys, [a[k] - b[k] for k in keys]
+
+
+def gate(values, layers, tolerance: float) -> dict:
+    """The convergence gate: BnB and BnB+ at the highest cut layer run (n = 7 in
+    a full grid) must match baseB, their own base, within noise.
+
+    The test, per treatment: the paired differences to baseB over replicates
+    must not be detectably different from zero (their 95% t-interval contains 0;
+    with one replicate there is no interval and only the next condition applies)
+    and their mean must lie within ``tolerance`` (2 points by default). A net
+    trained to convergence whose every layer is copied from its converged base
+    and only fc8 retrained can do no better than the base; when it beats the base
+    by more, the base was undertrained and every comparison with it measures
+    extra training, not transfer.
+
+    Returns:
+      ``{"n", "passed", "checks": {treatment: {"interval", "passed"}}, "why"}``.
+    """
+    if not layers:
+        return {"n": None, "passed": None, "checks": {}, "why": "no cut layer run"}
+    n = max(layers)
+    checks = {}
+    for treatment in ("BnB", "BnB+"):
+        _, diffs = _paired_keys(
+            values.get((treatment, n), {}), values.get(("baseB", 0), {})
+        )
+        iv = stats.interval(diffs)
+        if iv is None:
+            continue
+        within = abs(iv["mean"]) <= tolerance
+        undetected = iv["low"] is None or iv["low"] <= 0.0 <= iv["high"]
+        checks[treatment] = {"interval": iv, "passed": bool(within and undetected)}
+    passed = bool(checks) and all(c["passed"] for c in checks.values())
+    why = (
+        ""
+        if passed
+        else ", ".join(
+            f"{t} - baseB at n={n} = {stats.format_interval(c['interval'])} points"
+            for t, c in checks.items()
+            if not c["passed"]
+        )
+    )
+    if not checks:
+        why = f"no BnB/BnB+ at n={n} paired with a baseB"
+    return {"n": n, "passed": passed if checks else None, "checks": checks, "why": why}
+
+
+# The paper's findings, what each is measured as here, and the paper's number
+# (Yosinski et al. 2014, ImageNet halves; figures read off the paper's plots are
+# marked approximate).
+FINDINGS = (
+    (
+        "specificity",
+        "Specificity grows with n: transfer AnB falls behind selffer BnB higher up",
+        "(AnB - BnB) at the highest n minus at the lowest n",
+        "AnB = BnB at n = 1-2, behind from n = 3, most at n = 7 (Fig. 2)",
+        "negative",
+    ),
+    (
+        "co_adaptation",
+        "Co-adaptation: frozen selffer BnB dips below baseB in the middle layers",
+        "BnB - baseB averaged over n = 3-5",
+        "about -2 to -3 points at n = 3-5 (Fig. 2, approximate)",
+        "negative",
+    ),
+    (
+        "boost_base",
+        "Generalisation boost: fine-tuned transfer AnB+ beats baseB",
+        "AnB+ - baseB averaged over the layers run (Table 1, layers 1-7)",
+        "+1.6 points (Table 1)",
+        "positive",
+    ),
+    (
+        "boost_selffer",
+        "Generalisation boost: AnB+ beats fine-tuned selffer BnB+",
+        "AnB+ - BnB+ averaged over the layers run (Table 1, layers 1-7)",
+        "+1.4 points (Table 1)",
+        "positive",
+    ),
+    (
+        "semantic",
+        "Transfer between dissimilar (man-made/natural) halves drops more",
+        "relative drop AnB / baseB - 1 at the highest n: man_made minus random",
+        "larger drop for dissimilar halves at every n >= 3 (Fig. 3)",
+        "negative",
+    ),
+    (
+        "random",
+        "Random frozen layers fall far below transferred ones",
+        "random - BnB averaged over n >= 3",
+        "near chance from n = 3 (Fig. 3)",
+        "negative",
+    ),
+)
+
+
+def findings(splits: dict) -> list[dict]:
+    """The paper's findings, each with our interval over replicates and a verdict
+    computed from it (``stats.verdict``), ``confounded`` where the convergence
+    gate of the split it rests on failed.
+
+    Measured on the ``random`` split (else the first split), except the semantic
+    comparison, which needs both ``random`` and ``man_made``.
+    """
+    if not splits:
+        return []
+    main = "random" if "random" in splits else next(iter(splits))
+    s = splits[main]
+    values, layers = s["values"], s["layers"]
+    measured = {}
+    both = [n for n in layers if ("AnB", n) in values and ("BnB", n) in values]
+    if len(both) >= 2:
+        lo, hi = both[0], both[-1]
+        _, d_hi = _paired_keys(values[("AnB", hi)], values[("BnB", hi)])
+        keys_hi, _ = _paired_keys(values[("AnB", hi)], values[("BnB", hi)])
+        keys_lo, d_lo = _paired_keys(values[("AnB", lo)], values[("BnB", lo)])
+        lo_by = dict(zip(keys_lo, d_lo, strict=True))
+        diffs = [d - lo_by[k] for k, d in zip(keys_hi, d_hi, strict=True) if k in lo_by]
+        measured["specificity"] = (stats.interval(diffs), f"n={hi} vs n={lo}")
+    middle = [n for n in layers if n in MIDDLE] or [n for n in layers if 2 <= n <= 6]
+    if middle:
+        iv = _layer_mean_interval(values, "BnB", "baseB", middle)
+        measured["co_adaptation"] = (iv, f"n={','.join(map(str, middle))}")
+    for key, reference in (("boost_base", "baseB"), ("boost_selffer", "BnB+")):
+        iv = _layer_mean_interval(values, "AnB+", reference, layers)
+        measured[key] = (iv, f"n={','.join(map(str, layers))}")
+    high = [n for n in layers if n >= 3]
+    if high:
+        iv = _layer_mean_interval(values, "random", "BnB", high)
+        measured["random"] = (iv, f"n={','.join(map(str, high))}")
+    gates = {main: s["gate"]}
+    if "random" in splits and "man_made" in splits:
+        drops, ns = {}, []
+        for split in ("random", "man_made"):
+            v = splits[split]["values"]
+            common = [n for n in splits[split]["layers"] if ("AnB", n) in v]
+            if not common:
+                break
+            n = max(common)
+            ns.append(n)
+            keys, _ = _paired_keys(v[("AnB", n)], v.get(("baseB", 0), {}))
+            drops[split] = [v[("AnB", n)][k] / v[("baseB", 0)][k] - 1.0 for k in keys]
+            gates[split] = splits[split]["gate"]
+        if len(drops) == 2:
+            iv = stats.difference_interval(drops["man_made"], drops["random"])
+            measured["semantic"] = (iv, f"n={ns[0]} (random) vs n={ns[1]} (man_made)")
+    out = []
+    for key, claim, measure, paper, expected in FINDINGS:
+        if key not in measured or measured[key][0] is None:
+            continue
+        iv, where = measured[key]
+        verdict = stats.verdict(iv, expected)
+        used = gates if key == "semantic" else {main: s["gate"]}
+        failed = [k for k, g in used.items() if g["passed"] is False]
+        if failed:
+            verdict += f" (confounded: gate failed on {', '.join(failed)})"
+        if iv["low"] is None:
+            verdict += " (1 replicate: no interval)"
+        out.append(
+            {
+                "key": key,
+                "claim": claim,
+                "measure": f"{measure} [{where}]",
+                "paper": paper,
+                "interval": iv,
+                "verdict": verdict,
+                "split": "random vs man_made" if key == "semantic" else main,
+            }
+        )
     return out
+
+
+def findings_markdown(summary: dict) -> list[str]:
+    """The convergence gates and the Findings table (summary.md's head; the
+    script prints it at the end of a run)."""
+    lines = ["## Convergence gate", ""]
+    for split, s in summary["splits"].items():
+        g = s["gate"]
+        if g["passed"] is None:
+            lines.append(f"- {split}: not testable ({g['why']}).")
+        elif g["passed"]:
+            shown = "; ".join(
+                f"{t} - baseB = {stats.format_interval(c['interval'])} points"
+                for t, c in g["checks"].items()
+            )
+            lines.append(f"- {split}: passed at n={g['n']} ({shown}).")
+        else:
+            lines.append(
+                f"- **{split}: FAILED** ({g['why']}): the base nets are not "
+                "converged or the selffer nets trained further; the findings "
+                "resting on this split are confounded."
+            )
+    lines += [
+        "",
+        "Test: BnB and BnB+ at the highest cut layer minus baseB, paired by "
+        "replicate, must not be detectably different from zero (95% t-interval "
+        "contains 0) and must lie within the gate tolerance.",
+        "",
+        "## Findings (Yosinski et al. 2014) judged by this run",
+        "",
+        "Ours: mean difference in points of test top-1 with its 95% t-interval "
+        "over replicates (seeds x target halves; in parentheses how many); the "
+        "verdict is computed from the interval: reproduced (on the paper's "
+        "side of 0), contradicted (on the other side), not resolved (spans 0).",
+        "",
+    ]
+    rows = [
+        [
+            f["claim"],
+            f["paper"],
+            stats.format_interval(f["interval"]),
+            f"**{f['verdict']}**",
+            f["measure"],
+        ]
+        for f in summary["findings"]
+    ]
+    lines += stats.markdown_table(
+        ["finding", "paper", "ours (points)", "verdict", "measured as"], rows
+    )
+    return lines
 
 
 def summary_markdown(summary: dict) -> str:
     """Human-readable tables of :func:`summarize` (the README quotes them)."""
     lines = ["# Transferability study: test top-1 accuracy", ""]
-    lines.append(
-        "Mean ± std (number of runs) over seeds and pooled targets; base nets at n=0. "
-        "Targets A and B are pooled under the B names (selffer = BnB, transfer = AnB)."
-    )
-    for split, s in summary.items():
+    lines += findings_markdown(summary)
+    for split, s in summary["splits"].items():
         columns = [0, *s["layers"]]
         lines += ["", f"## Split: {split}", ""]
+        lines.append(
+            "Mean ± std (number of replicates) over seeds and pooled targets; base "
+            "nets at n=0. Targets A and B are pooled under the B names (selffer = "
+            "BnB, transfer = AnB)."
+        )
+        lines.append("")
         rows = [
             [t] + [stats.format_stats(s["cells"].get((t, n))) for n in columns]
             for t in ORDER
@@ -499,7 +860,8 @@ def summary_markdown(summary: dict) -> str:
         )
         lines += [
             "",
-            "Table 1 (paper): mean accuracy difference over a range of layers.",
+            "Table 1 (paper): mean accuracy difference over a range of layers, in "
+            "points, with its 95% interval over replicates.",
             "",
         ]
         rows = []
@@ -507,11 +869,24 @@ def summary_markdown(summary: dict) -> str:
             cells = []
             for lo, hi in RANGES:
                 v = s["table1"].get((name, f"{lo}-{hi}"))
-                cells.append(f"{v['mean']:+.4f} ({v['layers']} layers)" if v else "")
+                cells.append(
+                    f"{stats.format_interval(v)}, {v['layers']} layers" if v else ""
+                )
             rows.append([name, *cells])
         lines += stats.markdown_table(
             ["difference"] + [f"layers {lo}-{hi}" for lo, hi in RANGES], rows
         )
+        if s["halves"]:
+            lines += ["", "Halves (the classes of A and B per seed):", ""]
+            counted = any("man_made_in_a" in h for h in s["halves"].values())
+            header = ["seed", "A", "B"] + (["man-made in A / B"] if counted else [])
+            rows = []
+            for seed, h in sorted(s["halves"].items()):
+                row = [seed, ", ".join(h["classes_a"]), ", ".join(h["classes_b"])]
+                if counted:
+                    row.append(f"{h['man_made_in_a']} / {h['man_made_in_b']}")
+                rows.append(row)
+            lines += stats.markdown_table(header, rows)
         if s["reduced"]:
             lines += [
                 "",
@@ -521,11 +896,18 @@ def summary_markdown(summary: dict) -> str:
             rows = [[str(k), stats.format_stats(v)] for k, v in s["reduced"].items()]
             rows.append(["all", stats.format_stats(s["base"])])
             lines += stats.markdown_table(["k per class", "test top-1"], rows)
+        if s["excluded"]:
+            lines += [
+                "",
+                f"Excluded: {len(s['excluded'])} runs whose nets never rose "
+                "significantly above chance on validation (failed, not measured): "
+                + ", ".join(s["excluded"]),
+            ]
     lines += ["", "## Drop relative to the base net (mean / mean(baseB) - 1)", ""]
-    all_layers = sorted({n for s in summary.values() for n in s["layers"]})
+    all_layers = sorted({n for s in summary["splits"].values() for n in s["layers"]})
     rows = [
         [split, t] + [f"{row[n]:+.2%}" if n in row else "" for n in all_layers]
-        for split, s in summary.items()
+        for split, s in summary["splits"].items()
         for t, row in s["relative"].items()
     ]
     lines += stats.markdown_table(
@@ -537,7 +919,7 @@ def summary_markdown(summary: dict) -> str:
 def summary_csv(summary: dict) -> str:
     """One row per (split, treatment, n): mean, std, count."""
     lines = ["split,treatment,n,mean,std,count"]
-    for split, s in summary.items():
+    for split, s in summary["splits"].items():
         for (t, n), v in sorted(
             s["cells"].items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])
         ):
