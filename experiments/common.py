@@ -30,7 +30,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 from transfer_tf import data, models, results, training  # noqa: E402
 from transfer_tf.studies import config as config_lib  # noqa: E402
-from transfer_tf.studies import runner  # noqa: E402
+from transfer_tf.studies import executors, runner  # noqa: E402
 
 FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -251,7 +251,87 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
         "differs (without it, such a rerun is refused).",
     )
     flags.DEFINE_bool("dry_run", False, "List the study's runs (done or pending).")
+    flags.DEFINE_enum(
+        "executor",
+        "local",
+        list(executors.EXECUTORS),
+        "Where runs execute: local (one after the other in this process) or ray "
+        "(Ray tasks; pip install '.[ray]'): a local Ray with --workers runs at a "
+        "time, or the cluster at --ray_address.",
+    )
+    flags.DEFINE_string(
+        "ray_address",
+        None,
+        "--executor=ray: a running Ray cluster to join (e.g. auto or "
+        "ray://head:10001); default: start a local Ray for the study.",
+    )
+    flags.DEFINE_integer(
+        "workers", 2, "--executor=ray without --ray_address: runs at a time here."
+    )
+    flags.DEFINE_float("cpus_per_run", 1.0, "--executor=ray: CPUs each run asks for.")
+    flags.DEFINE_float("gpus_per_run", 0.0, "--executor=ray: GPUs each run asks for.")
+    flags.DEFINE_integer(
+        "max_retries",
+        2,
+        "--executor=ray: how often a run whose worker died is retried before it is "
+        "reported as failed.",
+    )
+    flags.DEFINE_integer(
+        "num_shards",
+        None,
+        "Split the runs into this many shards (a SLURM job array: one process per "
+        "shard, --shard_index=$SLURM_ARRAY_TASK_ID), each recording into its own "
+        "results.shard-i-of-K.jsonl; a later run without it merges them.",
+    )
+    flags.DEFINE_integer("shard_index", None, "This process's shard, 0..num_shards-1.")
+    flags.DEFINE_bool(
+        "merge",
+        False,
+        "Fold the shard files into results.jsonl and write the report (no runs).",
+    )
+    flags.DEFINE_enum(
+        "strategy",
+        "default",
+        list(runner.STRATEGIES),
+        "mirrored: train every net with tf.distribute.MirroredStrategy on all local "
+        "GPUs (the activation cache is off then). MultiWorkerMirroredStrategy is "
+        "not offered: Keras 3 fit does not work with it (keras-team/keras#20585).",
+    )
     define_config_flags(study.config_class(), table)
+
+
+def execution_options():
+    """``(executor, shard)`` of the execution flags."""
+    if (FLAGS.num_shards is None) != (FLAGS.shard_index is None):
+        raise ValueError("--num_shards and --shard_index go together")
+    if FLAGS.num_shards is not None and FLAGS.num_shards < 1:
+        raise ValueError(f"--num_shards={FLAGS.num_shards} must be >= 1")
+    shard = None if FLAGS.num_shards is None else (FLAGS.shard_index, FLAGS.num_shards)
+    if FLAGS.executor == "local":
+        ray_flags = [
+            f
+            for f in (
+                "ray_address",
+                "workers",
+                "cpus_per_run",
+                "gpus_per_run",
+                "max_retries",
+            )
+            if FLAGS[f].present
+        ]
+        if ray_flags:
+            raise ValueError(f"--{ray_flags[0]} needs --executor=ray")
+        return executors.LocalExecutor(), shard
+    return (
+        executors.RayExecutor(
+            FLAGS.ray_address,
+            FLAGS.workers,
+            FLAGS.cpus_per_run,
+            FLAGS.gpus_per_run,
+            FLAGS.max_retries,
+        ),
+        shard,
+    )
 
 
 def _preset_doc(study, name) -> str:
@@ -273,15 +353,36 @@ def study_main(study: runner.Study, table: dict[str, str]):
         if len(argv) > 1:
             sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
         setup_logging()
+        runner.precision.allow_restart()  # for the oneDNN state measured best
         workdir = pathlib.Path(FLAGS.workdir or f"runs/{study.name}_{FLAGS.preset}")
         try:
             config = config_from_flags(study, table)
-            records = runner.run_study(
-                study, config, workdir, FLAGS.overwrite, FLAGS.dry_run
-            )
-        except (ValueError, training.NonFiniteLossError, OSError) as e:
+            if FLAGS.merge:
+                merger = runner.Runner(study, config, workdir, FLAGS.strategy)
+                merger.check_identity(FLAGS.overwrite)
+                merger.merge()
+                merger.write_report()
+                records = merger.all_records()
+            else:
+                executor, shard = execution_options()
+                records = runner.run_study(
+                    study,
+                    config,
+                    workdir,
+                    FLAGS.overwrite,
+                    FLAGS.dry_run,
+                    executor,
+                    shard,
+                    FLAGS.strategy,
+                )
+        except (
+            ValueError,
+            training.NonFiniteLossError,
+            OSError,
+            executors.IncompleteStudy,
+        ) as e:
             sys.exit(f"error: {e}")  # incl. ConfigMismatchError
-        if FLAGS.dry_run:
+        if FLAGS.dry_run or (FLAGS.num_shards and not FLAGS.merge):
             return
         summary = workdir / "summary.md"
         if summary.is_file():

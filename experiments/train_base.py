@@ -107,6 +107,7 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
     common.setup_logging()
+    precision.allow_restart()  # for the oneDNN state measured best
     try:
         config = common.config_lib.override(
             Config(), common.overrides(Config(), FLAG_TABLE)

@@ -38,13 +38,14 @@ from absl import app
 import common
 from transfer_tf.studies import what_transfers
 
+STUDY = what_transfers.STUDY
 # The study decides the class split (the seed's random split) itself.
 FLAG_TABLE = common.flag_table(
-    what_transfers.STUDY.config_class(),
+    STUDY.config_class(),
     exclude=("data.class_split", "data.split_seed", "training.seed"),
 )
-common.define_study_flags(what_transfers.STUDY, FLAG_TABLE)
-main = common.study_main(what_transfers.STUDY, FLAG_TABLE)
+common.define_study_flags(STUDY, FLAG_TABLE)
+main = common.study_main(STUDY, FLAG_TABLE)
 
 if __name__ == "__main__":
     app.run(main)

@@ -181,7 +181,7 @@ def bootstrap() -> dict:
         _decision = {"onednn": None, "source": "rule"}
     else:
         choice = stored_choice()
-        if choice is None:
+        if not isinstance(choice, dict) or not isinstance(choice.get("onednn"), bool):
             _decision = {"onednn": None, "source": "not measured yet"}
         else:
             os.environ[ONEDNN_ENV] = "1" if choice["onednn"] else "0"

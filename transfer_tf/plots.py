@@ -65,7 +65,7 @@ def _points(rows, treatment):
 def transfer_figure(records):
     """The paper's Figure 2: test top-1 vs cut layer n, one dot per run, mean
     lines per treatment, the baseB level dashed. One panel per class split."""
-    splits = _by_split(records)
+    splits = _by_split(records) or {"no finished runs": []}
     fig, axes = plt.subplots(
         1, len(splits), figsize=(7 * len(splits), 5), squeeze=False, sharey=True
     )

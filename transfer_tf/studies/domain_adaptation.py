@@ -535,19 +535,24 @@ class TargetScores:
         }
 
 
-def predict_parts(feature_model: keras.Model, parts: dict, batch_size=512) -> dict:
-    """``{part: (features, logits)}`` of image arrays, in one forward pass."""
+def predict_parts(feature_model: keras.Model, parts: dict, chunk=1024) -> dict:
+    """``{part: (features, logits)}`` of image arrays.
+
+    Eager calls in chunks: scoring runs after every epoch on a few thousand
+    images, where tracing a predict function per run (and again for every new
+    last-batch shape) would cost more than the forward pass itself.
+    """
     names = list(parts)
-    sizes = [len(parts[n]) for n in names]
-    features, logits = feature_model.predict(
-        np.concatenate([parts[n] for n in names]), batch_size=batch_size, verbose=0
-    )
-    bounds = np.cumsum([0, *sizes])
+    images = np.concatenate([parts[n] for n in names])
+    features, logits = [], []
+    for start in range(0, len(images), chunk):
+        f, z = feature_model([images[start : start + chunk]], training=False)
+        features.append(np.asarray(f, np.float32))
+        logits.append(np.asarray(z, np.float32))
+    features, logits = np.concatenate(features), np.concatenate(logits)
+    bounds = np.cumsum([0, *(len(parts[n]) for n in names)])
     return {
-        name: (
-            np.asarray(features[lo:hi], np.float32),
-            np.asarray(logits[lo:hi], np.float32),
-        )
+        name: (features[lo:hi], logits[lo:hi])
         for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True)
     }
 
@@ -634,25 +639,25 @@ def execute(run: Run, context: Context, run_dir) -> dict:
     adapt = dataclasses.replace(config.adaptation, method=method, weight=run.weight)
     if run.arm == ORACLE:
         outcome = context.train(base, pair.target, train_config, run_dir)
-        record = outcome.record()
-        record["val_examples"] = len(pair.target.y_validation)
-        record["source_test_accuracy"] = training.evaluate(
-            base, pair.source.eval_dataset("test")
-        )["accuracy"]
-        diverged = None
+        record = {**outcome.record(), "val_examples": len(pair.target.y_validation)}
     else:
-        record, diverged = _train_adapted(base, adapt, pair, run, train_config, context)
+        record = _train_adapted(base, adapt, pair, run, train_config, context)
     # training.model_precision reads an AdaptationModel's own (global) policy.
     record["precision"] = training.model_precision(base)
-    if run.seed == config.seeds[0] and not diverged:
-        record["projection"] = projection(
-            _feature_model(base, adapt), pair, config.projection_examples
-        )
+    if record.get("diverged"):
+        return record
+    extractor = _feature_model(base, adapt)
+    logits = predict_parts(extractor, {"test": pair.source.x_test})["test"][1]
+    record["source_test_accuracy"] = float(
+        np.mean(logits.argmax(1) == pair.source.y_test)
+    )
+    if run.seed == config.seeds[0]:
+        record["projection"] = projection(extractor, pair, config.projection_examples)
     return record
 
 
 def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
-    """Source only or a method: ``(record, divergence message or None)``."""
+    """Trains source only or a method; returns its record."""
     config = context.config
     batch_size = config.data.batch_size
     model = adaptation.AdaptationModel(base, adapt)
@@ -714,13 +719,10 @@ def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
             examples_seen=outcome.examples_seen,
             train_time=outcome.wall_time,
             xla="on" if outcome.jit_compile else "off",
-            source_test_accuracy=training.evaluate(
-                base, pair.source.eval_dataset("test", batch_size)
-            )["accuracy"],
         )
     else:
         record["stop_reason"] = "diverged"
-    return record, diverged
+    return record
 
 
 # --------------------------------------------------------------------- selection

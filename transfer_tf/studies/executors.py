@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 
+from transfer_tf.studies.runner import needs
+
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
@@ -39,18 +41,14 @@ class IncompleteStudy(RuntimeError):
 
     def __init__(self, failures: dict):
         self.failures = failures
-        shown = "; ".join(f"{key}: {error}" for key, error in list(failures.items())[:5])
+        shown = "; ".join(
+            f"{key}: {error}" for key, error in list(failures.items())[:5]
+        )
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         super().__init__(
             f"{len(failures)} runs did not finish: {shown}{more}. Rerun the same "
             "command to retry them; finished runs are kept."
         )
-
-
-def needs(run) -> list[str]:
-    """The keys of the runs a run reads (its ``needs()``; none without one)."""
-    method = getattr(run, "needs", None)
-    return list(method()) if callable(method) else []
 
 
 class LocalExecutor:
@@ -94,8 +92,9 @@ class RayExecutor:
       address: a Ray cluster to join (``ray://host:10001`` or ``auto``); ``None``
         starts a local Ray for the study and stops it afterwards.
       workers: local Ray only: how many runs at a time on this machine.
-      cpus_per_run, gpus_per_run: each run's resource request; a run's
-        TensorFlow uses ``cpus_per_run`` threads for its operations.
+      cpus_per_run, gpus_per_run: each run's resource request (Ray's
+        scheduling; TensorFlow's own thread pools follow this process's
+        settings, e.g. ``TF_NUM_INTRAOP_THREADS``).
       max_retries: how often a run whose worker died is retried.
     """
 
@@ -129,17 +128,13 @@ class RayExecutor:
     def _start(self):
         import ray
 
-        threads = str(max(1, int(self.cpus_per_run)))
+        # Workers see this process's TensorFlow and transfer_tf settings (oneDNN,
+        # thread pools, auto mode), so a run computes what it would here.
         env = {
             "env_vars": {
-                "TF_NUM_INTRAOP_THREADS": threads,
-                "TF_NUM_INTEROP_THREADS": "1",
-                **{
-                    k: v
-                    for k, v in os.environ.items()
-                    if k.startswith(("TRANSFER_TF_", "TF_"))
-                    and k not in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-                },
+                k: v
+                for k, v in os.environ.items()
+                if k.startswith(("TRANSFER_TF_", "TF_"))
             }
         }
         if ray.is_initialized():

@@ -26,12 +26,20 @@ once:
 - progress with an estimate of the time left; ``dry_run`` lists the runs;
 - the report is drawn from every compatible record of the directory (not only
   this command's selection) and written only where it changed, so rerunning a
-  finished study on a read-only copy works.
+  finished study on a read-only copy works;
+- runs execute in this process or on Ray (``transfer_tf.studies.executors``);
+  ``shard=(i, K)`` runs only the i-th of K slices of the runs (each slice a set
+  of runs with the runs they read), recording into ``results.shard-i-of-K.jsonl``
+  so that K processes (a SLURM job array) never write one file; any later
+  unsharded run, or :meth:`Runner.merge`, folds the shard files into
+  ``results.jsonl``; ``strategy="mirrored"`` trains every net with
+  ``tf.distribute.MirroredStrategy`` on all local GPUs.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -51,8 +59,32 @@ from transfer_tf.studies import stats
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
+SHARD_FILES = "results.shard-*.jsonl"
 CONFIG_FILE = "config.json"
 RUNS_DIR = "runs"
+STRATEGIES = ("default", "mirrored")
+
+
+def shard_file(index: int, count: int) -> str:
+    """The results file of shard ``index`` (0-based) of ``count``."""
+    return f"results.shard-{index}-of-{count}.jsonl"
+
+
+def _without_cache(config):
+    """``config`` with the activation cache off in every training section: it
+    computes prefix activations outside a distribution strategy's replicas, so
+    under MirroredStrategy every net trains whole (the cache is exact, so
+    results do not change; only speed)."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and "activation_cache" in {
+            f.name for f in dataclasses.fields(value)
+        }:
+            changes[field.name] = dataclasses.replace(value, activation_cache=False)
+    if changes:
+        log.info("MirroredStrategy: the activation cache is off (every net whole)")
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _everything(config) -> dict:
@@ -286,7 +318,13 @@ def _rebuild(run_class, record):
 class Runner:
     """One study, configuration and work directory (see the module docstring)."""
 
-    def __init__(self, study: Study, config, workdir):
+    def __init__(self, study: Study, config, workdir, strategy: str = "default"):
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy={strategy!r} is not one of {list(STRATEGIES)} "
+                "(MultiWorkerMirroredStrategy does not work with Keras 3 fit: "
+                "keras-team/keras#20585)"
+            )
         if not isinstance(config, study.config_class):
             raise TypeError(
                 f"{study.name} takes a {study.config_class.__name__}, not "
@@ -301,6 +339,9 @@ class Runner:
         self.run_class = type(self.runs[0])
         self.identity = study.identity(self.config)
         self.hashes = {r.key: self.run_hash(r) for r in self.runs}
+        self.strategy = strategy
+        if strategy == "mirrored":
+            self.config = _without_cache(self.config)
 
     def run_hash(self, run) -> str:
         return config_lib.hash_of(self.study.run_part(self.config, run))
@@ -314,7 +355,7 @@ class Runner:
         """Every record of the work directory made with this configuration (the
         last one of a key wins), whether or not this command lists its run."""
         compatible = {}
-        for record in results.read_jsonl(self.workdir / RESULTS_FILE):
+        for record in self.read_results():
             key = record.get("key")
             if key in self.hashes:
                 ok = record.get("config_hash") == self.hashes[key]
@@ -328,6 +369,58 @@ class Runner:
         return sorted(
             compatible.values(), key=lambda r: order.get(r["key"], len(order))
         )
+
+    def read_results(self) -> list[dict]:
+        """The records of ``results.jsonl`` and of any shard files beside it."""
+        paths = [self.workdir / RESULTS_FILE]
+        paths += sorted(self.workdir.glob(SHARD_FILES))
+        return [r for path in paths for r in results.read_jsonl(path)]
+
+    def merge(self) -> int:
+        """Folds the shard files into ``results.jsonl`` (each key once; a record
+        already there wins) and removes them. Returns how many records moved.
+        Run it when no shard is running."""
+        shards = sorted(self.workdir.glob(SHARD_FILES))
+        if not shards:
+            return 0
+        merged = results.read_jsonl(self.workdir / RESULTS_FILE)
+        seen = {r.get("key") for r in merged}
+        moved = 0
+        for path in shards:
+            for record in results.read_jsonl(path):
+                if record.get("key") not in seen:
+                    merged.append(record)
+                    seen.add(record.get("key"))
+                    moved += 1
+        results.rewrite_jsonl(self.workdir / RESULTS_FILE, merged)
+        for path in shards:
+            path.unlink()
+        log.info(
+            "merged %d records of %d shard files into %s",
+            moved,
+            len(shards),
+            RESULTS_FILE,
+        )
+        return moved
+
+    def shard_runs(self, index: int, count: int) -> list:
+        """The runs of shard ``index`` of ``count``: the runs are grouped with the
+        runs they read (a base net with everything built on it), groups are dealt
+        round-robin, so a shard never waits for another."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+        by_key = {r.key: r for r in self.runs}
+
+        def root(run):
+            deps = [k for k in needs(run) if k in by_key]
+            return root(by_key[deps[0]]) if deps else run.key
+
+        groups = {}
+        for run in self.runs:
+            groups.setdefault(root(run), []).append(run)
+        chosen = [g for i, g in enumerate(groups.values()) if i % count == index]
+        keys = {r.key for group in chosen for r in group}
+        return [r for r in self.runs if r.key in keys]
 
     def finished(self) -> dict:
         """``key -> record`` of this command's runs that are finished."""
@@ -411,7 +504,8 @@ class Runner:
         )
         started = time.time()
         try:
-            outcome = self.study.execute(run, context, run_dir)
+            with self._scope():
+                outcome = self.study.execute(run, context, run_dir)
         except Exception as e:
             hint = self.study.explain(run, e)
             if hint:
@@ -423,58 +517,102 @@ class Runner:
             "wall_time": time.time() - started,
             "config_hash": config_hash,
             "onednn": precision.onednn_enabled(),
+            "strategy": self.strategy,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         results.write_json(run_dir / "result.json", record)
         return record
 
-    def run(self, overwrite: bool = False) -> list[dict]:
+    def _scope(self):
+        """The distribution strategy's scope: nets built and compiled in it train
+        on every local GPU (one replica per GPU; the CPU alone without one)."""
+        if self.strategy != "mirrored":
+            return contextlib.nullcontext()
+        import tensorflow as tf
+
+        if not hasattr(self, "_mirrored"):
+            self._mirrored = tf.distribute.MirroredStrategy()
+            log.info(
+                "MirroredStrategy over %d replicas",
+                self._mirrored.num_replicas_in_sync,
+            )
+        return self._mirrored.scope()
+
+    def run(self, overwrite: bool = False, executor=None, shard=None) -> list[dict]:
         """Runs every pending run, then writes the report; returns the records
-        of this command's runs."""
+        of this command's runs.
+
+        Args:
+          overwrite: delete a work directory of another configuration.
+          executor: where the runs execute (``executors.LocalExecutor`` by
+            default).
+          shard: ``(index, count)``: run only that slice of the runs, recording
+            into its own shard file (no report: merge first).
+
+        Raises:
+          executors.IncompleteStudy: some runs failed on an executor that goes
+            on after a failure; the report covers the others.
+        """
+        from transfer_tf.studies import executors
+
         self.check_identity(overwrite)
         context = self.study.context(self.config, self.workdir, self.run_dir)
         context.prepare()
         if self.study.check:
             self.study.check(self.config, context)
+        if (
+            shard is None
+            and self.workdir.is_dir()
+            and any(self.workdir.glob(SHARD_FILES))
+        ):
+            self.check_writable()
+            self.merge()
+        runs = self.runs if shard is None else self.shard_runs(*shard)
         done = self.finished() if self.workdir.is_dir() else {}
-        pending = [r for r in self.runs if r.key not in done]
+        pending = [r for r in runs if r.key not in done]
+        where = self.workdir / (RESULTS_FILE if shard is None else shard_file(*shard))
         log.info(
-            "%d runs in the study: %d already finished, %d to run; results in %s",
-            len(self.runs),
-            len(self.runs) - len(pending),
+            "%d runs in the %s: %d already finished, %d to run; results in %s",
+            len(runs),
+            "study" if shard is None else f"shard {shard[0]} of {shard[1]}",
+            len(runs) - len(pending),
             len(pending),
-            self.workdir,
+            where,
         )
         if pending:
             self.check_writable()
             self.claim()
         progress = Progress(self.study.group, self.study.typical)
-        started = time.time()
-        for i, run in enumerate(pending, 1):
-            # A source outside the study (an external net) is the study's own check.
-            missing = [k for k in _needs(run) if k in self.hashes and k not in done]
-            if missing:
-                raise RuntimeError(f"{run.key} needs {missing}, which have not run")
-            record = self.execute(run, context)
-            results.append_jsonl(self.workdir / RESULTS_FILE, record)
-            done[run.key] = record
-            progress.add(run, record["wall_time"])
-            eta = progress.eta(pending[i:])
+        started, failures, finished = time.time(), {}, len(runs) - len(pending)
+        executor = executor or executors.LocalExecutor()
+        for run, outcome in executor.run(self, pending, context, done):
+            if isinstance(outcome, BaseException):
+                failures[run.key] = f"{type(outcome).__name__}: {outcome}"
+                continue
+            results.append_jsonl(where, outcome)
+            done[run.key] = outcome
+            finished += 1
+            progress.add(run, outcome["wall_time"])
+            left = [r for r in pending if r.key not in done and r.key not in failures]
+            eta = progress.eta(left)
             log.info(
                 "[%d/%d] %-40s %s  (%.1f s)  ETA %s",
-                len(self.runs) - len(pending) + i,
-                len(self.runs),
+                finished,
+                len(runs),
                 run.key,
-                self.study.describe(record),
-                record["wall_time"],
+                self.study.describe(outcome),
+                outcome["wall_time"],
                 stats.duration(eta) if math.isfinite(eta) else "?",
             )
         if pending:
             log.info("runs finished in %s", stats.duration(time.time() - started))
-        records = [done[r.key] for r in self.runs]
-        if self.study.finish:
-            self.study.finish(records, self.config, context)
-        self.write_report()
+        records = [done[r.key] for r in runs if r.key in done]
+        if shard is None:
+            if self.study.finish and not failures:
+                self.study.finish(records, self.config, context)
+            self.write_report()
+        if failures:
+            raise executors.IncompleteStudy(failures)
         return records
 
     def write_report(self) -> dict[str, pathlib.Path]:
@@ -507,20 +645,29 @@ class Runner:
         return {name: self.workdir / name for name in outputs}
 
 
-def _needs(run) -> list[str]:
-    needs = getattr(run, "needs", None)
-    return list(needs()) if callable(needs) else []
+def needs(run) -> list[str]:
+    """The keys of the runs a run reads (its ``needs()``; none without one)."""
+    method = getattr(run, "needs", None)
+    return list(method()) if callable(method) else []
 
 
 def run_study(
-    study: Study, config, workdir, overwrite: bool = False, dry_run: bool = False
+    study: Study,
+    config,
+    workdir,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    executor=None,
+    shard=None,
+    strategy: str = "default",
 ) -> list[dict]:
     """Runs (or with ``dry_run`` lists) a study's pending runs and writes its
-    report; returns the records of the runs its configuration lists."""
-    runner = Runner(study, config, workdir)
+    report; returns the records of the runs its configuration lists (see
+    :meth:`Runner.run` for ``executor`` and ``shard``)."""
+    runner = Runner(study, config, workdir, strategy)
     if dry_run:
         return runner.dry_run()
-    return runner.run(overwrite)
+    return runner.run(overwrite, executor, shard)
 
 
 # ---------------------------------------------------------------------- progress

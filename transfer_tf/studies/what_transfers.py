@@ -127,24 +127,25 @@ class Config(config_lib.StudyConfig):
         as transferring as well as the final source.
     """
 
-    data: data.DataConfig = data.DataConfig(batch_size=64)
+    data: data.DataConfig = data.DataConfig(dataset="uci_digits", batch_size=64)
     model: models.ModelConfig = models.ModelConfig(width=0.125)
     training: training.TrainConfig = training.TrainConfig(
         epochs=60,
         schedule="plateau",
         plateau_patience=2,
-        min_epochs=5,
+        plateau_reductions=1,
+        min_epochs=15,
         tensorboard=False,
     )
-    fine_tune_learning_rate: float = 0.005
-    target_per_class: int | None = 100
-    source_dataset: str | None = None
+    fine_tune_learning_rate: float = 0.01
+    target_per_class: int | None = 50
+    source_dataset: str | None = "digits"
     grid_workdir: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     analyses: tuple[str, ...] = ANALYSES
     block_sizes: tuple[int | None, ...] = (None, 7, 4, 2, 1)
     block_arms: tuple[str, ...] = ("P-T", "RI-T")
-    checkpoint_epochs: tuple[int, ...] = (1, 2, 4, 8)
+    checkpoint_epochs: tuple[int, ...] = (1, 2, 4)
     interpolation_points: int = 11
     criticality_points: int = 11
     criticality_tolerance: float = 0.01
@@ -245,6 +246,8 @@ PRESETS = {
     # Seconds, for tests: a tiny net, one seed, 40 source / 20 target images
     # per class.
     "smoke": {
+        "data.dataset": "digits",
+        "source_dataset": None,
         "model.width": 0.05,
         "training.epochs": 6,
         "training.min_epochs": 2,
@@ -263,11 +266,12 @@ PRESETS = {
         "criticality_points": 3,
         "cka_examples": 200,
     },
-    # The defaults: the embedded MNIST digits, half A -> half B (100 per class).
+    # The defaults: the embedded MNIST digits -> the UCI digits (50 per class).
     "digits": {},
     # ../shared/data/cifar10 (else TFDS), random halves A -> B.
     "cifar10": {
         "data.dataset": data.cifar10_spec(),
+        "source_dataset": None,
         "data.batch_size": 128,
         "data.train_per_class": 1000,
         "model.width": 0.25,

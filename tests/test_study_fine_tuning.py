@@ -1,0 +1,622 @@
+"""The fine-tuning study: expansion, dependencies, the recommendation, verdicts and
+rank correlations computed by hand from fake records, and a smoke run of
+experiments/fine_tuning.py as a user runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import numpy as np
+import pytest
+
+from conftest import TINY, run_script
+from transfer_tf import backbones, data, models, results
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import fine_tuning
+
+STUDY = fine_tuning.STUDY
+
+
+# ------------------------------------------------------------------ expansion
+
+
+def test_expand_orders_sources_first_and_cuts_each_strategy():
+    config = fine_tuning.Config()
+    runs = fine_tuning.expand(config)
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys))
+    position = {r.key: i for i, r in enumerate(runs)}
+    for r in runs:
+        for needed in r.needs():
+            assert position[needed] < position[r.key], r.key
+    strategies = [r for r in runs if r.kind == "strategy"]
+    # per seed and budget: 3 freeze cuts and the 6 other strategies
+    assert len(strategies) == 3 * 4 * (3 + 6)
+    cuts = {r.arm: {s.n for s in strategies if s.arm == r.arm} for r in strategies}
+    assert cuts["freeze"] == {3, 5, 7} and cuts["scratch"] == {0}
+    assert cuts["fine_tune"] == cuts["lp_ft"] == {7}
+    assert all(r.needs() == [f"seed{r.seed}/source_transfer"] for r in strategies)
+    # part 2: 4 sources, 7 layers each (the autoencoder: conv1..conv5 and code)
+    probes = [r for r in runs if r.kind == "probe"]
+    assert len(probes) == 3 * (2 * (7 + 7 + 6) + 7)  # selffer: all labels only
+    assert {r.budget for r in runs if r.source == "selffer"} == {"all"}
+    assert {r.pooling for r in probes if r.layer.startswith("conv")} == {"avg"}
+    assert {r.pooling for r in probes if not r.layer.startswith("conv")} == {"none"}
+    assert [r.key for r in runs if r.kind in ("source", "pretrain")] == [
+        "pretrain_autoencoder",
+        "seed0/source_transfer",
+        "seed0/source_selffer",
+        "seed1/source_transfer",
+        "seed1/source_selffer",
+        "seed2/source_transfer",
+        "seed2/source_selffer",
+    ]
+    assert "seed1/freeze/n5/k10" in keys and "seed2/score_random/kall" in keys
+    # A grid supplies the source nets: none are trained here.
+    with_grid = dataclasses.replace(config, grid_workdir="/somewhere")
+    assert not [r for r in fine_tuning.expand(with_grid) if r.kind == "source"]
+
+
+def test_presets_are_valid_and_the_digits_preset_is_the_defaults():
+    assert STUDY.preset("digits") == fine_tuning.Config()
+    smoke = STUDY.preset("smoke")
+    assert set(smoke.strategies) == set(fine_tuning.STRATEGIES)
+    cifar = STUDY.preset("cifar10")
+    assert cifar.data.class_split == "man_made" and cifar.backbones == ()
+    for name in STUDY.presets:
+        schedule = STUDY.preset(name).training
+        assert schedule.schedule == "plateau" and schedule.min_epochs >= 1
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"strategies": ("freeze", "warm_start")}, r"strategies=\['warm_start'\]"),
+        ({"freeze_layers": (3, 8)}, r"n=8 is out of range"),
+        ({"estimator_budgets": (10,)}, r"estimator_budgets=\['10'\] must include"),
+        ({"pooling": "mean"}, r"pooling='mean'"),
+        ({"sources": ("imagenet",)}, r"sources=\['imagenet'\]"),
+        ({"discriminative_factor": 0.0}, r"discriminative_factor=0.0 must be > 0"),
+        ({"target": "C"}, r"target='C'"),
+    ],
+)
+def test_config_errors_name_the_field(changes, match):
+    with pytest.raises(ValueError, match=match):
+        config_lib.override(fine_tuning.Config(), changes)
+
+
+def test_changing_an_option_redoes_only_the_runs_it_affects():
+    config = fine_tuning.Config(seeds=(0,))
+    runs = fine_tuning.expand(config)
+
+    def hashes(c):
+        return {r.key: config_lib.hash_of(fine_tuning.run_part(c, r)) for r in runs}
+
+    before = hashes(config)
+    for changes, redone in (
+        (
+            {"fine_tune_learning_rate": 0.005},
+            {"fine_tune", "gradual_unfreezing", "l2_sp"},
+        ),
+        ({"discriminative_factor": 0.5}, {"discriminative"}),
+        ({"probe.learning_rate": 0.1}, {"probe"}),
+        ({"pooling": "max"}, {"probe", "score"}),
+        ({"autoencoder.code_size": 64}, {"pretrain", "probe", "score"}),
+    ):
+        after = hashes(config_lib.override(config, changes))
+        changed = [r for r in runs if before[r.key] != after[r.key]]
+        assert {r.arm if r.kind == "strategy" else r.kind for r in changed} == redone
+        if "pretrain" in redone:  # only the autoencoder's runs
+            assert {r.source for r in changed} == {None, "autoencoder"}
+
+
+# ------------------------------------------------------------- part 1 by hand
+
+
+def _strategy(arm, seed, budget, val, test, n=7, at_chance=False, loss=0.5):
+    line = f"freeze@n{n}" if arm == "freeze" else arm
+    return {
+        "key": f"seed{seed}/{line}/k{budget}",
+        "kind": "strategy",
+        "arm": arm,
+        "n": n,
+        "seed": seed,
+        "budget": budget,
+        "line": line,
+        "val_accuracy": val,
+        "val_loss": loss,
+        "test_accuracy": test,
+        "at_chance": at_chance,
+        "num_train": 5 * (360 if budget == "all" else int(budget)),
+        "num_classes": 5,
+        "epochs_total": 12,
+        "best_epoch": 6,
+        "stop_reason": "converged",
+        "stages": [{"stop_reason": "converged"}],
+        "train_time": 3.0,
+    }
+
+
+# (seed, budget): {arm: (val, test)}; freeze at n=3 wins on test, n=7 on validation.
+PART1 = {
+    (0, "1"): {
+        "f3": (0.50, 0.70),
+        "f7": (0.60, 0.60),
+        "ft": (0.55, 0.50),
+        "sc": (0.3, 0.3),
+    },
+    (1, "1"): {
+        "f3": (0.50, 0.72),
+        "f7": (0.62, 0.64),
+        "ft": (0.52, 0.58),
+        "sc": (0.3, 0.3),
+    },
+    (2, "1"): {
+        "f3": (0.40, 0.71),
+        "f7": (0.61, 0.62),
+        "ft": (0.53, 0.54),
+        "sc": (0.3, 0.3),
+    },
+    (0, "all"): {
+        "f3": (0.95, 0.95),
+        "f7": (0.90, 0.90),
+        "ft": (0.97, 0.97),
+        "sc": (0.96, 0.96),
+    },
+    (1, "all"): {
+        "f3": (0.94, 0.94),
+        "f7": (0.90, 0.91),
+        "ft": (0.98, 0.96),
+        "sc": (0.95, 0.95),
+    },
+    (2, "all"): {
+        "f3": (0.95, 0.96),
+        "f7": (0.89, 0.90),
+        "ft": (0.97, 0.99),
+        "sc": (0.96, 0.96),
+    },
+}
+NAMES = {
+    "f3": ("freeze", 3),
+    "f7": ("freeze", 7),
+    "ft": ("fine_tune", 7),
+    "sc": ("scratch", 0),
+}
+
+
+def part1_records():
+    records = [
+        _strategy(NAMES[a][0], seed, budget, val, test, n=NAMES[a][1])
+        for (seed, budget), arms in PART1.items()
+        for a, (val, test) in arms.items()
+    ]
+    # A fine-tuned run at chance: left out of every mean and choice.
+    records.append(
+        {**_strategy("fine_tune", 3, "1", 0.99, 0.2, at_chance=True), "key": "x"}
+    )
+    return records
+
+
+def test_freeze_takes_the_validation_best_cut_and_at_chance_runs_are_left_out():
+    cells = fine_tuning.strategy_cells(part1_records())
+    chosen = cells[("freeze", "1")]
+    assert {s: r["n"] for s, r in chosen.items()} == {0: 7, 1: 7, 2: 7}
+    assert [r["test_accuracy"] for r in chosen.values()] == [0.60, 0.64, 0.62]
+    assert set(cells[("fine_tune", "1")]) == {0, 1, 2}  # seed 3 was at chance
+    assert {s: r["n"] for s, r in cells[("freeze", "all")].items()} == {
+        0: 3,
+        1: 3,
+        2: 3,
+    }
+
+
+def test_recommendation_is_made_on_validation_with_a_paired_interval():
+    cells = fine_tuning.strategy_cells(part1_records())
+    lines = ["freeze", "fine_tune", "scratch"]
+    few = fine_tuning.recommend(cells, "1", lines)
+    # mean validation: freeze (n=7) 0.61 > fine_tune 0.533 > scratch 0.3
+    assert few["strategy"] == "freeze" and few["runner_up"] == "fine_tune"
+    assert few["val_accuracy"] == pytest.approx(0.61)
+    assert few["test"]["mean"] == pytest.approx(0.62)
+    diffs = [0.60 - 0.50, 0.64 - 0.58, 0.62 - 0.54]
+    assert few["difference"]["mean"] == pytest.approx(np.mean(diffs))
+    half = 4.302652729911275 * np.std(diffs, ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert few["difference"]["low"] == pytest.approx(np.mean(diffs) - half)
+    assert few["chosen"] == {0: "freeze", 1: "freeze", 2: "freeze"}
+    many = fine_tuning.recommend(cells, "all", lines)
+    assert many["strategy"] == "fine_tune" and many["runner_up"] == "scratch"
+
+
+def test_the_lectures_claims_get_verdicts_from_paired_differences():
+    cells = fine_tuning.strategy_cells(part1_records())
+    out = {
+        (c["a"], c["b"], c["budget"]): c
+        for c in fine_tuning.claims(cells, ["1", "all"])
+    }
+    scarce = out[("freeze", "fine_tune", "1")]
+    assert scarce["difference"]["mean"] == pytest.approx(np.mean([0.10, 0.06, 0.08]))
+    assert scarce["verdict"] == "reproduced"
+    plenty = out[("fine_tune", "freeze", "all")]  # freeze at all: n=3 per seed
+    assert plenty["difference"]["mean"] == pytest.approx(np.mean([0.02, 0.02, 0.03]))
+    assert plenty["verdict"] == "reproduced"
+    worth = out[("fine_tune", "scratch", "1")]
+    assert worth["verdict"] == "reproduced"
+    # claims about strategies that did not run are left out
+    assert not [c for c in out if "discriminative" in c]
+    # One seed: no interval, no verdict.
+    one = fine_tuning.strategy_cells([r for r in part1_records() if r["seed"] == 0])
+    assert {c["verdict"] for c in fine_tuning.claims(one, ["1", "all"])} == {
+        "not resolved"
+    }
+
+
+# ------------------------------------------------------------- part 2 by hand
+
+
+def part2_records(seeds=(0, 1, 2)):
+    """Per seed: two sources x two layers; LogME ranks the probes exactly,
+    H-score exactly backwards; LEEP and NCE score the sources' heads."""
+    probe_acc = {
+        ("transfer", "conv2"): 0.80,
+        ("transfer", "fc6"): 0.90,
+        ("random", "conv2"): 0.60,
+        ("random", "fc6"): 0.70,
+    }
+    records = []
+    for seed in seeds:
+        for source in ("transfer", "random"):
+            scores = []
+            for layer in ("conv2", "fc6"):
+                acc = probe_acc[(source, layer)] + 0.01 * seed
+                scores.append(
+                    {
+                        "layer": layer,
+                        "estimator": "logme",
+                        "score": acc,
+                        "seconds": 0.01,
+                    }
+                )
+                scores.append(
+                    {
+                        "layer": layer,
+                        "estimator": "h_score",
+                        "score": -acc,
+                        "seconds": 0.02,
+                    }
+                )
+                records.append(
+                    {
+                        "key": f"seed{seed}/probe_{source}/{layer}/kall",
+                        "kind": "probe",
+                        "seed": seed,
+                        "budget": "all",
+                        "source": source,
+                        "layer": layer,
+                        "val_accuracy": acc,
+                        "val_loss": 1.0,
+                        "test_accuracy": acc
+                        - (0.2 if layer == "fc6" and source == "transfer" else 0.0),
+                        "at_chance": False,
+                        "train_time": 2.0,
+                        "extract_time": 1.0,
+                    }
+                )
+            scores.append(
+                {
+                    "layer": "fc8",
+                    "estimator": "leep",
+                    "score": -0.1 if source == "transfer" else -1.0,
+                    "seconds": 0.001,
+                }
+            )
+            records.append(
+                {
+                    "key": f"seed{seed}/score_{source}/kall",
+                    "kind": "score",
+                    "seed": seed,
+                    "budget": "all",
+                    "source": source,
+                    "scores": scores,
+                    "extract_time": 0.5,
+                    "score_time": sum(e["seconds"] for e in scores),
+                }
+            )
+    return records
+
+
+def _config(**kw):
+    return fine_tuning.Config(
+        sources=("transfer", "random"),
+        layers=("conv2", "fc6"),
+        estimators=("logme", "h_score", "leep"),
+        **kw,
+    )
+
+
+def test_rank_correlations_per_seed_and_their_verdicts():
+    rows = fine_tuning.correlations(part2_records(), _config())
+    by = {(r["estimator"], r["level"], r["measured"]): r for r in rows}
+    # Probe test accuracies: transfer/fc6 dropped to 0.70, so LogME's order
+    # (0.6, 0.7, 0.8, 0.9 on validation) against test (0.6, 0.7, 0.8, 0.7):
+    from scipy import stats as scipy_stats
+
+    expected = scipy_stats.spearmanr([0.6, 0.7, 0.8, 0.9], [0.6, 0.7, 0.8, 0.7])
+    logme = by[("logme", "layer", "probe")]
+    assert logme["candidates"] == 4 and logme["seeds"] == 3
+    assert logme["spearman"]["mean"] == pytest.approx(expected.statistic)
+    h = by[("h_score", "layer", "probe")]
+    assert h["spearman"]["mean"] == pytest.approx(-expected.statistic)
+    # Sources: two candidates only, so no source-level correlation.
+    assert ("leep", "source", "best probe") not in by
+    best = fine_tuning.best_estimator(rows)
+    assert best["estimator"] == "logme"
+
+
+def test_a_perfect_ranking_is_reproduced_and_a_reversed_one_contradicted():
+    records = part2_records()
+    for r in records:
+        if r["kind"] == "probe":
+            r["test_accuracy"] = r["val_accuracy"]
+    by = {
+        r["estimator"]: r
+        for r in fine_tuning.correlations(records, _config())
+        if r["level"] == "layer"
+    }
+    assert by["logme"]["spearman"]["mean"] == pytest.approx(1.0)
+    assert by["logme"]["kendall"]["mean"] == pytest.approx(1.0)
+    assert by["logme"]["verdict"] == "reproduced"
+    assert by["h_score"]["verdict"] == "contradicted"
+
+
+def test_choosing_by_estimator_vs_by_validation_and_its_time():
+    entry = fine_tuning.choices(part2_records(), _config())[0]
+    assert entry["budget"] == "all" and entry["candidates"] == 4
+    # validation picks transfer/fc6 (val 0.90+), whose test accuracy is 0.70+
+    assert entry["validation"] == pytest.approx({0: 0.70, 1: 0.71, 2: 0.72})
+    assert entry["oracle"] == pytest.approx({0: 0.80, 1: 0.81, 2: 0.82})
+    logme = entry["estimators"]["logme"]
+    assert logme["picked"] == pytest.approx(entry["validation"])  # same pick
+    assert logme["regret"]["mean"] == pytest.approx(0.0)
+    h = entry["estimators"]["h_score"]  # picks random/conv2 (test 0.60+)
+    assert h["picked"] == pytest.approx({0: 0.60, 1: 0.61, 2: 0.62})
+    # Scoring: per source 0.5 s forward pass + its two layers' estimator time.
+    assert logme["time"] == pytest.approx(2 * (0.5 + 2 * 0.01))
+    # Probing: 4 probes of 2 s and one 1 s extraction per source.
+    assert entry["probe_time"] == pytest.approx(4 * 2.0 + 2 * 1.0)
+
+
+def test_the_grid_measures_the_candidates_of_its_own_seed(tmp_path):
+    grid = [
+        {
+            "treatment": "AnB",
+            "kind": "transfer",
+            "seed": 0,
+            "n": 3,
+            "target": "B",
+            "test_accuracy": 0.9,
+            "split": "random",
+        },
+        {
+            "treatment": "AnB+",
+            "kind": "transfer",
+            "seed": 0,
+            "n": 3,
+            "target": "B",
+            "test_accuracy": 0.95,
+            "split": "random",
+        },
+        {
+            "treatment": "random",
+            "kind": "random",
+            "seed": 0,
+            "n": 2,
+            "target": "B",
+            "test_accuracy": 0.8,
+            "split": "random",
+        },
+        {
+            "treatment": "AnB",
+            "kind": "transfer",
+            "seed": 1,
+            "n": 3,
+            "target": "B",
+            "test_accuracy": 0.5,
+            "split": "random",
+        },
+        {
+            "treatment": "baseB",
+            "kind": "base",
+            "seed": 0,
+            "n": 0,
+            "target": "B",
+            "test_accuracy": 0.97,
+            "split": "random",
+        },
+        {
+            "treatment": "baseB",
+            "kind": "base",
+            "seed": 1,
+            "n": 0,
+            "target": "B",
+            "test_accuracy": 0.97,
+            "split": "random",
+        },
+    ]
+    config = fine_tuning.Config(seeds=(0, 1), grid_workdir=str(tmp_path))
+    tagged = fine_tuning._grid_for_seeds(grid, config)
+    measured = fine_tuning.measured_table([], tagged)
+    # Split seed 0: the grid's seed-0 nets are the sources of every study seed;
+    # its random control matches only the study's seed 0 (same initialisation).
+    assert measured["grid frozen"] == {
+        (0, "all", "transfer", "conv3"): 0.9,
+        (1, "all", "transfer", "conv3"): 0.9,
+        (0, "all", "random", "conv2"): 0.8,
+    }
+    assert measured["grid fine-tuned"][(1, "all", "transfer", "conv3")] == 0.95
+    with pytest.raises(ValueError, match="not a transfer-grid work directory"):
+        fine_tuning.grid_records(config)
+
+
+def test_the_untrained_candidate_is_the_grids_random_control():
+    config = fine_tuning.Config(model=models.ModelConfig(**TINY))
+    task = types.SimpleNamespace(image_shape=(28, 28, 1), num_classes=5)
+    ours = fine_tuning.random_net(config, task, 3, "float32")
+    # what the grid's random control of seed 3 at n = 4 is built from
+    template = models.build_base_net(task.image_shape, task.num_classes, **TINY)
+    grid = models.random_frozen_net(template, 4, task.num_classes, 3, "float32")
+    for name in models.LAYER_NAMES[:4]:
+        for a, b in zip(
+            ours.get_layer(name).get_weights(),
+            grid.get_layer(name).get_weights(),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_scores_of_a_perfect_head_and_of_constant_features():
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    logits = 50.0 * np.eye(3)[labels]
+    leep = fine_tuning._score("leep", "fc8", logits, labels)
+    nce = fine_tuning._score("nce", "fc8", logits, labels)
+    assert leep["score"] == pytest.approx(0.0, abs=1e-9) and nce["score"] == 0.0
+    dead = fine_tuning._score("logme", "conv5", np.zeros((6, 4)), labels)
+    assert dead["score"] is None and "all zero" in dead["error"]
+    rng = np.random.default_rng(0)
+    ok = fine_tuning._score("logme", "fc6", rng.normal(size=(6, 4)), labels)
+    assert ok["converged"] and ok["seconds"] >= 0 and ok["dim"] == 4
+
+
+class _StubContext:
+    """What a scoring run reads of its context: the config, the target task and
+    the candidate net."""
+
+    def __init__(self, config, task, net):
+        self.config, self._task, self._net = config, task, net
+
+    def task(self, k=None, seed=0, half=None):
+        return self._task
+
+    def net(self, source, seed):
+        return self._net
+
+
+def _task(count=30, classes=3, shape=(32, 32, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(count) % classes
+    x = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+    return data.Task("fake", ("a", "b", "c"), (0, 1, 2), x, y, x, y, x, y)
+
+
+def test_a_backbone_is_scored_on_its_output_without_a_head():
+    config = fine_tuning.Config(
+        seeds=(0,),
+        strategies=(),
+        sources=(),
+        backbones=("MobileNetV3Small",),
+        backbone_weights=None,
+        backbone_image_size=32,
+    )
+    runs = fine_tuning.expand(config)
+    assert [r.key for r in runs] == [
+        "seed0/score_MobileNetV3Small/k10",
+        "seed0/score_MobileNetV3Small/kall",
+        "seed0/probe_MobileNetV3Small/output/k10",
+        "seed0/probe_MobileNetV3Small/output/kall",
+    ]
+    assert all(not r.needs() for r in runs)
+    task = _task()
+    net = backbones.backbone("MobileNetV3Small", task.image_shape, None, 32)
+    context = _StubContext(config, task, net)
+    record = fine_tuning._execute_score(runs[1], context, None)
+    assert {(e["layer"], e["estimator"]) for e in record["scores"]} == {
+        ("output", "logme"),
+        ("output", "h_score"),
+    }
+    assert record["num_train"] == 30 and record["extract_time"] > 0
+
+
+def test_report_quotes_the_records(tmp_path):
+    records = part1_records() + part2_records()
+    config = _config(strategies=("freeze", "fine_tune", "scratch"), budgets=(1, None))
+    out = fine_tuning.report(records, config)
+    text = out["summary.md"]
+    assert "| 1 | **freeze** | 0.6100 | 0.6200 [" in text
+    assert "| all | **fine_tune** |" in text
+    assert "`x`" in text  # the at-chance run is named
+    assert "freeze when labels are scarce | freeze − fine_tune at k=1 | +8.00 [" in text
+    assert "**logme**" in text
+    for name in ("strategies.png", "estimators.png"):
+        assert out[name][:8] == b"\x89PNG\r\n\x1a\n", name
+    assert out["scores.csv"].count("\n") == 1 + 3 * 2 * (2 * 2 + 1)
+
+
+# ------------------------------------------------------------------- smoke run
+
+
+@pytest.mark.slow
+def test_fine_tuning_smoke(tmp_path):
+    work = tmp_path / "study"
+    proc = run_script("fine_tuning", "--preset=smoke", f"--workdir={work}")
+    records = results.read_jsonl(work / "results.jsonl")
+    by_key = {r["key"]: r for r in records}
+    # the autoencoder, the transfer source, 7 strategies, and per candidate
+    # source (transfer, random, autoencoder) one scoring and two probes
+    assert len(records) == 1 + 1 + 7 + 3 * 3 == len(by_key)
+    assert "[18/18]" in proc.stderr and "ETA" in proc.stderr
+    for name in ("config.json", "summary.md", "summary.csv", "scores.csv"):
+        assert (work / name).is_file(), name
+    for name in ("strategies.png", "estimators.png"):
+        png = (work / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+
+    strategies = [r for r in records if r["kind"] == "strategy"]
+    assert {r["arm"] for r in strategies} == set(fine_tuning.STRATEGIES)
+    for r in strategies:
+        assert r["num_train"] == 5 * 40 and r["test_examples"] == 500, r["key"]
+        assert r["epochs_total"] >= 1 and r["stages"], r["key"]
+        assert all(s["stop_reason"] in ("epoch cap", "converged") for s in r["stages"])
+    assert len(by_key["seed0/lp_ft/kall"]["stages"]) == 2
+    source = by_key["seed0/source_transfer"]
+    assert source["num_classes"] == 5 and not source["at_chance"]
+    # every estimator scored every layer of each candidate (LEEP/NCE: heads)
+    scores = by_key["seed0/score_transfer/kall"]["scores"]
+    assert {(e["layer"], e["estimator"]) for e in scores} == {
+        ("conv2", "logme"),
+        ("conv2", "h_score"),
+        ("fc6", "logme"),
+        ("fc6", "h_score"),
+        ("fc8", "leep"),
+        ("fc8", "nce"),
+    }
+    assert all(e["score"] is not None and e["seconds"] >= 0 for e in scores)
+    assert {e["layer"] for e in by_key["seed0/score_autoencoder/kall"]["scores"]} == {
+        "conv2",
+        "code",
+    }
+    probe = by_key["seed0/probe_random/fc6/kall"]
+    assert probe["num_train"] == 200 and probe["test_accuracy"] > 0.5  # chance 0.2
+
+    # summary.md quotes the records: the recommendation at all labels.
+    text = (work / "summary.md").read_text()
+    assert "One seed" in text
+    cells = fine_tuning.strategy_cells(records)
+    rec = fine_tuning.recommend(cells, "all", fine_tuning.STRATEGIES)
+    assert f"| all | **{rec['strategy']}** | {rec['val_accuracy']:.4f} |" in text
+    assert "## Part 2: transferability estimators" in text
+
+    # Rerun: every run is recognised as done; another configuration is refused.
+    listed = run_script(
+        "fine_tuning", "--preset=smoke", f"--workdir={work}", "--dry_run"
+    )
+    assert listed.stdout.count(" done ") == 18 and "pending" not in listed.stdout
+    refused = run_script(
+        "fine_tuning",
+        "--preset=smoke",
+        f"--workdir={work}",
+        "--l2_sp_alpha=0.5",
+        check=False,
+    )
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "l2_sp_alpha: 0.1 -> 0.5" in refused.stderr
+    assert len(results.read_jsonl(work / "results.jsonl")) == 18
