@@ -375,3 +375,27 @@ def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
     )
     assert refused.returncode != 0 and "epochs: 4 -> 5" in refused.stderr
     assert "--overwrite" in refused.stderr
+
+
+def test_every_run_is_browsable_in_the_hparams_tab(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run = transferability.Run("transfer", "random", 1, "B", n=4, source="A")
+    record = {"test_accuracy": 0.91, "val_accuracy": 0.93}
+    transferability.write_hparams(run, record, tmp_path)
+    events = event_accumulator.EventAccumulator(
+        str(tmp_path / "tensorboard" / "hparams"),
+        size_guidance={event_accumulator.TENSORS: 0},
+    )
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.Tags()["tensors"]
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert info.hparams["treatment"].string_value == "AnB"
+    assert info.hparams["n"].number_value == 4 and info.group_name == run.key
+    import tensorflow as tf
+
+    [value] = events.Tensors("test_accuracy")
+    assert tf.make_ndarray(value.tensor_proto) == pytest.approx(0.91)
