@@ -7,13 +7,14 @@ prints, side by side (shared machines are noisy: compare the ratios):
 1. ``throughput``: training images/s of the base net (32x32x3, batch 128) at
    each width of ``--widths`` (0.125 and 0.25): naive Keras (TensorFlow's
    default settings — its oneDNN and thread defaults, float32, default compile,
-   in a process of its own), transfer_tf (this process: the oneDNN state and
-   threads measured on this machine, float32 with and without XLA, ``auto``
-   marking the measured choice for the net) and an equivalent PyTorch model and
+   in a process of its own), transfer_tf (this process: the oneDNN state,
+   threads, precision and XLA setting measured best for the net; the figures of
+   that measurement are printed beside it) and an equivalent PyTorch model and
    loop (when ``torch`` is installed: ``pip install '.[bench]'``), all timed in
    the same interleaved rounds, each keeping its best;
 2. ``flops``: achieved training FLOP/s of those rows against the measured peak
-   float32 matmul FLOP/s of this machine (the best of TensorFlow's and NumPy's);
+   float32 matmul FLOP/s of this machine (the best of TensorFlow's and NumPy's,
+   timed in the same rounds);
 3. ``grid``: wall time, accuracy and peak memory (RSS) of the default digits
    transfer grid on one seed and the layers of ``--grid_layers`` (3 and 7),
    tuned (transfer_tf's defaults: measured settings, activation cache) vs naive
@@ -87,7 +88,12 @@ flags.DEFINE_bool("naive_child", False, "Internal: be the naive-Keras timing pro
 
 SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-NAIVE_ENV_DROP = (onednn.ONEDNN_ENV, onednn.INTRA_ENV, onednn.INTER_ENV)
+NAIVE_ENV_DROP = (
+    onednn.ONEDNN_ENV,
+    onednn.INTRA_ENV,
+    onednn.INTER_ENV,
+    onednn.MARK_ENV,
+)
 
 
 def naive_env() -> dict:
@@ -244,13 +250,13 @@ def throughput_section(report):
         for w, signature in signatures.items()
     }
     naive = NaiveKeras()
-    ours = {}
-    for w, signature in signatures.items():
-        for p in precision.candidate_precisions():
-            for xla in ("off", "on"):
-                ours[(w, f"{p}:{xla}")] = precision.TimedNet(
-                    p, xla, signature=signature
-                )
+    # transfer_tf's row is the setting measured best for the net (the others'
+    # figures, from that measurement, are printed beside it).
+    tuned = {w: f"{a['precision']}:{a['xla']}" for w, a in auto.items()}
+    ours = {
+        (w, tuned[w]): precision.TimedNet(*tuned[w].split(":"), signature=signature)
+        for w, signature in signatures.items()
+    }
     version = torch_version()
     torch_nets = {}
     if version:
@@ -260,7 +266,9 @@ def throughput_section(report):
     # Every row in the same interleaved rounds, so that load from other processes
     # hits them alike; each keeps its best round.
     best = collections.defaultdict(float)
+    peak = MatmulPeak()
     for _ in range(FLAGS.rounds):
+        peak.run()
         for w, rate in naive.round().items():
             best[("naive", w)] = max(best[("naive", w)], rate)
         for (w, setting), net in ours.items():
@@ -275,16 +283,12 @@ def throughput_section(report):
     )
     out = {}
     for w in widths():
-        tuned = f"{auto[w]['precision']}:{auto[w]['xla']}"
         rows = {
             f"naive Keras (TF defaults: oneDNN {naive_state}, float32, no XLA)": best[
                 ("naive", w)
             ]
         }
-        for (width, setting), _ in ours.items():
-            if width == w:
-                mark = " (auto)" if setting == tuned else ""
-                rows[f"transfer_tf {setting}{mark}"] = best[(w, setting)]
+        rows[f"transfer_tf {tuned[w]} (auto)"] = best[(w, tuned[w])]
         layouts = {k[1]: best[k] for k in torch_nets if k[0] == w}
         if layouts:
             layout = max(layouts, key=layouts.get)
@@ -299,8 +303,7 @@ def throughput_section(report):
             "auto": {
                 k: auto[w].get(k) for k in ("precision", "xla", "source", "run_steps")
             },
-            "auto_rate": best[(w, tuned)],
-            "float32_off": best[(w, "float32:off")],
+            "auto_rate": best[(w, tuned[w])],
             "torch": max(layouts.values()) if layouts else None,
         }
         if summary["torch"]:
@@ -312,8 +315,21 @@ def throughput_section(report):
             )
         else:
             print("    PyTorch: not installed (pip install '.[bench]'), skipped")
+        if auto[w].get("images_per_second"):
+            print(
+                "    (the measurement behind auto, images/s / setup s: "
+                + ", ".join(
+                    f"{k} {r:.0f} / {auto[w]['setup_seconds'][k]:.1f}"
+                    for k, r in auto[w]["images_per_second"].items()
+                )
+                + ")"
+            )
+            summary["measured"] = {
+                k: auto[w][k] for k in ("images_per_second", "setup_seconds")
+            }
         out[str(w)] = summary
     report["throughput"] = out
+    report["matmul_peak"] = dict(peak.best)
 
 
 # -------------------------------------------------------------------------- flops
@@ -337,33 +353,44 @@ def training_flops_per_image(model) -> float:
     return 3 * sum(forward_flops(model).values())
 
 
-def matmul_peak(dtype=tf.float32, size=2048, repeats=10) -> dict:
-    """Best measured FLOP/s of a square matmul in ``dtype``: TensorFlow's, and in
-    float32 also NumPy's (OpenBLAS)."""
-    a = tf.cast(tf.random.normal((size, size), dtype=tf.float32), dtype)
-    matmul = tf.function(lambda m: tf.matmul(m, m))
-    candidates = {"tensorflow": lambda: matmul(a).numpy()}
-    if dtype == tf.float32:
+class MatmulPeak:
+    """Measured FLOP/s of a square float32 matmul: TensorFlow's and NumPy's
+    (OpenBLAS), each keeping its best; timed in the throughput rounds, so that
+    the peak sees the same load as the nets it is compared with."""
+
+    def __init__(self, size=2048):
+        a = tf.random.normal((size, size), dtype=tf.float32)
+        matmul = tf.function(lambda m: tf.matmul(m, m))
         m = np.asarray(a)
-        candidates["numpy"] = lambda: m @ m
-    best = {}
-    for name, run in candidates.items():
-        run()
-        best[name] = 0.0
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            best[name] = max(best[name], 2 * size**3 / (time.perf_counter() - started))
-    return best
+        self.candidates = {
+            "tensorflow": lambda: matmul(a).numpy(),
+            "numpy": lambda: m @ m,
+        }
+        self.flop = 2 * size**3
+        self.best = {name: 0.0 for name in self.candidates}
+        for run in self.candidates.values():
+            run()  # trace, warm up
+
+    def run(self, repeats=3) -> dict:
+        for name, run in self.candidates.items():
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run()
+                rate = self.flop / (time.perf_counter() - started)
+                self.best[name] = max(self.best[name], rate)
+        return self.best
 
 
 def flops_section(report):
     if "throughput" not in report:
         throughput_section(report)
-    peaks = matmul_peak()
+    peaks = report["matmul_peak"]
     peak = max(peaks.values())
     shown = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items())
-    print(f"\n[flops] float32 matmul peak {peak / 1e9:.1f} GFLOP/s ({shown})")
+    print(
+        f"\n[flops] float32 matmul peak {peak / 1e9:.1f} GFLOP/s ({shown}; best "
+        "of the throughput rounds)"
+    )
     out = {"peak_matmul": peak, "peaks": peaks}
     for w in widths():
         per_image = training_flops_per_image(

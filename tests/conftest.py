@@ -12,8 +12,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # "auto" precision/XLA by the fixed rule in tests (subprocesses inherit it): a
-# 25-second measurement per process would dominate the smoke runs. The probe
-# itself is tested in test_training.py.
+# measurement per process and signature would dominate the smoke runs. The
+# measurement itself is tested in test_precision.py and test_onednn.py.
 os.environ.setdefault("TRANSFER_TF_AUTO", "rule")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

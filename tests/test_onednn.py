@@ -41,6 +41,7 @@ def child(tmp_path, mode="measure", before="", **env) -> dict:
             onednn.INTRA_ENV,
             onednn.INTER_ENV,
             onednn.AUTO_MODE_ENV,
+            onednn.MARK_ENV,
         )
     }
     clean.update(
@@ -97,6 +98,21 @@ def test_the_users_variable_wins_over_the_stored_choice(tmp_path, tensorflow_def
     assert reported["mkl"] is tensorflow_default
     assert reported["decision"]["source"] == "user"
     assert reported["intra"] == "2"
+
+
+def test_what_a_parent_set_from_its_store_is_not_the_users(
+    tmp_path, tensorflow_default
+):
+    # A child of a transfer_tf process inherits the variables its bootstrap set;
+    # they are decided again from the store (here changed since), not kept.
+    store(tmp_path, onednn=not tensorflow_default)
+    inherited = "1" if tensorflow_default else "0"
+    reported = child(
+        tmp_path,
+        **{onednn.ONEDNN_ENV: inherited, onednn.MARK_ENV: f"{inherited},,"},
+    )
+    assert reported["mkl"] is (not tensorflow_default)
+    assert reported["decision"]["source"] == "measured"
 
 
 def test_rule_mode_keeps_tensorflows_default(tmp_path, tensorflow_default):

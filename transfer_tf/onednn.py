@@ -40,6 +40,9 @@ INTER_ENV = "TF_NUM_INTEROP_THREADS"
 AUTO_FILE_ENV = "TRANSFER_TF_AUTO_FILE"
 AUTO_MODE_ENV = "TRANSFER_TF_AUTO"
 STORE_PREFIX = "runtime | "
+# What bootstrap() set from the store ("oneDNN,intra,inter"), so that a child
+# process, which inherits the variables, does not take them for the user's.
+MARK_ENV = "TRANSFER_TF_SET_FROM_STORE"
 
 # What bootstrap() decided in this process (see decision()).
 _decision: dict = {}
@@ -157,10 +160,26 @@ def _set_threads(choice: dict) -> dict:
     return applied
 
 
+def _forget_inherited():
+    """Drops the variables a parent transfer_tf process set from its store (a
+    child inherits them): this process decides again, and they are not the
+    user's."""
+    mark = os.environ.pop(MARK_ENV, None)
+    if mark is None:
+        return
+    for env, value in zip(
+        (ONEDNN_ENV, INTRA_ENV, INTER_ENV), mark.split(","), strict=False
+    ):
+        if value and os.environ.get(env) == value:
+            del os.environ[env]
+
+
 def bootstrap() -> dict:
     """Sets oneDNN and the thread pools for TensorFlow, if it is not imported yet
     (see the module docstring); returns what it decided (also :func:`decision`)."""
     global _decision
+    if "tensorflow" not in sys.modules:
+        _forget_inherited()
     user = os.environ.get(ONEDNN_ENV)
     threads = {
         field: int(os.environ[env])
@@ -185,7 +204,15 @@ def bootstrap() -> dict:
             _decision = {"onednn": None, "source": "not measured yet"}
         else:
             os.environ[ONEDNN_ENV] = "1" if choice["onednn"] else "0"
-            threads.update(_set_threads(choice))
+            applied = _set_threads(choice)
+            threads.update(applied)
+            os.environ[MARK_ENV] = ",".join(
+                [
+                    os.environ[ONEDNN_ENV],
+                    str(applied.get("intra_op_threads", "")),
+                    str(applied.get("inter_op_threads", "")),
+                ]
+            )
             _decision = {"onednn": bool(choice["onednn"]), "source": "measured"}
     _decision["threads"] = threads
     return dict(_decision)

@@ -485,6 +485,7 @@ def _measure_child(signature: Signature, settings, state: bool) -> bool:
         **{onednn.ONEDNN_ENV: "1" if state else "0", CHILD_ENV: "1"},
         TF_CPP_MIN_LOG_LEVEL="3",
     )
+    env.pop(onednn.MARK_ENV, None)  # the state given here is the child's own
     code = (
         "import sys; from transfer_tf import precision; precision._child(sys.argv[1])"
     )

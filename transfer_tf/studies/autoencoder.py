@@ -599,6 +599,28 @@ def execute(run: Run, context: Context, run_dir) -> dict:
     }
 
 
+def signatures(config: Config, context: Context) -> dict:
+    """The nets whose ``auto`` precision/XLA is measured: the classifiers (the
+    base net on the target half) and the autoencoder pretraining trains."""
+    out = runner.default_signatures(config, context)
+    source, ae_config = context.source, config.autoencoder
+    images = len(source.x_train)
+    if ae_config.max_images is not None:
+        images = min(images, ae_config.max_images)
+    steps = max(1, round(images * (1 - ae_config.validation_fraction)))
+    steps = -(-steps // config.data.batch_size)
+    signature = precision.Signature(
+        "autoencoder",
+        source.image_shape,
+        config.model.width,
+        config.model.batch_norm,
+        config.data.batch_size,
+        code_size=ae_config.code_size,
+    )
+    out["pretraining"] = (signature, config.pretraining.epochs * steps)
+    return out
+
+
 def check(config: Config, context: Context):
     """A supervised source must exist and fit before an hour of pretraining."""
     if config.supervised:

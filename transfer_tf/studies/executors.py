@@ -76,13 +76,10 @@ def _execute_remote(study, config, workdir, run):
 
     key = (study.name, config.config_hash(), str(workdir))
     if key not in _WORKER_STATE:
-        worker = runner_lib.Runner(study, config, workdir)
-        context = study.context(worker.config, worker.workdir, worker.run_dir)
-        context.prepare()
         _WORKER_STATE.clear()  # one study at a time per worker
-        _WORKER_STATE[key] = (worker, context)
-    worker, context = _WORKER_STATE[key]
-    return worker.execute(run, context)
+        _WORKER_STATE[key] = runner_lib.Runner(study, config, workdir)
+    worker = _WORKER_STATE[key]
+    return worker.execute(run, worker.context)
 
 
 class RayExecutor:

@@ -120,6 +120,9 @@ class Study:
       resumable: ``run -> bool``: keep the run's directory when it is redone
         (its training resumes from a backup there).
       explain: ``(run, error) -> hint``: what to change when a run fails.
+      signatures: ``(config, context) -> {section: (precision.Signature,
+        run_steps)}``: the nets each training section trains, for measuring
+        ``auto`` precision/XLA on them (default: :func:`default_signatures`).
       outputs: further files the script lists after a run.
     """
 
@@ -139,6 +142,7 @@ class Study:
     describe: Callable = lambda record: f"test top-1 {record['test_accuracy']:.4f}"
     resumable: Callable = lambda run: False
     explain: Callable = lambda run, error: ""
+    signatures: Callable | None = None
     outputs: tuple[str, ...] = ()
 
     def preset(self, name: str):
@@ -154,7 +158,8 @@ class Study:
 def from_module(module_name: str, **hooks) -> Study:
     """The :class:`Study` a study module declares by convention: its ``Config``,
     ``PRESETS``, ``expand``, ``Context``, ``execute`` and ``report`` (and ``check``,
-    ``finish``, ``run_part`` when it defines them); ``hooks`` set the rest. The
+    ``finish``, ``run_part``, ``signatures`` when it defines them); ``hooks`` set
+    the rest. The
     study is named after the module (``transfer_tf.studies.transferability``:
     ``transferability``)."""
     module = sys.modules[module_name]
@@ -167,7 +172,7 @@ def from_module(module_name: str, **hooks) -> Study:
         "execute": module.execute,
         "report": module.report,
     }
-    for optional in ("check", "finish", "run_part"):
+    for optional in ("check", "finish", "run_part", "signatures"):
         if hasattr(module, optional):
             fields[optional] = getattr(module, optional)
     return Study(**{**fields, **hooks})
@@ -268,17 +273,47 @@ class BudgetRun:
 # ------------------------------------------------------------------------ records
 
 
-def resolve_auto(config):
+def resolve_auto(config, signatures: dict | None = None):
     """``config`` with every training section's ``auto`` precision and XLA
-    replaced by the setting it stands for on this machine."""
+    replaced by the setting it stands for on this machine, measured on the net
+    that section trains when ``signatures`` (``{section: (Signature,
+    run_steps)}``) names it."""
+    signatures = signatures or {}
     changes = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value) and {"precision", "xla"} <= {
             f.name for f in dataclasses.fields(value)
         }:
-            changes[field.name] = precision.resolve_config(value)
+            signature, steps = signatures.get(field.name, (None, None))
+            changes[field.name] = precision.resolve_config(value, signature, steps)
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def default_signatures(config, context) -> dict:
+    """The base net a study trains on a half of its dataset's classes: the
+    ``training`` section's signature and run length (epochs x steps of a half's
+    training images, at least ``min_epoch_steps`` when the study has them)."""
+    if not hasattr(config, "training") or not hasattr(config, "model"):
+        return {}
+    source, d = context.source, config.data
+    classes = max(2, -(-source.num_classes // 2))
+    per_class = len(source.y_train) / source.num_classes * (1 - d.validation_fraction)
+    if d.train_per_class is not None:
+        per_class = min(per_class, d.train_per_class)
+    steps = max(
+        getattr(config, "min_epoch_steps", 1),
+        math.ceil(per_class * classes / d.batch_size),
+    )
+    signature = precision.Signature(
+        "base_net",
+        source.image_shape,
+        config.model.width,
+        config.model.batch_norm,
+        d.batch_size,
+        classes,
+    )
+    return {"training": (signature, config.training.epochs * steps)}
 
 
 def check_keys(runs: list) -> list:
@@ -331,17 +366,23 @@ class Runner:
                 f"{type(config).__name__}"
             )
         self.study = study
-        self.config = resolve_auto(config)
         self.workdir = pathlib.Path(workdir).expanduser()
         if self.workdir.exists() and not self.workdir.is_dir():
             raise ValueError(f"work directory {str(self.workdir)!r} is not a directory")
+        # The data first: a bad dataset fails here, before anything is written,
+        # and "auto" settings are measured on the nets the data makes.
+        self.context = study.context(config, self.workdir, self.run_dir)
+        self.context.prepare()
+        signatures = (study.signatures or default_signatures)(config, self.context)
+        self.config = resolve_auto(config, signatures)
+        self.context.config = self.config
         self.runs = check_keys(study.expand(self.config))
         self.run_class = type(self.runs[0])
         self.identity = study.identity(self.config)
         self.hashes = {r.key: self.run_hash(r) for r in self.runs}
         self.strategy = strategy
         if strategy == "mirrored":
-            self.config = _without_cache(self.config)
+            self.config = self.context.config = _without_cache(self.config)
 
     def run_hash(self, run) -> str:
         return config_lib.hash_of(self.study.run_part(self.config, run))
@@ -516,7 +557,7 @@ class Runner:
             **outcome,
             "wall_time": time.time() - started,
             "config_hash": config_hash,
-            "onednn": precision.onednn_enabled(),
+            **precision.runtime(),
             "strategy": self.strategy,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -556,8 +597,7 @@ class Runner:
         from transfer_tf.studies import executors
 
         self.check_identity(overwrite)
-        context = self.study.context(self.config, self.workdir, self.run_dir)
-        context.prepare()
+        context = self.context
         if self.study.check:
             self.study.check(self.config, context)
         if (
