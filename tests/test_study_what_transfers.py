@@ -36,7 +36,7 @@ def smoke(**changes):
 def test_expand_lists_sources_then_targets_then_analyses():
     config = wt.Config(seeds=(0, 1))
     runs = wt.expand(config)
-    per_seed = 1 + 2 * 5 + 2 + 3 + 2 + 2  # source, 5 blocks x 2 arms, replicas,
+    per_seed = 1 + 2 * 4 + 2 + 3 + 2 + 2  # source, 4 blocks x 2 arms, replicas,
     assert len(runs) == 2 * per_seed  # checkpoints, pairs, criticality
     position = {r.key: i for i, r in enumerate(runs)}
     for r in runs:
@@ -142,7 +142,7 @@ def test_analysis_settings_redo_only_their_analyses():
         "seed0/pair/RI-T",
     ]
     # The fine-tuning rate reaches the fine-tuned nets and what reads them.
-    assert changed(config, smoke(fine_tune_learning_rate=0.001)) == [
+    assert changed(config, smoke(fine_tune_learning_rate=0.0005)) == [
         "seed0/P-T/b1",
         "seed0/P-T/bfull",
         "seed0/P-T/bfull/r1",
@@ -366,6 +366,7 @@ def test_runner_executes_after_needs_skips_finished_and_redoes_analyses(tmp_path
         STUDY,
         execute=execute,
         check=None,
+        signatures=lambda config, context: {},  # nothing trains here
         # The subject is the run order and resume, not the figures.
         report=lambda records, config: {
             "summary.md": wt.summary_markdown(records, config)

@@ -114,11 +114,15 @@ class Config(config_lib.StudyConfig):
       checkpoint_epochs: source epochs whose weights P-T is fine-tuned from (0 =
         the source's initialisation); epochs after the source stopped are
         recorded as not reached.
-      interpolation_points: points t in [0, 1] on the line between two nets.
+      interpolation_points: points t in [0, 1] on the line between two nets (the
+        pairs, and each checkpoint run's line to the final source).
       criticality_points: points alpha in [0, 1] of each layer's rewinding.
       criticality_tolerance: allowed increase of the test error (0.01 = one
         point) for a layer's critical alpha.
       cka_examples: test images CKA is computed on (a seeded subset).
+      analysis_examples: test images the pairs' interpolation and mistakes and
+        the rewinding are measured on (a seeded subset; the nets' own test
+        accuracy always uses every test image).
       basin_barrier: the largest loss barrier (nats, source validation loss)
         between a source checkpoint and the final source for the checkpoint to
         count as in the final basin.
@@ -127,29 +131,32 @@ class Config(config_lib.StudyConfig):
         as transferring as well as the final source.
     """
 
-    data: data.DataConfig = data.DataConfig(dataset="uci_digits", batch_size=64)
+    data: data.DataConfig = data.DataConfig(dataset="uci_digits", batch_size=32)
     model: models.ModelConfig = models.ModelConfig(width=0.125)
     training: training.TrainConfig = training.TrainConfig(
-        epochs=60,
+        epochs=80,
+        optimizer="adam",
+        learning_rate=1e-3,
         schedule="plateau",
         plateau_patience=2,
         plateau_reductions=1,
-        min_epochs=15,
+        min_epochs=25,
         tensorboard=False,
     )
-    fine_tune_learning_rate: float = 0.01
-    target_per_class: int | None = 50
+    fine_tune_learning_rate: float = 3e-4
+    target_per_class: int | None = 20
     source_dataset: str | None = "digits"
     grid_workdir: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     analyses: tuple[str, ...] = ANALYSES
-    block_sizes: tuple[int | None, ...] = (None, 7, 4, 2, 1)
+    block_sizes: tuple[int | None, ...] = (None, 7, 4, 1)
     block_arms: tuple[str, ...] = ("P-T", "RI-T")
     checkpoint_epochs: tuple[int, ...] = (1, 2, 4)
     interpolation_points: int = 11
     criticality_points: int = 11
     criticality_tolerance: float = 0.01
     cka_examples: int = 1000
+    analysis_examples: int = 2000
     basin_barrier: float = 0.02
     equivalence_margin: float = 0.01
 
@@ -220,8 +227,9 @@ class Config(config_lib.StudyConfig):
                 raise ValueError(
                     f"{field}={getattr(self, field)!r} must be >= 2 (0 and 1)"
                 )
-        if self.cka_examples < 2:
-            raise ValueError(f"cka_examples={self.cka_examples!r} must be >= 2")
+        for field in ("cka_examples", "analysis_examples"):
+            if getattr(self, field) < 2:
+                raise ValueError(f"{field}={getattr(self, field)!r} must be >= 2")
         for field in ("criticality_tolerance", "basin_barrier", "equivalence_margin"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"{field}={getattr(self, field)!r} must be >= 0")
@@ -253,9 +261,9 @@ PRESETS = {
         "training.min_epochs": 2,
         "training.plateau_patience": 1,
         "training.plateau_reductions": 1,
-        "training.learning_rate": 0.05,
+        "training.learning_rate": 3e-3,
         "training.precision": "float32",
-        "fine_tune_learning_rate": 0.02,
+        "fine_tune_learning_rate": 1e-3,
         "data.train_per_class": 40,
         "data.batch_size": 32,
         "target_per_class": 20,
@@ -266,23 +274,17 @@ PRESETS = {
         "criticality_points": 3,
         "cka_examples": 200,
     },
-    # The defaults: the embedded MNIST digits -> the UCI digits (50 per class).
+    # The defaults: the embedded MNIST digits -> the UCI digits (20 per class).
     "digits": {},
     # ../shared/data/cifar10 (else TFDS), random halves A -> B.
     "cifar10": {
         "data.dataset": data.cifar10_spec(),
         "source_dataset": None,
-        "data.batch_size": 128,
-        "data.train_per_class": 1000,
-        "model.width": 0.25,
-        "model.batch_norm": True,
-        "training.epochs": 40,
-        "training.learning_rate": 0.05,
-        "fine_tune_learning_rate": 0.01,
-        "target_per_class": 250,
-        "seeds": (0, 1),
-        "block_sizes": (None, 8, 4, 2, 1),
-        "checkpoint_epochs": (1, 2, 4, 8),
+        "data.batch_size": 64,
+        "data.train_per_class": 500,
+        "target_per_class": 100,
+        "block_sizes": (None, 8, 4, 1),
+        "analysis_examples": 1000,
     },
 }
 
@@ -406,9 +408,16 @@ def run_part(config: Config, run: Run) -> dict:
             part["interpolation_points"] = config.interpolation_points
         return part
     if run.kind == "pair":
-        part = _section(config, "interpolation_points", "cka_examples")
+        part = _section(
+            config, "interpolation_points", "cka_examples", "analysis_examples"
+        )
     else:
-        part = _section(config, "criticality_points", "criticality_tolerance")
+        part = _section(
+            config,
+            "criticality_points",
+            "criticality_tolerance",
+            "analysis_examples",
+        )
     part["members"] = [run_part(config, m) for m in run.members()]
     return part
 
@@ -655,19 +664,7 @@ def _train_with_callbacks(context, model, task, train_config, run_dir, callbacks
         run_dir,
         callbacks=callbacks,
     )
-    test = training.evaluate(model, task.eval_dataset("test", d.batch_size))
-    return training.TaskResult(
-        outcome,
-        test["accuracy"],
-        test["loss"],
-        test["examples"],
-        len(task.y_train),
-        task.num_classes,
-        len(task.y_validation),
-        "full",
-        0,
-        "every layer trains",
-    )
+    return training.tested(outcome, model, task, d.batch_size, "every layer trains")
 
 
 def _base_net(context, task, seed) -> keras.Model:
@@ -781,7 +778,7 @@ def _execute_target(run: Run, context: Context, run_dir: pathlib.Path) -> dict:
     return {**outcome.record(), **extra}
 
 
-def _cka_indices(count: int, limit: int) -> np.ndarray:
+def _subset(count: int, limit: int) -> np.ndarray:
     """A fixed, seeded subset of the test images (test sets are often sorted by
     class, so the first ``limit`` would not do)."""
     if count <= limit:
@@ -819,6 +816,9 @@ def _execute_pair(run: Run, context: Context, run_dir: pathlib.Path) -> dict:
     net_a, net_b = context.net(member_a), context.net(member_b)
     task = context.target_task(run.seed)
     x_test, y_test = task.arrays("test")
+    cka_images = x_test[_subset(len(x_test), config.cka_examples)]
+    keep = _subset(len(x_test), config.analysis_examples)
+    x_test, y_test = x_test[keep], y_test[keep]
     curve = landscape.interpolation_curve(
         net_a,
         net_b,
@@ -826,7 +826,6 @@ def _execute_pair(run: Run, context: Context, run_dir: pathlib.Path) -> dict:
         ts=np.linspace(0.0, 1.0, config.interpolation_points),
         bn_images=task.x_train,
     )
-    cka_images = x_test[_cka_indices(len(x_test), config.cka_examples)]
     cka = _layer_cka(net_a, net_b, cka_images)
     predictions = [
         net.predict(x_test, batch_size=256, verbose=0) for net in (net_a, net_b)
@@ -847,6 +846,7 @@ def _execute_pair(run: Run, context: Context, run_dir: pathlib.Path) -> dict:
         "cka": cka,
         "cka_mean": _mean(cka.values()),
         "cka_examples": len(cka_images),
+        "analysis_examples": len(y_test),
         **mistakes,
     }
 
@@ -857,10 +857,12 @@ def _execute_criticality(run: Run, context: Context, run_dir: pathlib.Path) -> d
     net = context.net(member)
     initial = load_initial_weights(context.run_dir(member) / INITIAL_FILE)
     task = context.target_task(run.seed)
+    x_test, y_test = task.arrays("test")
+    keep = _subset(len(x_test), config.analysis_examples)
     out = landscape.module_criticality(
         net,
         initial,
-        task.arrays("test"),
+        (x_test[keep], y_test[keep]),
         alphas=np.linspace(0.0, 1.0, config.criticality_points),
         tolerance=config.criticality_tolerance,
         bn_images=task.x_train if landscape.has_batch_norm(net) else None,
