@@ -7,7 +7,7 @@ runs the default ``digits`` preset on the embedded MNIST digits (random split of
 the ten classes, split seed 0; target half B; seeds 0, 1 and 2). Per seed it
 trains a net on each half, then:
 
-- part 1: on half B with k = 1, 10, 50 and all labelled examples per class (the
+- part 1: on half B with k = 1, 10 and all labelled examples per class (the
   same examples for every strategy of a seed), every strategy of
   ``transfer_tf.strategies`` from the net trained on half A: freeze at n = 3, 5,
   7 (the best n chosen on validation), fine-tune, discriminative per-layer

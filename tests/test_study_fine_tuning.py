@@ -32,7 +32,7 @@ def test_expand_orders_sources_first_and_cuts_each_strategy():
             assert position[needed] < position[r.key], r.key
     strategies = [r for r in runs if r.kind == "strategy"]
     # per seed and budget: 3 freeze cuts and the 6 other strategies
-    assert len(strategies) == 3 * 4 * (3 + 6)
+    assert len(strategies) == 3 * 3 * (3 + 6)
     cuts = {r.arm: {s.n for s in strategies if s.arm == r.arm} for r in strategies}
     assert cuts["freeze"] == {3, 5, 7} and cuts["scratch"] == {0}
     assert cuts["fine_tune"] == cuts["lp_ft"] == {7}
@@ -236,12 +236,16 @@ def test_the_lectures_claims_get_verdicts_from_paired_differences():
     }
     scarce = out[("freeze", "fine_tune", "1")]
     assert scarce["difference"]["mean"] == pytest.approx(np.mean([0.10, 0.06, 0.08]))
-    assert scarce["verdict"] == "reproduced"
+    assert scarce["verdict"] == "reproduced" and scarce["wins"] == 3
     plenty = out[("fine_tune", "freeze", "all")]  # freeze at all: n=3 per seed
     assert plenty["difference"]["mean"] == pytest.approx(np.mean([0.02, 0.02, 0.03]))
     assert plenty["verdict"] == "reproduced"
-    worth = out[("fine_tune", "scratch", "1")]
+    worth = out[("freeze", "scratch", "1")]
+    assert worth["difference"]["mean"] == pytest.approx(0.32)
     assert worth["verdict"] == "reproduced"
+    # scarce claims concern every budget but all, plentiful ones all only
+    more = fine_tuning.claims(cells, ["1", "10", "all"])
+    assert {c["budget"] for c in more if c["b"] == "fine_tune"} == {"1"}  # no k=10
     # claims about strategies that did not run are left out
     assert not [c for c in out if "discriminative" in c]
     # One seed: no interval, no verdict.
@@ -545,6 +549,7 @@ def test_report_quotes_the_records(tmp_path):
     assert "| all | **fine_tune** |" in text
     assert "`x`" in text  # the at-chance run is named
     assert "freeze when labels are scarce | freeze − fine_tune at k=1 | +8.00 [" in text
+    assert "] (3) | 3 of 3 | **reproduced** |" in text
     assert "**logme**" in text
     for name in ("strategies.png", "estimators.png"):
         assert out[name][:8] == b"\x89PNG\r\n\x1a\n", name
