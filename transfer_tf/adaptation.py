@@ -598,6 +598,11 @@ def paired_dataset(
 def example_losses(model: keras.Model, images, labels, batch_size: int = 256):
     """Per-example cross-entropy (float64, nats) of a logits model on ``(x, y)``."""
     logits = model.predict(np.asarray(images), batch_size=batch_size, verbose=0)
+    return logit_losses(logits, labels)
+
+
+def logit_losses(logits, labels) -> np.ndarray:
+    """Per-example cross-entropy (float64, nats) of logits ``(n, classes)``."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     shifted = logits - logits.max(axis=1, keepdims=True)

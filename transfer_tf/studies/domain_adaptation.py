@@ -41,13 +41,14 @@ by ``p_t(x) / p_s(x)`` (``adaptation.importance_weights``), and
 Separately, :class:`TargetScores` records the target validation loss and the
 target test accuracy of the same epoch: what is *measured*, and what a labelled
 target validation set would have chosen. The report then picks, per method and
-seed, the (weight, epoch) with the lowest criterion of a rule (:data:`RULES`):
+seed, the (weight, epoch) a rule ranks first (:data:`RULES`):
 
-- ``source_val``: the source validation loss;
-- ``iwv`` and ``dev`` (the recommended one): the importance-weighted estimates;
-- ``oracle``: the *target* validation loss. It uses target labels, so it appears
-  only as the labelled "oracle selection" row, never as a method's result or in
-  a verdict.
+- ``source_val``: the lowest source validation loss;
+- ``iwv`` and ``dev`` (the recommended one): the lowest importance-weighted
+  estimate of the target loss;
+- ``oracle``: the highest *target* validation accuracy. It uses target labels,
+  so it appears only as the labelled "oracle selection" column, never as a
+  method's result or in a verdict.
 
 and reports the chosen candidate's target test accuracy. Source only has one
 candidate per epoch and is selected by the same rules, so every comparison is
@@ -70,11 +71,13 @@ import dataclasses
 import logging
 import math
 import pathlib
+import warnings
 
 import keras
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
-from transfer_tf import adaptation, data, mnist_m, models, plots, training
+from transfer_tf import adaptation, data, mnist_m, models, plots, precision, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import runner, stats
 
@@ -91,13 +94,16 @@ ARM_NAMES = {
     "mmd": "MMD (DAN)",
     ORACLE: "target oracle",
 }
-# Selection rules: the criterion each minimises over (weight, epoch) candidates.
-# Only the oracle's reads a target label.
+# Selection rules: what each ranks the (weight, epoch) candidates by, as
+# (field, sign) pairs, lowest sign * value first, later pairs breaking ties. Only
+# the oracle's reads a target label: the target validation accuracy, as one
+# would choose with labels (its loss prefers a collapsed, uniform net to a
+# confidently half-wrong one).
 RULES = {
-    "source_val": "source_val_loss",
-    "iwv": "iwv_risk",
-    "dev": "dev_risk",
-    "oracle": "target_val_loss",
+    "source_val": (("source_val_loss", 1),),
+    "iwv": (("iwv_risk", 1),),
+    "dev": (("dev_risk", 1),),
+    "oracle": (("target_val_accuracy", -1), ("target_val_loss", 1)),
 }
 RULE_NAMES = {
     "source_val": "source val",
@@ -106,11 +112,13 @@ RULE_NAMES = {
     "oracle": "oracle selection",
 }
 UNSUPERVISED_RULES = ("source_val", "iwv", "dev")
+OWN = "own"  # the target oracle's row: its own training on target labels
 # What TargetScores records: read only by the oracle rule and as the measurement.
 TARGET_LABELLED = ("target_val_loss", "target_val_accuracy", "target_test_accuracy")
 # Fixed seed: every run of a pair projects the same test images.
 PROJECTION_SEED = 20160529
 DEV_SEED = 20190611
+UNLABELLED_SEED = 20150526
 
 
 def _default_pairs() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -180,6 +188,10 @@ class Config(config_lib.StudyConfig):
       oracle: also train the target oracle (labelled target) of every pair.
       seeds: one replicate per seed (initialisation, shuffling, target stream,
         DEV subsets); every comparison is paired within a seed.
+      min_epoch_steps: a training set smaller than this many batches is
+        repeated until an epoch has that many steps (the source's, and the
+        oracle's target), so that an epoch, the plateau rule's patience and
+        DANN's schedule mean similar amounts of training for every domain.
       dev_examples: source-training and target-training images (each) whose
         features train DEV's domain classifier after every epoch.
       dev_max_weight: clipping bound of DEV's importance weights.
@@ -187,21 +199,27 @@ class Config(config_lib.StudyConfig):
         first seed's runs store their 2-D PCA).
     """
 
-    data: data.DataConfig = data.DataConfig(batch_size=64, train_per_class=150)
-    model: models.ModelConfig = models.ModelConfig(width=0.05, batch_norm=True)
+    data: data.DataConfig = data.DataConfig(batch_size=64, train_per_class=100)
+    model: models.ModelConfig = models.ModelConfig(width=0.05, dropout=0.0)
     training: training.TrainConfig = training.TrainConfig(
-        epochs=40, schedule="plateau", min_epochs=6, plateau_patience=2
+        epochs=20,
+        learning_rate=0.01,
+        schedule="plateau",
+        min_epochs=4,
+        plateau_patience=2,
+        plateau_reductions=1,
     )
     adaptation: adaptation.AdaptationConfig = adaptation.AdaptationConfig()
     sources: tuple[str, ...] = DEFAULT_SOURCES
     targets: tuple[str, ...] = DEFAULT_TARGETS
     methods: tuple[str, ...] = METHODS
-    dann_weights: tuple[float, ...] = (0.3, 1.0)
+    dann_weights: tuple[float, ...] = (0.03, 0.1)
     coral_weights: tuple[float, ...] = (1.0, 10.0)
     mmd_weights: tuple[float, ...] = (0.3, 1.0)
     oracle: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
-    dev_examples: int = 300
+    min_epoch_steps: int = 40
+    dev_examples: int = 150
     dev_max_weight: float = 10.0
     projection_examples: int = 200
 
@@ -266,6 +284,8 @@ class Config(config_lib.StudyConfig):
                 raise ValueError(f"{field}={list(values)} must be positive numbers")
             if len(set(values)) != len(values):
                 raise ValueError(f"{field}={list(values)} has duplicates")
+        if self.min_epoch_steps < 1:
+            raise ValueError(f"min_epoch_steps={self.min_epoch_steps!r} must be >= 1")
         if self.dev_examples < 10:
             raise ValueError(f"dev_examples={self.dev_examples!r} must be >= 10")
         config_lib.check_positive("dev_max_weight", self.dev_max_weight, False)
@@ -285,27 +305,29 @@ class Config(config_lib.StudyConfig):
 
 
 PRESETS = {
-    # Seconds, for tests: MNIST <-> UCI digits (no download, no shared folder),
-    # one weight per method, 30 images per class.
+    # Seconds, for tests: MNIST -> UCI digits (no download, no shared folder),
+    # one seed, one weight per method, 30 images per class.
     "smoke": {
         "sources": ("digits",),
         "targets": ("uci_digits",),
         "data.train_per_class": 30,
         "data.batch_size": 32,
-        "training.epochs": 4,
+        "training.epochs": 3,
         "training.min_epochs": 2,
         "training.plateau_patience": 1,
         "training.plateau_reductions": 0,
         "training.tensorboard": False,
-        "dann_weights": (1.0,),
+        "dann_weights": (0.1,),
         "coral_weights": (1.0,),
         "mmd_weights": (1.0,),
-        "seeds": (0, 1),
+        "seeds": (0,),
+        "min_epoch_steps": 10,
         "dev_examples": 60,
         "projection_examples": 40,
     },
     # The defaults: MNIST -> UCI, UCI -> MNIST and, with ../shared/data/cifar10,
-    # MNIST -> MNIST-M; three seeds, two weights per method.
+    # MNIST -> MNIST-M (without that folder only the two embedded pairs; name a
+    # photo folder with --sources/--targets); three seeds, two weights each.
     "digits": {},
 }
 
@@ -370,13 +392,23 @@ def run_part(config: Config, run: Run) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """Two domains of one shape and class list, as tasks (train / validation /
-    test). The target's labels are read by the oracle arm and by
-    :class:`TargetScores` only."""
+    """Two domains of one shape and class list.
+
+    Attributes:
+      name: :func:`pair_name`.
+      source: the labelled source task (train / validation / test).
+      target: the labelled target task: the oracle's training data, and the
+        validation and test splits :class:`TargetScores` reads. Its training
+        split keeps ``train_per_class`` images of each class (chosen by label).
+      target_images: the unlabelled target training images the adaptation
+        arms and DEV see: a seeded random sample of the target's training
+        split, as many as ``target`` has, drawn without looking at a label.
+    """
 
     name: str
     source: data.Task
     target: data.Task
+    target_images: np.ndarray
 
 
 def _align_classes(source: data.Source, target: data.Source) -> data.Source:
@@ -420,10 +452,20 @@ def load_pair(source_spec: str, target_spec: str, config: data.DataConfig) -> Pa
         source, target = mnist_m.as_rgb(source), mnist_m.as_rgb(target)
     target = _align_classes(source, target)
     classes = range(source.num_classes)
+    every = data.make_task(
+        target,
+        classes,
+        dataclasses.replace(config, train_per_class=None),
+        name=f"target {target_spec}",
+    )
+    labelled = every.subset(config.train_per_class, config.subset_seed)
+    rng = np.random.default_rng(UNLABELLED_SEED)
+    unlabelled = _subset(len(every.x_train), len(labelled.x_train), rng)
     return Pair(
         pair_name(source_spec, target_spec),
         data.make_task(source, classes, config, name=f"source {source_spec}"),
-        data.make_task(target, classes, config, name=f"target {target_spec}"),
+        labelled,
+        every.x_train[unlabelled],
     )
 
 
@@ -438,7 +480,12 @@ class Context(runner.Context):
     def prepare(self):
         for source, target in self.config.pairs:
             pair = self.pair(source, target)
-            log.info("%s | %s", pair.source.summary(), pair.target.summary())
+            log.info(
+                "%s | %s (%d unlabelled)",
+                pair.source.summary(),
+                pair.target.summary(),
+                len(pair.target_images),
+            )
 
     def pair(self, source: str, target: str) -> Pair:
         if (source, target) not in self._pairs:
@@ -446,20 +493,30 @@ class Context(runner.Context):
         return self._pairs[(source, target)]
 
 
+def signatures(config: Config, context: Context) -> dict:
+    """The net whose ``auto`` precision/XLA is measured: the base net on all of
+    a pair's classes, at the largest image shape of the pairs (MNIST-M's three
+    channels when it is a target), for epochs x the steps of an epoch."""
+    pairs = [context.pair(source, target) for source, target in config.pairs]
+    task = max((pair.source for pair in pairs), key=lambda t: math.prod(t.image_shape))
+    d = config.data
+    steps = max(config.min_epoch_steps, math.ceil(len(task.y_train) / d.batch_size))
+    signature = precision.Signature(
+        "base_net",
+        task.image_shape,
+        config.model.width,
+        config.model.batch_norm,
+        d.batch_size,
+        task.num_classes,
+    )
+    return {"training": (signature, config.training.epochs * steps)}
+
+
 # ---------------------------------------------------------------------- scoring
 
 
 def _subset(count: int, size: int, rng) -> np.ndarray:
     return np.sort(rng.permutation(count)[: min(size, count)])
-
-
-def cross_entropy(logits, labels) -> np.ndarray:
-    """Per-example cross-entropy (float64, nats) of logits."""
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_normaliser = np.log(np.exp(shifted).sum(axis=1))
-    return log_normaliser - shifted[np.arange(len(labels)), labels]
 
 
 class Criteria:
@@ -493,13 +550,17 @@ class Criteria:
     def __call__(self, outputs: dict) -> dict:
         """Scores from ``{part: (features, logits)}`` of :attr:`parts`."""
         features, logits = outputs["source_validation"]
-        losses = cross_entropy(logits, self.labels)
-        weights = adaptation.importance_weights(
-            outputs["source_train"][0],
-            outputs["target_train"][0],
-            query_features=features,
-            max_weight=self.max_weight,
-        )
+        losses = adaptation.logit_losses(logits, self.labels)
+        with warnings.catch_warnings():
+            # Separable domains (early epochs) leave lbfgs unconverged; the
+            # clipped weights are still what DEV uses.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            weights = adaptation.importance_weights(
+                outputs["source_train"][0],
+                outputs["target_train"][0],
+                query_features=features,
+                max_weight=self.max_weight,
+            )
         return {
             "source_val_loss": float(losses.mean()),
             "source_val_accuracy": float(np.mean(logits.argmax(1) == self.labels)),
@@ -526,7 +587,7 @@ class TargetScores:
         test = outputs["target_test"][1]
         return {
             "target_val_loss": float(
-                cross_entropy(validation, self.validation_labels).mean()
+                adaptation.logit_losses(validation, self.validation_labels).mean()
             ),
             "target_val_accuracy": float(
                 np.mean(validation.argmax(1) == self.validation_labels)
@@ -602,13 +663,14 @@ def pca_2d(features) -> np.ndarray:
     return points / np.where(scale > 0, scale, 1.0)
 
 
-def projection(feature_model, pair: Pair, examples: int) -> dict:
-    """The record's 2-D PCA of the adapted layer's features of fixed source and
-    target test images (``domain`` 0 source, 1 target)."""
+def projection(feature_model, pair: Pair, examples: int, layer: str) -> dict:
+    """The record's 2-D PCA of the adapted ``layer``'s features of fixed source
+    and target test images (``domain`` 0 source, 1 target)."""
     parts, classes = projection_parts(pair, examples)
     outputs = predict_parts(feature_model, parts)
     points = pca_2d(np.concatenate([outputs["source"][0], outputs["target"][0]]))
     return {
+        "layer": layer,
         "points": np.round(points, 3).tolist(),
         "domain": [0] * len(parts["source"]) + [1] * len(parts["target"]),
         "label": classes.astype(int).tolist(),
@@ -638,7 +700,13 @@ def execute(run: Run, context: Context, run_dir) -> dict:
     method = SOURCE_ONLY if run.arm == ORACLE else run.arm
     adapt = dataclasses.replace(config.adaptation, method=method, weight=run.weight)
     if run.arm == ORACLE:
-        outcome = context.train(base, pair.target, train_config, run_dir)
+        outcome = context.train(
+            base,
+            pair.target,
+            train_config,
+            run_dir,
+            min_epoch_steps=config.min_epoch_steps,
+        )
         record = {**outcome.record(), "val_examples": len(pair.target.y_validation)}
     else:
         record = _train_adapted(base, adapt, pair, run, train_config, context)
@@ -652,7 +720,9 @@ def execute(run: Run, context: Context, run_dir) -> dict:
         np.mean(logits.argmax(1) == pair.source.y_test)
     )
     if run.seed == config.seeds[0]:
-        record["projection"] = projection(extractor, pair, config.projection_examples)
+        record["projection"] = projection(
+            extractor, pair, config.projection_examples, adapt.layer
+        )
     return record
 
 
@@ -665,7 +735,7 @@ def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
         model.feature_model,
         Criteria(
             pair.source,
-            pair.target.x_train,  # images only
+            pair.target_images,
             run.seed,
             config.dev_examples,
             config.dev_max_weight,
@@ -673,8 +743,10 @@ def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
         TargetScores(pair.target),
     )
     train_ds = adaptation.paired_dataset(
-        pair.source.train_dataset(batch_size, run.seed, config.data.augment),
-        pair.target.x_train,
+        pair.source.train_dataset(
+            batch_size, run.seed, config.data.augment, config.min_epoch_steps
+        ),
+        pair.target_images,
         batch_size,
         seed=run.seed,
     )
@@ -705,7 +777,7 @@ def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
         "epochs_run": len(candidates),
         "diverged": diverged,
         "num_train": len(pair.source.y_train),
-        "num_target_train": len(pair.target.x_train),
+        "num_target_train": len(pair.target_images),
         "at_chance": training.at_chance(
             chosen["source_val_accuracy"] if chosen else None,
             len(pair.source.y_validation),
@@ -729,13 +801,15 @@ def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
 
 
 def choose(candidates: list[dict], rule: str) -> dict | None:
-    """The candidate with the lowest criterion of ``rule`` (:data:`RULES`); ties
-    go to the earlier candidate. ``None`` without candidates."""
+    """The candidate ``rule`` ranks first (:data:`RULES`); full ties go to the
+    earlier candidate. ``None`` without candidates."""
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {list(RULES)}")
-    criterion = RULES[rule]
-    valid = [c for c in candidates if _finite(c.get(criterion))]
-    return min(valid, key=lambda c: c[criterion]) if valid else None
+    order = RULES[rule]
+    valid = [c for c in candidates if all(_finite(c.get(f)) for f, _ in order)]
+    if not valid:
+        return None
+    return min(valid, key=lambda c: tuple(sign * c[f] for f, sign in order))
 
 
 def _finite(value) -> bool:
@@ -743,98 +817,108 @@ def _finite(value) -> bool:
 
 
 def select(records: list[dict], rule: str) -> dict:
-    """Per (pair, arm, seed): the candidate ``rule`` chooses over every weight
-    and epoch of the arm's runs, with its ``weight``; the oracle arm keeps its
-    own training's result (it is trained on target labels, never a candidate).
+    """Per (pair, arm, seed) of source only and the methods: the candidate
+    ``rule`` chooses over every weight and epoch of the arm's runs (with its
+    ``weight``; ``None`` for source only). The target oracle is no candidate.
 
     Returns:
-      ``{(pair, arm, seed): chosen candidate + weight}``.
+      ``{(pair, arm, seed): chosen candidate}``; a group whose runs all
+      diverged before their first epoch is missing.
     """
     pooled = collections.defaultdict(list)
-    out = {}
     for r in records:
-        group = (r["pair"], r["arm"], r["seed"])
         if r["arm"] == ORACLE:
-            out[group] = {
-                "weight": None,
-                "epoch": r.get("best_epoch"),
-                "target_test_accuracy": r["test_accuracy"],
-            }
             continue
-        pooled[group] += [
-            {**c, "weight": r["weight"] if r["arm"] in METHODS else None}
-            for c in r.get("candidates") or []
+        weight = r["weight"] if r["arm"] in METHODS else None
+        pooled[(r["pair"], r["arm"], r["seed"])] += [
+            {**c, "weight": weight} for c in r.get("candidates") or []
         ]
-    for group, candidates in pooled.items():
+    out = {}
+    for group, candidates in sorted(pooled.items()):
         chosen = choose(candidates, rule)
         if chosen is not None:
             out[group] = chosen
     return out
 
 
+def oracle_results(records: list[dict]) -> dict:
+    """``{(pair, seed): target test accuracy}`` of the target oracle runs."""
+    return {
+        (r["pair"], r["seed"]): r["test_accuracy"]
+        for r in records
+        if r["arm"] == ORACLE and r.get("test_accuracy") is not None
+    }
+
+
 # ------------------------------------------------------------------------ report
 
 
 def summarize(records: list[dict]) -> dict:
-    """Everything the report shows, from the records alone.
+    """Everything the report shows, as a pure function of the records.
 
     Returns:
-      ``{pair: {"accuracy": {(arm, rule): interval}, "difference": {(method,
-      rule): interval of method - source only, paired by seed}, "verdict":
-      {(method, rule): verdict of "beats source only"} (unsupervised rules
-      only), "chosen": {(arm, rule): [chosen candidate per seed]}, "seeds":
-      [...], "flags": [...]}}``
+      ``{pair: {...}}`` with ``accuracy`` ``{(arm, rule): interval}`` of the
+      target test accuracy of each rule's choice over seeds (the oracle under
+      ``"own"``: its own training), ``difference`` ``{(method, rule):
+      interval}`` of method - source only paired by seed under the same rule,
+      ``verdict`` ``{(method, rule): "beats source only" verdict}`` for the
+      rules that read no target label, ``chosen`` ``{(arm, rule): [choice per
+      seed]}``, ``seeds``, ``arms``, ``specs``, ``flags`` (diverged and
+      at-chance runs), ``wall_time`` per arm and ``stop_reasons``.
     """
     chosen = {rule: select(records, rule) for rule in RULES}
-    pairs = sorted({r["pair"] for r in records})
+    oracle = oracle_results(records)
     out = {}
-    for pair in pairs:
+    for pair in sorted({r["pair"] for r in records}):
         rows = [r for r in records if r["pair"] == pair]
         arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
         seeds = sorted({r["seed"] for r in rows})
-        accuracy, difference, verdicts, picks = {}, {}, {}, {}
+        cells, picks = {}, {}
         for rule in RULES:
-            per_arm = {
-                arm: {
-                    seed: c["target_test_accuracy"]
-                    for (p, a, seed), c in sorted(chosen[rule].items())
-                    if p == pair and a == arm
+            for arm in arms:
+                if arm == ORACLE:
+                    continue
+                by_seed = {
+                    seed: chosen[rule][(pair, arm, seed)]
+                    for seed in seeds
+                    if (pair, arm, seed) in chosen[rule]
                 }
-                for arm in arms
+                cells[(arm, rule)] = {
+                    seed: c["target_test_accuracy"] for seed, c in by_seed.items()
+                }
+                picks[(arm, rule)] = [by_seed.get(seed) for seed in seeds]
+        if ORACLE in arms:
+            cells[(ORACLE, OWN)] = {
+                seed: oracle[(pair, seed)] for seed in seeds if (pair, seed) in oracle
             }
-            for arm in arms:
-                if arm == ORACLE and rule != "source_val":
-                    continue  # one row: its own training's result
-                accuracy[(arm, rule)] = stats.interval(list(per_arm[arm].values()))
-                picks[(arm, rule)] = [
-                    chosen[rule].get((pair, arm, seed)) for seed in seeds
-                ]
-            baseline = per_arm.get(SOURCE_ONLY, {})
-            for arm in arms:
-                if arm == SOURCE_ONLY or not baseline:
+        difference, verdicts = {}, {}
+        for method in (a for a in arms if a in METHODS):
+            for rule in RULES:
+                baseline = cells.get((SOURCE_ONLY, rule))
+                if not baseline:
                     continue
-                if arm == ORACLE and rule != "source_val":
-                    continue
-                iv = stats.interval(stats.paired(per_arm[arm], baseline))
-                difference[(arm, rule)] = iv
-                if arm in METHODS and rule in UNSUPERVISED_RULES:
-                    verdicts[(arm, rule)] = stats.verdict(iv, "positive")
+                iv = stats.interval(stats.paired(cells[(method, rule)], baseline))
+                difference[(method, rule)] = iv
+                if rule in UNSUPERVISED_RULES:
+                    verdicts[(method, rule)] = stats.verdict(iv, "positive")
         out[pair] = {
             "arms": arms,
             "seeds": seeds,
-            "accuracy": accuracy,
+            "specs": (rows[0]["source"], rows[0]["target"]),
+            "accuracy": {k: stats.interval(list(v.values())) for k, v in cells.items()},
             "difference": difference,
             "verdict": verdicts,
             "chosen": picks,
             "flags": _flags(rows),
-            "specs": (rows[0]["source"], rows[0]["target"]),
             "wall_time": {
                 arm: float(np.mean([r["wall_time"] for r in rows if r["arm"] == arm]))
                 for arm in arms
-                if any("wall_time" in r for r in rows if r["arm"] == arm)
+                if all("wall_time" in r for r in rows if r["arm"] == arm)
             },
             "stop_reasons": dict(
-                collections.Counter(r.get("stop_reason", "?") for r in rows)
+                sorted(
+                    collections.Counter(r.get("stop_reason", "?") for r in rows).items()
+                )
             ),
         }
     return out
@@ -851,13 +935,33 @@ def _flags(rows) -> list[str]:
     return flags
 
 
+def format_accuracy(iv: dict | None) -> str:
+    """``61.3 [55.0, 67.6] (3)``: a mean accuracy and its 95% interval in %."""
+    if iv is None:
+        return ""
+    if iv["low"] is None:
+        return f"{100 * iv['mean']:.1f} (1, no interval)"
+    return (
+        f"{100 * iv['mean']:.1f} [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}] "
+        f"({iv['count']})"
+    )
+
+
 def _describe_pick(pick: dict | None) -> str:
     if pick is None:
         return "-"
-    weight = pick.get("weight")
-    epoch = pick.get("epoch")
-    text = f"e{epoch}" if epoch is not None else "?"
-    return f"w{weight:g}@{text}" if weight is not None else text
+    epoch = f"e{pick['epoch']}"
+    return epoch if pick.get("weight") is None else f"w{pick['weight']:g}@{epoch}"
+
+
+def not_beating(s: dict, rule: str) -> list[str]:
+    """The methods of a pair whose verdict under ``rule`` is not
+    ``reproduced``, with the verdict."""
+    return [
+        f"{ARM_NAMES[m]} ({v})"
+        for (m, r), v in s["verdict"].items()
+        if r == rule and v != "reproduced"
+    ]
 
 
 def summary_markdown(summary: dict) -> str:
@@ -865,75 +969,60 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         "# Unsupervised domain adaptation: target test top-1",
         "",
-        "Mean [95% t-interval] (seeds) of the target test accuracy of the "
-        "candidate each rule chose: `source val` (source validation loss), `IWV` "
-        "and `DEV` (importance-weighted source validation loss; DEV with its "
-        "control variate, You et al. 2019). None of them reads a target label. "
-        "`oracle selection` chose on *target validation labels*: what a "
-        "labelled target would have chosen, not a result of the method. Each "
-        "method's candidates are every epoch of every weight swept; source only's "
-        "every epoch. The target oracle is trained on target labels (its own "
-        "validation chose its epoch).",
+        "Each rule chooses, per method and seed, one weight and epoch: `source "
+        "val` the lowest source validation loss, `IWV` and `DEV` the lowest "
+        "importance-weighted source validation loss (an estimate of the target "
+        "loss; DEV with its control variate, You et al. 2019). None of them "
+        "reads a target label. `oracle selection` chose the highest *target "
+        "validation accuracy*: what a labelled target would have chosen, shown "
+        "for reference only (no verdict). Source only is selected by the same "
+        "rules (epochs only). The target oracle is trained on target labels.",
     ]
+    rules = list(RULES)
+    header = ["arm", *(RULE_NAMES[r] for r in rules)]
     for pair, s in summary.items():
         source, target = s["specs"]
-        rules = list(RULES)
         lines += ["", f"## {pair}: {source} -> {target}", ""]
-        header = ["arm", *[RULE_NAMES[r] for r in rules]]
-        rows = []
-        for arm in s["arms"]:
-            if arm == ORACLE:
-                cell = stats.format_interval(
-                    s["accuracy"].get((arm, "source_val")), scale=100
-                )
-                rows.append([f"{ARM_NAMES[arm]} (target labels)", cell, "", "", ""])
-                continue
-            rows.append(
-                [ARM_NAMES[arm]]
-                + [
-                    stats.format_interval(s["accuracy"].get((arm, r)), scale=100)
-                    for r in rules
-                ]
-            )
-        lines += ["Target test top-1, %:", ""]
-        lines += stats.markdown_table(header, rows)
-        lines += [
-            "",
-            "Method - source only (percentage points, paired by seed under the same "
-            'rule) and the verdict on "beats source only":',
-            "",
+        lines += ["Target test top-1 %, mean [95% t-interval] (seeds):", ""]
+        rows = [
+            [ARM_NAMES[arm]]
+            + [format_accuracy(s["accuracy"].get((arm, r))) for r in rules]
+            for arm in s["arms"]
+            if arm != ORACLE
         ]
-        rows = []
-        for arm in s["arms"]:
-            if arm == SOURCE_ONLY:
-                continue
-            cells = []
-            for rule in rules:
-                if arm == ORACLE and rule != "source_val":
-                    cells.append("")
-                    continue
-                iv = s["difference"].get((arm, rule))
-                text = stats.format_interval(iv)
-                verdict = s["verdict"].get((arm, rule))
-                if verdict:
-                    text += f" **{verdict}**"
-                cells.append(text)
-            name = ARM_NAMES[arm] + (" (target labels)" if arm == ORACLE else "")
-            rows.append([name, *cells])
         lines += stats.markdown_table(header, rows)
-        failing = [
-            f"{ARM_NAMES[m]} ({RULE_NAMES[r]}: {v})"
-            for (m, r), v in sorted(s["verdict"].items())
-            if v != "reproduced" and r == "dev"
-        ]
-        if failing:
+        if (ORACLE, OWN) in s["accuracy"]:
             lines += [
                 "",
-                "Does not beat source only under DEV selection: "
-                + "; ".join(failing)
+                "Target oracle (trained and validated on target labels): "
+                + format_accuracy(s["accuracy"][(ORACLE, OWN)])
                 + ".",
             ]
-        lines += ["", f"Chosen weight@epoch per seed {s['seeds']}:", ""]
+        lines += [
+            "",
+            "Method - source only, points, paired by seed under the same rule; "
+            'verdict on "beats source only" (not for the oracle selection):',
+            "",
+        ]
+        rows = []
+        for method in (a for a in s["arms"] if a in METHODS):
+            cells = []
+            for rule in rules:
+                text = stats.format_interval(s["difference"].get((method, rule)))
+                verdict = s["verdict"].get((method, rule))
+                cells.append(f"{text} **{verdict}**" if verdict else text)
+            rows.append([ARM_NAMES[method], *cells])
+        lines += stats.markdown_table(["method", *header[1:]], rows)
+        for rule in ("dev", "source_val"):
+            failing = not_beating(s, rule)
+            if failing:
+                lines += [
+                    "",
+                    f"Does not beat source only under {RULE_NAMES[rule]} selection: "
+                    + ", ".join(failing)
+                    + ".",
+                ]
+        lines += ["", f"Chosen weight@epoch, seeds {s['seeds']}:", ""]
         rows = [
             [ARM_NAMES[arm]]
             + [
@@ -947,7 +1036,7 @@ def summary_markdown(summary: dict) -> str:
         times = ", ".join(
             f"{ARM_NAMES[a]} {stats.duration(t)}" for a, t in s["wall_time"].items()
         )
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items()))
+        reasons = ", ".join(f"{k} {v}" for k, v in s["stop_reasons"].items())
         lines += ["", f"Mean wall time per run: {times}. Stop reasons: {reasons}."]
         if s["flags"]:
             lines += ["", "Flagged runs:", ""] + [f"- {f}" for f in s["flags"]]
@@ -955,8 +1044,8 @@ def summary_markdown(summary: dict) -> str:
 
 
 def summary_csv(summary: dict) -> str:
-    """One row per pair, arm and rule: accuracy and difference intervals,
-    verdict."""
+    """One row per pair, arm and rule (the oracle's rule ``own``): accuracy and
+    difference intervals, verdict."""
     lines = [
         "pair,arm,rule,mean,low,high,count,difference,difference_low,"
         "difference_high,verdict"
@@ -982,144 +1071,139 @@ def summary_csv(summary: dict) -> str:
 
 
 def selections_csv(records: list[dict]) -> str:
-    """One row per pair, arm, rule and seed: the chosen weight and epoch and
-    its target test accuracy."""
-    lines = ["pair,arm,rule,seed,weight,epoch,target_test_accuracy"]
+    """One row per pair, arm, rule and seed: the chosen weight and epoch, its
+    criterion and its target test accuracy (the oracle: its own training)."""
+    lines = ["pair,arm,rule,seed,weight,epoch,criterion,target_test_accuracy"]
     for rule in RULES:
-        for (pair, arm, seed), c in sorted(select(records, rule).items()):
-            if arm == ORACLE and rule != "source_val":
-                continue
-            weight = "" if c.get("weight") is None else f"{c['weight']:g}"
-            epoch = "" if c.get("epoch") is None else str(c["epoch"])
+        for (pair, arm, seed), c in select(records, rule).items():
+            weight = "" if c["weight"] is None else f"{c['weight']:g}"
             lines.append(
-                f"{pair},{arm},{rule},{seed},{weight},{epoch},"
-                f"{c['target_test_accuracy']:.6f}"
+                f"{pair},{arm},{rule},{seed},{weight},{c['epoch']},"
+                f"{c[RULES[rule][0][0]]:.6f},{c['target_test_accuracy']:.6f}"
             )
+    for (pair, seed), accuracy in sorted(oracle_results(records).items()):
+        lines.append(f"{pair},{ORACLE},{OWN},{seed},,,,{accuracy:.6f}")
     return "\n".join(lines) + "\n"
 
 
 def accuracy_figure(summary: dict):
-    """Target test top-1 per arm, one line per selection rule (95% intervals);
+    """Target test top-1 per arm (95% intervals), one line per selection rule;
     the target oracle dashed."""
+    styles = {
+        "source_val": dict(color="#1f77b4", marker="o", ls="none"),
+        "dev": dict(color="#2ca02c", marker="s", ls="none"),
+        "oracle": dict(color="#7f7f7f", marker="x", ls="none"),
+    }
     panels = []
     for s in summary.values():
         arms = [a for a in s["arms"] if a != ORACLE]
-        x = np.arange(len(arms))
+        x = np.arange(len(arms), dtype=float)
         lines = []
-        for i, (rule, style) in enumerate(
-            (
-                ("source_val", dict(color="#1f77b4", marker="o")),
-                ("dev", dict(color="#2ca02c", marker="s")),
-                ("oracle", dict(color="#7f7f7f", marker="x", ls=":")),
-            )
-        ):
+        for i, (rule, style) in enumerate(styles.items()):
             ivs = [s["accuracy"].get((a, rule)) for a in arms]
-            if not any(ivs):
-                continue
             y = [iv["mean"] if iv else np.nan for iv in ivs]
             e = [
-                (iv["high"] - iv["mean"]) if iv and iv["high"] is not None else 0.0
+                iv["high"] - iv["mean"] if iv and iv["high"] is not None else 0.0
                 for iv in ivs
             ]
+            label = RULE_NAMES[rule] + (" (target labels)" if rule == "oracle" else "")
             lines.append(
-                {
-                    "x": x + (i - 1) * 0.08,
-                    "y": y,
-                    "e": np.array(e),
-                    "label": RULE_NAMES[rule],
-                    **style,
-                }
+                {"x": x + (i - 1) * 0.08, "y": y, "e": np.array(e), "label": label}
+                | style
             )
+        oracle = s["accuracy"].get((ORACLE, OWN))
         references = []
-        oracle = s["accuracy"].get((ORACLE, "source_val"))
         if oracle:
             references.append(
                 {
                     "y": oracle["mean"],
                     "color": "black",
                     "ls": "--",
-                    "label": "target oracle (target labels)",
+                    "label": "target oracle",
                 }
             )
+        source, target = s["specs"]
         panels.append(
             {
-                "title": f"{s['specs'][0]} -> {domain_name(s['specs'][1])}",
-                "xlabel": "arm",
+                "title": f"{domain_name(source)} -> {domain_name(target)}",
+                "xlabel": "",
                 "lines": lines,
                 "references": references,
                 "xticks": (x, [ARM_NAMES[a] for a in arms]),
             }
         )
-    return plots.curves_figure(panels, ylabel="target test top-1 (95% interval)")
+    return plots.curves_figure(
+        panels, ylabel="target test top-1 (mean, 95% interval)", width=5.0
+    )
 
 
-def features_figure(pair: str, panels: list[tuple[str, dict]]):
-    """2-D PCA of source and target features: one column per model, coloured by
-    domain (top) and by class (bottom; o source, x target)."""
+def features_figure(title: str, panels: list[tuple[str, dict]]):
+    """2-D PCA of source and target features, one column per net, coloured by
+    domain (top row) and by class (bottom row; o source, x target)."""
     plt = plots.plt
     fig, axes = plt.subplots(
-        2, len(panels), figsize=(3.4 * len(panels), 6.6), squeeze=False
+        2, len(panels), figsize=(3.2 * len(panels), 6.4), squeeze=False
     )
     colours = plt.get_cmap("tab10")
-    for column, (title, p) in enumerate(panels):
-        points = np.asarray(p["points"])
+    for column, (name, p) in enumerate(panels):
+        points = np.asarray(p["points"], dtype=float)
         domain = np.asarray(p["domain"])
         label = np.asarray(p["label"])
         top, bottom = axes[0][column], axes[1][column]
-        for d, (name, colour) in enumerate(
+        for d, (which, colour) in enumerate(
             (("source", "#1f77b4"), ("target", "#ff7f0e"))
         ):
             mask = domain == d
-            top.scatter(*points[mask].T, s=6, alpha=0.6, color=colour, label=name)
+            top.scatter(*points[mask].T, s=6, alpha=0.6, color=colour, label=which)
             bottom.scatter(
                 *points[mask].T,
-                s=10 if d else 6,
+                s=12 if d else 6,
                 marker="x" if d else "o",
                 c=[colours(int(c) % 10) for c in label[mask]],
                 alpha=0.7,
                 linewidths=0.8,
             )
-        top.set_title(title, fontsize=9)
+        top.set_title(name, fontsize=8)
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0][0].set_ylabel("by domain")
+    axes[0][0].set_ylabel("coloured by domain")
     axes[1][0].set_ylabel("by class (o source, x target)")
     axes[0][0].legend(fontsize=7, loc="best", markerscale=2)
-    fig.suptitle(f"{pair}: PCA of the adapted layer's test features", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
-def _figure_panels(records: list[dict], pair: str) -> list[tuple[str, dict]]:
-    """The first seed's projections of a pair: source only, each method at the
-    weight DEV chose for that seed, the oracle."""
+def figure_panels(records: list[dict], pair: str) -> tuple[int, list]:
+    """``(seed, [(title, projection)])``: the projections of a pair's lowest
+    seed that has them: source only, each method at the weight DEV chose for
+    that seed, the target oracle."""
     rows = [r for r in records if r["pair"] == pair and r.get("projection")]
     if not rows:
-        return []
+        return -1, []
     seed = min(r["seed"] for r in rows)
-    rows = [r for r in rows if r["seed"] == seed]
     dev = select([r for r in records if r["pair"] == pair], "dev")
     panels = []
     for arm in ARMS:
-        runs = [r for r in rows if r["arm"] == arm]
+        runs = [r for r in rows if r["seed"] == seed and r["arm"] == arm]
         if arm in METHODS:
             pick = dev.get((pair, arm, seed))
             runs = [r for r in runs if pick and r["weight"] == pick["weight"]]
         if not runs:
             continue
         r = runs[0]
-        title = ARM_NAMES[arm] + (
-            f" (w={r['weight']:g}, DEV)" if arm in METHODS else ""
-        )
-        title += f"\ntarget top-1 {r['test_accuracy']:.3f}, seed {seed}"
-        panels.append((title, r["projection"]))
-    return panels
+        name = ARM_NAMES[arm]
+        if arm in METHODS:
+            name += f", w={r['weight']:g} (DEV)"
+        name += f"\ntarget top-1 {r['test_accuracy']:.3f}"
+        panels.append((name, r["projection"]))
+    return seed, panels
 
 
 def report(records: list[dict], config: Config) -> dict:
     """``summary.md``, ``summary.csv``, ``selections.csv``, ``accuracy.png`` and
     ``features_<pair>.png``: a pure function of the records."""
-    del config
+    del config  # everything is in the records
     summary = summarize(records)
     out = {
         "summary.md": summary_markdown(summary),
@@ -1129,23 +1213,24 @@ def report(records: list[dict], config: Config) -> dict:
     if summary:
         out["accuracy.png"] = plots.png_bytes(accuracy_figure(summary))
     for pair in summary:
-        panels = _figure_panels(records, pair)
+        seed, panels = figure_panels(records, pair)
         if panels:
-            out[f"features_{pair}.png"] = plots.png_bytes(features_figure(pair, panels))
+            source, target = summary[pair]["specs"]
+            layer = panels[0][1].get("layer", "adapted")
+            title = (
+                f"{source} -> {target}: PCA of {layer} features of test images "
+                f"(final weights, seed {seed})"
+            )
+            out[f"features_{pair}.png"] = plots.png_bytes(
+                features_figure(title, panels)
+            )
     return out
 
 
 def _describe(record: dict) -> str:
     accuracy = record.get("test_accuracy")
     shown = "diverged" if accuracy is None else f"target top-1 {accuracy:.4f}"
-    return (
-        f"{shown}  ({record.get('epochs_run')} epochs, "
-        f"{record.get('stop_reason', '?')})"
-    )
+    return f"{shown}  ({record.get('epochs_run')} epochs, {record.get('stop_reason')})"
 
 
-STUDY = runner.from_module(
-    __name__,
-    group=lambda run: run.arm,
-    describe=_describe,
-)
+STUDY = runner.from_module(__name__, group=lambda run: run.arm, describe=_describe)

@@ -1,0 +1,536 @@
+"""The domain-adaptation study: expansion, domain pairs made to agree, the
+selection protocol (no target label outside the oracle rows, tested with poisoned
+labels), summaries and verdicts recomputed by hand from made-up records, and a
+smoke run of experiments/domain_adaptation.py."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from conftest import TINY, run_script
+from transfer_tf import adaptation, data, models, results
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import domain_adaptation as da
+from transfer_tf.studies import runner
+
+STUDY = da.STUDY
+SMOKE = STUDY.preset("smoke")
+EMBEDDED = {"sources": ("digits", "uci_digits"), "targets": ("uci_digits", "digits")}
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_expand_lists_every_arm_seed_by_seed():
+    config = config_lib.override(da.Config(), EMBEDDED)
+    runs = da.expand(config)
+    # per seed and pair: source only, 2 weights x 3 methods, the oracle
+    assert len(runs) == 3 * 2 * (1 + 2 * 3 + 1)
+    assert len({r.key for r in runs}) == len(runs)
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # seed-major
+    keys = [r.key for r in runs]
+    assert keys[:3] == [
+        "digits_to_uci_digits/seed0/source_only",
+        "digits_to_uci_digits/seed0/dann/w0.03",
+        "digits_to_uci_digits/seed0/dann/w0.1",
+    ]
+    assert "uci_digits_to_digits/seed2/coral/w10" in keys
+    assert {r.labels for r in runs if r.arm == da.ORACLE} == {"target"}
+    assert {r.labels for r in runs if r.arm != da.ORACLE} == {"source"}
+    fewer = config_lib.override(config, {"methods": ("mmd",), "oracle": False})
+    assert {r.arm for r in da.expand(fewer)} == {"source_only", "mmd"}
+
+
+def test_the_default_preset_covers_the_three_pairs_when_the_photos_are_there():
+    config = STUDY.preset("digits")
+    assert config == da.Config()
+    pairs = [da.pair_name(s, t) for s, t in config.pairs]
+    assert pairs[:2] == ["digits_to_uci_digits", "uci_digits_to_digits"]
+    if data.cifar10_spec().startswith("folder:"):
+        assert pairs[2] == "digits_to_mnist_m"
+        assert config.targets[2] == "mnist_m:" + data.cifar10_spec()[len("folder:") :]
+    else:
+        assert len(pairs) == 2
+    assert config.training.schedule == "plateau" and config.training.min_epochs > 0
+
+
+def test_config_hash_ignores_the_extent_and_a_run_hashes_its_domains():
+    grown = config_lib.override(SMOKE, {"seeds": (0, 1, 2), "mmd_weights": (0.1, 1)})
+    assert grown.config_hash() == SMOKE.config_hash()
+    moved = config_lib.override(SMOKE, {"adaptation.layer": "fc6"})
+    assert moved.config_hash() != SMOKE.config_hash()
+    # Two MNIST-M folders make the same key but not the same run.
+    a = da.Run("digits", "mnist_m:/photos/a", 0, "coral", 1.0)
+    b = dataclasses.replace(a, target="mnist_m:/photos/b")
+    assert a.key == b.key == "digits_to_mnist_m/seed0/coral/w1"
+    assert config_lib.hash_of(da.run_part(SMOKE, a)) != config_lib.hash_of(
+        da.run_part(SMOKE, b)
+    )
+
+
+def test_auto_settings_are_measured_on_the_net_that_trains(tmp_path):
+    # All of a pair's classes (not a half's), the largest image of the pairs.
+    config = config_lib.override(SMOKE, {"seeds": (0,)})
+    context = da.Context(config, tmp_path, tmp_path / "runs")
+    (signature, steps) = da.signatures(config, context)["training"]
+    assert signature.model == "base_net" and signature.num_classes == 10
+    assert signature.input_shape == (28, 28, 1)
+    assert signature.batch_size == config.data.batch_size
+    assert steps == config.training.epochs * max(config.min_epoch_steps, 10)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"targets": ("uci_digits", "digits")}, "must be non-empty and as many"),
+        ({"targets": ("digits",)}, "adapt a domain to itself"),
+        (
+            {
+                "sources": ("digits", "digits"),
+                "targets": ("mnist_m:/a/x", "mnist_m:/b/y"),
+            },
+            "given more than once",
+        ),
+        ({"methods": ("dann", "cycada")}, r"methods=\['cycada'\]"),
+        ({"coral_weights": (0.0,)}, "must be positive"),
+        ({"mmd_weights": ()}, "must not be empty when mmd runs"),
+        ({"seeds": (0, 0)}, "duplicates"),
+    ],
+)
+def test_config_errors_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.override(SMOKE, changes)
+
+
+def test_domain_names():
+    assert da.domain_name("uci_digits") == "uci_digits"
+    assert da.domain_name("mnist_m:/work/shared/data/cifar10") == "mnist_m"
+    assert da.domain_name("folder:/data/photos/") == "folder_photos"
+    assert da.domain_name("npz:/tmp/svhn.npz") == "npz_svhn"
+    assert da.domain_name("tfds:svhn_cropped") == "svhn_cropped"
+
+
+# ------------------------------------------------------------------------ domains
+
+
+def _npz(path, shape, classes, per_class=6, seed=0, names=None):
+    """An npz data spec: images of ``shape`` whose mean brightness is the class."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("train", "test"):
+        y = np.repeat(np.arange(classes), per_class)
+        x = rng.integers(0, 20, (len(y), *shape)) + 60 * y.reshape(-1, 1, 1, 1)
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = x.astype(np.uint8), y
+    if names is not None:
+        arrays["class_names"] = np.array(names)
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def test_load_pair_makes_shapes_and_class_order_agree(tmp_path):
+    source = _npz(tmp_path / "grey.npz", (28, 28, 1), 3, names=["0", "1", "2"])
+    # RGB, larger, and its classes in another order: its class "0" is label 2.
+    target = _npz(tmp_path / "rgb.npz", (32, 32, 3), 3, seed=1, names=["2", "1", "0"])
+    config = data.DataConfig(validation_fraction=0.2, train_per_class=3)
+    pair = da.load_pair(source, target, config)
+    assert pair.name == "npz_grey_to_npz_rgb"
+    # The unlabelled target images: as many as the labelled ones, a label-blind
+    # sample of the target's whole training split.
+    assert len(pair.target_images) == len(pair.target.y_train) == 9
+    whole = da.load_pair(
+        source, target, dataclasses.replace(config, train_per_class=None)
+    )
+    pool = {image.tobytes() for image in whole.target.x_train}
+    assert {image.tobytes() for image in pair.target_images} <= pool
+    assert pair.source.image_shape == pair.target.image_shape == (28, 28, 3)
+    grey = pair.source.x_train
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])  # replicated
+    assert pair.target.class_names == ("0", "1", "2")
+    # Brightness 60 * original label: re-indexed labels follow the names.
+    brightness = pair.target.x_test.reshape(len(pair.target.y_test), -1).mean(1)
+    for label, original in ((0, 2), (1, 1), (2, 0)):
+        mean = brightness[pair.target.y_test == label].mean()
+        assert 60 * original <= mean < 60 * original + 25
+    other = _npz(tmp_path / "four.npz", (28, 28, 1), 4, seed=2)
+    with pytest.raises(ValueError, match=r"same classes .*only in the target: \['3'\]"):
+        da.load_pair(source, other, data.DataConfig())
+
+
+# ------------------------------------------------------ the selection protocol
+
+
+def _tiny_pair(digits_source, per_class=12):
+    config = data.DataConfig(train_per_class=per_class, validation_fraction=0.1)
+    task = data.make_task(digits_source, range(10), config)
+    every = slice(None, None, len(task.y_test) // 60)  # every class
+    small = dataclasses.replace(
+        task, x_test=task.x_test[every], y_test=task.y_test[every]
+    )
+    return da.Pair("digits_to_digits", small, small, small.x_train)
+
+
+def _poisoned(pair):
+    """The pair with every target label wrong (shifted by one class)."""
+
+    def shift(y):
+        return (y + 1) % 10
+
+    target = dataclasses.replace(
+        pair.target,
+        y_train=shift(pair.target.y_train),
+        y_validation=shift(pair.target.y_validation),
+        y_test=shift(pair.target.y_test),
+    )
+    return dataclasses.replace(pair, target=target)
+
+
+def _random_digits(per_class=20, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), per_class)
+    x = rng.integers(0, 256, (len(y), 28, 28, 1), dtype=np.uint8)
+    return data.Source("random", tuple(map(str, range(10))), x, y, x[::2], y[::2])
+
+
+def test_criteria_read_no_target_label():
+    pair = _tiny_pair(_random_digits())
+    base = models.build_base_net((28, 28, 1), 10, seed=0, **TINY)
+    extractor = adaptation.AdaptationModel(
+        base, adaptation.AdaptationConfig("coral")
+    ).feature_model
+
+    def scores(p):
+        criteria = da.Criteria(p.source, p.target_images, 0, 40, 10.0)
+        target = da.TargetScores(p.target)
+        outputs = da.predict_parts(extractor, {**criteria.parts, **target.parts})
+        return criteria(outputs), target(outputs)
+
+    clean, poisoned = scores(pair), scores(_poisoned(pair))
+    assert clean[0] == poisoned[0]  # every selection criterion, bit for bit
+    assert set(clean[0]) >= {"source_val_loss", "dev_risk", "iwv_risk"}
+    assert set(clean[1]) == set(da.TARGET_LABELLED)
+    assert clean[1]["target_val_loss"] != poisoned[1]["target_val_loss"]
+    # Only the oracle's rule reads a target-labelled field.
+    for rule, order in da.RULES.items():
+        labelled = any(field in da.TARGET_LABELLED for field, _ in order)
+        assert labelled == (rule == "oracle"), rule
+    assert set(da.UNSUPERVISED_RULES) == set(da.RULES) - {"oracle"}
+
+
+def _candidate(epoch, source_val, dev, test, iwv=None, target_val=None):
+    return {
+        "epoch": epoch,
+        "source_val_loss": source_val,
+        "source_val_accuracy": 0.9,
+        "dev_risk": dev,
+        "iwv_risk": dev if iwv is None else iwv,
+        "target_val_loss": 1.0 if target_val is None else target_val,
+        "target_val_accuracy": 0.5,
+        "target_test_accuracy": test,
+    }
+
+
+def _record(seed, arm, weight, candidates, pair=("digits", "uci_digits")):
+    run = da.Run(*pair, seed, arm, weight)
+    out = {**runner.header(run), "candidates": candidates, "wall_time": 10.0}
+    if arm == da.ORACLE:
+        out = {**runner.header(run), "test_accuracy": candidates, "wall_time": 5.0}
+    return out
+
+
+# Per seed: source only's choice is epoch 2 under both rules (0.40 + 0.02 seed).
+# DANN: source val picks w0.3@e1, DEV w1@e2; CORAL: both its one weight's e1.
+SO = [0.40, 0.42, 0.44]
+DANN_SV = [0.41, 0.40, 0.45]  # - source only: +0.01, -0.02, +0.01
+DANN_DEV = [0.50, 0.54, 0.52]  # +0.10, +0.12, +0.08
+CORAL = [0.30, 0.30, 0.36]  # -0.10, -0.12, -0.08
+ORACLE_ACCURACY = [0.95, 0.97, 0.96]
+
+
+def fake_records():
+    records = []
+    for seed in range(3):
+        records.append(
+            _record(
+                seed,
+                "source_only",
+                0.0,
+                [_candidate(1, 0.9, 0.9, 0.2), _candidate(2, 0.5, 0.5, SO[seed])],
+            )
+        )
+        records.append(
+            _record(
+                seed,
+                "dann",
+                0.3,
+                [
+                    _candidate(1, 0.3, 0.8, DANN_SV[seed]),
+                    _candidate(2, 0.6, 0.7, 0.9, target_val=0.1),
+                ],
+            )
+        )
+        records.append(
+            _record(
+                seed,
+                "dann",
+                1.0,
+                [_candidate(1, 0.7, 0.6, 0.1), _candidate(2, 0.4, 0.2, DANN_DEV[seed])],
+            )
+        )
+        records.append(
+            _record(
+                seed,
+                "coral",
+                1.0,
+                [_candidate(1, 0.5, 0.5, CORAL[seed]), _candidate(2, 0.6, 0.6, 0.9)],
+            )
+        )
+        records.append(_record(seed, da.ORACLE, 0.0, ORACLE_ACCURACY[seed]))
+    return records
+
+
+def _picks(records, rule):
+    return {k: (c["weight"], c["epoch"]) for k, c in da.select(records, rule).items()}
+
+
+def test_selection_never_follows_target_labels():
+    records = fake_records()
+    assert _picks(records, "source_val")[("digits_to_uci_digits", "dann", 0)] == (
+        0.3,
+        1,
+    )
+    assert _picks(records, "dev")[("digits_to_uci_digits", "dann", 0)] == (1.0, 2)
+    assert _picks(records, "oracle")[("digits_to_uci_digits", "dann", 0)] == (0.3, 2)
+    # Poison every target-labelled number (random target validation losses, the
+    # worst candidates made best on target test): the rules that read no target
+    # label choose exactly as before; the oracle selection follows the poison.
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        poisoned = copy.deepcopy(records)
+        for r in poisoned:
+            for c in r.get("candidates") or []:
+                c["target_val_loss"] = float(rng.random())
+                c["target_val_accuracy"] = float(rng.random())
+                c["target_test_accuracy"] = 1.0 - c["target_test_accuracy"]
+        for rule in da.UNSUPERVISED_RULES:
+            assert _picks(poisoned, rule) == _picks(records, rule), (rule, trial)
+        assert _picks(poisoned, "oracle") != _picks(records, "oracle")
+    # The oracle arm is never a candidate of any rule.
+    assert not any(
+        arm == da.ORACLE for rule in da.RULES for _, arm, _ in _picks(records, rule)
+    )
+
+
+def _interval(values):
+    values = np.asarray(values)
+    half = scipy_stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1)
+    half /= np.sqrt(len(values))
+    return values.mean(), values.mean() - half, values.mean() + half
+
+
+def test_summary_and_verdicts_recomputed_by_hand():
+    summary = da.summarize(fake_records())
+    s = summary["digits_to_uci_digits"]
+    assert s["arms"] == ["source_only", "dann", "coral", "target_oracle"]
+    accuracy = s["accuracy"]
+    assert accuracy[("source_only", "dev")]["mean"] == pytest.approx(np.mean(SO))
+    assert accuracy[("dann", "source_val")]["mean"] == pytest.approx(np.mean(DANN_SV))
+    assert accuracy[("dann", "dev")]["mean"] == pytest.approx(np.mean(DANN_DEV))
+    oracle = accuracy[(da.ORACLE, da.OWN)]
+    assert oracle["mean"] == pytest.approx(0.96) and oracle["count"] == 3
+    for (method, rule), values, verdict in (
+        (("dann", "dev"), np.subtract(DANN_DEV, SO), "reproduced"),
+        (("dann", "source_val"), np.subtract(DANN_SV, SO), "not resolved"),
+        (("coral", "dev"), np.subtract(CORAL, SO), "contradicted"),
+    ):
+        mean, low, high = _interval(values)
+        iv = s["difference"][(method, rule)]
+        assert (iv["mean"], iv["low"], iv["high"]) == pytest.approx((mean, low, high))
+        assert s["verdict"][(method, rule)] == verdict
+    # DANN's DEV interval by hand: mean 0.10, sd 0.02, t(0.975, 2) = 4.303.
+    assert s["difference"][("dann", "dev")]["low"] == pytest.approx(
+        0.10 - 4.3027 * 0.02 / np.sqrt(3), abs=1e-4
+    )
+    assert ("dann", "oracle") in s["difference"]
+    assert ("dann", "oracle") not in s["verdict"]  # target labels: no verdict
+    assert [da._describe_pick(p) for p in s["chosen"][("dann", "dev")]] == ["w1@e2"] * 3
+
+    text = da.summary_markdown(summary)
+    assert "| source only | 42.0 [" in text
+    assert "Target oracle (trained and validated on target labels): 96.0 [" in text
+    differences = [line for line in text.splitlines() if "**" in line]
+    dev_row = next(line for line in differences if line.startswith("| DANN |"))
+    assert "+10.00 [" in dev_row and "**reproduced**" in dev_row
+    assert "**not resolved**" in dev_row
+    assert (
+        "Does not beat source only under DEV selection: Deep CORAL (contradicted)."
+        in text
+    )
+
+    rows = {
+        tuple(line.split(",")[:3]): line.split(",")
+        for line in da.summary_csv(summary).splitlines()[1:]
+    }
+    row = rows[("digits_to_uci_digits", "dann", "dev")]
+    assert float(row[3]) == pytest.approx(np.mean(DANN_DEV), abs=1e-6)
+    assert float(row[7]) == pytest.approx(0.10, abs=1e-6) and row[10] == "reproduced"
+    assert rows[("digits_to_uci_digits", "target_oracle", "own")][6] == "3"
+    chosen = da.selections_csv(fake_records()).splitlines()
+    assert "digits_to_uci_digits,dann,dev,0,1,2,0.200000,0.500000" in chosen
+
+
+def test_a_diverged_run_keeps_its_finished_epochs_and_is_flagged():
+    records = fake_records()
+    diverged = _record(0, "dann", 3.0, [_candidate(1, 0.05, 0.05, 0.11)])
+    diverged.update(diverged="validation loss is nan after epoch 2", at_chance=False)
+    empty = _record(1, "dann", 3.0, [])
+    empty.update(diverged="training loss became nan at epoch 1, batch 3")
+    s = da.summarize([*records, diverged, empty])["digits_to_uci_digits"]
+    # The finished epoch of the diverged run is a candidate (and the best).
+    assert da._describe_pick(s["chosen"][("dann", "dev")][0]) == "w3@e1"
+    assert da._describe_pick(s["chosen"][("dann", "dev")][1]) == "w1@e2"
+    assert sum("diverged" in f for f in s["flags"]) == 2
+
+
+def test_report_draws_the_figures_from_the_records():
+    records = fake_records()
+    rng = np.random.default_rng(0)
+    for r in records:
+        if r["seed"] == 0:
+            r["test_accuracy"] = r.get("test_accuracy", 0.5)
+            r["projection"] = {
+                "layer": "fc7",
+                "points": rng.normal(size=(20, 2)).round(3).tolist(),
+                "domain": [0] * 10 + [1] * 10,
+                "label": list(range(10)) * 2,
+            }
+    out = da.report(records, SMOKE)
+    assert set(out) == {
+        "summary.md",
+        "summary.csv",
+        "selections.csv",
+        "accuracy.png",
+        "features_digits_to_uci_digits.png",
+    }
+    for name in ("accuracy.png", "features_digits_to_uci_digits.png"):
+        assert out[name][:8] == b"\x89PNG\r\n\x1a\n" and len(out[name]) > 10_000
+    seed, panels = da.figure_panels(records, "digits_to_uci_digits")
+    assert seed == 0
+    # Source only, DANN at the weight DEV chose (1), CORAL, the oracle.
+    assert [title.split("\n")[0] for title, _ in panels] == [
+        "source only",
+        "DANN, w=1 (DEV)",
+        "Deep CORAL, w=1 (DEV)",
+        "target oracle",
+    ]
+
+
+# ---------------------------------------------------------------- real training
+
+
+@pytest.mark.slow
+def test_poisoned_target_labels_change_only_the_target_scores(digits_source, tmp_path):
+    """A method trained and scored with every target label wrong: its selection
+    criteria are bit-identical to the clean run's (deterministic training), its
+    target scores are not."""
+    config = runner.resolve_auto(
+        config_lib.override(
+            SMOKE,
+            {
+                "training.epochs": 2,
+                "training.min_epochs": 2,
+                "dev_examples": 30,
+                "model.width": 0.05,
+            },
+        )
+    )
+
+    class Fixed(da.Context):
+        def __init__(self, pair, workdir):
+            super().__init__(config, workdir, lambda run: workdir / run.key)
+            self.fixed = pair
+
+        def pair(self, source, target):
+            return self.fixed
+
+    run = da.Run("digits", "uci_digits", 0, "dann", 0.1)
+    pair = _tiny_pair(digits_source, per_class=20)
+    outcomes = []
+    for name, p in (("clean", pair), ("poisoned", _poisoned(pair))):
+        context = Fixed(p, tmp_path / name)
+        run_dir = context.run_dir(run)
+        run_dir.mkdir(parents=True)
+        outcomes.append(da.execute(run, context, run_dir))
+    clean, poisoned = outcomes
+    assert len(clean["candidates"]) == len(poisoned["candidates"]) == 2
+    for a, b in zip(clean["candidates"], poisoned["candidates"], strict=True):
+        for key in a:
+            if key in da.TARGET_LABELLED:
+                continue
+            assert a[key] == b[key], key
+        assert a["target_val_loss"] != b["target_val_loss"]
+    assert clean["source_test_accuracy"] == poisoned["source_test_accuracy"]
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_script(tmp_path):
+    workdir = tmp_path / "study"
+    proc = run_script("domain_adaptation", "--preset=smoke", f"--workdir={workdir}")
+    assert "Target oracle (trained and validated on target labels)" in proc.stdout
+    for name in (
+        "results.jsonl",
+        "config.json",
+        "summary.md",
+        "summary.csv",
+        "selections.csv",
+        "accuracy.png",
+        "features_digits_to_uci_digits.png",
+    ):
+        assert (workdir / name).is_file(), name
+    records = results.read_jsonl(workdir / "results.jsonl")
+    config = runner.resolve_auto(SMOKE)
+    assert [r["key"] for r in records] == [r.key for r in da.expand(config)]
+    assert {r["config_hash"] for r in records} == {
+        config_lib.hash_of(da.run_part(config, da.expand(config)[0]))
+    }
+    for r in records:
+        assert r["precision"] == "float32" and "projection" in r or r.get("diverged")
+        if r["arm"] == da.ORACLE:
+            assert 0.0 <= r["test_accuracy"] <= 1.0
+            continue
+        assert r["candidates"], r["key"]
+        for c in r["candidates"]:
+            fields = {f for order in da.RULES.values() for f, _ in order}
+            assert set(c) >= {"epoch", *fields, "target_test_accuracy"}
+    source_only = next(r for r in records if r["arm"] == "source_only")
+    assert source_only["val_accuracy"] > 0.2  # above chance (0.1) on the source
+    # The summary is what the records say: recompute one cell.
+    dev = da.select(records, "dev")
+    expected = np.mean(
+        [c["target_test_accuracy"] for (_, arm, _), c in dev.items() if arm == "mmd"]
+    )
+    csv = {
+        tuple(line.split(",")[:3]): line.split(",")
+        for line in (workdir / "summary.csv").read_text().splitlines()[1:]
+    }
+    assert float(csv[("digits_to_uci_digits", "mmd", "dev")][3]) == pytest.approx(
+        expected, abs=1e-6
+    )
+    # A rerun only redraws the report; another configuration is refused.
+    again = run_script("domain_adaptation", "--preset=smoke", f"--workdir={workdir}")
+    assert "5 already finished, 0 to run" in again.stderr
+    refused = run_script(
+        "domain_adaptation",
+        "--preset=smoke",
+        f"--workdir={workdir}",
+        "--adaptation_layer=fc6",
+        check=False,
+    )
+    assert refused.returncode != 0 and "layer: 'fc7' -> 'fc6'" in refused.stderr
+    listed = json.loads((workdir / "config.json").read_text())
+    assert listed["study"] == "domain_adaptation"
