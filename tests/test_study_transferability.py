@@ -242,6 +242,16 @@ def test_gate_passes_only_when_the_top_selffer_nets_match_their_base():
     g = transferability.gate(ahead, [7], 0.02)
     assert not g["passed"] and not g["checks"]["BnB"]["passed"]
     assert "BnB - baseB at n=7 = +5.00" in g["why"]
+    # Replicates that agree give a zero-width interval: a difference of two test
+    # images on 500 is within the test-sampling noise and passes, the same
+    # difference on 50,000 test images is detected.
+    agree = _values(baseB_0=[0.976, 0.976], BnBplus_7=[0.98, 0.98])
+    g = transferability.gate(agree, [7], 0.02, test_examples=500)
+    assert g["passed"] and g["checks"]["BnB+"]["noise"] == pytest.approx(
+        1.96 * np.sqrt(2 * 0.976 * 0.024 / 500 / 2)
+    )
+    assert not transferability.gate(agree, [7], 0.02)["passed"]
+    assert not transferability.gate(agree, [7], 0.02, test_examples=50_000)["passed"]
     # One replicate: no interval, only the tolerance decides.
     one = _values(baseB_0=[0.8], BnB_7=[0.81], BnBplus_7=[0.79])
     assert transferability.gate(one, [7], 0.02)["passed"]

@@ -611,6 +611,26 @@ def at_chance(accuracy, examples: int, num_classes: int, level: float = 0.01):
     return bool(test.pvalue > level)
 
 
+def tested(
+    outcome: TrainResult, model, task, batch_size: int, reason: str
+) -> TaskResult:
+    """The :class:`TaskResult` of a net trained through every layer (the full
+    path, for ``reason``): ``model`` evaluated on the task's test split."""
+    test = evaluate(model, task.eval_dataset("test", batch_size))
+    return TaskResult(
+        outcome,
+        test["accuracy"],
+        test["loss"],
+        test["examples"],
+        len(task.y_train),
+        task.num_classes,
+        len(task.y_validation),
+        "full",
+        0,
+        reason,
+    )
+
+
 def train_task(
     model,
     task,
@@ -650,19 +670,7 @@ def train_task(
             config,
             workdir,
         )
-        test = evaluate(model, task.eval_dataset("test", batch_size))
-        return TaskResult(
-            outcome,
-            test["accuracy"],
-            test["loss"],
-            test["examples"],
-            len(task.y_train),
-            task.num_classes,
-            len(task.y_validation),
-            "full",
-            0,
-            reason,
-        )
+        return tested(outcome, model, task, batch_size, reason)
     if cache is None:
         cache = activation_cache.ActivationCache(
             config.cache_memory_gb * 2**30, pathlib.Path(workdir) / "activation_cache"
