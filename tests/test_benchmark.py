@@ -48,6 +48,7 @@ def test_cache_flop_bound_counts_the_removed_forward_passes():
     assert 1 < bounds[0] < bounds[1]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(
@@ -80,6 +81,7 @@ def test_benchmark_rejects_unknown_section(tmp_path):
     assert proc.returncode != 0 and "unknown sections ['gpu']" in proc.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_cache_section_compares_the_two_paths(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(

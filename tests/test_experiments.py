@@ -66,6 +66,7 @@ def test_the_cli_and_the_api_build_the_same_config_from_a_preset(script):
         assert flag_default == field_default, flag
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors_that_name_the_flag(tmp_path):
     work = tmp_path / "w"
     for args, message in (

@@ -327,6 +327,7 @@ def test_time_interleaved_times_every_net_each_round_for_benchmarks():
     assert best == {"fast": 100, "unlucky": 100, "emulated": 10}
 
 
+@pytest.mark.slow
 def test_auto_end_to_end_a_study_records_what_it_measured(measure_env, monkeypatch):
     """precision="auto" through a real (short) measurement and a real study run:
     the measured speeds are stored, and the choice is what the runs record and

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import run_script
 from transfer_tf import data
 
 
+@pytest.mark.slow
 def test_train_base_smoke(tmp_path):
     work = tmp_path / "base"
     args = [
