@@ -612,11 +612,21 @@ def at_chance(accuracy, examples: int, num_classes: int, level: float = 0.01):
 
 
 def tested(
-    outcome: TrainResult, model, task, batch_size: int, reason: str
+    outcome: TrainResult,
+    model,
+    task,
+    test_data,
+    reason: str,
+    path: str = "full",
+    cached_layers: int = 0,
+    **cache,
 ) -> TaskResult:
-    """The :class:`TaskResult` of a net trained through every layer (the full
-    path, for ``reason``): ``model`` evaluated on the task's test split."""
-    test = evaluate(model, task.eval_dataset("test", batch_size))
+    """The :class:`TaskResult` of a training: ``model`` evaluated on
+    ``test_data`` (a batch size: the task's test split; or a dataset), with which
+    ``path`` ran and why (``cache``: ``cache_storage``, ``cache_seconds``)."""
+    if isinstance(test_data, int):
+        test_data = task.eval_dataset("test", test_data)
+    test = evaluate(model, test_data)
     return TaskResult(
         outcome,
         test["accuracy"],
@@ -625,9 +635,10 @@ def tested(
         len(task.y_train),
         task.num_classes,
         len(task.y_validation),
-        "full",
-        0,
+        path,
+        cached_layers,
         reason,
+        **cache,
     )
 
 
@@ -693,18 +704,14 @@ def train_task(
     outcome = train(
         head, feed("train", True), feed("validation", False), config, workdir
     )
-    test = evaluate(head, feed("test", False))
-    return TaskResult(
+    return tested(
         outcome,
-        test["accuracy"],
-        test["loss"],
-        test["examples"],
-        len(task.y_train),
-        task.num_classes,
-        len(task.y_validation),
+        head,
+        task,
+        feed("test", False),
+        reason,
         "cached",
         n,
-        reason,
-        acts.storage,
-        acts.seconds,
+        cache_storage=acts.storage,
+        cache_seconds=acts.seconds,
     )
