@@ -65,6 +65,10 @@ def run(workdir, config: Config, overwrite=False) -> dict:
     config = dataclasses.replace(
         config, training=precision.resolve_config(config.training)
     )
+    started = time.time()
+    # The data first: a bad dataset fails before the work directory is claimed,
+    # so the corrected command is not refused as another configuration.
+    task = data.load_task(config.data)
     workdir = results.claim_workdir(workdir, common.as_dict(config), overwrite)
     if (workdir / "result.json").exists():
         result = results.read_json(workdir / "result.json")
@@ -72,8 +76,6 @@ def run(workdir, config: Config, overwrite=False) -> dict:
             "already finished: %s (test top-1 %.4f)", workdir, result["test_accuracy"]
         )
         return result
-    started = time.time()
-    task = data.load_task(config.data)
     common.log.info("%s", task.summary())
     model = models.build_base_net(
         task.image_shape,

@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny data, tiny models, generated image folders."""
+"""Shared fixtures: tiny data, tiny models, generated image folders, and the
+experiment scripts run in this process (:func:`run_main`) or, once per script,
+in a fresh one (:func:`run_script`)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib
+import io
+import logging
 import os
 import pathlib
 import subprocess
@@ -11,16 +18,39 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# "auto" precision/XLA by the fixed rule in tests (subprocesses inherit it): a
-# measurement per process and signature would dominate the smoke runs. The
-# measurement itself is tested in test_precision.py and test_onednn.py.
-os.environ.setdefault("TRANSFER_TF_AUTO", "rule")
+# "auto" precision/XLA is float32 without XLA in tests, on every CPU (subprocesses
+# inherit it): a measurement per process and signature would dominate the smoke
+# runs, and the hardware rule would pick bfloat16 on CPUs with bf16 instructions
+# and so other numbers than on CPUs without. The measurement and the rule are
+# tested in test_precision.py and test_onednn.py.
+os.environ.setdefault("TRANSFER_TF_AUTO", "float32")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 # Tiny nets for unit tests: filters (5, 13, 19, 19, 13), 205-unit fc6/fc7.
 TINY = {"width": 0.05}
+
+
+# Test files whose tests share a session fixture worth making once (a study's
+# smoke run, a local Ray): all their tests go to one test process; every other
+# test goes to whichever process is free.
+WHOLE_FILES = ("test_study_*.py", "test_executors.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler: whole files for :data:`WHOLE_FILES`, single tests
+    otherwise. (Its own ``--dist loadgroup`` does not group under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeStudyFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            if any(pathlib.PurePath(path).match(p) for p in WHOLE_FILES):
+                return path
+            return nodeid
+
+    return WholeStudyFiles(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +87,96 @@ def make_image_folder(
     return root
 
 
+@dataclasses.dataclass
+class Finished:
+    """What a script run left: like ``subprocess.CompletedProcess``."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _fail_unless_ok(name, finished, check):
+    if check and finished.returncode != 0:
+        raise AssertionError(
+            f"{name}.py failed ({finished.returncode}):\n"
+            f"{finished.stdout}\n{finished.stderr[-5000:]}"
+        )
+    return finished
+
+
+def _absl_flags() -> set[str]:
+    """absl's own flags (absl.app's, absl.logging's): what every script keeps."""
+    from absl import app, flags  # noqa: F401  (app defines absl's own flags)
+    from absl import logging as absl_logging  # noqa: F401
+
+    return set(flags.FLAGS)
+
+
+# Taken before any test module imports a script.
+_ABSL_FLAGS = _absl_flags()
+
+
+def load_script(name):
+    """``experiments/<name>.py`` imported afresh, its flags defined on absl's
+    flag registry (from which the previously loaded script's flags are removed
+    first, so that scripts defining the same flag names can follow each other in
+    one process). The flags are not parsed yet."""
+    from absl import flags
+
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    registry = flags.FLAGS
+    registry.unparse_flags()
+    for flag in set(registry) - _ABSL_FLAGS:
+        delattr(registry, flag)
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
+def run_main(name, *args, check=True) -> Finished:
+    """Runs ``experiments/<name>.py ARGS`` in this process, as ``absl.app.run``
+    would: the script loaded afresh (:func:`load_script`), the arguments parsed and
+    its ``main`` called, its stdout, stderr and logging captured.
+
+    Returns:
+      :class:`Finished`: the exit code (a ``sys.exit("error: ...")`` is 1 with the
+      message on stderr; a flag parsing error 1 with absl's message).
+    """
+    from absl import flags
+
+    from transfer_tf import precision
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            module = load_script(name)
+            try:
+                argv = flags.FLAGS([f"{name}.py", *args])
+            except flags.Error as e:
+                print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+                code = 1
+            else:
+                try:
+                    module.main(argv)
+                except SystemExit as e:
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+                        code = 1
+                    else:
+                        code = e.code or 0
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        precision._restart["allowed"] = False  # a script may restart; tests not
+    return _fail_unless_ok(
+        name, Finished(code, stdout.getvalue(), stderr.getvalue()), check
+    )
+
+
 def run_script(name, *args, timeout=600, check=True):
     """Runs ``experiments/<name>.py`` in a fresh process; returns CompletedProcess."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
@@ -68,9 +188,102 @@ def run_script(name, *args, timeout=600, check=True):
         env=env,
         cwd=ROOT,
     )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{name}.py failed ({proc.returncode}):\n"
-            f"{proc.stdout}\n{proc.stderr[-5000:]}"
-        )
-    return proc
+    return _fail_unless_ok(name, proc, check)
+
+
+# ------------------------------------------------------------ one smoke per study
+
+
+@dataclasses.dataclass
+class Smoke:
+    """A study's smoke preset run once per test session, in this process, by its
+    script (``experiments/<study>.py --preset=smoke``): every test that reads a
+    smoke run's outputs reads this one. Tests that change the work directory
+    change a copy (:meth:`copy`)."""
+
+    config: object  # the preset's configuration, "auto" resolved as it ran
+    workdir: pathlib.Path
+    records: list[dict]  # results.jsonl
+    finished: Finished  # the script's exit code, stdout and stderr
+
+    def copy(self, destination) -> pathlib.Path:
+        import shutil
+
+        shutil.copytree(self.workdir, destination)
+        return pathlib.Path(destination)
+
+
+def smoke_run(tmp_path_factory, study, *args, **changes) -> Smoke:
+    """Runs ``experiments/<study>.py --preset=smoke ARGS`` in this process;
+    ``changes`` are the configuration fields that ARGS set."""
+    from transfer_tf import results
+    from transfer_tf.studies import runner
+
+    module = importlib.import_module(f"transfer_tf.studies.{study}")
+    workdir = tmp_path_factory.mktemp(f"smoke_{study}") / "study"
+    finished = run_main(study, "--preset=smoke", f"--workdir={workdir}", *args)
+    config = dataclasses.replace(module.STUDY.preset("smoke"), **changes)
+    return Smoke(
+        runner.resolve_auto(config),
+        workdir,
+        results.read_jsonl(workdir / runner.RESULTS_FILE),
+        finished,
+    )
+
+
+def fake_grid(root, seed=0):
+    """A transfer-grid work directory with a finished (untrained) base net on A."""
+    from transfer_tf import models, results
+
+    run = root / "runs" / "random" / "seed0" / "baseA"
+    run.mkdir(parents=True, exist_ok=True)
+    net = models.build_base_net((28, 28, 1), 5, seed=seed, **TINY)
+    net.save(run / "model.keras")
+    results.write_json(
+        root / "config.json",
+        {
+            "study": "transferability",
+            "data": {"dataset": "digits"},
+            "model": dataclasses.asdict(models.ModelConfig(**TINY)),
+        },
+    )
+    results.append_jsonl(
+        root / "results.jsonl", {"key": "random/seed0/baseA", "kind": "base"}
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def transferability_smoke(tmp_path_factory) -> Smoke:
+    return smoke_run(tmp_path_factory, "transferability")
+
+
+@pytest.fixture(scope="session")
+def off_the_shelf_smoke(tmp_path_factory) -> Smoke:
+    return smoke_run(tmp_path_factory, "off_the_shelf")
+
+
+@pytest.fixture(scope="session")
+def autoencoder_smoke(tmp_path_factory) -> Smoke:
+    grid = fake_grid(tmp_path_factory.mktemp("fake_grid"))
+    return smoke_run(
+        tmp_path_factory,
+        "autoencoder",
+        f"--grid_workdir={grid}",
+        grid_workdir=str(grid),
+    )
+
+
+@pytest.fixture(scope="session")
+def fine_tuning_smoke(tmp_path_factory) -> Smoke:
+    return smoke_run(tmp_path_factory, "fine_tuning")
+
+
+@pytest.fixture(scope="session")
+def what_transfers_smoke(tmp_path_factory) -> Smoke:
+    return smoke_run(tmp_path_factory, "what_transfers")
+
+
+@pytest.fixture(scope="session")
+def domain_adaptation_smoke(tmp_path_factory) -> Smoke:
+    return smoke_run(tmp_path_factory, "domain_adaptation")

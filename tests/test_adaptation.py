@@ -166,7 +166,15 @@ def _train(method, workdir, target, weight=1.0, seed=0):
     return model, outcome, [json.loads(line) for line in lines]
 
 
-@pytest.mark.parametrize("method", adaptation.METHODS)
+# DANN (the gradient reversal, the most machinery) in the inner loop, every
+# method in the full suite.
+@pytest.mark.parametrize(
+    "method",
+    [
+        m if m == "dann" else pytest.param(m, marks=pytest.mark.slow)
+        for m in adaptation.METHODS
+    ],
+)
 def test_one_training_per_method_logs_its_losses(method, tmp_path):
     model, outcome, records = _train(method, tmp_path, _images(40, 7))
     assert outcome.epochs_run == 1 and outcome.examples_seen == 48

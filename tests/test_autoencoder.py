@@ -81,6 +81,8 @@ def test_denoising_corrupts_training_inputs_only(digits_source):
         np.testing.assert_allclose(t.numpy(), images / 255.0, rtol=1e-6)
 
 
+# Several epochs of real training: the full suite's.
+@pytest.mark.slow
 def test_reconstruction_loss_falls_during_short_training(tmp_path, digits_source):
     train, val = ae.split_images(
         digits_source.x_train, ae.AutoencoderConfig(max_images=256)

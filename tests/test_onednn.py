@@ -65,20 +65,62 @@ def child(tmp_path, mode="measure", before="", **env) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def store(tmp_path, **choice):
-    onednn.store_choice(choice, tmp_path / "auto.json")
-
-
 @pytest.fixture(scope="module")
 def tensorflow_default(tmp_path_factory) -> bool:
-    """oneDNN as TensorFlow decides on this CPU (nothing set, nothing stored)."""
+    """oneDNN as TensorFlow decides on this CPU (nothing set, nothing stored):
+    this process's state when its bootstrap set nothing (the tests' rule mode,
+    no user variable), else a fresh process's."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    if onednn.decision().get("source") == "rule" and onednn.ONEDNN_ENV not in (
+        os.environ
+    ):
+        return bool(_pywrap_util_port.IsMklEnabled())
     reported = child(tmp_path_factory.mktemp("none"))
     assert reported["decision"]["source"] == "not measured yet"
     assert reported["env"] is None
     return reported["mkl"]
 
 
+@pytest.fixture
+def bootstrap(monkeypatch, tmp_path):
+    """Runs :func:`onednn.bootstrap` in this process as a fresh process would
+    (TensorFlow not imported yet) on a clean environment with the store in
+    ``tmp_path``; returns ``decide(mode, **env)`` -> (decision, variables set).
+    Everything it changes is undone after the test. That TensorFlow honours the
+    variables is checked in a real fresh process below."""
+    managed = (
+        onednn.ONEDNN_ENV,
+        onednn.INTRA_ENV,
+        onednn.INTER_ENV,
+        onednn.AUTO_MODE_ENV,
+        onednn.MARK_ENV,
+    )
+    for name in managed:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(onednn.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
+    monkeypatch.setattr(onednn, "_decision", {})
+
+    def decide(mode="measure", tensorflow_imported=False, **env):
+        for name, value in {onednn.AUTO_MODE_ENV: mode, **env}.items():
+            monkeypatch.setenv(name, value)
+        with monkeypatch.context() as m:
+            if not tensorflow_imported:
+                m.delitem(sys.modules, "tensorflow", raising=False)
+            decided = onednn.bootstrap()
+        return decided, {name: os.environ.get(name) for name in managed[:3]}
+
+    return decide
+
+
+def store(tmp_path, **choice):
+    onednn.store_choice(choice, tmp_path / "auto.json")
+
+
+# A fresh TensorFlow process (the in-process tests above cover the logic).
+@pytest.mark.slow
 def test_the_stored_choice_is_applied_at_import(tmp_path, tensorflow_default):
+    """In a fresh process: TensorFlow itself reports the stored state."""
     store(
         tmp_path,
         onednn=not tensorflow_default,
@@ -91,43 +133,61 @@ def test_the_stored_choice_is_applied_at_import(tmp_path, tensorflow_default):
     assert (reported["intra"], reported["inter"]) == ("1", "1")
 
 
-def test_the_users_variable_wins_over_the_stored_choice(tmp_path, tensorflow_default):
-    store(tmp_path, onednn=not tensorflow_default, intra_op_threads=1)
-    wanted = "1" if tensorflow_default else "0"
-    reported = child(tmp_path, **{onednn.ONEDNN_ENV: wanted, onednn.INTRA_ENV: "2"})
-    assert reported["mkl"] is tensorflow_default
-    assert reported["decision"]["source"] == "user"
-    assert reported["intra"] == "2"
+def test_the_stored_choice_sets_the_variables(tmp_path, bootstrap):
+    decided, env = bootstrap()
+    assert decided["source"] == "not measured yet" and env == {
+        onednn.ONEDNN_ENV: None,
+        onednn.INTRA_ENV: None,
+        onednn.INTER_ENV: None,
+    }
+    store(tmp_path, onednn=False, intra_op_threads=1, inter_op_threads=2)
+    decided, env = bootstrap()
+    assert (decided["onednn"], decided["source"]) == (False, "measured")
+    assert decided["threads"] == {"intra_op_threads": 1, "inter_op_threads": 2}
+    assert env == {
+        onednn.ONEDNN_ENV: "0",
+        onednn.INTRA_ENV: "1",
+        onednn.INTER_ENV: "2",
+    }
+    assert os.environ[onednn.MARK_ENV] == "0,1,2"
 
 
-def test_what_a_parent_set_from_its_store_is_not_the_users(
-    tmp_path, tensorflow_default
-):
+def test_the_users_variable_wins_over_the_stored_choice(tmp_path, bootstrap):
+    store(tmp_path, onednn=False, intra_op_threads=1)
+    decided, env = bootstrap(**{onednn.ONEDNN_ENV: "1", onednn.INTRA_ENV: "2"})
+    assert (decided["onednn"], decided["source"]) == (True, "user")
+    assert env[onednn.ONEDNN_ENV] == "1" and env[onednn.INTRA_ENV] == "2"
+
+
+def test_what_a_parent_set_from_its_store_is_not_the_users(tmp_path, bootstrap):
     # A child of a transfer_tf process inherits the variables its bootstrap set;
     # they are decided again from the store (here changed since), not kept.
-    store(tmp_path, onednn=not tensorflow_default)
-    inherited = "1" if tensorflow_default else "0"
-    reported = child(
-        tmp_path,
-        **{onednn.ONEDNN_ENV: inherited, onednn.MARK_ENV: f"{inherited},,"},
+    store(tmp_path, onednn=True)
+    decided, env = bootstrap(
+        **{onednn.ONEDNN_ENV: "0", onednn.MARK_ENV: "0,,"},
     )
-    assert reported["mkl"] is (not tensorflow_default)
-    assert reported["decision"]["source"] == "measured"
+    assert (decided["onednn"], decided["source"]) == (True, "measured")
+    assert env[onednn.ONEDNN_ENV] == "1"
 
 
-def test_rule_mode_keeps_tensorflows_default(tmp_path, tensorflow_default):
-    store(tmp_path, onednn=not tensorflow_default, intra_op_threads=1)
-    reported = child(tmp_path, mode="rule")
-    assert reported["mkl"] is tensorflow_default
-    assert reported["decision"]["source"] == "rule"
-    assert reported["env"] is None and reported["intra"] is None
+@pytest.mark.parametrize("mode", ["rule", "float32"])
+def test_rule_modes_keep_tensorflows_default(tmp_path, bootstrap, mode):
+    store(tmp_path, onednn=False, intra_op_threads=1)
+    decided, env = bootstrap(mode)
+    assert (decided["onednn"], decided["source"]) == (None, "rule")
+    assert set(env.values()) == {None}
 
 
-def test_nothing_changes_once_tensorflow_is_imported(tmp_path, tensorflow_default):
-    store(tmp_path, onednn=not tensorflow_default)
-    reported = child(tmp_path, before="import tensorflow")
-    assert reported["mkl"] is tensorflow_default
-    assert reported["decision"]["source"] == "tensorflow already imported"
+def test_nothing_changes_once_tensorflow_is_imported(tmp_path, bootstrap):
+    store(tmp_path, onednn=False)
+    decided, env = bootstrap(tensorflow_imported=True)
+    assert decided["source"] == "tensorflow already imported"
+    assert env[onednn.ONEDNN_ENV] is None
+
+
+def test_an_unknown_mode_is_a_clear_error(bootstrap):
+    with pytest.raises(ValueError, match=r"TRANSFER_TF_AUTO='fast' is not one of"):
+        bootstrap("fast")
 
 
 def test_store_keeps_other_entries(tmp_path):

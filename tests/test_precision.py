@@ -12,11 +12,16 @@ from transfer_tf.studies import runner
 TINY = precision.Signature(input_shape=(28, 28, 1), width=0.05, batch_size=16)
 
 
-def test_rule_settings(monkeypatch):
-    def fake(gpu=None, cc=None, bf16=False):
-        info = {"gpu": gpu, "compute_capability": cc, "cpu_bf16": bf16, "cpu": "x"}
-        monkeypatch.setattr(precision, "hardware", lambda: info)
+def fake_hardware(monkeypatch, gpu=None, cc=None, bf16=False):
+    info = {"gpu": gpu, "compute_capability": cc, "cpu_bf16": bf16, "cpu": "x"}
+    monkeypatch.setattr(precision, "hardware", lambda: info)
 
+
+def test_rule_settings(monkeypatch):
+    def fake(**kw):
+        fake_hardware(monkeypatch, **kw)
+
+    monkeypatch.setenv(precision.AUTO_MODE_ENV, "rule")
     fake(bf16=True)
     assert precision.rule_settings() == {
         "precision": "mixed_bfloat16",
@@ -33,6 +38,18 @@ def test_rule_settings(monkeypatch):
     assert "mixed_float16" in precision.candidate_precisions()
     fake(gpu="T4", cc=(7, 5))
     assert precision.rule_settings()["precision"] == "mixed_float16"
+    # The tests' mode: float32 without XLA whatever the hardware offers.
+    monkeypatch.setenv(precision.AUTO_MODE_ENV, "float32")
+    assert precision.rule_settings() == {
+        "precision": "float32",
+        "xla": "off",
+        "source": "rule (float32)",
+    }
+    fake(bf16=True)
+    assert precision.settings_for(TINY, 50)["precision"] == "float32"
+    monkeypatch.setenv(precision.AUTO_MODE_ENV, "fastest")
+    with pytest.raises(ValueError, match="TRANSFER_TF_AUTO='fastest' is not one of"):
+        precision.settings_for(TINY, 50)
 
 
 def test_rule_mode_measures_nothing(monkeypatch):
@@ -79,9 +96,11 @@ def _train_config(**changes):
 
 @pytest.fixture
 def measure_env(monkeypatch, tmp_path):
-    """Measure mode into a temporary file; oneDNN already chosen (so no child
-    process is started) unless a test removes that choice."""
+    """Measure mode into a temporary file on a CPU without bf16 instructions
+    (float32 the only candidate precision, on every machine); oneDNN already
+    chosen (so no child process is started) unless a test removes that choice."""
     path = tmp_path / "auto.json"
+    fake_hardware(monkeypatch)
     monkeypatch.setenv(precision.AUTO_MODE_ENV, "measure")
     monkeypatch.setenv(precision.AUTO_FILE_ENV, str(path))
     monkeypatch.setattr(precision, "_measured", {})
@@ -279,6 +298,8 @@ def test_user_choice_of_onednn_is_not_measured(measure_env, monkeypatch):
 # ------------------------------------------------------------------ real timing
 
 
+# A real timing of nets: the full suite's.
+@pytest.mark.slow
 def test_real_measurement_times_the_signature():
     measured = precision.measure_settings(
         ["float32:off"], steps=2, rounds=1, signature=TINY

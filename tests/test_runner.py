@@ -9,93 +9,10 @@ import os
 import numpy as np
 import pytest
 
+from toy_study import EXECUTED, TOY, ToyConfig, ToyRun
 from transfer_tf import data, precision, results, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import runner
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyConfig(config_lib.StudyConfig):
-    data: data.DataConfig = data.DataConfig()
-    seeds: tuple[int, ...] = (0,)
-    learning_rate: float = 0.1
-    slow_factor: float = 1.0  # what only the "slow" runs depend on
-
-    NOT_RESULT_AFFECTING = {"": ("seeds",), "data": ("memory_budget_gb",)}
-
-    def __post_init__(self):
-        config_lib.as_tuples(self, ("seeds",), required=("seeds",))
-        config_lib.check_seeds("seeds", self.seeds)
-        config_lib.check_positive("learning_rate", self.learning_rate, False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyRun:
-    RECORDED = ("name",)
-
-    kind: str
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"seed{self.seed}/{self.kind}"
-
-    @property
-    def name(self) -> str:
-        return self.kind.upper()
-
-    def needs(self):
-        return [f"seed{self.seed}/base"] if self.kind != "base" else []
-
-
-class ToyContext(runner.Context):
-    def prepare(self):
-        if self.config.data.dataset == "broken":
-            raise ValueError("unknown dataset 'broken'")
-
-
-EXECUTED = []
-
-
-def toy_execute(run, context, run_dir):
-    EXECUTED.append(run.key)
-    if run.kind == "crash":
-        raise RuntimeError("killed")
-    (run_dir / "weights.txt").write_text("w")
-    factor = context.config.slow_factor if run.kind == "slow" else 1.0
-    return {"test_accuracy": 0.5 * factor * context.config.learning_rate}
-
-
-def toy_expand(config):
-    runs = []
-    for seed in config.seeds:
-        runs += [ToyRun("base", seed), ToyRun("fast", seed), ToyRun("slow", seed)]
-    return runs
-
-
-def toy_report(records, config):
-    keys = ",".join(sorted(r["key"] for r in records))
-    return {"summary.md": f"{len(records)} runs: {keys}\n"}
-
-
-def toy_run_part(config, run):
-    part = config.result_affecting()
-    if run.kind != "slow":
-        part.pop("slow_factor")
-    return part
-
-
-TOY = runner.Study(
-    name="toy",
-    config_class=ToyConfig,
-    presets={"digits": {}, "smoke": {"learning_rate": 0.2, "seeds": (0, 1)}},
-    expand=toy_expand,
-    context=ToyContext,
-    execute=toy_execute,
-    report=toy_report,
-    run_part=toy_run_part,
-    identity=lambda config: {"learning_rate": config.learning_rate},
-)
 
 
 @pytest.fixture(autouse=True)

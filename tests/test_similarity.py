@@ -108,11 +108,18 @@ def test_layer_cka_is_exact_cka_of_the_flattened_block_outputs(nets, images):
     a, b = nets
     out = similarity.layer_cka(a, b, images)
     assert list(out) == list(models.LAYER_NAMES)
+    # The flattened block outputs (a vector layer ignores the pooling).
+    requests = [(layer, "flatten") for layer in models.LAYER_NAMES]
+    flat_a, flat_b = (
+        {
+            key.split("/")[0]: v
+            for key, v in features.extract_features(net, images, requests).items()
+        }
+        for net in (a, b)
+    )
+    assert list(flat_a) == list(flat_b) == list(models.LAYER_NAMES)
     for layer in models.LAYER_NAMES:
-        # The flattened block output (a vector layer ignores the pooling).
-        (flat_a,) = features.extract_features(a, images, [(layer, "flatten")]).values()
-        (flat_b,) = features.extract_features(b, images, [(layer, "flatten")]).values()
-        expected = similarity.linear_cka(flat_a, flat_b)
+        expected = similarity.linear_cka(flat_a[layer], flat_b[layer])
         assert out[layer] == pytest.approx(expected, abs=1e-9), layer
         assert 0.0 < out[layer] < 1.0
     # Smaller batches change only float32 rounding inside the nets.

@@ -385,11 +385,18 @@ def test_strategies_build_their_nets():
 
 
 @pytest.mark.slow
-def test_every_strategy_trains(tmp_path):
+def test_every_strategy_trains_the_layers_it_promises(tmp_path):
+    """One epoch of each registered strategy at n = 5: the copied layers (and
+    their batch norms' statistics) stay bit-identical exactly where the strategy
+    keeps them (freeze; gradual unfreezing's first epoch), and every other
+    weight layer moves."""
     source = net(batch_norm=True)
     x, y = images(32, seed=5)
+    copied = set(WEIGHT_LAYERS[:5])
+    kept = {"freeze": copied, "gradual_unfreezing": copied}
     for name, strategy in strategies.STRATEGIES.items():
         model = strategy.build(source, 5, 4, seed=1)
+        initial = layer_state(model)
         results = strategy.train(
             model,
             5,
@@ -398,5 +405,13 @@ def test_every_strategy_trains(tmp_path):
             config(),
             tmp_path / name,
         )
+        stages = ["probe", "fine_tune"] if name == "lp_ft" else ["train"]
+        assert list(results) == stages, name
         for result in results.values():
             assert result.epochs_run == 1 and math.isfinite(result.best_val_loss)
+        after = layer_state(model)
+        for layer in WEIGHT_LAYERS:
+            frozen = layer in kept.get(name, ())
+            assert same(after[layer], initial[layer]) == frozen, (name, layer)
+            if frozen and f"{layer}_bn" in initial:
+                assert same(after[f"{layer}_bn"], initial[f"{layer}_bn"]), name

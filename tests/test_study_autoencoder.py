@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY, run_script
+from conftest import TINY, fake_grid
 from transfer_tf import autoencoder as ae
 from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import autoencoder as study_ae
@@ -19,26 +19,6 @@ from transfer_tf.studies import runner
 
 STUDY = study_ae.STUDY
 FLOAT32 = dict(precision="float32", xla="off", verbose=0)
-
-
-def fake_grid(root, seed=0):
-    """A transfer-grid work directory with a finished (untrained) base net on A."""
-    run = root / "runs" / "random" / "seed0" / "baseA"
-    run.mkdir(parents=True, exist_ok=True)
-    net = models.build_base_net((28, 28, 1), 5, seed=seed, **TINY)
-    net.save(run / "model.keras")
-    results.write_json(
-        root / "config.json",
-        {
-            "study": "transferability",
-            "data": {"dataset": "digits"},
-            "model": dataclasses.asdict(models.ModelConfig(**TINY)),
-        },
-    )
-    results.append_jsonl(
-        root / "results.jsonl", {"key": "random/seed0/baseA", "kind": "base"}
-    )
-    return root
 
 
 def tiny_study(**kw):
@@ -232,6 +212,8 @@ class _PoisonedLabels:
     __getitem__ = __len__ = __iter__ = __array__ = __getattr__ = _fail
 
 
+# Pretraining, export and reload end to end: the full suite's.
+@pytest.mark.slow
 def test_pretraining_never_reads_labels_and_exports_the_encoder(
     tmp_path, digits_source
 ):
@@ -261,19 +243,13 @@ def test_pretraining_never_reads_labels_and_exports_the_encoder(
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_every_output(tmp_path):
-    grid = fake_grid(tmp_path / "grid")
-    workdir = tmp_path / "study"
-    proc = run_script(
-        "autoencoder",
-        "--preset=smoke",
-        f"--workdir={workdir}",
-        f"--grid_workdir={grid}",
-    )
+def test_smoke_run_writes_every_output(autoencoder_smoke):
+    workdir, proc = autoencoder_smoke.workdir, autoencoder_smoke.finished
+    grid = autoencoder_smoke.config.grid_workdir
     assert "Test top-1 per label budget" in proc.stdout
     assert "ETA" in proc.stderr  # progress lines
 
-    records = results.read_jsonl(workdir / "results.jsonl")
+    records = autoencoder_smoke.records
     by_key = {r["key"]: r for r in records}
     # pretraining + probes (autoencoder: conv2, code; supervised: conv2) x 2
     # budgets + 3 classifiers x 2 budgets

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from conftest import TINY, run_script
-from transfer_tf import adaptation, data, models, results
+from conftest import TINY, run_main
+from transfer_tf import adaptation, data, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
 from transfer_tf.studies import runner
@@ -478,9 +478,8 @@ def test_poisoned_target_labels_change_only_the_target_scores(digits_source, tmp
 
 
 @pytest.mark.slow
-def test_smoke_run_of_the_script(tmp_path):
-    workdir = tmp_path / "study"
-    proc = run_script("domain_adaptation", "--preset=smoke", f"--workdir={workdir}")
+def test_smoke_run_of_the_script(domain_adaptation_smoke):
+    workdir, proc = domain_adaptation_smoke.workdir, domain_adaptation_smoke.finished
     assert "Target oracle (trained and validated on target labels)" in proc.stdout
     for name in (
         "results.jsonl",
@@ -492,16 +491,23 @@ def test_smoke_run_of_the_script(tmp_path):
         "features_digits_to_uci_digits.png",
     ):
         assert (workdir / name).is_file(), name
-    records = results.read_jsonl(workdir / "results.jsonl")
-    config = runner.resolve_auto(SMOKE)
+    records = domain_adaptation_smoke.records
+    config = domain_adaptation_smoke.config
     assert [r["key"] for r in records] == [r.key for r in da.expand(config)]
     assert {r["config_hash"] for r in records} == {
         config_lib.hash_of(da.run_part(config, da.expand(config)[0]))
     }
+    target_test = len(data.load_source(data.DataConfig(dataset="uci_digits")).y_test)
     for r in records:
-        assert r["precision"] == "float32" and "projection" in r or r.get("diverged")
+        assert r["precision"] == "float32", r["key"]
+        # The feature figure shows every run that trained (one seed here).
+        assert ("projection" in r) == (not r.get("diverged")), r["key"]
         if r["arm"] == da.ORACLE:
-            assert 0.0 <= r["test_accuracy"] <= 1.0
+            # Scored on the target's test images (a count of them), not the source's.
+            assert r["test_examples"] == target_test, r["key"]
+            # (Keras' accuracy metric is float32: a count to within 1e-3.)
+            correct = r["test_accuracy"] * target_test
+            assert correct == pytest.approx(round(correct), abs=1e-3), r["key"]
             continue
         assert r["candidates"], r["key"]
         for c in r["candidates"]:
@@ -521,16 +527,22 @@ def test_smoke_run_of_the_script(tmp_path):
     assert float(csv[("digits_to_uci_digits", "mmd", "dev")][3]) == pytest.approx(
         expected, abs=1e-6
     )
-    # A rerun only redraws the report; another configuration is refused.
-    again = run_script("domain_adaptation", "--preset=smoke", f"--workdir={workdir}")
+    listed = json.loads((workdir / "config.json").read_text())
+    assert listed["study"] == "domain_adaptation"
+
+
+@pytest.mark.slow
+def test_a_rerun_redraws_and_another_configuration_is_refused(domain_adaptation_smoke):
+    workdir = domain_adaptation_smoke.workdir
+    before = (workdir / "results.jsonl").read_text()
+    again = run_main("domain_adaptation", "--preset=smoke", f"--workdir={workdir}")
     assert "5 already finished, 0 to run" in again.stderr
-    refused = run_script(
+    refused = run_main(
         "domain_adaptation",
         "--preset=smoke",
         f"--workdir={workdir}",
         "--adaptation_layer=fc6",
         check=False,
     )
-    assert refused.returncode != 0 and "layer: 'fc7' -> 'fc6'" in refused.stderr
-    listed = json.loads((workdir / "config.json").read_text())
-    assert listed["study"] == "domain_adaptation"
+    assert refused.returncode == 1 and "layer: 'fc7' -> 'fc6'" in refused.stderr
+    assert (workdir / "results.jsonl").read_text() == before

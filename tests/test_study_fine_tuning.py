@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import TINY, run_script
-from transfer_tf import backbones, data, models, results
+from conftest import TINY, run_main
+from transfer_tf import backbones, data, export, models, results
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import fine_tuning
 
@@ -560,10 +560,12 @@ def test_report_quotes_the_records(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_smoke(tmp_path):
-    work = tmp_path / "study"
-    proc = run_script("fine_tuning", "--preset=smoke", f"--workdir={work}")
-    records = results.read_jsonl(work / "results.jsonl")
+def test_fine_tuning_smoke(fine_tuning_smoke):
+    work, records, proc = (
+        fine_tuning_smoke.workdir,
+        fine_tuning_smoke.records,
+        fine_tuning_smoke.finished,
+    )
     by_key = {r["key"]: r for r in records}
     # the autoencoder, the transfer source, 7 strategies, and per candidate
     # source (transfer, random, autoencoder) one scoring and two probes
@@ -584,6 +586,10 @@ def test_fine_tuning_smoke(tmp_path):
     assert len(by_key["seed0/lp_ft/kall"]["stages"]) == 2
     source = by_key["seed0/source_transfer"]
     assert source["num_classes"] == 5 and not source["at_chance"]
+    # The source net is read back by the study only: model.keras, no SavedModel.
+    source_dir = work / "runs" / "seed0" / "source_transfer"
+    assert (source_dir / export.KERAS_FILE).is_file()
+    assert not (source_dir / export.SAVED_MODEL_DIR).exists()
     # every estimator scored every layer of each candidate (LEEP/NCE: heads)
     scores = by_key["seed0/score_transfer/kall"]["scores"]
     assert {(e["layer"], e["estimator"]) for e in scores} == {
@@ -610,18 +616,21 @@ def test_fine_tuning_smoke(tmp_path):
     assert f"| all | **{rec['strategy']}** | {rec['val_accuracy']:.4f} |" in text
     assert "## Part 2: transferability estimators" in text
 
-    # Rerun: every run is recognised as done; another configuration is refused.
-    listed = run_script(
-        "fine_tuning", "--preset=smoke", f"--workdir={work}", "--dry_run"
-    )
+
+@pytest.mark.slow
+def test_a_finished_study_is_listed_and_another_configuration_refused(
+    fine_tuning_smoke,
+):
+    work = fine_tuning_smoke.workdir
+    listed = run_main("fine_tuning", "--preset=smoke", f"--workdir={work}", "--dry_run")
     assert listed.stdout.count(" done ") == 18 and "pending" not in listed.stdout
-    refused = run_script(
+    refused = run_main(
         "fine_tuning",
         "--preset=smoke",
         f"--workdir={work}",
         "--l2_sp_alpha=0.5",
         check=False,
     )
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "l2_sp_alpha: 0.1 -> 0.5" in refused.stderr
     assert len(results.read_jsonl(work / "results.jsonl")) == 18

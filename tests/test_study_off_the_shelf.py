@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY, run_script
-from transfer_tf import data, export, models, results
+from conftest import TINY, run_main
+from transfer_tf import data, export, features, heads, models, results
 from transfer_tf.studies import off_the_shelf, runner
 
 STUDY = off_the_shelf.STUDY
@@ -113,7 +114,7 @@ def test_summary_picks_the_probe_layer_on_validation():
 
 def test_external_source_must_not_have_seen_the_target_classes(tmp_path, tiny_net):
     source = tmp_path / "base"
-    export.export_model(tiny_net, source)
+    export.export_model(tiny_net, source, saved_model=False)
     results.write_json(source / "config.json", {"data": {"dataset": "digits"}})
     config = off_the_shelf.Config(source_path=str(source), arms=("probe",))
     with pytest.raises(ValueError, match=r"trained on classes \['0', '1', '5', '8'"):
@@ -125,7 +126,7 @@ def test_external_source_must_not_have_seen_the_target_classes(tmp_path, tiny_ne
     context = off_the_shelf.Context(config, tmp_path, lambda run: tmp_path)
     off_the_shelf.check(config, context)
     rgb = models.build_base_net((32, 32, 3), 5, **TINY)
-    export.export_model(rgb, tmp_path / "rgb")
+    export.export_model(rgb, tmp_path / "rgb", saved_model=False)
     config = dataclasses.replace(config, source_path=str(tmp_path / "rgb"))
     with pytest.raises(ValueError, match=r"takes images of shape \(32, 32, 3\)"):
         runner.run_study(STUDY, config, tmp_path / "study2")
@@ -175,12 +176,14 @@ def test_grid_lines_are_drawn_only_for_a_like_for_like_grid(tmp_path):
 
 
 @pytest.mark.slow
-def test_off_the_shelf_smoke(tmp_path):
-    work = tmp_path / "study"
-    proc = run_script("off_the_shelf", "--preset=smoke", f"--workdir={work}")
+def test_off_the_shelf_smoke(off_the_shelf_smoke):
+    work, records, proc = (
+        off_the_shelf_smoke.workdir,
+        off_the_shelf_smoke.records,
+        off_the_shelf_smoke.finished,
+    )
     # 2 base nets, scratch k=5, fine-tuning k=5 and all, and per probe source
     # (transfer, random) conv2/flatten and fc6 at k=5 and all: 5 + 2 * 4 runs.
-    records = results.read_jsonl(work / "results.jsonl")
     assert len(records) == 13 == len({r["key"] for r in records})
     assert "[13/13]" in proc.stderr and "ETA" in proc.stderr
     for name in ("config.json", "summary.md", "summary.csv"):
@@ -204,9 +207,14 @@ def test_off_the_shelf_smoke(tmp_path):
     assert by_key["seed0/probe_AnB/conv2/flatten/kall"]["test_accuracy"] > 0.6
     assert by_key["seed0/scratchB/k5"]["num_train"] == 25
     assert by_key["seed0/AnB+/kall"]["num_train"] == 300
+    # The scratch net is read back as a probe source only: no SavedModel.
+    scratch_dir = work / "runs" / "seed0" / "scratchB" / "kall"
+    assert (scratch_dir / export.KERAS_FILE).is_file()
+    assert not (scratch_dir / export.SAVED_MODEL_DIR).exists()
 
     # summary.md quotes the records; the table's transfer row at all labels.
     text = (work / "summary.md").read_text()
+    assert text in proc.stdout  # the script prints it
     row = next(
         line for line in text.splitlines() if line.startswith("| net trained on half A")
     )
@@ -218,33 +226,56 @@ def test_off_the_shelf_smoke(tmp_path):
         f"| scratch: a base net trained on the target alone | {scratch:.4f} |" in text
     )
 
-    # The exported head is the validation-best probe and takes raw uint8 images.
+
+@pytest.mark.slow
+def test_the_exported_head_is_the_validation_best_probe(off_the_shelf_smoke):
+    """One model from raw uint8 images to the probe's logits: its SavedModel
+    answers as its Keras file does, and its head computes the recorded probe."""
+    work, records = off_the_shelf_smoke.workdir, off_the_shelf_smoke.records
     head = json.loads((work / "heads" / "AnB" / "head.json").read_text())
+    probes = [r for r in records if r["treatment"] == "probe"]
     best = max(
         (r for r in probes if r["source"] == "A" and r["budget"] == "all"),
         key=lambda r: r["val_accuracy"],
     )
     assert head["key"] == best["key"]
+    assert head["test_accuracy"] == best["test_accuracy"]
     task = data.load_task(data.DataConfig(split="B", train_per_class=60))
     loaded = tf.saved_model.load(head["saved_model"])  # keep: owns the variables
     served = loaded.serve(tf.constant(task.x_test)).numpy()
+    model = export.load_keras_model(head["keras"])
+    np.testing.assert_allclose(served, model.predict(task.x_test, verbose=0), atol=1e-5)
     accuracy = float(np.mean(served.argmax(1) == task.y_test))
-    assert abs(accuracy - best["test_accuracy"]) <= 0.01
-    assert abs(head["exported_test_accuracy"] - best["test_accuracy"]) <= 0.01
+    assert accuracy == head["exported_test_accuracy"]
+    # The head is the probe: the recorded standardisation and weights applied to
+    # the exported net's own features give its logits.
+    run_dir = work / "runs" / best["key"]
+    probe = heads.LinearProbe.load(run_dir / "head.npz")
+    name = "features_" + features.safe_name(
+        features.feature_key(best["layer"], best["pooling"])
+    )
+    extractor = keras.Model(model.input, model.get_layer(name).output)
+    pooled = extractor.predict(task.x_test, verbose=0)
+    np.testing.assert_allclose(served, probe.logits(pooled), atol=1e-4)
 
-    # Rerun: every run is recognised as done; another configuration is refused.
-    listed = run_script(
+
+@pytest.mark.slow
+def test_a_finished_study_is_listed_and_another_configuration_refused(
+    off_the_shelf_smoke,
+):
+    work = off_the_shelf_smoke.workdir
+    listed = run_main(
         "off_the_shelf", "--preset=smoke", f"--workdir={work}", "--dry_run"
     )
     assert listed.stdout.count(" done ") == 13 and "pending" not in listed.stdout
-    refused = run_script(
+    refused = run_main(
         "off_the_shelf",
         "--preset=smoke",
         f"--workdir={work}",
         "--probe_learning_rate=0.1",
         check=False,
     )
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "learning_rate: 0.01 -> 0.1" in refused.stderr
     assert "--overwrite" in refused.stderr
     assert len(results.read_jsonl(work / "results.jsonl")) == 13

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENTS, ROOT, run_script
-from transfer_tf import models, results, training
+from conftest import EXPERIMENTS, ROOT, run_main
+from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import runner, transferability
 
 STUDY = transferability.STUDY
@@ -92,16 +92,15 @@ def test_config_hash_ignores_the_grid_extent():
 # ------------------------------------------------------------------------ execution
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
-    config = tiny_study()
-    records = runner.run_study(STUDY, config, workdir)
-    return config, workdir, records
+@pytest.fixture
+def study(transferability_smoke):
+    """The session's smoke run of experiments/transferability.py (13 runs)."""
+    smoke = transferability_smoke
+    return smoke.config, smoke.workdir, smoke.records
 
 
 @pytest.mark.slow
-def test_study_writes_every_output(study):
+def test_study_writes_every_output(study, transferability_smoke):
     config, workdir, records = study
     assert len(records) == len(transferability.expand(config)) == 13
     for name in ("results.jsonl", "summary.md", "summary.csv", "config.json"):
@@ -109,8 +108,6 @@ def test_study_writes_every_output(study):
     for name in ("transfer.png", "relative.png"):
         png = (workdir / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    lines = results.read_jsonl(workdir / "results.jsonl")
-    assert [r["key"] for r in lines] == [r["key"] for r in records]
     required = {
         "treatment",
         "n",
@@ -124,8 +121,11 @@ def test_study_writes_every_output(study):
         "wall_time",
         "config_hash",
     }
-    assert all(required <= set(r) for r in lines)
-    assert {r["treatment"] for r in lines} == {
+    assert all(required <= set(r) for r in records)
+    assert [r["key"] for r in records] == [
+        r.key for r in transferability.expand(config)
+    ]
+    assert {r["treatment"] for r in records} == {
         "baseB",
         "BnB",
         "BnB+",
@@ -134,9 +134,32 @@ def test_study_writes_every_output(study):
         "random",
         "reduced",
     }
+    # The script's progress lines, its summary and where its outputs are.
+    finished = transferability_smoke.finished
+    assert "[13/13] random/seed0/randomB/n6" in finished.stderr
+    assert "ETA" in finished.stderr
+    assert "## Findings" in finished.stdout and "13 runs; outputs in" in finished.stdout
+
+
+@pytest.mark.slow
+def test_base_nets_are_exported_for_users(study):
+    """A base net's SavedModel takes raw uint8 images and answers as the Keras
+    model does; a batch of another image size is refused, not answered."""
+    import tensorflow as tf
+
+    config, workdir, _ = study
     base_dir = workdir / "runs" / "random" / "seed0" / "baseA"
-    assert (base_dir / "saved_model" / "saved_model.pb").is_file()
-    assert (base_dir / "model.keras").is_file()
+    keras_model = export.load_keras_model(base_dir)
+    served = export.load_saved_model(base_dir)  # keep: owns the variables
+    images = data.load_source(config.data).x_test[:16]
+    np.testing.assert_allclose(
+        served.serve(tf.constant(images)).numpy(),
+        keras_model(images, training=False).numpy(),
+        atol=1e-5,
+    )
+    serving = served.signatures["serving_default"]  # what TF Serving calls
+    with pytest.raises(tf.errors.InvalidArgumentError, match="takes uint8 images"):
+        serving(image=tf.zeros((2, 32, 32, 1), tf.uint8))
 
 
 @pytest.mark.slow
@@ -291,7 +314,7 @@ def test_findings_are_judged_from_paired_intervals():
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
+def test_rerun_skips_finished_runs_and_refuses_another_configuration(study):
     config, workdir, records = study
     before = (workdir / "results.jsonl").read_text()
     again = runner.run_study(STUDY, config, workdir)
@@ -303,18 +326,36 @@ def test_rerun_skips_finished_runs_and_growth_reuses_them(study, tmp_path):
     )
     with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.05 -> 0.5"):
         runner.run_study(STUDY, changed, workdir)
+    # The script says so in one line, naming the field and the way out.
+    refused = run_main(
+        "transferability",
+        "--preset=smoke",
+        f"--workdir={workdir}",
+        "--epochs=5",
+        check=False,
+    )
+    assert refused.returncode == 1 and "epochs: 4 -> 5" in refused.stderr
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     assert (workdir / "results.jsonl").read_text() == before
 
 
 @pytest.mark.slow
-def test_dry_run_lists_done_and_pending(study, capsys):
+def test_dry_run_lists_done_and_pending(study):
     config, workdir, _ = study
-    grown = dataclasses.replace(config, layers=(2, 4, 6))
-    runner.run_study(STUDY, grown, workdir, dry_run=True)
-    out = capsys.readouterr().out
+    before = sorted(p.name for p in workdir.iterdir())
+    listed = run_main(
+        "transferability",
+        "--preset=smoke",
+        f"--workdir={workdir}",
+        "--dry_run",
+        "--layers=2,4,6",
+    )
+    out = listed.stdout
     assert "done     random/seed0/AnB/n2" in out
     assert "pending  random/seed0/AnB/n4" in out
     assert "done     random/seed0/AnB/n4" not in out
+    assert out.count("done     ") == 13 and out.count("pending  ") == 5
+    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written
 
 
 # ---------------------------------------------------------------- the script, killed
@@ -332,59 +373,54 @@ def _wait_until(condition, proc, timeout=240):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_redoing_finished_runs(study, tmp_path):
-    """kill -9 in the middle of the smoke study, rerun, compare to a clean run."""
+def test_killed_script_resumes_without_redoing_finished_runs(study, tmp_path):
+    """The script's command line in a fresh process (this script's one
+    subprocess test): kill -9 in the middle of a study, rerun, compare with the
+    session's smoke run of the same preset."""
     config, _, reference_records = study
     killed = tmp_path / "killed"
-    args = [sys.executable, str(EXPERIMENTS / "transferability.py"), "--preset=smoke"]
+    grid = ["--preset=smoke", f"--workdir={killed}", "--layers=6"]
+    grid.append("--treatments=BnB,AnB+")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
-        [*args, f"--workdir={killed}"],
+        [sys.executable, str(EXPERIMENTS / "transferability.py"), *grid],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Kill at a controlled point: the fifth run (a 3-epoch fine-tuning) has
-    # finished its first epoch, so it is in flight and four runs are recorded.
-    in_flight = killed / "runs" / "random" / "seed0" / "BnB+" / "n2"
+    # Kill at a controlled point: the fourth run (a 4-epoch fine-tuning) has
+    # finished its first epoch, so it is in flight and three runs are recorded.
+    in_flight = killed / "runs" / "random" / "seed0" / "AnB+" / "n6"
     _wait_until(lambda: (in_flight / "metrics.jsonl").is_file(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     survived = results.read_jsonl(killed / "results.jsonl")  # never corrupt
     assert [r["key"] for r in survived] == [
-        r.key for r in transferability.expand(config)
-    ][:4]
+        "random/seed0/baseA",
+        "random/seed0/baseB",
+        "random/seed0/BnB/n6",
+    ]
     assert not (in_flight / "result.json").exists()
 
-    resumed = run_script("transferability", "--preset=smoke", f"--workdir={killed}")
-    assert f"{len(survived)} already finished" in resumed.stderr
+    resumed = run_main("transferability", *grid)
+    assert "3 already finished, 1 to run" in resumed.stderr
     final = results.read_jsonl(killed / "results.jsonl")
-    assert len(final) == 13 and len({r["key"] for r in final}) == 13
-    assert final[: len(survived)] == survived  # finished runs were not redone
+    assert [r["key"] for r in final] == [r["key"] for r in survived] + [
+        "random/seed0/AnB+/n6"
+    ]
+    assert final[:3] == survived  # finished runs were not redone
 
     # The script's smoke preset is the in-process study's config: same hash, and
     # the same seeds give the same accuracy (within a CPU tolerance).
-    assert {r["config_hash"] for r in final} == {
-        runner.resolve_auto(config).config_hash()
-    }
+    assert {r["config_hash"] for r in final} == {config.config_hash()}
     reference = {r["key"]: r for r in reference_records}
     for r in final:
         gap = abs(r["test_accuracy"] - reference[r["key"]]["test_accuracy"])
         assert gap <= 0.02, r["key"]
     for name in ("summary.md", "transfer.png", "relative.png"):
         assert (killed / name).is_file()
-
-    refused = run_script(
-        "transferability",
-        "--preset=smoke",
-        f"--workdir={killed}",
-        "--epochs=5",
-        check=False,
-    )
-    assert refused.returncode != 0 and "epochs: 4 -> 5" in refused.stderr
-    assert "--overwrite" in refused.stderr
 
 
 def test_every_run_is_browsable_in_the_hparams_tab(tmp_path):

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_main
 from transfer_tf import data, models, results
 from transfer_tf.studies import runner, stats
 from transfer_tf.studies import what_transfers as wt
@@ -451,11 +451,10 @@ def initial_list(initial, model):
 
 
 @pytest.mark.slow
-def test_smoke_run_of_the_script(tmp_path):
-    workdir = tmp_path / "study"
-    proc = run_script("what_transfers", "--preset=smoke", f"--workdir={workdir}")
-    config = runner.resolve_auto(wt.STUDY.preset("smoke"))
-    records = results.read_jsonl(workdir / "results.jsonl")
+def test_smoke_run_of_the_script(what_transfers_smoke):
+    workdir, proc = what_transfers_smoke.workdir, what_transfers_smoke.finished
+    config = what_transfers_smoke.config
+    records = what_transfers_smoke.records
     assert [r["key"] for r in records] == [r.key for r in wt.expand(config)]
     assert len(records) == 12
     for name in (
@@ -502,8 +501,14 @@ def test_smoke_run_of_the_script(tmp_path):
         wt.findings(records, config)
     )
     assert "every result rests on 1 seed" in (workdir / "summary.md").read_text()
-    # A changed analysis setting reruns only that analysis.
-    again = run_script(
+
+
+@pytest.mark.slow
+def test_a_changed_analysis_setting_reruns_only_that_analysis(
+    what_transfers_smoke, tmp_path
+):
+    workdir = what_transfers_smoke.copy(tmp_path / "study")
+    again = run_main(
         "what_transfers",
         "--preset=smoke",
         f"--workdir={workdir}",

@@ -1,4 +1,5 @@
-"""Smoke run of experiments/train_base.py as a user runs it."""
+"""experiments/train_base.py as a user runs it: once from its command line in a
+fresh process, then rerun and refused in this one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_script
+from conftest import run_main, run_script
 from transfer_tf import data
 
 
@@ -43,21 +44,23 @@ def test_train_base_smoke(tmp_path):
     accuracy = float(np.mean(served.numpy().argmax(1) == task.y_test))
     assert abs(accuracy - result["test_accuracy"]) < 0.02
 
-    again = run_script("train_base", *args)  # finished: reported, not redone
+    again = run_main("train_base", *args)  # finished: reported, not redone
     assert json.loads((work / "result.json").read_text()) == result
-    assert "test top-1" in again.stdout
+    assert "test top-1" in again.stdout and "already" in again.stdout + again.stderr
 
-    refused = run_script("train_base", *args[:-1], "--learning_rate=0.1", check=False)
-    assert refused.returncode != 0
+    refused = run_main("train_base", *args[:-1], "--learning_rate=0.1", check=False)
+    assert refused.returncode == 1
     assert (
         "learning_rate: 0.05 -> 0.1" in refused.stderr
         and "--overwrite" in refused.stderr
     )
+    assert json.loads((work / "result.json").read_text()) == result
 
 
 def test_train_base_bad_dataset_is_a_clear_error(tmp_path):
-    proc = run_script(
+    proc = run_main(
         "train_base", f"--workdir={tmp_path}/w", "--dataset=cifar11", check=False
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "unknown dataset 'cifar11'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()

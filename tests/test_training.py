@@ -122,6 +122,8 @@ def test_config_validation():
         training.TrainConfig(epochs=0)
 
 
+# bfloat16 is emulated on most CPUs (a tenth of float32's speed): the full suite's.
+@pytest.mark.slow
 def test_mixed_precision_and_adam_train(task, tmp_path):
     model = models.build_base_net(
         task.image_shape, 4, seed=0, dtype="mixed_bfloat16", **TINY

@@ -22,14 +22,21 @@ KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 
 
-def export_model(model: keras.Model, directory) -> dict:
+def export_model(model: keras.Model, directory, saved_model: bool = True) -> dict:
     """Writes ``<directory>/model.keras`` and ``<directory>/saved_model/``.
 
     Both are written under temporary names and renamed into place, so a killed
     export never leaves a half-written model that a rerun would trust.
 
+    Args:
+      model: the net to write.
+      directory: where to write it.
+      saved_model: also the SavedModel (for a net a user takes away: TF Serving,
+        TFLite, other languages); without it only ``model.keras``, which is what
+        the studies read back (a SavedModel costs seconds per net).
+
     Returns:
-      ``{"keras": path, "saved_model": path}``.
+      ``{"keras": path, "saved_model": path or None}``.
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -37,6 +44,8 @@ def export_model(model: keras.Model, directory) -> dict:
     saved_path = directory / SAVED_MODEL_DIR
     with results.atomic_path(keras_path) as tmp:
         model.save(tmp)
+    if not saved_model:
+        return {"keras": str(keras_path), "saved_model": None}
     with results.atomic_path(saved_path) as tmp:
         serving_archive(model).write_out(str(tmp), verbose=False)
     return {"keras": str(keras_path), "saved_model": str(saved_path)}

@@ -11,8 +11,8 @@ in order:
 
 1. anything the user set in the environment is kept (``source="user"``);
 2. when TensorFlow was already imported, nothing can change (a log line says so);
-3. with ``TRANSFER_TF_AUTO=rule`` (tests, CI), the rule: TensorFlow's own
-   defaults, nothing set (``source="rule"``);
+3. with ``TRANSFER_TF_AUTO=rule`` or ``=float32`` (tests, CI), the rule:
+   TensorFlow's own defaults, nothing set (``source="rule"``);
 4. else the choice measured on this machine and kept in the auto-settings file
    (``source="measured"``), when there is one; until then TensorFlow's
    defaults (``source="not measured yet"``).
@@ -39,6 +39,10 @@ INTRA_ENV = "TF_NUM_INTRAOP_THREADS"
 INTER_ENV = "TF_NUM_INTEROP_THREADS"
 AUTO_FILE_ENV = "TRANSFER_TF_AUTO_FILE"
 AUTO_MODE_ENV = "TRANSFER_TF_AUTO"
+# measure: time the candidates once per machine; rule: the hardware rule, no
+# measurement; float32: no measurement, float32 without XLA on every machine (the
+# same arithmetic whatever the CPU offers: what the tests run).
+AUTO_MODES = ("measure", "rule", "float32")
 STORE_PREFIX = "runtime | "
 # What bootstrap() set from the store ("oneDNN,intra,inter"), so that a child
 # process, which inherits the variables, does not take them for the user's.
@@ -57,9 +61,17 @@ def auto_file() -> pathlib.Path:
     return pathlib.Path(os.environ.get(AUTO_FILE_ENV) or default)
 
 
+def auto_mode() -> str:
+    """``$TRANSFER_TF_AUTO``: one of :data:`AUTO_MODES` (default ``measure``)."""
+    mode = os.environ.get(AUTO_MODE_ENV) or "measure"
+    if mode not in AUTO_MODES:
+        raise ValueError(f"{AUTO_MODE_ENV}={mode!r} is not one of {list(AUTO_MODES)}")
+    return mode
+
+
 def rule_mode() -> bool:
-    """``TRANSFER_TF_AUTO=rule``: no measurement of any kind."""
-    return os.environ.get(AUTO_MODE_ENV, "measure") == "rule"
+    """``TRANSFER_TF_AUTO=rule`` or ``float32``: no measurement of any kind."""
+    return auto_mode() != "measure"
 
 
 def read_store(path=None) -> dict:

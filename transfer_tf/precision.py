@@ -28,7 +28,10 @@ A ``TF_ENABLE_ONEDNN_OPTS`` set by the user is always kept.
 With ``TRANSFER_TF_AUTO=rule`` (or when a measurement fails) nothing is
 measured and a fixed rule applies instead: TensorFlow's own oneDNN default; on a
 GPU, XLA on and mixed_bfloat16 (compute capability >= 8) or mixed_float16 (7.x);
-on a CPU, XLA off and mixed_bfloat16 only with native bf16 instructions.
+on a CPU, XLA off and mixed_bfloat16 only with native bf16 instructions. With
+``TRANSFER_TF_AUTO=float32`` nothing is measured and ``auto`` is float32 without
+XLA on every machine (TensorFlow's oneDNN default): the tests' setting, so that
+they compute the same arithmetic on CPUs with and without bf16 instructions.
 
 The precision is a property of a model (its dtype policy): build models with
 ``dtype=resolve_precision(config.precision)``. Study runners resolve ``auto``
@@ -109,6 +112,8 @@ def hardware() -> dict:
 
 def rule_settings() -> dict:
     """The fallback rule when no measurement is wanted or possible."""
+    if onednn.auto_mode() == "float32":
+        return {"precision": "float32", "xla": "off", "source": "rule (float32)"}
     hw = hardware()
     if hw["gpu"]:
         major = (hw["compute_capability"] or (0, 0))[0]

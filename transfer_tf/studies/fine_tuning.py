@@ -760,7 +760,8 @@ def _execute_source(run: Run, context: Context, run_dir) -> dict:
     outcome = context.train(
         model, task, train_config, run_dir, min_epoch_steps=config.min_epoch_steps
     )
-    export.export_model(model, run_dir)
+    # Read back by the strategies, probes and estimators: no SavedModel.
+    export.export_model(model, run_dir, saved_model=False)
     if outcome.at_chance:
         log.warning(
             "%s is at chance (validation top-1 %.3f): everything built on it says "

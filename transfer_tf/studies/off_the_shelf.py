@@ -504,7 +504,8 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
         model, task, train_config, run_dir, min_epoch_steps=config.min_epoch_steps
     )
     if run.treatment == "scratch" and run.k is None:
-        export.export_model(model, run_dir)
+        # Read back as a probe source by this study only: no SavedModel.
+        export.export_model(model, run_dir, saved_model=False)
     return outcome.record()
 
 

@@ -1,0 +1,116 @@
+"""A toy study that trains nothing, for the runner's and the executors' tests:
+runs ``seed<s>/base``, ``seed<s>/fast`` and ``seed<s>/slow`` (the last two read
+the first), steerable to fail or to wait at a chosen point."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+
+from transfer_tf import data
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import runner
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(config_lib.StudyConfig):
+    data: data.DataConfig = data.DataConfig()
+    seeds: tuple[int, ...] = (0,)
+    learning_rate: float = 0.1
+    slow_factor: float = 1.0  # what only the "slow" runs depend on
+    # How the executor tests steer a run (none of it changes a result): a
+    # directory where each run leaves ``started.<key>.<pid>`` when it starts, the
+    # key of a run that then waits for a file ``release`` there, and the keys of
+    # runs that raise.
+    control: str = ""
+    hold: str = ""
+    fail: tuple[str, ...] = ()
+
+    NOT_RESULT_AFFECTING = {
+        "": ("seeds", "control", "hold", "fail"),
+        "data": ("memory_budget_gb",),
+    }
+
+    def __post_init__(self):
+        config_lib.as_tuples(self, ("seeds", "fail"), required=("seeds",))
+        config_lib.check_seeds("seeds", self.seeds)
+        config_lib.check_positive("learning_rate", self.learning_rate, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyRun:
+    RECORDED = ("name",)
+
+    kind: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"seed{self.seed}/{self.kind}"
+
+    @property
+    def name(self) -> str:
+        return self.kind.upper()
+
+    def needs(self):
+        return [f"seed{self.seed}/base"] if self.kind != "base" else []
+
+
+class ToyContext(runner.Context):
+    def prepare(self):
+        if self.config.data.dataset == "broken":
+            raise ValueError("unknown dataset 'broken'")
+
+
+EXECUTED = []
+
+
+def toy_execute(run, context, run_dir):
+    EXECUTED.append(run.key)
+    config = context.config
+    if config.control:
+        control = pathlib.Path(config.control)
+        (control / f"started.{run.key.replace('/', '.')}.{os.getpid()}").touch()
+        while run.key == config.hold and not (control / "release").exists():
+            time.sleep(0.01)
+    if run.kind == "crash":
+        raise RuntimeError("killed")
+    if run.key in config.fail:
+        raise RuntimeError("out of disk")
+    (run_dir / "weights.txt").write_text("w")
+    factor = context.config.slow_factor if run.kind == "slow" else 1.0
+    return {"test_accuracy": 0.5 * factor * context.config.learning_rate}
+
+
+def toy_expand(config):
+    runs = []
+    for seed in config.seeds:
+        runs += [ToyRun("base", seed), ToyRun("fast", seed), ToyRun("slow", seed)]
+    return runs
+
+
+def toy_report(records, config):
+    keys = ",".join(sorted(r["key"] for r in records))
+    return {"summary.md": f"{len(records)} runs: {keys}\n"}
+
+
+def toy_run_part(config, run):
+    part = config.result_affecting()
+    if run.kind != "slow":
+        part.pop("slow_factor")
+    return part
+
+
+TOY = runner.Study(
+    name="toy",
+    config_class=ToyConfig,
+    presets={"digits": {}, "smoke": {"learning_rate": 0.2, "seeds": (0, 1)}},
+    expand=toy_expand,
+    context=ToyContext,
+    execute=toy_execute,
+    report=toy_report,
+    run_part=toy_run_part,
+    identity=lambda config: {"learning_rate": config.learning_rate},
+)
