@@ -201,6 +201,7 @@ class Smoke:
     smoke run's outputs reads this one. Tests that change the work directory
     change a copy (:meth:`copy`)."""
 
+    study: str  # the script's and the study module's name
     config: object  # the preset's configuration, "auto" resolved as it ran
     workdir: pathlib.Path
     records: list[dict]  # results.jsonl
@@ -224,6 +225,7 @@ def smoke_run(tmp_path_factory, study, *args, **changes) -> Smoke:
     finished = run_main(study, "--preset=smoke", f"--workdir={workdir}", *args)
     config = dataclasses.replace(module.STUDY.preset("smoke"), **changes)
     return Smoke(
+        study,
         runner.resolve_auto(config),
         workdir,
         results.read_jsonl(workdir / runner.RESULTS_FILE),
@@ -253,37 +255,40 @@ def fake_grid(root, seed=0):
     return root
 
 
-@pytest.fixture(scope="session")
-def transferability_smoke(tmp_path_factory) -> Smoke:
-    return smoke_run(tmp_path_factory, "transferability")
-
-
-@pytest.fixture(scope="session")
-def off_the_shelf_smoke(tmp_path_factory) -> Smoke:
-    return smoke_run(tmp_path_factory, "off_the_shelf")
-
-
-@pytest.fixture(scope="session")
-def autoencoder_smoke(tmp_path_factory) -> Smoke:
-    grid = fake_grid(tmp_path_factory.mktemp("fake_grid"))
-    return smoke_run(
-        tmp_path_factory,
-        "autoencoder",
-        f"--grid_workdir={grid}",
-        grid_workdir=str(grid),
+def assert_refused(smoke: Smoke, *flags, because: str):
+    """Reruns the smoke study's script with ``flags`` that change its
+    configuration: refused in one line naming the difference (``because``) and
+    the way out, with nothing of the work directory lost."""
+    results_file = smoke.workdir / "results.jsonl"
+    before = results_file.read_text()
+    refused = run_main(
+        smoke.study, "--preset=smoke", f"--workdir={smoke.workdir}", *flags, check=False
     )
+    assert refused.returncode == 1, refused.stdout
+    assert because in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert results_file.read_text() == before
 
 
-@pytest.fixture(scope="session")
-def fine_tuning_smoke(tmp_path_factory) -> Smoke:
-    return smoke_run(tmp_path_factory, "fine_tuning")
+def _smoke_fixture(study, grid=False):
+    """The session fixture ``<study>_smoke``: the study's smoke run (with a fake
+    transfer grid as its source when ``grid``)."""
+
+    @pytest.fixture(scope="session", name=f"{study}_smoke")
+    def fixture(tmp_path_factory) -> Smoke:
+        if not grid:
+            return smoke_run(tmp_path_factory, study)
+        path = fake_grid(tmp_path_factory.mktemp("fake_grid"))
+        return smoke_run(
+            tmp_path_factory, study, f"--grid_workdir={path}", grid_workdir=str(path)
+        )
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def what_transfers_smoke(tmp_path_factory) -> Smoke:
-    return smoke_run(tmp_path_factory, "what_transfers")
-
-
-@pytest.fixture(scope="session")
-def domain_adaptation_smoke(tmp_path_factory) -> Smoke:
-    return smoke_run(tmp_path_factory, "domain_adaptation")
+transferability_smoke = _smoke_fixture("transferability")
+off_the_shelf_smoke = _smoke_fixture("off_the_shelf")
+autoencoder_smoke = _smoke_fixture("autoencoder", grid=True)
+fine_tuning_smoke = _smoke_fixture("fine_tuning")
+what_transfers_smoke = _smoke_fixture("what_transfers")
+domain_adaptation_smoke = _smoke_fixture("domain_adaptation")

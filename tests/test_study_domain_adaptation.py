@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from conftest import TINY, run_main
+from conftest import TINY, assert_refused, run_main
 from transfer_tf import adaptation, data, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
@@ -534,15 +534,10 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
 @pytest.mark.slow
 def test_a_rerun_redraws_and_another_configuration_is_refused(domain_adaptation_smoke):
     workdir = domain_adaptation_smoke.workdir
-    before = (workdir / "results.jsonl").read_text()
     again = run_main("domain_adaptation", "--preset=smoke", f"--workdir={workdir}")
     assert "5 already finished, 0 to run" in again.stderr
-    refused = run_main(
-        "domain_adaptation",
-        "--preset=smoke",
-        f"--workdir={workdir}",
+    assert_refused(
+        domain_adaptation_smoke,
         "--adaptation_layer=fc6",
-        check=False,
+        because="layer: 'fc7' -> 'fc6'",
     )
-    assert refused.returncode == 1 and "layer: 'fc7' -> 'fc6'" in refused.stderr
-    assert (workdir / "results.jsonl").read_text() == before

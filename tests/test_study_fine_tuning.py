@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from conftest import TINY, run_main
-from transfer_tf import backbones, data, export, models, results
+from conftest import TINY, assert_refused, run_main
+from transfer_tf import backbones, data, export, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import fine_tuning
 
@@ -624,13 +624,6 @@ def test_a_finished_study_is_listed_and_another_configuration_refused(
     work = fine_tuning_smoke.workdir
     listed = run_main("fine_tuning", "--preset=smoke", f"--workdir={work}", "--dry_run")
     assert listed.stdout.count(" done ") == 18 and "pending" not in listed.stdout
-    refused = run_main(
-        "fine_tuning",
-        "--preset=smoke",
-        f"--workdir={work}",
-        "--l2_sp_alpha=0.5",
-        check=False,
+    assert_refused(
+        fine_tuning_smoke, "--l2_sp_alpha=0.5", because="l2_sp_alpha: 0.1 -> 0.5"
     )
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "l2_sp_alpha: 0.1 -> 0.5" in refused.stderr
-    assert len(results.read_jsonl(work / "results.jsonl")) == 18

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TINY, run_main
+from conftest import TINY, assert_refused, run_main
 from transfer_tf import data, export, features, heads, models, results
 from transfer_tf.studies import off_the_shelf, runner
 
@@ -268,14 +268,8 @@ def test_a_finished_study_is_listed_and_another_configuration_refused(
         "off_the_shelf", "--preset=smoke", f"--workdir={work}", "--dry_run"
     )
     assert listed.stdout.count(" done ") == 13 and "pending" not in listed.stdout
-    refused = run_main(
-        "off_the_shelf",
-        "--preset=smoke",
-        f"--workdir={work}",
+    assert_refused(
+        off_the_shelf_smoke,
         "--probe_learning_rate=0.1",
-        check=False,
+        because="learning_rate: 0.01 -> 0.1",
     )
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "learning_rate: 0.01 -> 0.1" in refused.stderr
-    assert "--overwrite" in refused.stderr
-    assert len(results.read_jsonl(work / "results.jsonl")) == 13

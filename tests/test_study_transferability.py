@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import EXPERIMENTS, ROOT, run_main
+from conftest import EXPERIMENTS, ROOT, assert_refused, run_main
 from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import runner, transferability
 
@@ -314,7 +314,9 @@ def test_findings_are_judged_from_paired_intervals():
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_runs_and_refuses_another_configuration(study):
+def test_rerun_skips_finished_runs_and_refuses_another_configuration(
+    study, transferability_smoke
+):
     config, workdir, records = study
     before = (workdir / "results.jsonl").read_text()
     again = runner.run_study(STUDY, config, workdir)
@@ -326,17 +328,9 @@ def test_rerun_skips_finished_runs_and_refuses_another_configuration(study):
     )
     with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.05 -> 0.5"):
         runner.run_study(STUDY, changed, workdir)
-    # The script says so in one line, naming the field and the way out.
-    refused = run_main(
-        "transferability",
-        "--preset=smoke",
-        f"--workdir={workdir}",
-        "--epochs=5",
-        check=False,
-    )
-    assert refused.returncode == 1 and "epochs: 4 -> 5" in refused.stderr
-    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     assert (workdir / "results.jsonl").read_text() == before
+    # The script says so in one line, naming the field and the way out.
+    assert_refused(transferability_smoke, "--epochs=5", because="epochs: 4 -> 5")
 
 
 @pytest.mark.slow
