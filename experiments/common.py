@@ -287,7 +287,14 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
     flags.DEFINE_bool(
         "merge",
         False,
-        "Fold the shard files into results.jsonl and write the report (no runs).",
+        "Fold the shard files into results.jsonl and write the report (no runs); "
+        "refused while a shard runs, when runs are missing (see --allow_partial) "
+        "or when a shard file holds another configuration.",
+    )
+    flags.DEFINE_bool(
+        "allow_partial",
+        False,
+        "--merge: merge and report even though some runs have no result yet.",
     )
     flags.DEFINE_enum(
         "strategy",
@@ -306,6 +313,10 @@ def execution_options():
         raise ValueError("--num_shards and --shard_index go together")
     if FLAGS.num_shards is not None and FLAGS.num_shards < 1:
         raise ValueError(f"--num_shards={FLAGS.num_shards} must be >= 1")
+    if FLAGS.num_shards is not None and not (0 <= FLAGS.shard_index < FLAGS.num_shards):
+        raise ValueError(
+            f"--shard_index={FLAGS.shard_index} must be in 0..{FLAGS.num_shards - 1}"
+        )
     shard = None if FLAGS.num_shards is None else (FLAGS.shard_index, FLAGS.num_shards)
     if FLAGS.executor == "local":
         ray_flags = [
@@ -358,12 +369,20 @@ def study_main(study: runner.Study, table: dict[str, str]):
         try:
             config = config_from_flags(study, table)
             if FLAGS.merge:
+                clash = [
+                    f"--{f}"
+                    for f in ("num_shards", "shard_index", "dry_run", "overwrite")
+                    if FLAGS[f].present
+                ]
+                if clash:
+                    raise ValueError(
+                        f"--merge runs nothing and deletes nothing: drop {clash[0]}"
+                    )
                 merger = runner.Runner(study, config, workdir, FLAGS.strategy)
-                merger.check_identity(FLAGS.overwrite)
-                merger.merge()
-                merger.write_report()
-                records = merger.all_records()
+                records = merger.merge_shards(FLAGS.allow_partial)
             else:
+                if FLAGS.allow_partial:
+                    raise ValueError("--allow_partial goes with --merge")
                 executor, shard = execution_options()
                 records = runner.run_study(
                     study,

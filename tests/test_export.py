@@ -69,3 +69,21 @@ def test_saved_model_refuses_images_of_another_shape(tmp_path):
         assert "takes uint8 images of shape (batch, 28, 28, 1)" in str(error.value)
         with pytest.raises((TypeError, ValueError), match=r"\(None, 28, 28, 1\)"):
             loaded.serve(tf.zeros(shape, tf.uint8))
+
+
+def test_the_keras_file_refuses_images_of_another_size_after_a_right_one(tmp_path):
+    """README hands users model.keras too: loaded by export.load_keras_model, after
+    a predict on the right image shape a batch of another size is an error, not
+    an answer (Keras' own predict answers 29x29 and 32x32 batches of a 28x28
+    net), in predict and in a direct call."""
+    model = models.build_base_net((28, 28, 1), 5, seed=0, **TINY)
+    export.export_model(model, tmp_path, saved_model=False)
+    loaded = export.load_keras_model(tmp_path)
+    right = np.zeros((2, 28, 28, 1), np.uint8)
+    assert loaded.predict(right, verbose=0).shape == (2, 5)
+    for size in (29, 32, 56):
+        wrong = np.zeros((2, size, size, 1), np.uint8)
+        with pytest.raises(ValueError, match=r"expected shape=\(None, 28, 28, 1\)"):
+            loaded(wrong)
+        with pytest.raises(ValueError, match=r"takes images of shape \(28, 28, 1\)"):
+            loaded.predict(wrong, verbose=0)

@@ -22,19 +22,21 @@ class ToyConfig(config_lib.StudyConfig):
     slow_factor: float = 1.0  # what only the "slow" runs depend on
     # How the executor tests steer a run (none of it changes a result): a
     # directory where each run leaves ``started.<key>.<pid>`` when it starts, the
-    # key of a run that then waits for a file ``release`` there, and the keys of
-    # runs that raise.
+    # key of a run that then waits for a file ``release`` there, the keys of runs
+    # that fail (a RuntimeError: "out of disk") and of runs whose input is bad (a
+    # ValueError, as a wrong command gives).
     control: str = ""
     hold: str = ""
     fail: tuple[str, ...] = ()
+    invalid: tuple[str, ...] = ()
 
     NOT_RESULT_AFFECTING = {
-        "": ("seeds", "control", "hold", "fail"),
+        "": ("seeds", "control", "hold", "fail", "invalid"),
         "data": ("memory_budget_gb",),
     }
 
     def __post_init__(self):
-        config_lib.as_tuples(self, ("seeds", "fail"), required=("seeds",))
+        config_lib.as_tuples(self, ("seeds", "fail", "invalid"), required=("seeds",))
         config_lib.check_seeds("seeds", self.seeds)
         config_lib.check_positive("learning_rate", self.learning_rate, False)
 
@@ -79,6 +81,8 @@ def toy_execute(run, context, run_dir):
         raise RuntimeError("killed")
     if run.key in config.fail:
         raise RuntimeError("out of disk")
+    if run.key in config.invalid:
+        raise ValueError(f"{run.key}: bad input")
     (run_dir / "weights.txt").write_text("w")
     factor = context.config.slow_factor if run.kind == "slow" else 1.0
     return {"test_accuracy": 0.5 * factor * context.config.learning_rate}

@@ -206,11 +206,13 @@ class DataConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r} must be positive")
-        if self.image_size is not None and (
-            len(self.image_size) != 2 or min(self.image_size) < 1
-        ):
+        if self.image_size is not None and len(self.image_size) != 2:
             raise ValueError(
                 f"image_size={self.image_size!r} must be (height, width) or None"
+            )
+        if self.image_size is not None and min(self.image_size) < 1:
+            raise ValueError(
+                f"image_size={self.image_size!r}: height and width must be positive"
             )
         if (
             self.class_split == "explicit"

@@ -82,6 +82,12 @@ def serving_archive(model: keras.Model) -> keras.export.ExportArchive:
 def load_keras_model(path) -> keras.Model:
     """Loads a ``.keras`` file (or a work directory holding ``model.keras``).
 
+    The model's ``predict`` refuses arrays of another image shape: Keras' own
+    ``predict`` relaxes the input shape after its first call and answers a batch
+    of, say, 29x29 images of a 28x28 net (calling the model directly is checked
+    by Keras). A ``.keras`` file loaded with ``keras.models.load_model`` has no
+    such check; the SavedModel's ``serve`` has it.
+
     Raises:
       ValueError: the path holds no model or the file cannot be read.
     """
@@ -91,9 +97,30 @@ def load_keras_model(path) -> keras.Model:
     if not path.is_file():
         raise ValueError(f"no Keras model at {str(path)!r}")
     try:
-        return keras.models.load_model(path)
+        model = keras.models.load_model(path)
     except Exception as e:  # Keras raises several types for a damaged archive
         raise ValueError(f"cannot load Keras model {str(path)!r}: {e}") from e
+    return _shape_checked(model)
+
+
+def _shape_checked(model: keras.Model) -> keras.Model:
+    """``model`` whose ``predict`` checks the image shape of array input."""
+    if len(model.inputs) != 1:
+        return model
+    expected = tuple(model.input_shape[1:])
+    unchecked = model.predict
+
+    def predict(x, *args, **kwargs):
+        shape = getattr(x, "shape", None)
+        if shape is not None and tuple(shape[1:]) != expected:
+            raise ValueError(
+                f"model {model.name!r} takes images of shape {expected}, not "
+                f"{tuple(shape[1:])}: resize or convert the images to that shape"
+            )
+        return unchecked(x, *args, **kwargs)
+
+    model.predict = predict
+    return model
 
 
 def load_saved_model(path):

@@ -471,6 +471,13 @@ def train(
             "train_ds must be a batched dataset of known, non-zero length "
             f"(cardinality {steps})"
         )
+    if count_examples(val_ds) == 0:
+        raise ValueError(
+            "the validation split is empty (validation_fraction=0, or too few "
+            "training images per class to hold any out): training keeps the epoch "
+            "of the best validation loss and stops on it; give --validation_fraction "
+            "> 0"
+        )
     keras.utils.set_random_seed(config.seed)
     compile_model(model, config, steps, loss, metrics, optimizer)
     per_epoch = count_examples(train_ds)

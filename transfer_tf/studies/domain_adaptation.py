@@ -493,6 +493,18 @@ class Context(runner.Context):
         return self._pairs[(source, target)]
 
 
+def check(config: Config, context: Context):
+    """The adapted layer exists in the net the pairs train (a base net of the
+    model config), before the work directory is claimed."""
+    pair = context.pair(*config.pairs[0])
+    net = models.build_base_net(
+        pair.source.image_shape,
+        pair.source.num_classes,
+        **dataclasses.asdict(config.model),
+    )
+    _feature_model(net, config.adaptation)
+
+
 def signatures(config: Config, context: Context) -> dict:
     """The net whose ``auto`` precision/XLA is measured: the base net on all of
     a pair's classes, at the largest image shape of the pairs (MNIST-M's three

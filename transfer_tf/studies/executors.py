@@ -33,6 +33,8 @@ from transfer_tf.studies.runner import needs
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
+# Seconds to wait for a Ray cluster at --ray_address to answer.
+CONNECT_TIMEOUT = 15.0
 
 
 class IncompleteStudy(RuntimeError):
@@ -104,12 +106,16 @@ class RayExecutor:
         cpus_per_run: float = 1.0,
         gpus_per_run: float = 0.0,
         max_retries: int = 2,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ):
-        if workers < 1 or cpus_per_run <= 0 or gpus_per_run < 0 or max_retries < 0:
-            raise ValueError(
-                f"workers={workers} must be >= 1, cpus_per_run={cpus_per_run} > 0, "
-                f"gpus_per_run={gpus_per_run} >= 0, max_retries={max_retries} >= 0"
-            )
+        for name, value, ok, rule in (
+            ("workers", workers, workers >= 1, ">= 1"),
+            ("cpus_per_run", cpus_per_run, cpus_per_run > 0, "> 0"),
+            ("gpus_per_run", gpus_per_run, gpus_per_run >= 0, ">= 0"),
+            ("max_retries", max_retries, max_retries >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"--{name}={value} must be {rule}")
         try:
             import ray  # noqa: F401
         except ImportError as e:
@@ -117,6 +123,8 @@ class RayExecutor:
                 "--executor=ray needs Ray: pip install '.[ray]' (or 'ray')"
             ) from e
         self.address = address
+        self.connect_timeout = connect_timeout
+        self._owns_ray = None  # whether this executor started Ray (check/run)
         self.workers = workers
         self.cpus_per_run = cpus_per_run
         self.gpus_per_run = gpus_per_run
@@ -149,10 +157,42 @@ class RayExecutor:
         log.info("Ray: %s", ray.cluster_resources())
         return True
 
+    def check(self):
+        """Before anything is written: Ray is there and the cluster at the address
+        answers within ``connect_timeout`` seconds (Ray itself would retry for
+        ever); errors name the flag and the address."""
+        if self.address and self.address != "auto":
+            self._probe()
+        try:
+            self._owns_ray = self._start()
+        except Exception as e:  # ConnectionError, RuntimeError, ... from Ray
+            where = f"--ray_address={self.address}" if self.address else "local Ray"
+            raise ValueError(f"{where}: cannot start or join Ray: {e}") from e
+
+    def _probe(self):
+        import socket
+
+        target = self.address.split("://", 1)[-1]
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(
+                f"--ray_address={self.address} is not HOST:PORT, ray://HOST:PORT or "
+                "auto"
+            )
+        try:
+            socket.create_connection((host, int(port)), self.connect_timeout).close()
+        except OSError as e:
+            raise ValueError(
+                f"--ray_address={self.address}: nothing answers at {host}:{port} "
+                f"within {self.connect_timeout:g} s ({e}); is the Ray head running "
+                "(ray start --head) and the address right?"
+            ) from None
+
     def run(self, runner, pending, context, done):
         import ray
 
-        started = self._start()
+        started = self._start() if self._owns_ray is None else self._owns_ray
+        self._owns_ray = None
         remote = ray.remote(
             num_cpus=self.cpus_per_run,
             num_gpus=self.gpus_per_run,

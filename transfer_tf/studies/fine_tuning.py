@@ -247,12 +247,12 @@ class Config(config_lib.StudyConfig):
     }
 
     def __post_init__(self):
-        required = ("seeds", "budgets", "estimator_budgets")
+        # Part 1 is what the study recommends from: it needs a strategy.
+        required = ("seeds", "budgets", "estimator_budgets", "strategies")
         config_lib.as_tuples(
             self,
             (
                 *required,
-                "strategies",
                 "freeze_layers",
                 "sources",
                 "layers",

@@ -1058,4 +1058,5 @@ STUDY = runner.from_module(
     __name__,
     group=lambda run: run.treatment,
     outputs=("heads",),
+    workspace=("features", "heads"),
 )

@@ -15,7 +15,11 @@ once:
   it and a changed setting redoes exactly the runs it affects;
 - a work directory holding another study identity (:attr:`Study.identity`,
   by default every result-affecting field) is refused with the differing fields
-  named, unless ``overwrite``;
+  named, unless ``overwrite``, which deletes only what the tool wrote there and
+  refuses when anything else is in the directory (``workdirs``);
+- one writer per work directory: a process takes the directory's lock before
+  its first write and holds it to the end; a second writer is refused, naming the
+  first (``workdirs.Lock``; the shards of a SLURM array each take their own);
 - all input is validated (configuration, dataset, sources) before the work
   directory is claimed, and it is claimed only when the first run starts: a
   mistyped command leaves nothing behind;
@@ -54,7 +58,7 @@ import numpy as np
 
 from transfer_tf import data, precision, results, training
 from transfer_tf.studies import config as config_lib
-from transfer_tf.studies import stats
+from transfer_tf.studies import stats, workdirs
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +128,8 @@ class Study:
         run_steps)}``: the nets each training section trains, for measuring
         ``auto`` precision/XLA on them (default: :func:`default_signatures`).
       outputs: further files the script lists after a run.
+      workspace: folders the study itself writes into the work directory
+        (``features``, ``heads``): the tool's, for ``--overwrite``.
     """
 
     name: str
@@ -144,6 +150,7 @@ class Study:
     explain: Callable = lambda run, error: ""
     signatures: Callable | None = None
     outputs: tuple[str, ...] = ()
+    workspace: tuple[str, ...] = ()
 
     def preset(self, name: str):
         """The configuration of a preset (``digits``, ``smoke``, ``cifar10``...)."""
@@ -240,6 +247,14 @@ class Context:
             classes_a=d.classes_a if class_split != "random" else (),
             classes_b=d.classes_b if class_split == "explicit" else (),
         )
+
+    def check_halves(self):
+        """The class split(s) the study's runs will use exist (explicit classes in
+        the dataset, halves that do not overlap): called before the work directory
+        is claimed. Studies that split otherwise override it."""
+        d = getattr(self.config, "data", None)
+        if getattr(d, "class_split", None) is not None:
+            self.halves()
 
     def half_task(self, half: str, halves=None, name=None, **overrides) -> data.Task:
         """The task of half ``A`` or ``B`` (labels re-indexed within the half)."""
@@ -383,6 +398,10 @@ class Runner:
         self.strategy = strategy
         if strategy == "mirrored":
             self.config = self.context.config = _without_cache(self.config)
+        self.lock = None  # taken before the first write (see _take)
+        self.overwrite = False
+        self._before = None  # the work directory's entries before it was taken
+        self._created = False  # whether taking it created it
 
     def run_hash(self, run) -> str:
         return config_lib.hash_of(self.study.run_part(self.config, run))
@@ -419,11 +438,14 @@ class Runner:
 
     def merge(self) -> int:
         """Folds the shard files into ``results.jsonl`` (each key once; a record
-        already there wins) and removes them. Returns how many records moved.
-        Run it when no shard is running."""
+        already there wins) and removes them and their descriptions. Returns how
+        many records moved. Checks first (:meth:`check_shard_files`); takes the
+        work directory's lock."""
         shards = sorted(self.workdir.glob(SHARD_FILES))
         if not shards:
             return 0
+        self.check_shard_files()
+        self._take()
         merged = results.read_jsonl(self.workdir / RESULTS_FILE)
         seen = {r.get("key") for r in merged}
         moved = 0
@@ -436,6 +458,7 @@ class Runner:
         results.rewrite_jsonl(self.workdir / RESULTS_FILE, merged)
         for path in shards:
             path.unlink()
+            path.with_suffix(".json").unlink(missing_ok=True)
         log.info(
             "merged %d records of %d shard files into %s",
             moved,
@@ -443,6 +466,114 @@ class Runner:
             RESULTS_FILE,
         )
         return moved
+
+    def check_shard_files(self):
+        """Refuses to merge while a shard still runs, or shard files made with
+        another configuration (naming the file and the differing fields)."""
+        for path in sorted(self.workdir.glob(f"{workdirs.LOCK}.shard-*")):
+            holder = workdirs.Lock(self.workdir)._live_holder(path)
+            if holder is not None:
+                raise workdirs.WorkdirInUse(
+                    f"shard {path.name.split('.shard-')[1]} is still running in "
+                    f"{self.workdir} ({workdirs._describe(holder)}): merge when "
+                    "every shard has finished"
+                )
+        for path in sorted(self.workdir.glob(SHARD_FILES)):
+            described = path.with_suffix(".json")
+            if described.is_file():
+                identity = results.read_json(described).get("identity", {})
+                diff = results.config_diff(identity, self.identity)
+                if diff:
+                    raise results.ConfigMismatchError(
+                        f"{path} was made with another configuration (differs in "
+                        f"{'; '.join(diff[:6])}): merge it in its own work "
+                        "directory, or remove it"
+                    )
+            alien = [
+                r.get("key")
+                for r in results.read_jsonl(path)
+                if r.get("key") in self.hashes
+                and r.get("config_hash") != self.hashes[r.get("key")]
+            ]
+            if alien:
+                raise results.ConfigMismatchError(
+                    f"{path} holds {len(alien)} records of another configuration "
+                    f"(e.g. {alien[0]}): merge it in its own work directory, or "
+                    "remove it"
+                )
+
+    def merge_shards(self, allow_partial: bool = False) -> list[dict]:
+        """``--merge``: folds the shard files into ``results.jsonl`` and writes the
+        report. Refuses a work directory that does not exist or holds nothing,
+        and (unless ``allow_partial``) a merge that leaves runs missing, naming
+        the shards to run. Returns the records."""
+        if not self.workdir.is_dir():
+            raise ValueError(
+                f"no work directory {str(self.workdir)!r}: nothing to merge (is "
+                "--workdir right?)"
+            )
+        shards = sorted(self.workdir.glob(SHARD_FILES))
+        if not shards and not (self.workdir / RESULTS_FILE).is_file():
+            raise ValueError(
+                f"{self.workdir} holds no results and no shard files "
+                f"({SHARD_FILES}): nothing to merge"
+            )
+        self.check_identity(False)
+        self.check_shard_files()
+        done = {r["key"] for r in self.all_records()}
+        missing = [key for key in self.hashes if key not in done]
+        if missing and not allow_partial:
+            counts = sorted({_shard_count(p) for p in shards} - {None})
+            where = ""
+            if len(counts) == 1:
+                count = counts[0]
+                left = [
+                    i
+                    for i in range(count)
+                    if any(r.key in missing for r in self.shard_runs(i, count))
+                ]
+                where = f"; run --num_shards={count} --shard_index=i for i in {left}"
+            raise ValueError(
+                f"{len(missing)} of the study's {len(self.hashes)} runs have no "
+                f"result in {self.workdir} (e.g. {missing[0]}){where}; or pass "
+                "--allow_partial to merge and report what there is"
+            )
+        try:
+            if missing:
+                log.warning(
+                    "--allow_partial: %d of %d runs are missing (e.g. %s); the "
+                    "report covers the others",
+                    len(missing),
+                    len(self.hashes),
+                    missing[0],
+                )
+            self.merge()
+            self.write_report()
+        finally:
+            self.release()
+        return self.all_records()
+
+    def check_shard(self, shard):
+        """Refuses a shard run whose ``num_shards`` differs from the shards already
+        started in the work directory."""
+        if not self.workdir.is_dir():
+            return
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+        started = sorted(
+            p.name
+            for pattern in (SHARD_FILES, "results.shard-*.json", ".lock.shard-*")
+            for p in self.workdir.glob(pattern)
+            if _shard_count(p) not in (None, count)
+        )
+        if started:
+            other = _shard_count(self.workdir / started[0])
+            raise ValueError(
+                f"{self.workdir} has shards of --num_shards={other} ({started[0]}): "
+                f"run the remaining shards with --num_shards={other}, or merge them "
+                "(--merge) before starting another split"
+            )
 
     def shard_runs(self, index: int, count: int) -> list:
         """The runs of shard ``index`` of ``count``: the runs are grouped with the
@@ -467,28 +598,77 @@ class Runner:
         """``key -> record`` of this command's runs that are finished."""
         return {r["key"]: r for r in self.all_records() if r["key"] in self.hashes}
 
-    def check_identity(self, overwrite: bool):
-        """Refuses a work directory of another study identity (or deletes its
-        contents with ``overwrite``)."""
+    def check_identity(self, overwrite: bool) -> bool:
+        """Refuses a work directory of another study identity, or one whose
+        ``config.json`` the tool did not write. Returns True when ``overwrite``
+        is to clear it (done by :meth:`_take`, under the lock); writes nothing."""
         path = self.workdir / CONFIG_FILE
         if not path.is_file():
-            return
+            return False
         try:
             recorded = results.read_json(path)
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); move it away") from e
-        old = recorded.get("identity", recorded.get("result_affecting"))
-        diff = results.config_diff(old or {}, self.identity)
+        if not isinstance(recorded, dict) or "study" not in recorded:
+            raise ValueError(
+                f"{self.workdir} holds a config.json that transfer_tf did not write "
+                "(it names no study): use another --workdir (--overwrite never "
+                "deletes files the tool did not write)"
+            )
+        if recorded["study"] != self.study.name:
+            diff = [f"study: {recorded['study']!r} -> {self.study.name!r}"]
+        else:
+            old = recorded.get("identity", recorded.get("result_affecting"))
+            diff = results.config_diff(old or {}, self.identity)
         if not diff:
-            return
+            return False
         if not overwrite:
+            shown = "; ".join(diff[:6]) + (
+                f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+            )
             raise results.ConfigMismatchError(
                 f"{self.workdir} holds results of a different configuration "
-                f"(differs in {'; '.join(diff)}). Use another --workdir, or pass "
-                "--overwrite to delete the old results."
+                f"(differs in {shown}). Use another --workdir, or pass "
+                "--overwrite to delete the old results (only what transfer_tf "
+                "wrote there)."
             )
-        log.warning("--overwrite: deleting the old contents of %s", self.workdir)
-        shutil.rmtree(self.workdir)
+        workdirs.check_clearable(self.workdir, self.study.workspace)
+        return True
+
+    def _take(self, shard=None):
+        """Before the first write: the directory exists, this process holds its
+        lock, and (``--overwrite``) the old results are gone. The identity is
+        checked again under the lock (another run may have claimed it since)."""
+        if self.lock is not None:
+            return
+        self.check_writable()
+        self._created = not self.workdir.exists()
+        self._before = (
+            set() if self._created else {p.name for p in self.workdir.iterdir()}
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        lock = workdirs.Lock(self.workdir, shard)
+        lock.acquire()
+        self.lock = lock
+        try:
+            if self.check_identity(self.overwrite):
+                deleted = workdirs.clear(
+                    self.workdir, self.study.workspace, keep={lock.path.name}
+                )
+                log.warning(
+                    "--overwrite: deleted the old results in %s (%s)",
+                    self.workdir,
+                    ", ".join(deleted),
+                )
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self):
+        """Releases the work directory's lock (if this process holds it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def check_writable(self):
         """The work directory (or its nearest existing parent) can be written."""
@@ -501,10 +681,10 @@ class Runner:
                 f"({str(existing)!r} is not a writable directory)"
             )
 
-    def claim(self):
+    def claim(self, shard=None):
         """Creates the work directory and records the configuration (only
-        rewritten when it changed)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        rewritten when it changed) and what the tool wrote there."""
+        self._take(shard)
         document = {
             **self.config.to_dict(),
             "identity": self.identity,
@@ -516,6 +696,7 @@ class Runner:
             self.workdir / CONFIG_FILE,
             results.dumps_pretty(document),
         )
+        workdirs.record_written(self.workdir, self.study.name, self.study.workspace)
 
     # ---------------------------------------------------------------- doing
 
@@ -584,7 +765,8 @@ class Runner:
         of this command's runs.
 
         Args:
-          overwrite: delete a work directory of another configuration.
+          overwrite: delete a work directory of another configuration (only what
+            the tool wrote there).
           executor: where the runs execute (``executors.LocalExecutor`` by
             default).
           shard: ``(index, count)``: run only that slice of the runs, recording
@@ -593,19 +775,67 @@ class Runner:
         Raises:
           executors.IncompleteStudy: some runs failed on an executor that goes
             on after a failure; the report covers the others.
+          workdirs.WorkdirInUse: another process writes into the work directory.
         """
         from transfer_tf.studies import executors
 
-        self.check_identity(overwrite)
+        self.overwrite = overwrite
+        # Every check before the first write.
+        clear = self.check_identity(overwrite)
         context = self.context
+        if hasattr(context, "check_halves"):
+            context.check_halves()
         if self.study.check:
             self.study.check(self.config, context)
+        executor = executor or executors.LocalExecutor()
+        if hasattr(executor, "check"):
+            executor.check()
+        if shard is not None:
+            self.check_shard(shard)
+        appended = []
+        try:
+            return self._run(clear, executor, shard, appended)
+        except (ValueError, training.NonFiniteLossError):
+            # The command was wrong (bad data, settings that diverge): undo its
+            # claim. Other failures (a full disk, Ctrl-C) keep what a rerun
+            # resumes from.
+            if not appended:
+                self._unclaim()
+            raise
+        finally:
+            self.release()
+            if self._created and self.workdir.is_dir():
+                with contextlib.suppress(OSError):
+                    self.workdir.rmdir()  # made by this run, and left empty
+
+    def _unclaim(self):
+        """A study that stopped before its first result leaves the work directory
+        as it found it (so that the corrected command is not refused as another
+        configuration): what this command added is removed; files that were
+        there before, and the lock, stay."""
+        if self.lock is None or self._before is None:
+            return
+        before = self._before
+        for path in self.workdir.iterdir():
+            if path.name in before or path.name == self.lock.path.name:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        log.info("nothing finished: %s is left as it was", self.workdir)
+
+    def _run(self, clear, executor, shard, appended):
+        from transfer_tf.studies import executors
+
+        context = self.context
+        if clear:
+            self._take(shard)
         if (
             shard is None
             and self.workdir.is_dir()
             and any(self.workdir.glob(SHARD_FILES))
         ):
-            self.check_writable()
             self.merge()
         runs = self.runs if shard is None else self.shard_runs(*shard)
         done = self.finished() if self.workdir.is_dir() else {}
@@ -620,16 +850,22 @@ class Runner:
             where,
         )
         if pending:
-            self.check_writable()
-            self.claim()
+            self.claim(shard)
+            if shard is not None:
+                results.write_if_changed(
+                    where.with_suffix(".json"),
+                    results.dumps_pretty(
+                        {"identity": self.identity, "num_shards": shard[1]}
+                    ),
+                )
         progress = Progress(self.study.group, self.study.typical)
         started, failures, finished = time.time(), {}, len(runs) - len(pending)
-        executor = executor or executors.LocalExecutor()
         for run, outcome in executor.run(self, pending, context, done):
             if isinstance(outcome, BaseException):
                 failures[run.key] = f"{type(outcome).__name__}: {outcome}"
                 continue
             results.append_jsonl(where, outcome)
+            appended.append(run.key)
             done[run.key] = outcome
             finished += 1
             progress.add(run, outcome["wall_time"])
@@ -679,10 +915,20 @@ class Runner:
             != (content.encode() if isinstance(content, str) else content)
         ]
         if changed:
-            self.check_writable()
+            self._take()
+            workdirs.record_written(self.workdir, self.study.name, outputs)
         for name in changed:
             results.write_if_changed(self.workdir / name, outputs[name])
         return {name: self.workdir / name for name in outputs}
+
+
+def _shard_count(path) -> int | None:
+    """K of a shard file, description or lock named ``...shard-i-of-K...``."""
+    name = pathlib.Path(path).name
+    if ".shard-" not in name or "-of-" not in name:
+        return None
+    tail = name.split("-of-", 1)[1].split(".", 1)[0]
+    return int(tail) if tail.isdigit() else None
 
 
 def needs(run) -> list[str]:

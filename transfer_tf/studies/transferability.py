@@ -303,6 +303,11 @@ class Context(runner.Context):
             )
         return self._tasks[key]
 
+    def check_halves(self):
+        for split in self.config.splits:
+            for seed in self.config.seeds:
+                self.split_halves(split, seed)
+
     def split_halves(self, split: str, seed: int) -> data.ClassSplit:
         """The halves of a split kind (a random split's seed is the run's; with
         ``match_semantic_sizes`` its half A has the semantic half A's size)."""
@@ -970,4 +975,5 @@ STUDY = runner.from_module(
         f"test top-1 {r['test_accuracy']:.4f}  ({r['epochs_run']} epochs, "
         f"{r['path']} path)"
     ),
+    workspace=("activation_cache",),
 )

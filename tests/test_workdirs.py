@@ -1,0 +1,286 @@
+"""Nothing lost, nothing hung: what --overwrite may delete, one writer per work
+directory, merges and shards that refuse what does not fit, and every check
+before the first write. The runner on the toy study (in process, trains nothing);
+the scripts' own checks through their ``main``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import run_main
+from toy_study import TOY, ToyConfig
+from transfer_tf import results
+from transfer_tf.studies import executors, runner, workdirs
+
+KEYS = ["seed0/base", "seed0/fast", "seed0/slow"]
+
+
+def listing(path):
+    """Every file and folder below ``path`` (relative), for before/after checks."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+# ---------------------------------------------------------------- --overwrite
+
+
+def test_overwrite_never_deletes_what_the_tool_did_not_write(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    (tmp_path / "thesis.tex").write_text("\\chapter{Results}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "ideas.txt").write_text("ideas")
+    before = listing(tmp_path)
+    other = ToyConfig(learning_rate=0.5)
+    with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.1 -> 0.5"):
+        runner.run_study(TOY, other, tmp_path)
+    with pytest.raises(workdirs.ForeignFiles, match=r"'notes', 'thesis.tex'"):
+        runner.run_study(TOY, other, tmp_path, overwrite=True)
+    assert listing(tmp_path) == before  # refused before anything was deleted
+    # Moved away, --overwrite deletes exactly the tool's files and runs afresh.
+    (tmp_path / "thesis.tex").unlink()
+    (tmp_path / "notes" / "ideas.txt").unlink()
+    (tmp_path / "notes").rmdir()
+    records = runner.run_study(TOY, other, tmp_path, overwrite=True)
+    assert [r["key"] for r in records] == KEYS
+    assert {r["test_accuracy"] for r in records} == {0.25}  # 0.5 * lr 0.5
+    marker = workdirs.read_marker(tmp_path)
+    assert marker["study"] == "toy" and "summary.md" in marker["written"]
+    assert not list(tmp_path.glob(".lock*"))  # released
+
+
+def test_a_users_own_config_json_is_refused_even_with_overwrite(tmp_path):
+    for content in ('{"learning_rate": 3}', "[1, 2]"):
+        (tmp_path / "config.json").write_text(content)
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match="config.json that transfer_tf did"):
+                runner.run_study(TOY, ToyConfig(), tmp_path, overwrite=overwrite)
+            assert listing(tmp_path) == ["config.json"]
+            assert (tmp_path / "config.json").read_text() == content
+
+
+def test_a_directory_of_another_study_names_it(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    config = results.read_json(tmp_path / "config.json")
+    results.write_json(tmp_path / "config.json", {**config, "study": "seeds"})
+    with pytest.raises(results.ConfigMismatchError, match="study: 'seeds' -> 'toy'"):
+        runner.run_study(TOY, ToyConfig(), tmp_path)
+
+
+# ----------------------------------------------------------- one writer at a time
+
+
+def test_a_second_writer_is_refused_and_names_the_first(tmp_path):
+    control = tmp_path / "control"
+    control.mkdir()
+    work = tmp_path / "study"
+    held = ToyConfig(control=str(control), hold="seed0/fast")
+    first = threading.Thread(target=runner.run_study, args=(TOY, held, work))
+    first.start()
+    try:
+        deadline = time.time() + 60
+        while not list(control.glob("started.seed0.fast.*")):
+            assert time.time() < deadline, "the first study never started"
+            time.sleep(0.01)
+        before = (work / runner.RESULTS_FILE).read_text()
+        with pytest.raises(workdirs.WorkdirInUse) as error:
+            runner.run_study(TOY, ToyConfig(), work)
+        message = str(error.value)
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in message
+        assert "use another --workdir" in message
+        assert (work / runner.RESULTS_FILE).read_text() == before
+    finally:
+        (control / "release").touch()
+        first.join()
+    lines = results.read_jsonl(work / runner.RESULTS_FILE)
+    assert [r["key"] for r in lines] == KEYS  # each once
+    runner.run_study(TOY, ToyConfig(), work)  # free again
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = {"pid": gone.pid, "host": socket.gethostname(), "started": 0.0}
+    (tmp_path / workdirs.LOCK).write_text(results.dumps(stale))
+    with caplog.at_level("WARNING"):
+        runner.run_study(TOY, ToyConfig(seeds=(0, 1)), tmp_path)
+    assert "is gone; taking it over" in caplog.text
+    assert not (tmp_path / workdirs.LOCK).exists()
+    # Another host's lock cannot be checked from here: refused, naming the file.
+    far = {"pid": 1, "host": "node-17", "started": time.time(), "command": "x"}
+    (tmp_path / workdirs.LOCK).write_text(results.dumps(far))
+    with pytest.raises(workdirs.WorkdirInUse, match=r"pid 1 on node-17.*delete"):
+        runner.run_study(TOY, ToyConfig(seeds=(0, 1, 2)), tmp_path)
+
+
+def test_a_finished_study_needs_no_lock(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    far = {"pid": 1, "host": "node-17", "started": time.time()}
+    (tmp_path / workdirs.LOCK).write_text(results.dumps(far))
+    # Nothing to run and the report unchanged: reading needs no lock.
+    assert len(runner.run_study(TOY, ToyConfig(), tmp_path)) == 3
+
+
+# ------------------------------------------------------- checks before any write
+
+
+def test_a_study_that_stops_before_its_first_result_leaves_nothing(tmp_path):
+    work = tmp_path / "study"
+    with pytest.raises(ValueError, match="seed0/base: bad input"):
+        runner.run_study(TOY, ToyConfig(invalid=("seed0/base",)), work)
+    assert not work.exists()  # the corrected command is not "another config"
+    # In a directory that held something: only what the command added goes.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="bad input"):
+        runner.run_study(TOY, ToyConfig(invalid=("seed0/base",)), tmp_path / "mine")
+    assert listing(tmp_path / "mine") == ["notes.txt"]
+    # After a first result the finished runs are kept (a rerun resumes).
+    with pytest.raises(ValueError, match="seed0/fast: bad input"):
+        runner.run_study(TOY, ToyConfig(invalid=("seed0/fast",)), work)
+    assert [r["key"] for r in results.read_jsonl(work / "results.jsonl")] == [
+        "seed0/base"
+    ]
+    # Other failures (a full disk, Ctrl-C) keep what a rerun resumes from.
+    other = tmp_path / "disk"
+    with pytest.raises(RuntimeError, match="out of disk"):
+        runner.run_study(TOY, ToyConfig(fail=("seed0/base",)), other)
+    assert (other / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "script,flags,message",
+    [
+        (
+            "transferability",
+            ["--splits=explicit", "--classes_a=0,1,99"],
+            "classes ['99'] are not in the dataset",
+        ),
+        (
+            "off_the_shelf",
+            ["--class_split=explicit", "--classes_a=0,1,2", "--classes_b=2,3,4"],
+            "halves A and B overlap in classes ['2']",
+        ),
+        (
+            "fine_tuning",
+            ["--class_split=explicit", "--classes_a=0,1,2", "--classes_b=2,3,4"],
+            "halves A and B overlap in classes ['2']",
+        ),
+        ("domain_adaptation", ["--adaptation_layer=fc9"], "unknown layer 'fc9'"),
+        (
+            "transferability",
+            ["--validation_fraction=0"],
+            "the validation split is empty",
+        ),
+        ("fine_tuning", ["--strategies="], "strategies must not be empty"),
+        (
+            "transferability",
+            ["--image_size=0,0"],
+            "image_size=(0, 0): height and width must be positive",
+        ),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(
+    script, flags, message, tmp_path
+):
+    work = tmp_path / "study"
+    proc = run_main(script, "--preset=smoke", f"--workdir={work}", *flags, check=False)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "lower the learning rate" not in proc.stderr
+    assert not work.exists()
+
+
+# ------------------------------------------------------------- shards and merge
+
+
+def test_merge_refuses_what_does_not_fit(tmp_path):
+    missing = tmp_path / "no_such_study"
+    with pytest.raises(ValueError, match="no work directory .* nothing to merge"):
+        runner.Runner(TOY, ToyConfig(), missing).merge_shards()
+    assert not missing.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no results and no shard files"):
+        runner.Runner(TOY, ToyConfig(), tmp_path / "empty").merge_shards()
+
+    work = tmp_path / "study"
+    config = ToyConfig(seeds=(0, 1, 2))
+    runner.run_study(TOY, config, work, shard=(0, 3))
+    # A shard run with another split of the runs is refused.
+    with pytest.raises(ValueError, match="has shards of --num_shards=3"):
+        runner.run_study(TOY, config, work, shard=(0, 2))
+    # Runs missing: refused, naming the shards to run; --allow_partial reports.
+    with pytest.raises(
+        ValueError, match=r"run --num_shards=3 --shard_index=i for i in"
+    ):
+        runner.Runner(TOY, config, work).merge_shards()
+    assert list(work.glob(runner.SHARD_FILES))  # nothing merged
+    runner.run_study(TOY, config, work, shard=(1, 3))
+    with pytest.raises(ValueError, match=r"for i in \[2\]"):
+        runner.Runner(TOY, config, work).merge_shards()
+    partial = runner.Runner(TOY, config, work).merge_shards(allow_partial=True)
+    assert len(partial) == 6 and not list(work.glob(runner.SHARD_FILES))
+    assert (work / "summary.md").read_text().startswith("6 runs:")
+
+
+def test_a_shard_file_of_another_configuration_is_not_merged(tmp_path):
+    config = ToyConfig(seeds=(0, 1))
+    runner.run_study(TOY, config, tmp_path / "a", shard=(0, 2))
+    runner.run_study(TOY, config, tmp_path / "b", shard=(1, 2))
+    other = ToyConfig(seeds=(0, 1), learning_rate=0.3)
+    runner.run_study(TOY, other, tmp_path / "c", shard=(1, 2))
+    for name in ("results.shard-1-of-2.jsonl", "results.shard-1-of-2.json"):
+        (tmp_path / "a" / name).write_bytes((tmp_path / "c" / name).read_bytes())
+    before = listing(tmp_path / "a")
+    with pytest.raises(results.ConfigMismatchError, match="learning_rate: 0.3 -> 0.1"):
+        runner.Runner(TOY, config, tmp_path / "a").merge_shards()
+    with pytest.raises(results.ConfigMismatchError, match="another configuration"):
+        runner.run_study(TOY, config, tmp_path / "a")  # nor by an unsharded run
+    assert listing(tmp_path / "a") == before
+
+
+def test_merge_flags_that_do_not_go_together(tmp_path):
+    for flags, message in (
+        (["--merge", "--num_shards=2", "--shard_index=0"], "drop --num_shards"),
+        (["--merge", "--overwrite"], "drop --overwrite"),
+        (["--allow_partial"], "--allow_partial goes with --merge"),
+        (["--num_shards=2", "--shard_index=2"], "--shard_index=2 must be in 0..1"),
+        (["--executor=ray", "--max_retries=-1"], "--max_retries=-1 must be >= 0"),
+    ):
+        proc = run_main(
+            "transferability",
+            "--preset=smoke",
+            f"--workdir={tmp_path / 'w'}",
+            *flags,
+            check=False,
+        )
+        assert proc.returncode == 1 and message in proc.stderr, (flags, proc.stderr)
+    # The executor's message names only the condition that failed.
+    with pytest.raises(ValueError) as error:
+        executors.RayExecutor(workers=2, max_retries=-1)
+    assert "workers" not in str(error.value)
+    assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------- Ray
+
+
+def test_a_ray_address_where_nothing_answers_fails_fast_and_writes_nothing(tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    executor = executors.RayExecutor(f"127.0.0.1:{port}", connect_timeout=2)
+    started = time.time()
+    with pytest.raises(ValueError, match=rf"--ray_address=127.0.0.1:{port}: nothing"):
+        runner.run_study(TOY, ToyConfig(), tmp_path / "study", executor=executor)
+    assert time.time() - started < 30
+    assert not (tmp_path / "study").exists()
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        executors.RayExecutor("head-node").check()
