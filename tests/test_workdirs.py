@@ -178,7 +178,6 @@ def test_a_study_that_stops_before_its_first_result_leaves_nothing(tmp_path):
             ["--validation_fraction=0"],
             "the validation split is empty",
         ),
-        ("fine_tuning", ["--strategies="], "strategies must not be empty"),
         (
             "transferability",
             ["--image_size=0,0"],
@@ -284,3 +283,22 @@ def test_a_ray_address_where_nothing_answers_fails_fast_and_writes_nothing(tmp_p
     assert not (tmp_path / "study").exists()
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         executors.RayExecutor("head-node").check()
+
+
+@pytest.mark.slow
+def test_a_study_without_strategies_says_part_1_was_not_run(tmp_path):
+    """--strategies= is allowed (part 2 alone scores sources), and the summary
+    says plainly that part 1 was not run."""
+    work = tmp_path / "study"
+    proc = run_main(
+        "fine_tuning",
+        "--preset=smoke",
+        f"--workdir={work}",
+        "--strategies=",
+        "--sources=random",
+        "--estimators=logme",
+        "--layers=fc6",
+    )
+    assert "**Not run: no strategy was given" in proc.stdout
+    records = results.read_jsonl(work / "results.jsonl")
+    assert records and not [r for r in records if r["kind"] == "strategy"]

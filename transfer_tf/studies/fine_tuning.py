@@ -247,12 +247,12 @@ class Config(config_lib.StudyConfig):
     }
 
     def __post_init__(self):
-        # Part 1 is what the study recommends from: it needs a strategy.
-        required = ("seeds", "budgets", "estimator_budgets", "strategies")
+        required = ("seeds", "budgets", "estimator_budgets")
         config_lib.as_tuples(
             self,
             (
                 *required,
+                "strategies",
                 "freeze_layers",
                 "sources",
                 "layers",
@@ -925,7 +925,7 @@ def _execute_score(run: Run, context: Context, run_dir) -> dict:
         for name in config.estimators:
             if name in LAYER_ESTIMATORS:
                 scores.append(_score(name, layer, x, labels))
-    if run.source in WITH_HEAD:
+    if run.source in WITH_HEAD and _head_estimators(config):
         logits = arrays[features.feature_key(HEAD_LAYER, "none")].astype(np.float64)
         for name in _head_estimators(config):
             scores.append(_score(name, HEAD_LAYER, logits, labels))
@@ -1528,6 +1528,12 @@ def summary_markdown(records, config: Config, grid=()) -> str:
     cells = strategy_cells(records)
     budgets = _budgets(records)
     strategy_lines = _strategy_lines(cells)
+    if not config.strategies:
+        lines += [
+            "**Not run: no strategy was given (`--strategies=` is empty), so there "
+            "is no recommendation; part 2 scores the sources only.**",
+            "",
+        ]
     if budgets:
         rows = [
             [
