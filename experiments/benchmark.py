@@ -52,7 +52,7 @@ import tensorflow as tf
 from absl import app, flags
 
 import common
-from transfer_tf import data, models, onednn, precision, results, training
+from transfer_tf import autotune, data, models, onednn, precision, results, training
 
 FLAGS = flags.FLAGS
 ROOT = common.ROOT
@@ -124,7 +124,7 @@ def naive_child_main():
     """The naive-Keras process: builds its nets, then times one round per
     ``round`` line on stdin (so the parent interleaves it with its own)."""
     nets = {
-        w: precision.TimedNet(
+        w: autotune.TimedNet(
             "float32", "off", FLAGS.batch_size, SHAPE, w, compile=naive_compile
         )
         for w in widths()
@@ -178,7 +178,7 @@ class NaiveKeras:
 
 class TorchNet:
     """The base net in PyTorch (NCHW or channels-last), float32, SGD with
-    momentum, timed like :class:`precision.TimedNet`."""
+    momentum, timed like :class:`autotune.TimedNet`."""
 
     def __init__(self, width, batch_size, layout):
         import torch
@@ -246,7 +246,7 @@ def throughput_section(report):
     }
     # First, as it may restart this process with the oneDNN state measured best.
     auto = {
-        w: precision.settings_for(signature, precision.TYPICAL_RUN_STEPS)
+        w: autotune.settings_for(signature, precision.TYPICAL_RUN_STEPS)
         for w, signature in signatures.items()
     }
     naive = NaiveKeras()
@@ -254,7 +254,7 @@ def throughput_section(report):
     # figures, from that measurement, are printed beside it).
     tuned = {w: f"{a['precision']}:{a['xla']}" for w, a in auto.items()}
     ours = {
-        (w, tuned[w]): precision.TimedNet(*tuned[w].split(":"), signature=signature)
+        (w, tuned[w]): autotune.TimedNet(*tuned[w].split(":"), signature=signature)
         for w, signature in signatures.items()
     }
     version = torch_version()
@@ -619,7 +619,7 @@ def main(argv):
     del argv
     if FLAGS.naive_child:
         return naive_child_main()
-    precision.allow_restart()
+    autotune.allow_restart()
     common.setup_logging()
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     if unknown:

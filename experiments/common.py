@@ -364,7 +364,7 @@ def study_main(study: runner.Study, table: dict[str, str]):
         if len(argv) > 1:
             sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
         setup_logging()
-        runner.precision.allow_restart()  # for the oneDNN state measured best
+        runner.autotune.allow_restart()  # for the oneDNN state measured best
         workdir = pathlib.Path(FLAGS.workdir or f"runs/{study.name}_{FLAGS.preset}")
         try:
             config = config_from_flags(study, table)

@@ -170,7 +170,7 @@ def test_shard_assignment_keeps_sources_with_their_users():
     for shard in shards:
         inside = {r.key for r in shard}
         for run in shard:
-            assert set(runner.needs(run)) <= inside
+            assert set(executors.needs(run)) <= inside
     with pytest.raises(ValueError, match="shard index 3 is not in 0..2"):
         work.shard_runs(3, 3)
 

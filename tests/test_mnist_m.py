@@ -154,21 +154,22 @@ def test_a_corrupt_cache_file_is_rebuilt(photos, digits, tmp_path):
 def test_load_spec_uses_the_digits_and_the_cache_dir(
     photos, digits, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(mnist_m, "_digits", lambda: digits)
     monkeypatch.setenv(mnist_m.CACHE_ENV, str(tmp_path / "env_cache"))
     spec = f"mnist_m:{photos}"
-    source = mnist_m.load(spec, data.DataConfig())
+    source = mnist_m.load(spec, lambda: digits)
     assert source.name == spec and source.image_shape == (28, 28, 3)
     assert len(list((tmp_path / "env_cache").glob("mnist_m_*.npz"))) == 1
     direct = mnist_m.build(digits, photos, cache_dir=tmp_path / "other")
     np.testing.assert_array_equal(source.x_train, direct.x_train)
 
 
-def test_errors_name_the_path(tmp_path, digits, monkeypatch):
-    monkeypatch.setattr(mnist_m, "_digits", lambda: digits)
+def test_errors_name_the_path(tmp_path, digits):
+    def no_digits():
+        raise AssertionError("the digits were loaded before the folder was checked")
+
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match="nowhere.*does not exist"):
-        mnist_m.load(f"mnist_m:{missing}", data.DataConfig())
+        mnist_m.load(f"mnist_m:{missing}", no_digits)
     empty = tmp_path / "empty"
     (empty / "train" / "cat").mkdir(parents=True)
     (empty / "test").mkdir()
@@ -178,7 +179,7 @@ def test_errors_name_the_path(tmp_path, digits, monkeypatch):
     with pytest.raises(ValueError, match="no 'train' directory"):
         mnist_m.build(digits, empty / "train", cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="expected 'mnist_m:FOLDER'"):
-        mnist_m.load("mnist_m", data.DataConfig())
+        mnist_m.load("mnist_m", no_digits)
     broken = tmp_path / "broken"
     _save(broken / "test" / "a" / "0.png", np.zeros((32, 32, 3), np.uint8))
     (broken / "train" / "a").mkdir(parents=True)

@@ -214,13 +214,13 @@ def test_store_keeps_other_entries(tmp_path):
 def test_both_states_are_measured_in_fresh_processes(tmp_path, monkeypatch):
     """The real decision: two child processes, one per oneDNN state, each
     storing the speed of the signature under the state TensorFlow reported."""
-    from transfer_tf import precision
+    from transfer_tf import autotune, precision
 
     monkeypatch.setenv(onednn.AUTO_MODE_ENV, "measure")
     monkeypatch.setenv(onednn.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
-    monkeypatch.setattr(precision, "_measured", {})
+    monkeypatch.setattr(autotune, "_measured", {})
     tiny = precision.Signature(input_shape=(28, 28, 1), width=0.05, batch_size=16)
-    choice = precision.decide_onednn(tiny, ["float32:off"], 100)
+    choice = autotune.decide_onednn(tiny, ["float32:off"], 100)
     stored = onednn.read_store(tmp_path / "auto.json")
     assert stored[onednn.store_key()] == choice
     for state in (False, True):
@@ -229,4 +229,4 @@ def test_both_states_are_measured_in_fresh_processes(tmp_path, monkeypatch):
         assert entry["images_per_second"]["float32:off"] > 0
     assert set(choice["run_seconds"]) == {"off", "on"}
     assert choice["onednn"] in (True, False)
-    assert precision.decide_onednn(tiny, ["float32:off"], 100) is None  # once
+    assert autotune.decide_onednn(tiny, ["float32:off"], 100) is None  # once

@@ -1,4 +1,4 @@
-"""The measured choice of precision and XLA (transfer_tf.precision)."""
+"""The measured choice of precision and XLA (precision and autotune modules)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from transfer_tf import onednn, precision, results
+from transfer_tf import autotune, onednn, precision, results
 from transfer_tf.studies import runner
 
 TINY = precision.Signature(input_shape=(28, 28, 1), width=0.05, batch_size=16)
@@ -46,10 +46,10 @@ def test_rule_settings(monkeypatch):
         "source": "rule (float32)",
     }
     fake(bf16=True)
-    assert precision.settings_for(TINY, 50)["precision"] == "float32"
+    assert autotune.settings_for(TINY, 50)["precision"] == "float32"
     monkeypatch.setenv(precision.AUTO_MODE_ENV, "fastest")
     with pytest.raises(ValueError, match="TRANSFER_TF_AUTO='fastest' is not one of"):
-        precision.settings_for(TINY, 50)
+        autotune.settings_for(TINY, 50)
 
 
 def test_rule_mode_measures_nothing(monkeypatch):
@@ -57,11 +57,11 @@ def test_rule_mode_measures_nothing(monkeypatch):
         raise AssertionError("measured in rule mode")
 
     monkeypatch.setenv(precision.AUTO_MODE_ENV, "rule")
-    monkeypatch.setattr(precision, "measure_settings", never)
-    monkeypatch.setattr(precision, "_measure_child", never)
-    chosen = precision.settings_for(TINY, 50)
+    monkeypatch.setattr(autotune, "measure_settings", never)
+    monkeypatch.setattr(autotune, "_measure_child", never)
+    chosen = autotune.settings_for(TINY, 50)
     assert chosen["source"] == "rule"
-    config = precision.resolve_config(_train_config(xla="on"), TINY, 50)
+    config = autotune.resolve_config(_train_config(xla="on"), TINY, 50)
     assert (config.precision, config.xla) == (
         precision.rule_settings()["precision"],
         "on",
@@ -103,11 +103,11 @@ def measure_env(monkeypatch, tmp_path):
     fake_hardware(monkeypatch)
     monkeypatch.setenv(precision.AUTO_MODE_ENV, "measure")
     monkeypatch.setenv(precision.AUTO_FILE_ENV, str(path))
-    monkeypatch.setattr(precision, "_measured", {})
-    precision.auto_settings.cache_clear()
+    monkeypatch.setattr(autotune, "_measured", {})
+    autotune.auto_settings.cache_clear()
     onednn.store_choice({"onednn": precision.onednn_enabled()})
     yield path
-    precision.auto_settings.cache_clear()
+    autotune.auto_settings.cache_clear()
 
 
 def fake_measurement(rates, setup=None, calls=None):
@@ -128,18 +128,18 @@ def fake_measurement(rates, setup=None, calls=None):
 def test_each_signature_is_measured_once_and_kept(measure_env, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(
-        precision,
+        autotune,
         "measure_settings",
         fake_measurement({"float32:on": 300.0, "default": 100.0}, calls=calls),
     )
     digits = precision.Signature(input_shape=(28, 28, 1), width=0.125, batch_size=64)
     cifar = precision.Signature(input_shape=(32, 32, 3), width=0.25, batch_size=128)
-    with caplog.at_level("INFO", logger="transfer_tf.precision"):
-        first = precision.resolve_config(_train_config(), digits, run_steps=200)
+    with caplog.at_level("INFO", logger="transfer_tf.autotune"):
+        first = autotune.resolve_config(_train_config(), digits, run_steps=200)
     assert (first.precision, first.xla) == ("float32", "on")
     assert "auto settings for base_net 28x28x1 width 0.125" in caplog.text
-    precision.resolve_config(_train_config(), digits, run_steps=5000)
-    precision.resolve_config(_train_config(), cifar, run_steps=200)
+    autotune.resolve_config(_train_config(), digits, run_steps=5000)
+    autotune.resolve_config(_train_config(), cifar, run_steps=200)
     assert [key for key, _ in calls] == [digits.key(), cifar.key()]
     assert calls[0][1] == ("float32:off", "float32:on")
     stored = results.read_json(measure_env)
@@ -149,15 +149,13 @@ def test_each_signature_is_measured_once_and_kept(measure_env, monkeypatch, capl
     state = "on" if precision.onednn_enabled() else "off"
     assert f"| onednn {state} |" in precision.settings_key(digits)
     # A new process reads the file instead of measuring again.
-    monkeypatch.setattr(precision, "_measured", {})
-    precision.resolve_config(_train_config(), cifar, run_steps=50)
+    monkeypatch.setattr(autotune, "_measured", {})
+    autotune.resolve_config(_train_config(), cifar, run_steps=50)
     assert len(calls) == 2
     # An explicit setting is never measured; a new candidate only by itself.
     explicit = _train_config(precision="float32", xla="off")
-    assert precision.resolve_config(explicit, cifar, 50) == explicit
-    bf16 = precision.resolve_config(
-        _train_config(precision="mixed_bfloat16"), cifar, 50
-    )
+    assert autotune.resolve_config(explicit, cifar, 50) == explicit
+    bf16 = autotune.resolve_config(_train_config(precision="mixed_bfloat16"), cifar, 50)
     assert bf16.precision == "mixed_bfloat16"
     assert calls[-1] == (cifar.key(), ("mixed_bfloat16:off", "mixed_bfloat16:on"))
 
@@ -166,15 +164,15 @@ def test_compile_time_is_weighed_against_the_run_length(measure_env, monkeypatch
     # XLA runs 20% faster but its setup takes 30 s: over 2,000 steps of 128
     # images (2,560 s at 100 images/s) it wins, over 100 steps (128 s) it loses.
     monkeypatch.setattr(
-        precision,
+        autotune,
         "measure_settings",
         fake_measurement({"float32:on": 120.0, "default": 100.0}, {"float32:on": 30}),
     )
     signature = precision.Signature()
-    long = precision.resolve_config(_train_config(), signature, run_steps=2000)
-    short = precision.resolve_config(_train_config(), signature, run_steps=100)
+    long = autotune.resolve_config(_train_config(), signature, run_steps=2000)
+    short = autotune.resolve_config(_train_config(), signature, run_steps=100)
     assert (long.xla, short.xla) == ("on", "off")
-    chosen = precision.settings_for(signature, 100)
+    chosen = autotune.settings_for(signature, 100)
     assert chosen["run_seconds"]["float32:on"] > chosen["run_seconds"]["float32:off"]
 
 
@@ -193,15 +191,15 @@ def test_float32_stays_unless_clearly_faster():
 def test_no_signature_is_the_old_fixed_net(measure_env, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        precision,
+        autotune,
         "measure_settings",
         fake_measurement({"default": 100.0}, calls=calls),
     )
-    resolved = precision.resolve_config(_train_config())
+    resolved = autotune.resolve_config(_train_config())
     assert (resolved.precision, resolved.xla) == ("float32", "off")
     assert calls[0][0] == precision.Signature().key()
-    assert precision.resolve_precision("auto") == "float32"
-    assert precision.resolve_xla("on") == "on"
+    assert autotune.resolve_precision("auto") == "float32"
+    assert autotune.resolve_xla("on") == "on"
     assert len(calls) == 1
 
 
@@ -209,8 +207,8 @@ def test_failed_measurement_falls_back_to_the_rule(measure_env, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(precision, "measure_settings", broken)
-    settings = precision.settings_for(TINY, 100)
+    monkeypatch.setattr(autotune, "measure_settings", broken)
+    settings = autotune.settings_for(TINY, 100)
     assert settings["precision"] == precision.rule_settings()["precision"]
     assert "measurement failed: no compiler" in settings["source"]
     assert precision.settings_key(TINY) not in results.read_json(measure_env)
@@ -242,30 +240,30 @@ def test_onednn_is_decided_once_from_both_states(measure_env, monkeypatch, caplo
     current = precision.onednn_enabled()
     started, restarts = [], []
     monkeypatch.setattr(
-        precision,
+        autotune,
         "_measure_child",
         _fake_children({current: 100.0, not current: 160.0}, started),
     )
-    monkeypatch.setattr(precision, "restart", lambda: restarts.append(1))
+    monkeypatch.setattr(autotune, "restart", lambda: restarts.append(1))
 
     def never(*args, **kwargs):
         raise AssertionError("the children measured this state already")
 
-    monkeypatch.setattr(precision, "measure_settings", never)
-    with caplog.at_level("INFO", logger="transfer_tf.precision"):
-        precision.settings_for(TINY, 200)
+    monkeypatch.setattr(autotune, "measure_settings", never)
+    with caplog.at_level("INFO", logger="transfer_tf.autotune"):
+        autotune.settings_for(TINY, 200)
     assert started == [current, not current]
     assert onednn.stored_choice()["onednn"] is (not current)
     assert "x1.57 faster" in caplog.text and "applies to processes" in caplog.text
     assert restarts == []  # a library call never restarts
-    precision.settings_for(TINY, 200)
+    autotune.settings_for(TINY, 200)
     assert started == [current, not current]  # once per machine
 
     # A script that allowed it restarts when the other state wins.
     results.write_json(measure_env, {})
-    monkeypatch.setattr(precision, "_measured", {})
-    monkeypatch.setattr(precision, "_restart", {"allowed": True})
-    precision.settings_for(TINY, 200)
+    monkeypatch.setattr(autotune, "_measured", {})
+    monkeypatch.setattr(autotune, "_restart", {"allowed": True})
+    autotune.settings_for(TINY, 200)
     assert restarts == [1]
 
 
@@ -274,24 +272,24 @@ def test_onednn_keeps_this_state_within_noise(measure_env, monkeypatch):
     current = precision.onednn_enabled()
     started = []
     monkeypatch.setattr(
-        precision,
+        autotune,
         "_measure_child",
         _fake_children({current: 100.0, not current: 103.0}, started),
     )
-    precision.settings_for(TINY, 200)
+    autotune.settings_for(TINY, 200)
     assert onednn.stored_choice()["onednn"] is current
 
 
 def test_user_choice_of_onednn_is_not_measured(measure_env, monkeypatch):
     results.write_json(measure_env, {})
     monkeypatch.setattr(onednn, "_decision", {"onednn": True, "source": "user"})
-    monkeypatch.setattr(precision, "measure_settings", fake_measurement({"default": 1}))
+    monkeypatch.setattr(autotune, "measure_settings", fake_measurement({"default": 1}))
 
     def never(*args, **kwargs):
         raise AssertionError("the user chose oneDNN")
 
-    monkeypatch.setattr(precision, "_measure_child", never)
-    precision.settings_for(TINY, 200)
+    monkeypatch.setattr(autotune, "_measure_child", never)
+    autotune.settings_for(TINY, 200)
     assert onednn.stored_choice() is None
 
 
@@ -301,14 +299,14 @@ def test_user_choice_of_onednn_is_not_measured(measure_env, monkeypatch):
 # A real timing of nets: the full suite's.
 @pytest.mark.slow
 def test_real_measurement_times_the_signature():
-    measured = precision.measure_settings(
+    measured = autotune.measure_settings(
         ["float32:off"], steps=2, rounds=1, signature=TINY
     )
     assert set(measured["images_per_second"]) == {"float32:off"}
     assert all(rate > 0 for rate in measured["images_per_second"].values())
     assert all(t > 0 for t in measured["setup_seconds"].values())
     auto = precision.Signature("autoencoder", (28, 28, 1), 0.05, batch_size=16)
-    net = precision.TimedNet("float32", "off", signature=auto)
+    net = autotune.TimedNet("float32", "off", signature=auto)
     assert net.model.output.shape[1:] == (28, 28, 1) and net.run(1) > 0
 
 
@@ -331,7 +329,7 @@ def test_time_interleaved_screens_and_prunes_when_choosing():
         "unlucky": _ScriptedNet([70, 60, 100, 100]),
         "emulated": _ScriptedNet([10]),
     }
-    best = precision.time_interleaved(nets, steps=4, rounds=3)
+    best = autotune.time_interleaved(nets, steps=4, rounds=3)
     assert nets["emulated"].calls == 1  # screened out after the short round
     assert nets["unlucky"].calls == 2  # dropped after its slow round ...
     assert best["unlucky"] == 70  # ... keeping its slow screening figure
@@ -343,7 +341,7 @@ def test_time_interleaved_times_every_net_each_round_for_benchmarks():
         "unlucky": _ScriptedNet([70, 60, 100, 100]),
         "emulated": _ScriptedNet([10]),
     }
-    best = precision.time_interleaved(nets, steps=4, rounds=3, keep_within=0.0)
+    best = autotune.time_interleaved(nets, steps=4, rounds=3, keep_within=0.0)
     assert nets["unlucky"].calls == 4
     assert best == {"fast": 100, "unlucky": 100, "emulated": 10}
 
@@ -355,7 +353,7 @@ def test_auto_end_to_end_a_study_records_what_it_measured(measure_env, monkeypat
     hash."""
     from transfer_tf.studies import transferability
 
-    real_measure, real_settings_for = precision.measure_settings, precision.settings_for
+    real_measure, real_settings_for = autotune.measure_settings, autotune.settings_for
     chosen = []
 
     def short(settings, *args, signature=None, **kwargs):
@@ -365,8 +363,8 @@ def test_auto_end_to_end_a_study_records_what_it_measured(measure_env, monkeypat
         chosen.append(real_settings_for(*args, **kwargs))
         return chosen[-1]
 
-    monkeypatch.setattr(precision, "measure_settings", short)
-    monkeypatch.setattr(precision, "settings_for", recording)
+    monkeypatch.setattr(autotune, "measure_settings", short)
+    monkeypatch.setattr(autotune, "settings_for", recording)
     tiny = dataclasses.replace(
         transferability.STUDY.preset("smoke"), layers=(6,), treatments=("BnB",)
     )

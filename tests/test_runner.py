@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from toy_study import EXECUTED, TOY, ToyConfig, ToyRun
-from transfer_tf import data, precision, results, training
+from transfer_tf import autotune, data, results, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import runner
 
@@ -220,7 +220,7 @@ class WithTraining(config_lib.StudyConfig):
 
 def test_auto_precision_is_resolved_before_hashing(monkeypatch):
     monkeypatch.setattr(
-        precision, "auto_settings", lambda: {"precision": "float32", "xla": "on"}
+        autotune, "auto_settings", lambda: {"precision": "float32", "xla": "on"}
     )
     resolved = runner.resolve_auto(WithTraining())
     assert resolved.training.precision == "float32" and resolved.training.xla == "on"

@@ -41,6 +41,8 @@ from typing import ClassVar
 import numpy as np
 import tensorflow as tf
 
+from transfer_tf import mnist_m
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -555,9 +557,8 @@ def _tfds_arrays(ds, config, spec):
 
 
 def _load_mnist_m(spec, config):
-    from transfer_tf import mnist_m  # it builds on the digits source of this module
-
-    return mnist_m.load(spec, config)
+    del config  # load_source applies image_size afterwards
+    return mnist_m.load(spec, lambda: load_source(DataConfig(dataset="digits")))
 
 
 SOURCES = {

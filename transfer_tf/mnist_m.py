@@ -40,8 +40,6 @@ import pathlib
 
 import numpy as np
 
-from transfer_tf import data
-
 log = logging.getLogger(__name__)
 
 SPEC_PREFIX = "mnist_m"
@@ -162,7 +160,7 @@ def blend(digits: np.ndarray, patches: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(patches, dtype=np.int16) - digits).astype(np.uint8)
 
 
-def _digits_key(digits: data.Source) -> str:
+def _digits_key(digits) -> str:
     digest = hashlib.sha256()
     for array in (digits.x_train, digits.y_train, digits.x_test, digits.y_test):
         array = np.ascontiguousarray(array)
@@ -172,7 +170,7 @@ def _digits_key(digits: data.Source) -> str:
     return digest.hexdigest()
 
 
-def cache_path(digits: data.Source, fingerprint: str, seed: int, cache_dir=None):
+def cache_path(digits, fingerprint: str, seed: int, cache_dir=None):
     """Where :func:`build` keeps the MNIST-M of these digits, photos
     (:func:`folder_fingerprint`) and seed."""
     key = json.dumps(
@@ -213,13 +211,12 @@ def _write_cache(path, arrays):
         temporary.unlink(missing_ok=True)
 
 
-def build(
-    digits: data.Source, folder, seed: int = SEED, cache_dir=None, name=None
-) -> data.Source:
+def build(digits, folder, seed: int = SEED, cache_dir=None, name=None):
     """MNIST-M from ``digits`` and the photos in ``folder`` (cached on disk).
 
     Args:
-      digits: grey digits, uint8 ``(N, H, W, 1)``, both splits.
+      digits: a ``data.Source`` of grey digits, uint8 ``(N, H, W, 1)``, both
+        splits.
       folder: ``FOLDER/{train,test}/...`` photos.
       seed: seeds the choice of photos and positions (train and test draw from
         separate streams).
@@ -254,7 +251,8 @@ def _build(digits, folder, images, seed, cache_dir, name):
             )
             arrays[f"y_{split}"] = np.asarray(getattr(digits, f"y_{split}"))
         _write_cache(path, arrays)
-    return data.Source(
+    return dataclasses.replace(
+        digits,
         name=name,
         class_names=tuple(str(c) for c in arrays["class_names"].tolist()),
         x_train=arrays["x_train"],
@@ -264,21 +262,16 @@ def _build(digits, folder, images, seed, cache_dir, name):
     )
 
 
-def _digits() -> data.Source:
-    return data.load_source(data.DataConfig(dataset="digits"))
-
-
-def load(spec: str, config: data.DataConfig) -> data.Source:
-    """The loader of the dataset spec ``mnist_m:FOLDER`` (see the module docstring).
-
-    ``config`` is accepted for the loader interface; ``data.load_source`` applies
-    ``image_size`` afterwards like for every source.
+def load(spec: str, digits):
+    """The dataset spec ``mnist_m:FOLDER`` (see the module docstring), built on
+    the grey digits that ``digits()`` returns (``data`` passes its ``digits``
+    source; called only once the folder has been checked). ``data.load_source``
+    applies ``image_size`` afterwards like for every source.
 
     Raises:
       ValueError: a malformed spec, a missing folder or split directory, or a
         split without images, naming the path.
     """
-    del config
     kind, _, folder = spec.partition(":")
     if kind != SPEC_PREFIX or not folder:
         raise ValueError(
@@ -286,10 +279,10 @@ def load(spec: str, config: data.DataConfig) -> data.Source:
             "FOLDER/{train,test}/<class>/*.jpg photos"
         )
     images = _scan_folder(folder)  # a bad folder fails before the digits load
-    return _build(_digits(), folder, images, SEED, None, spec)
+    return _build(digits(), folder, images, SEED, None, spec)
 
 
-def as_rgb(source: data.Source) -> data.Source:
+def as_rgb(source):
     """A grey Source with its channel replicated three times (MNIST as a source
     domain for MNIST-M, whose images are RGB); RGB sources are returned as is."""
     if source.image_shape[-1] == 3:

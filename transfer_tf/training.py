@@ -8,9 +8,12 @@ on the validation split, never on the test split), writes ``metrics.jsonl`` and
 TensorBoard events, resumes after a crash from a backup in the work directory, and
 fails with a clear error when the loss becomes NaN.
 
-Precision and XLA choices (``auto``: measured per machine) live in
-``transfer_tf.precision``; the precision is a property of the model (its dtype
-policy), XLA a property of its compilation.
+Precision and XLA choices live in ``transfer_tf.precision``; the precision is a
+property of the model (its dtype policy), XLA a property of its compilation.
+``auto`` is measured per machine by ``transfer_tf.autotune.resolve_config``,
+which studies and scripts call before training; a configuration that reaches
+:func:`compile_model` still saying ``xla="auto"`` gets the rule's setting
+(``precision.rule_settings``), never a measurement.
 """
 
 from __future__ import annotations
@@ -217,7 +220,7 @@ def compile_model(
         optimizer=optimizer or make_optimizer(config, steps_per_epoch),
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics or [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=precision_module.resolve_xla(config.xla) == "on",
+        jit_compile=precision_module.jit_compile(config.xla),
     )
 
 

@@ -28,13 +28,17 @@ from __future__ import annotations
 import logging
 import os
 
-from transfer_tf.studies.runner import needs
-
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
 # Seconds to wait for a Ray cluster at --ray_address to answer.
 CONNECT_TIMEOUT = 15.0
+
+
+def needs(run) -> list[str]:
+    """The keys of the runs a run reads (its ``needs()``; none without one)."""
+    method = getattr(run, "needs", None)
+    return list(method()) if callable(method) else []
 
 
 class IncompleteStudy(RuntimeError):
@@ -71,15 +75,14 @@ class LocalExecutor:
 _WORKER_STATE = {}  # per worker process: (study name, config hash, workdir) -> context
 
 
-def _execute_remote(study, config, workdir, run):
+def _execute_remote(make_runner, study, config, workdir, run):
     """A Ray task: one run in a worker process (the context is made once per
-    process and study, like the local executor's)."""
-    from transfer_tf.studies import runner as runner_lib
-
+    process and study, like the local executor's). ``make_runner`` is the
+    driver's runner class (pickled by reference: the worker imports it)."""
     key = (study.name, config.config_hash(), str(workdir))
     if key not in _WORKER_STATE:
         _WORKER_STATE.clear()  # one study at a time per worker
-        _WORKER_STATE[key] = runner_lib.Runner(study, config, workdir)
+        _WORKER_STATE[key] = make_runner(study, config, workdir)
     worker = _WORKER_STATE[key]
     return worker.execute(run, worker.context)
 
@@ -211,7 +214,11 @@ class RayExecutor:
                     elif all(k in done for k in deps):
                         waiting.remove(run)
                         ref = remote.remote(
-                            runner.study, runner.config, runner.workdir, run
+                            type(runner),
+                            runner.study,
+                            runner.config,
+                            runner.workdir,
+                            run,
                         )
                         in_flight[ref] = run
                 if not in_flight:

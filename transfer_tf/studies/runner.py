@@ -56,9 +56,9 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from transfer_tf import data, precision, results, training
+from transfer_tf import autotune, data, precision, results, training
 from transfer_tf.studies import config as config_lib
-from transfer_tf.studies import stats, workdirs
+from transfer_tf.studies import executors, stats, workdirs
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Context:
     @property
     def dtype(self) -> str:
         """The dtype policy of the study's classifiers."""
-        return precision.resolve_precision(self.config.training.precision)
+        return autotune.resolve_precision(self.config.training.precision)
 
     def prepare(self):
         """Loads the data (a bad dataset fails here, before anything is written)."""
@@ -301,7 +301,7 @@ def resolve_auto(config, signatures: dict | None = None):
             f.name for f in dataclasses.fields(value)
         }:
             signature, steps = signatures.get(field.name, (None, None))
-            changes[field.name] = precision.resolve_config(value, signature, steps)
+            changes[field.name] = autotune.resolve_config(value, signature, steps)
     return dataclasses.replace(config, **changes) if changes else config
 
 
@@ -584,7 +584,7 @@ class Runner:
         by_key = {r.key: r for r in self.runs}
 
         def root(run):
-            deps = [k for k in needs(run) if k in by_key]
+            deps = [k for k in executors.needs(run) if k in by_key]
             return root(by_key[deps[0]]) if deps else run.key
 
         groups = {}
@@ -777,8 +777,6 @@ class Runner:
             on after a failure; the report covers the others.
           workdirs.WorkdirInUse: another process writes into the work directory.
         """
-        from transfer_tf.studies import executors
-
         self.overwrite = overwrite
         # Every check before the first write.
         clear = self.check_identity(overwrite)
@@ -826,8 +824,6 @@ class Runner:
         log.info("nothing finished: %s is left as it was", self.workdir)
 
     def _run(self, clear, executor, shard, appended):
-        from transfer_tf.studies import executors
-
         context = self.context
         if clear:
             self._take(shard)
@@ -929,12 +925,6 @@ def _shard_count(path) -> int | None:
         return None
     tail = name.split("-of-", 1)[1].split(".", 1)[0]
     return int(tail) if tail.isdigit() else None
-
-
-def needs(run) -> list[str]:
-    """The keys of the runs a run reads (its ``needs()``; none without one)."""
-    method = getattr(run, "needs", None)
-    return list(method()) if callable(method) else []
 
 
 def run_study(
