@@ -68,6 +68,25 @@ def test_same_seed_same_initialisation():
     assert not _same(a.get_weights(), c.get_weights())
 
 
+def test_base_net_of_a_task_is_the_configured_architecture():
+    task = data.Task(
+        name="t",
+        class_names=("a", "b", "c"),
+        source_classes=(0, 1, 2),
+        x_train=np.zeros((4, 28, 28, 1), np.uint8),
+        y_train=np.zeros(4, np.int64),
+        x_validation=np.zeros((2, 28, 28, 1), np.uint8),
+        y_validation=np.zeros(2, np.int64),
+        x_test=np.zeros((2, 28, 28, 1), np.uint8),
+        y_test=np.zeros(2, np.int64),
+    )
+    config = models.ModelConfig(**TINY)
+    net = models.base_net(task, config, seed=3, name="mine")
+    same = models.build_base_net((28, 28, 1), 3, seed=3, **TINY)
+    assert net.name == "mine" and net.output_shape == (None, 3)
+    assert _same(net.get_weights(), same.get_weights())
+
+
 def test_transfer_net_copies_layers_up_to_n():
     source = models.build_base_net((28, 28, 1), 5, seed=0, batch_norm=True, **TINY)
     for layer in source.layers:  # make batch-norm statistics non-trivial

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from conftest import TINY, assert_refused, run_main
-from transfer_tf import adaptation, data, models
+from transfer_tf import adaptation, data, domains, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
 from transfer_tf.studies import runner
@@ -50,7 +50,7 @@ def test_expand_lists_every_arm_seed_by_seed():
 def test_the_default_preset_covers_the_three_pairs_when_the_photos_are_there():
     config = STUDY.preset("digits")
     assert config == da.Config()
-    pairs = [da.pair_name(s, t) for s, t in config.pairs]
+    pairs = [domains.pair_name(s, t) for s, t in config.pairs]
     assert pairs[:2] == ["digits_to_uci_digits", "uci_digits_to_digits"]
     if data.cifar10_spec().startswith("folder:"):
         assert pairs[2] == "digits_to_mnist_m"
@@ -109,11 +109,11 @@ def test_config_errors_name_the_field(changes, message):
 
 
 def test_domain_names():
-    assert da.domain_name("uci_digits") == "uci_digits"
-    assert da.domain_name("mnist_m:/work/shared/data/cifar10") == "mnist_m"
-    assert da.domain_name("folder:/data/photos/") == "folder_photos"
-    assert da.domain_name("npz:/tmp/svhn.npz") == "npz_svhn"
-    assert da.domain_name("tfds:svhn_cropped") == "svhn_cropped"
+    assert domains.domain_name("uci_digits") == "uci_digits"
+    assert domains.domain_name("mnist_m:/work/shared/data/cifar10") == "mnist_m"
+    assert domains.domain_name("folder:/data/photos/") == "folder_photos"
+    assert domains.domain_name("npz:/tmp/svhn.npz") == "npz_svhn"
+    assert domains.domain_name("tfds:svhn_cropped") == "svhn_cropped"
 
 
 # ------------------------------------------------------------------------ domains
@@ -138,12 +138,12 @@ def test_load_pair_makes_shapes_and_class_order_agree(tmp_path):
     # RGB, larger, and its classes in another order: its class "0" is label 2.
     target = _npz(tmp_path / "rgb.npz", (32, 32, 3), 3, seed=1, names=["2", "1", "0"])
     config = data.DataConfig(validation_fraction=0.2, train_per_class=3)
-    pair = da.load_pair(source, target, config)
+    pair = domains.load_pair(source, target, config)
     assert pair.name == "npz_grey_to_npz_rgb"
     # The unlabelled target images: as many as the labelled ones, a label-blind
     # sample of the target's whole training split.
     assert len(pair.target_images) == len(pair.target.y_train) == 9
-    whole = da.load_pair(
+    whole = domains.load_pair(
         source, target, dataclasses.replace(config, train_per_class=None)
     )
     pool = {image.tobytes() for image in whole.target.x_train}
@@ -159,7 +159,7 @@ def test_load_pair_makes_shapes_and_class_order_agree(tmp_path):
         assert 60 * original <= mean < 60 * original + 25
     other = _npz(tmp_path / "four.npz", (28, 28, 1), 4, seed=2)
     with pytest.raises(ValueError, match=r"same classes .*only in the target: \['3'\]"):
-        da.load_pair(source, other, data.DataConfig())
+        domains.load_pair(source, other, data.DataConfig())
 
 
 # ------------------------------------------------------ the selection protocol
@@ -172,7 +172,7 @@ def _tiny_pair(digits_source, per_class=12):
     small = dataclasses.replace(
         task, x_test=task.x_test[every], y_test=task.y_test[every]
     )
-    return da.Pair("digits_to_digits", small, small, small.x_train)
+    return domains.Pair("digits_to_digits", small, small, small.x_train)
 
 
 def _poisoned(pair):
@@ -205,19 +205,21 @@ def test_criteria_read_no_target_label():
     ).feature_model
 
     def scores(p):
-        criteria = da.Criteria(p.source, p.target_images, 0, 40, 10.0)
-        target = da.TargetScores(p.target)
-        outputs = da.predict_parts(extractor, {**criteria.parts, **target.parts})
+        criteria = adaptation.Criteria(p.source, p.target_images, 0, 40, 10.0)
+        target = adaptation.TargetScores(p.target)
+        outputs = adaptation.predict_parts(
+            extractor, {**criteria.parts, **target.parts}
+        )
         return criteria(outputs), target(outputs)
 
     clean, poisoned = scores(pair), scores(_poisoned(pair))
     assert clean[0] == poisoned[0]  # every selection criterion, bit for bit
     assert set(clean[0]) >= {"source_val_loss", "dev_risk", "iwv_risk"}
-    assert set(clean[1]) == set(da.TARGET_LABELLED)
+    assert set(clean[1]) == set(adaptation.TARGET_LABELLED)
     assert clean[1]["target_val_loss"] != poisoned[1]["target_val_loss"]
     # Only the oracle's rule reads a target-labelled field.
     for rule, order in da.RULES.items():
-        labelled = any(field in da.TARGET_LABELLED for field, _ in order)
+        labelled = any(field in adaptation.TARGET_LABELLED for field, _ in order)
         assert labelled == (rule == "oracle"), rule
     assert set(da.UNSUPERVISED_RULES) == set(da.RULES) - {"oracle"}
 
@@ -470,7 +472,7 @@ def test_poisoned_target_labels_change_only_the_target_scores(digits_source, tmp
     assert len(clean["candidates"]) == len(poisoned["candidates"]) == 2
     for a, b in zip(clean["candidates"], poisoned["candidates"], strict=True):
         for key in a:
-            if key in da.TARGET_LABELLED:
+            if key in adaptation.TARGET_LABELLED:
                 continue
             assert a[key] == b[key], key
         assert a["target_val_loss"] != b["target_val_loss"]

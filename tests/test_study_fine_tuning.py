@@ -448,7 +448,7 @@ def test_the_grid_measures_the_candidates_of_its_own_seed(tmp_path):
         },
     ]
     config = fine_tuning.Config(seeds=(0, 1), grid_workdir=str(tmp_path))
-    tagged = fine_tuning._grid_for_seeds(grid, config)
+    tagged = fine_tuning.scores._grid_for_seeds(grid, config)
     measured = fine_tuning.measured_table([], tagged)
     # Split seed 0: the grid's seed-0 nets are the sources of every study seed;
     # its random control matches only the study's seed 0 (same initialisation).
@@ -481,13 +481,13 @@ def test_the_untrained_candidate_is_the_grids_random_control():
 def test_scores_of_a_perfect_head_and_of_constant_features():
     labels = np.array([0, 1, 2, 0, 1, 2])
     logits = 50.0 * np.eye(3)[labels]
-    leep = fine_tuning._score("leep", "fc8", logits, labels)
-    nce = fine_tuning._score("nce", "fc8", logits, labels)
+    leep = fine_tuning.execution._score("leep", "fc8", logits, labels)
+    nce = fine_tuning.execution._score("nce", "fc8", logits, labels)
     assert leep["score"] == pytest.approx(0.0, abs=1e-9) and nce["score"] == 0.0
-    dead = fine_tuning._score("logme", "conv5", np.zeros((6, 4)), labels)
+    dead = fine_tuning.execution._score("logme", "conv5", np.zeros((6, 4)), labels)
     assert dead["score"] is None and "all zero" in dead["error"]
     rng = np.random.default_rng(0)
-    ok = fine_tuning._score("logme", "fc6", rng.normal(size=(6, 4)), labels)
+    ok = fine_tuning.execution._score("logme", "fc6", rng.normal(size=(6, 4)), labels)
     assert ok["converged"] and ok["seconds"] >= 0 and ok["dim"] == 4
 
 
@@ -532,7 +532,7 @@ def test_a_backbone_is_scored_on_its_output_without_a_head():
     task = _task()
     net = backbones.backbone("MobileNetV3Small", task.image_shape, None, 32)
     context = _StubContext(config, task, net)
-    record = fine_tuning._execute_score(runs[1], context, None)
+    record = fine_tuning.execution._execute_score(runs[1], context, None)
     assert {(e["layer"], e["estimator"]) for e in record["scores"]} == {
         ("output", "logme"),
         ("output", "h_score"),

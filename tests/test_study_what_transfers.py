@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from transfer_tf import data, models, results
+from transfer_tf import data, domains, models, results
 from transfer_tf.studies import runner, stats
 from transfer_tf.studies import what_transfers as wt
 
@@ -57,7 +57,7 @@ def test_expand_lists_sources_then_targets_then_analyses():
     assert next(r for r in runs if r.key == "seed0/RI-T/b4").needs() == []
     assert next(r for r in runs if r.key == "seed0/P-T/b4").needs() == ["seed0/source"]
     replica = next(r for r in runs if r.key == "seed1/RI-T/bfull/r1")
-    assert replica.train_seed == 1 + wt.REPLICA_SEED_OFFSET
+    assert replica.train_seed == 1 + wt.plan.REPLICA_SEED_OFFSET
 
 
 def test_expand_follows_the_analyses_and_arms():
@@ -288,7 +288,7 @@ def test_findings_and_verdicts_by_hand(study_config):
     assert rows["4"]["verdict"] == "reproduced"
     # 5: basin at epoch 2 (seed 0, -0.001) and 1 (seeds 1, 2: -0.002, -0.003):
     # mean -0.002, sd 0.001; with the 1-point margin the interval is above zero.
-    assert wt.basin_checkpoints(fake_records(study_config, VALUES), 0.02) == {
+    assert wt.summary.basin_checkpoints(fake_records(study_config, VALUES), 0.02) == {
         0: 2,
         1: 1,
         2: 1,
@@ -407,13 +407,11 @@ def test_shuffled_task_uses_one_permutation_for_every_split():
         np.arange(10) % 2,
     )
     task = data.make_task(source, (0, 1), data.DataConfig())
-    out = wt.shuffled(task, 7, seed=3)
-    assert wt.shuffled(task, None, 3) is task
+    out = domains.block_shuffle_task(task, 7, seed=3)
+    assert domains.block_shuffle_task(task, None, 3) is task
     # The same image in two splits is shuffled the same way.
     joined = np.concatenate([task.x_train[:1], task.x_test[:1]])
     again = np.concatenate([out.x_train[:1], out.x_test[:1]])
-    from transfer_tf import domains
-
     np.testing.assert_array_equal(domains.block_shuffle(joined, 7, 3), again)
     assert not np.array_equal(out.x_validation, task.x_validation)
     np.testing.assert_array_equal(out.y_test, task.y_test)
@@ -421,23 +419,23 @@ def test_shuffled_task_uses_one_permutation_for_every_split():
 
 def test_initial_weights_and_checkpoints_round_trip(tmp_path):
     model = models.build_base_net((28, 28, 1), 3, width=0.05, seed=0)
-    wt.save_initial_weights(model, tmp_path / "initial.npz")
-    initial = wt.load_initial_weights(tmp_path / "initial.npz")
+    wt.execution.save_initial_weights(model, tmp_path / "initial.npz")
+    initial = wt.execution.load_initial_weights(tmp_path / "initial.npz")
     assert list(initial) == [layer.name for layer in model.layers if layer.weights]
     other = models.build_base_net((28, 28, 1), 3, width=0.05, seed=1)
-    restored = wt.with_weights(other, initial)
+    restored = wt.execution.with_weights(other, initial)
     for a, b in zip(restored.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    callback = wt._Checkpoints(tmp_path / "checkpoints")
+    callback = wt.execution._Checkpoints(tmp_path / "checkpoints")
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (16, 28, 28, 1)).astype("uint8")
     model.fit(x, rng.integers(0, 3, 16), epochs=2, verbose=0, callbacks=[callback])
     assert callback.saved == [0, 1, 2]
-    start = wt.checkpoint_weights(tmp_path, 0)
+    start = wt.execution.checkpoint_weights(tmp_path, 0)
     for a, b in zip(start, initial_list(initial, model), strict=True):
         np.testing.assert_array_equal(a, b)
-    last = wt.checkpoint_weights(tmp_path, 2)
+    last = wt.execution.checkpoint_weights(tmp_path, 2)
     for a, b in zip(last, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -497,7 +495,7 @@ def test_smoke_run_of_the_script(what_transfers_smoke):
     checkpoint = by_key["seed0/P-T/checkpoint1"]
     assert checkpoint["reached"] and checkpoint["source_barrier"] >= 0
     # The report is the records' (recomputed here), with its one-seed note.
-    assert (workdir / "summary.csv").read_text() == wt.findings_csv(
+    assert (workdir / "summary.csv").read_text() == wt.summary.findings_csv(
         wt.findings(records, config)
     )
     assert "every result rests on 1 seed" in (workdir / "summary.md").read_text()

@@ -63,13 +63,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
+from sklearn.exceptions import ConvergenceWarning
 
-from transfer_tf import features
+from transfer_tf import data, domains, features
 
 METHODS = ("source_only", "dann", "coral", "mmd")
 POOLINGS = ("avg", "flatten")
@@ -752,3 +754,175 @@ def dev_risk(weights, losses) -> float:
     if variance > 0:
         eta = -np.cov(weighted, weights, ddof=1)[0, 1] / variance
     return float(weighted.mean() + eta * weights.mean() - eta)
+
+
+# ------------------------------------------------------------ selection per epoch
+
+# What TargetScores records: read only by the oracle rule and as the measurement.
+TARGET_LABELLED = ("target_val_loss", "target_val_accuracy", "target_test_accuracy")
+DEV_SEED = 20190611
+
+
+class Criteria:
+    """The selection criteria of a net: everything a rule other than the oracle's
+    reads. It is built from the labelled source task and the target's training
+    *images*; it is never given a target label.
+
+    Args:
+      source: the labelled source task (its validation split is scored).
+      target_images: unlabelled target training images.
+      seed: seeds the subsets of ``dev_examples`` source- and target-training
+        images that train DEV's domain classifier.
+      dev_examples: the size of those subsets.
+      max_weight: the importance weights' clipping bound.
+    """
+
+    def __init__(
+        self, source: data.Task, target_images, seed, dev_examples, max_weight
+    ):
+        rng = np.random.default_rng([DEV_SEED, seed])
+        source_train = source.x_train[
+            data.sample_indices(len(source.x_train), dev_examples, rng)
+        ]
+        target_train = target_images[
+            data.sample_indices(len(target_images), dev_examples, rng)
+        ]
+        self.parts = {
+            "source_train": source_train,
+            "target_train": target_train,
+            "source_validation": source.x_validation,
+        }
+        self.labels = source.y_validation
+        self.max_weight = max_weight
+
+    def __call__(self, outputs: dict) -> dict:
+        """Scores from ``{part: (features, logits)}`` of :attr:`parts`."""
+        features, logits = outputs["source_validation"]
+        losses = logit_losses(logits, self.labels)
+        with warnings.catch_warnings():
+            # Separable domains (early epochs) leave lbfgs unconverged; the
+            # clipped weights are still what DEV uses.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            weights = importance_weights(
+                outputs["source_train"][0],
+                outputs["target_train"][0],
+                query_features=features,
+                max_weight=self.max_weight,
+            )
+        return {
+            "source_val_loss": float(losses.mean()),
+            "source_val_accuracy": float(np.mean(logits.argmax(1) == self.labels)),
+            "dev_risk": dev_risk(weights, losses),
+            "iwv_risk": iwv_risk(weights, losses),
+            "importance_weight_max": float(weights.max()),
+        }
+
+
+class TargetScores:
+    """What is measured on the labelled target (:data:`TARGET_LABELLED`): the
+    test accuracy, and the validation loss only the oracle rule reads."""
+
+    def __init__(self, target: data.Task):
+        self.parts = {
+            "target_validation": target.x_validation,
+            "target_test": target.x_test,
+        }
+        self.validation_labels = target.y_validation
+        self.test_labels = target.y_test
+
+    def __call__(self, outputs: dict) -> dict:
+        validation = outputs["target_validation"][1]
+        test = outputs["target_test"][1]
+        return {
+            "target_val_loss": float(
+                logit_losses(validation, self.validation_labels).mean()
+            ),
+            "target_val_accuracy": float(
+                np.mean(validation.argmax(1) == self.validation_labels)
+            ),
+            "target_test_accuracy": float(np.mean(test.argmax(1) == self.test_labels)),
+        }
+
+
+def predict_parts(feature_model: keras.Model, parts: dict, chunk=1024) -> dict:
+    """``{part: (features, logits)}`` of image arrays.
+
+    Eager calls in chunks: scoring runs after every epoch on a few thousand
+    images, where tracing a predict function per run (and again for every new
+    last-batch shape) would cost more than the forward pass itself.
+    """
+    names = list(parts)
+    images = np.concatenate([parts[n] for n in names])
+    features, logits = [], []
+    for start in range(0, len(images), chunk):
+        f, z = feature_model([images[start : start + chunk]], training=False)
+        features.append(np.asarray(f, np.float32))
+        logits.append(np.asarray(z, np.float32))
+    features, logits = np.concatenate(features), np.concatenate(logits)
+    bounds = np.cumsum([0, *(len(parts[n]) for n in names)])
+    return {
+        name: (features[lo:hi], logits[lo:hi])
+        for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True)
+    }
+
+
+class EpochScores(keras.callbacks.Callback):
+    """After every epoch: the :class:`Criteria` and :class:`TargetScores` of the
+    net as it is, one candidate of the selection rules per epoch."""
+
+    def __init__(self, feature_model, criteria: Criteria, target: TargetScores):
+        super().__init__()
+        self.feature_model = feature_model
+        self.criteria = criteria
+        self.target = target
+        self.rows = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        outputs = predict_parts(
+            self.feature_model, {**self.criteria.parts, **self.target.parts}
+        )
+        self.rows.append(
+            {"epoch": epoch + 1, **self.criteria(outputs), **self.target(outputs)}
+        )
+
+
+# --------------------------------------------------------------- feature projection
+
+# Fixed seed: every run of a pair projects the same test images.
+PROJECTION_SEED = 20160529
+
+
+def projection_parts(pair: domains.Pair, examples: int) -> tuple[dict, np.ndarray]:
+    """The fixed test images of a pair's feature figure and their classes."""
+    rng = np.random.default_rng(PROJECTION_SEED)
+    source = data.sample_indices(len(pair.source.x_test), examples, rng)
+    target = data.sample_indices(len(pair.target.x_test), examples, rng)
+    parts = {"source": pair.source.x_test[source], "target": pair.target.x_test[target]}
+    classes = np.concatenate([pair.source.y_test[source], pair.target.y_test[target]])
+    return parts, classes
+
+
+def pca_2d(features) -> np.ndarray:
+    """The first two principal components, each scaled to unit variance."""
+    x = np.asarray(features, np.float64)
+    x = x - x.mean(axis=0)
+    _, _, components = np.linalg.svd(x, full_matrices=False)
+    points = x @ components[:2].T
+    if points.shape[1] < 2:
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+    scale = points.std(axis=0)
+    return points / np.where(scale > 0, scale, 1.0)
+
+
+def projection(feature_model, pair: domains.Pair, examples: int, layer: str) -> dict:
+    """The record's 2-D PCA of the adapted ``layer``'s features of fixed source
+    and target test images (``domain`` 0 source, 1 target)."""
+    parts, classes = projection_parts(pair, examples)
+    outputs = predict_parts(feature_model, parts)
+    points = pca_2d(np.concatenate([outputs["source"][0], outputs["target"][0]]))
+    return {
+        "layer": layer,
+        "points": np.round(points, 3).tolist(),
+        "domain": [0] * len(parts["source"]) + [1] * len(parts["target"]),
+        "label": classes.astype(int).tolist(),
+    }

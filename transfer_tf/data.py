@@ -874,6 +874,12 @@ def carve_validation(y, fraction, seed=VALIDATION_SEED):
     return mask
 
 
+def sample_indices(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``min(size, count)`` distinct indices of ``range(count)``, drawn by ``rng``
+    (one permutation) and sorted."""
+    return np.sort(rng.permutation(count)[: min(size, count)])
+
+
 def reduce_per_class(y, per_class, seed=0):
     """Sorted indices keeping at most ``per_class`` seeded examples of each class."""
     keep = []

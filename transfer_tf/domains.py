@@ -24,15 +24,31 @@ draws a permutation per image instead. A pixel keeps its channels: ``b = 1``
 permutes pixel positions, not individual channel values. Block sizes must divide
 both the height and the width (:func:`valid_block_sizes`); others are rejected
 rather than padded or cropped, which would change the image size or drop pixels.
+
+Domain pairs
+------------
+:func:`load_pair` makes two datasets one adaptation problem (Ganin & Lempitsky
+2015's MNIST -> MNIST-M, say): one image size (the target resized to the
+source's), one channel count (grey replicated to RGB), one class order (the
+target's labels re-indexed to the source's), a labelled target task and an
+unlabelled sample of the target's training images. :func:`domain_name` and
+:func:`pair_name` name them in keys, tables and files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import pathlib
 
 import numpy as np
 
-from transfer_tf import data
+from transfer_tf import data, mnist_m
+
+log = logging.getLogger(__name__)
+
+# Fixed: every run of a pair sees the same unlabelled target images.
+UNLABELLED_SEED = 20150526
 
 # ------------------------------------------------------------------ block shuffling
 
@@ -150,4 +166,121 @@ def block_shuffle_source(
         name=f"{source.name}/block_shuffle_b{block_size}_seed{seed}{suffix}",
         x_train=block_shuffle(source.x_train, block_size, train_seed, per_image),
         x_test=block_shuffle(source.x_test, block_size, test_seed, per_image),
+    )
+
+
+def block_shuffle_task(task: data.Task, block: int | None, seed: int) -> data.Task:
+    """A ``data.Task`` with every image block-shuffled by the one permutation
+    that ``seed`` draws (the same for training, validation and test images);
+    ``block=None``: the task itself."""
+    if block is None:
+        return task
+    return dataclasses.replace(
+        task,
+        name=f"{task.name}/b{block}",
+        x_train=block_shuffle(task.x_train, block, seed),
+        x_validation=block_shuffle(task.x_validation, block, seed),
+        x_test=block_shuffle(task.x_test, block, seed),
+    )
+
+
+# --------------------------------------------------------------------- domain pairs
+
+
+def domain_name(spec: str) -> str:
+    """A short name of a data spec for keys, tables and file names: ``digits``,
+    ``mnist_m``, ``folder_<last path part>``, ``npz_<file stem>``, the TFDS
+    name."""
+    kind, _, argument = spec.partition(":")
+    if not argument:
+        return kind
+    if kind == mnist_m.SPEC_PREFIX:
+        return kind
+    if kind == "tfds":
+        return argument.replace("/", "_")
+    path = pathlib.PurePath(argument.rstrip("/"))
+    return f"{kind}_{path.stem if kind == 'npz' else path.name}"
+
+
+def pair_name(source: str, target: str) -> str:
+    """``digits_to_uci_digits``: how a pair appears in keys, tables and files."""
+    return f"{domain_name(source)}_to_{domain_name(target)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Two domains of one shape and class list.
+
+    Attributes:
+      name: :func:`pair_name`.
+      source: the labelled source task (train / validation / test).
+      target: the labelled target task: the oracle's training data, and the
+        validation and test splits ``adaptation.TargetScores`` reads. Its training
+        split keeps ``train_per_class`` images of each class (chosen by label).
+      target_images: the unlabelled target training images the adaptation
+        arms and DEV see: a seeded random sample of the target's training
+        split, as many as ``target`` has, drawn without looking at a label.
+    """
+
+    name: str
+    source: data.Task
+    target: data.Task
+    target_images: np.ndarray
+
+
+def align_classes(source: data.Source, target: data.Source) -> data.Source:
+    """``target`` with its labels re-indexed to the source's class order."""
+    if tuple(source.class_names) == tuple(target.class_names):
+        return target
+    if sorted(source.class_names) != sorted(target.class_names):
+        only_source = sorted(set(source.class_names) - set(target.class_names))
+        only_target = sorted(set(target.class_names) - set(source.class_names))
+        raise ValueError(
+            f"domains {source.name} and {target.name} must have the same classes "
+            f"(only in the source: {only_source[:10]}; only in the target: "
+            f"{only_target[:10]})"
+        )
+    order = np.array([source.class_names.index(c) for c in target.class_names])
+    return dataclasses.replace(
+        target,
+        class_names=tuple(source.class_names),
+        y_train=order[target.y_train],
+        y_test=order[target.y_test],
+    )
+
+
+def load_pair(source_spec: str, target_spec: str, config: data.DataConfig) -> Pair:
+    """Loads two domains and makes them agree (see the module docstring): one
+    image size, one channel count, one class order.
+
+    Raises:
+      ValueError: a bad spec (from ``data.load_source``) or different classes.
+    """
+    source = data.load_source(dataclasses.replace(config, dataset=source_spec))
+    target = data.load_source(dataclasses.replace(config, dataset=target_spec))
+    size = tuple(source.image_shape[:2])
+    if tuple(target.image_shape[:2]) != size:
+        log.info("%s: resizing its images to the source's %s", target_spec, size)
+        target = data.load_source(
+            dataclasses.replace(config, dataset=target_spec, image_size=size)
+        )
+    if source.image_shape[-1] != target.image_shape[-1]:
+        # Grey to RGB loses nothing; RGB to grey would drop MNIST-M's colours.
+        source, target = mnist_m.as_rgb(source), mnist_m.as_rgb(target)
+    target = align_classes(source, target)
+    classes = range(source.num_classes)
+    every = data.make_task(
+        target,
+        classes,
+        dataclasses.replace(config, train_per_class=None),
+        name=f"target {target_spec}",
+    )
+    labelled = every.subset(config.train_per_class, config.subset_seed)
+    rng = np.random.default_rng(UNLABELLED_SEED)
+    unlabelled = data.sample_indices(len(every.x_train), len(labelled.x_train), rng)
+    return Pair(
+        pair_name(source_spec, target_spec),
+        data.make_task(source, classes, config, name=f"source {source_spec}"),
+        labelled,
+        every.x_train[unlabelled],
     )

@@ -163,6 +163,25 @@ def build_base_net(
     return keras.Model(inputs, outputs, name=name)
 
 
+def base_net(
+    task,
+    model: ModelConfig,
+    seed: int | None = None,
+    dtype=None,
+    name: str = "base_net",
+) -> keras.Model:
+    """The base net of ``model``'s architecture for a ``data.Task`` (its image
+    shape and class count): what every study builds, in one call."""
+    return build_base_net(
+        task.image_shape,
+        task.num_classes,
+        dtype=dtype,
+        seed=seed,
+        name=name,
+        **dataclasses.asdict(model),
+    )
+
+
 def _check_named(model: keras.Model, what: str):
     names = {layer.name for layer in model.layers}
     missing = [n for n in LAYER_NAMES if n not in names]

@@ -528,7 +528,6 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
     # inputs, the same at every budget.
     images = context.task().x_train[:SCALE_IMAGES] if config.match_scale else None
     scale, n = None, config.init_layers
-    architecture = dataclasses.asdict(config.model)
     if run.arm == "encoder_init":
         model = ae.init_classifier(
             context.autoencoder(),
@@ -539,26 +538,14 @@ def _execute_training(run: Run, context: Context, run_dir) -> dict:
             seed=run.seed,
             dtype=dtype,
         )
-        fresh = models.build_base_net(
-            task.image_shape,
-            task.num_classes,
-            dtype=dtype,
-            seed=run.seed,
-            **architecture,
-        )
+        fresh = models.base_net(task, config.model, run.seed, dtype)
     elif run.arm == "supervised":
         source = context.net("supervised")
         kw = dict(seed=run.seed, input_shape=task.image_shape, dtype=dtype)
         model = models.transfer_net(source, n, task.num_classes, True, **kw)
         fresh = models.transfer_net(source, 0, task.num_classes, True, **kw)
     else:
-        model = models.build_base_net(
-            task.image_shape,
-            task.num_classes,
-            dtype=dtype,
-            seed=run.seed,
-            **architecture,
-        )
+        model = models.base_net(task, config.model, run.seed, dtype)
     if transferred and images is not None:
         scale = ae.match_block_scale(model, n, images, ae.block_rms(fresh, n, images))
     outcome = context.train(

@@ -7,7 +7,7 @@ domains have the classes ``"0"``..``"9"``, the input distribution differs, and
 only the source domain has labels. A domain pair is two data specs,
 ``sources[i] -> targets[i]`` (``digits``, ``uci_digits``, ``mnist_m:FOLDER``, an
 image folder, ...). Their shapes are made to agree when they are loaded
-(:func:`load_pair`): with ``data.image_size`` both are resized to it, otherwise
+(``domains.load_pair``): with ``data.image_size`` both are resized to it, otherwise
 the target is resized to the source's height and width; when one is grey and the
 other RGB, the grey one is replicated to three channels (``mnist_m.as_rgb``: MNIST
 as the source of MNIST-M). The target's classes must be the source's (in any
@@ -30,7 +30,7 @@ train step that takes a source and a target batch
 Model selection without target labels (the protocol)
 -----------------------------------------------------
 A hyper-parameter (the adaptation weight) or an epoch is never chosen on target
-labels. After every epoch of every adaptation run, :class:`Criteria` scores the
+labels. After every epoch of every adaptation run, ``adaptation.Criteria`` scores the
 net from labelled *source* validation images and *unlabelled* target training
 images only (it is never given a target label): the source validation loss and
 the DEV / IWV estimates of the target risk (You et al. 2019; Sugiyama et al.
@@ -38,7 +38,7 @@ the DEV / IWV estimates of the target risk (You et al. 2019; Sugiyama et al.
 source-training vs target-training images weights each source validation example
 by ``p_t(x) / p_s(x)`` (``adaptation.importance_weights``), and
 ``adaptation.dev_risk`` / ``iwv_risk`` average the weighted per-example losses.
-Separately, :class:`TargetScores` records the target validation loss and the
+Separately, ``adaptation.TargetScores`` records the target validation loss and the
 target test accuracy of the same epoch: what is *measured*, and what a labelled
 target validation set would have chosen. The report then picks, per method and
 seed, the (weight, epoch) a rule ranks first (:data:`RULES`):
@@ -70,14 +70,20 @@ import collections
 import dataclasses
 import logging
 import math
-import pathlib
-import warnings
 
 import keras
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
 
-from transfer_tf import adaptation, data, mnist_m, models, plots, precision, training
+from transfer_tf import (
+    adaptation,
+    data,
+    domains,
+    mnist_m,
+    models,
+    plots,
+    precision,
+    training,
+)
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import runner, stats
 
@@ -113,12 +119,6 @@ RULE_NAMES = {
 }
 UNSUPERVISED_RULES = ("source_val", "iwv", "dev")
 OWN = "own"  # the target oracle's row: its own training on target labels
-# What TargetScores records: read only by the oracle rule and as the measurement.
-TARGET_LABELLED = ("target_val_loss", "target_val_accuracy", "target_test_accuracy")
-# Fixed seed: every run of a pair projects the same test images.
-PROJECTION_SEED = 20160529
-DEV_SEED = 20190611
-UNLABELLED_SEED = 20150526
 
 
 def _default_pairs() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -133,26 +133,6 @@ def _default_pairs() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 DEFAULT_SOURCES, DEFAULT_TARGETS = _default_pairs()
-
-
-def domain_name(spec: str) -> str:
-    """A short name of a data spec for keys, tables and file names: ``digits``,
-    ``mnist_m``, ``folder_<last path part>``, ``npz_<file stem>``, the TFDS
-    name."""
-    kind, _, argument = spec.partition(":")
-    if not argument:
-        return kind
-    if kind == mnist_m.SPEC_PREFIX:
-        return kind
-    if kind == "tfds":
-        return argument.replace("/", "_")
-    path = pathlib.PurePath(argument.rstrip("/"))
-    return f"{kind}_{path.stem if kind == 'npz' else path.name}"
-
-
-def pair_name(source: str, target: str) -> str:
-    """``digits_to_uci_digits``: how a pair appears in keys, tables and files."""
-    return f"{domain_name(source)}_to_{domain_name(target)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +245,7 @@ class Config(config_lib.StudyConfig):
         same = [f"{s} -> {t}" for s, t in pairs if s == t]
         if same:
             raise ValueError(f"pairs {same} adapt a domain to itself")
-        names = [pair_name(s, t) for s, t in pairs]
+        names = [domains.pair_name(s, t) for s, t in pairs]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(
@@ -350,7 +330,7 @@ class Run:
 
     @property
     def pair(self) -> str:
-        return pair_name(self.source, self.target)
+        return domains.pair_name(self.source, self.target)
 
     @property
     def labels(self) -> str:
@@ -387,88 +367,6 @@ def run_part(config: Config, run: Run) -> dict:
     return {**config.result_affecting(), "source": run.source, "target": run.target}
 
 
-# ------------------------------------------------------------------------ domains
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """Two domains of one shape and class list.
-
-    Attributes:
-      name: :func:`pair_name`.
-      source: the labelled source task (train / validation / test).
-      target: the labelled target task: the oracle's training data, and the
-        validation and test splits :class:`TargetScores` reads. Its training
-        split keeps ``train_per_class`` images of each class (chosen by label).
-      target_images: the unlabelled target training images the adaptation
-        arms and DEV see: a seeded random sample of the target's training
-        split, as many as ``target`` has, drawn without looking at a label.
-    """
-
-    name: str
-    source: data.Task
-    target: data.Task
-    target_images: np.ndarray
-
-
-def _align_classes(source: data.Source, target: data.Source) -> data.Source:
-    """``target`` with its labels re-indexed to the source's class order."""
-    if tuple(source.class_names) == tuple(target.class_names):
-        return target
-    if sorted(source.class_names) != sorted(target.class_names):
-        only_source = sorted(set(source.class_names) - set(target.class_names))
-        only_target = sorted(set(target.class_names) - set(source.class_names))
-        raise ValueError(
-            f"domains {source.name} and {target.name} must have the same classes "
-            f"(only in the source: {only_source[:10]}; only in the target: "
-            f"{only_target[:10]})"
-        )
-    order = np.array([source.class_names.index(c) for c in target.class_names])
-    return dataclasses.replace(
-        target,
-        class_names=tuple(source.class_names),
-        y_train=order[target.y_train],
-        y_test=order[target.y_test],
-    )
-
-
-def load_pair(source_spec: str, target_spec: str, config: data.DataConfig) -> Pair:
-    """Loads two domains and makes them agree (see the module docstring): one
-    image size, one channel count, one class order.
-
-    Raises:
-      ValueError: a bad spec (from ``data.load_source``) or different classes.
-    """
-    source = data.load_source(dataclasses.replace(config, dataset=source_spec))
-    target = data.load_source(dataclasses.replace(config, dataset=target_spec))
-    size = tuple(source.image_shape[:2])
-    if tuple(target.image_shape[:2]) != size:
-        log.info("%s: resizing its images to the source's %s", target_spec, size)
-        target = data.load_source(
-            dataclasses.replace(config, dataset=target_spec, image_size=size)
-        )
-    if source.image_shape[-1] != target.image_shape[-1]:
-        # Grey to RGB loses nothing; RGB to grey would drop MNIST-M's colours.
-        source, target = mnist_m.as_rgb(source), mnist_m.as_rgb(target)
-    target = _align_classes(source, target)
-    classes = range(source.num_classes)
-    every = data.make_task(
-        target,
-        classes,
-        dataclasses.replace(config, train_per_class=None),
-        name=f"target {target_spec}",
-    )
-    labelled = every.subset(config.train_per_class, config.subset_seed)
-    rng = np.random.default_rng(UNLABELLED_SEED)
-    unlabelled = _subset(len(every.x_train), len(labelled.x_train), rng)
-    return Pair(
-        pair_name(source_spec, target_spec),
-        data.make_task(source, classes, config, name=f"source {source_spec}"),
-        labelled,
-        every.x_train[unlabelled],
-    )
-
-
 class Context(runner.Context):
     """The domain pairs, each loaded once (a bad spec or a class mismatch fails
     in :meth:`prepare`, before the work directory is claimed)."""
@@ -487,9 +385,11 @@ class Context(runner.Context):
                 len(pair.target_images),
             )
 
-    def pair(self, source: str, target: str) -> Pair:
+    def pair(self, source: str, target: str) -> domains.Pair:
         if (source, target) not in self._pairs:
-            self._pairs[(source, target)] = load_pair(source, target, self.config.data)
+            self._pairs[(source, target)] = domains.load_pair(
+                source, target, self.config.data
+            )
         return self._pairs[(source, target)]
 
 
@@ -497,11 +397,7 @@ def check(config: Config, context: Context):
     """The adapted layer exists in the net the pairs train (a base net of the
     model config), before the work directory is claimed."""
     pair = context.pair(*config.pairs[0])
-    net = models.build_base_net(
-        pair.source.image_shape,
-        pair.source.num_classes,
-        **dataclasses.asdict(config.model),
-    )
+    net = models.base_net(pair.source, config.model)
     _feature_model(net, config.adaptation)
 
 
@@ -524,169 +420,7 @@ def signatures(config: Config, context: Context) -> dict:
     return {"training": (signature, config.training.epochs * steps)}
 
 
-# ---------------------------------------------------------------------- scoring
-
-
-def _subset(count: int, size: int, rng) -> np.ndarray:
-    return np.sort(rng.permutation(count)[: min(size, count)])
-
-
-class Criteria:
-    """The selection criteria of a net: everything a rule other than the oracle's
-    reads. It is built from the labelled source task and the target's training
-    *images*; it is never given a target label.
-
-    Args:
-      source: the labelled source task (its validation split is scored).
-      target_images: unlabelled target training images.
-      seed: seeds the subsets of ``dev_examples`` source- and target-training
-        images that train DEV's domain classifier.
-      dev_examples: the size of those subsets.
-      max_weight: the importance weights' clipping bound.
-    """
-
-    def __init__(
-        self, source: data.Task, target_images, seed, dev_examples, max_weight
-    ):
-        rng = np.random.default_rng([DEV_SEED, seed])
-        source_train = source.x_train[_subset(len(source.x_train), dev_examples, rng)]
-        target_train = target_images[_subset(len(target_images), dev_examples, rng)]
-        self.parts = {
-            "source_train": source_train,
-            "target_train": target_train,
-            "source_validation": source.x_validation,
-        }
-        self.labels = source.y_validation
-        self.max_weight = max_weight
-
-    def __call__(self, outputs: dict) -> dict:
-        """Scores from ``{part: (features, logits)}`` of :attr:`parts`."""
-        features, logits = outputs["source_validation"]
-        losses = adaptation.logit_losses(logits, self.labels)
-        with warnings.catch_warnings():
-            # Separable domains (early epochs) leave lbfgs unconverged; the
-            # clipped weights are still what DEV uses.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            weights = adaptation.importance_weights(
-                outputs["source_train"][0],
-                outputs["target_train"][0],
-                query_features=features,
-                max_weight=self.max_weight,
-            )
-        return {
-            "source_val_loss": float(losses.mean()),
-            "source_val_accuracy": float(np.mean(logits.argmax(1) == self.labels)),
-            "dev_risk": adaptation.dev_risk(weights, losses),
-            "iwv_risk": adaptation.iwv_risk(weights, losses),
-            "importance_weight_max": float(weights.max()),
-        }
-
-
-class TargetScores:
-    """What is measured on the labelled target (:data:`TARGET_LABELLED`): the
-    test accuracy, and the validation loss only the oracle rule reads."""
-
-    def __init__(self, target: data.Task):
-        self.parts = {
-            "target_validation": target.x_validation,
-            "target_test": target.x_test,
-        }
-        self.validation_labels = target.y_validation
-        self.test_labels = target.y_test
-
-    def __call__(self, outputs: dict) -> dict:
-        validation = outputs["target_validation"][1]
-        test = outputs["target_test"][1]
-        return {
-            "target_val_loss": float(
-                adaptation.logit_losses(validation, self.validation_labels).mean()
-            ),
-            "target_val_accuracy": float(
-                np.mean(validation.argmax(1) == self.validation_labels)
-            ),
-            "target_test_accuracy": float(np.mean(test.argmax(1) == self.test_labels)),
-        }
-
-
-def predict_parts(feature_model: keras.Model, parts: dict, chunk=1024) -> dict:
-    """``{part: (features, logits)}`` of image arrays.
-
-    Eager calls in chunks: scoring runs after every epoch on a few thousand
-    images, where tracing a predict function per run (and again for every new
-    last-batch shape) would cost more than the forward pass itself.
-    """
-    names = list(parts)
-    images = np.concatenate([parts[n] for n in names])
-    features, logits = [], []
-    for start in range(0, len(images), chunk):
-        f, z = feature_model([images[start : start + chunk]], training=False)
-        features.append(np.asarray(f, np.float32))
-        logits.append(np.asarray(z, np.float32))
-    features, logits = np.concatenate(features), np.concatenate(logits)
-    bounds = np.cumsum([0, *(len(parts[n]) for n in names)])
-    return {
-        name: (features[lo:hi], logits[lo:hi])
-        for name, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True)
-    }
-
-
-class EpochScores(keras.callbacks.Callback):
-    """After every epoch: the :class:`Criteria` and :class:`TargetScores` of the
-    net as it is, one candidate of the selection rules per epoch."""
-
-    def __init__(self, feature_model, criteria: Criteria, target: TargetScores):
-        super().__init__()
-        self.feature_model = feature_model
-        self.criteria = criteria
-        self.target = target
-        self.rows = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        outputs = predict_parts(
-            self.feature_model, {**self.criteria.parts, **self.target.parts}
-        )
-        self.rows.append(
-            {"epoch": epoch + 1, **self.criteria(outputs), **self.target(outputs)}
-        )
-
-
 # --------------------------------------------------------------------- execution
-
-
-def projection_parts(pair: Pair, examples: int) -> tuple[dict, np.ndarray]:
-    """The fixed test images of a pair's feature figure and their classes."""
-    rng = np.random.default_rng(PROJECTION_SEED)
-    source = _subset(len(pair.source.x_test), examples, rng)
-    target = _subset(len(pair.target.x_test), examples, rng)
-    parts = {"source": pair.source.x_test[source], "target": pair.target.x_test[target]}
-    classes = np.concatenate([pair.source.y_test[source], pair.target.y_test[target]])
-    return parts, classes
-
-
-def pca_2d(features) -> np.ndarray:
-    """The first two principal components, each scaled to unit variance."""
-    x = np.asarray(features, np.float64)
-    x = x - x.mean(axis=0)
-    _, _, components = np.linalg.svd(x, full_matrices=False)
-    points = x @ components[:2].T
-    if points.shape[1] < 2:
-        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
-    scale = points.std(axis=0)
-    return points / np.where(scale > 0, scale, 1.0)
-
-
-def projection(feature_model, pair: Pair, examples: int, layer: str) -> dict:
-    """The record's 2-D PCA of the adapted ``layer``'s features of fixed source
-    and target test images (``domain`` 0 source, 1 target)."""
-    parts, classes = projection_parts(pair, examples)
-    outputs = predict_parts(feature_model, parts)
-    points = pca_2d(np.concatenate([outputs["source"][0], outputs["target"][0]]))
-    return {
-        "layer": layer,
-        "points": np.round(points, 3).tolist(),
-        "domain": [0] * len(parts["source"]) + [1] * len(parts["target"]),
-        "label": classes.astype(int).tolist(),
-    }
 
 
 def _feature_model(base_net, config: adaptation.AdaptationConfig) -> keras.Model:
@@ -702,13 +436,7 @@ def execute(run: Run, context: Context, run_dir) -> dict:
     pair = context.pair(run.source, run.target)
     train_config = runner.train_config_for(config.training, run.seed)
     labelled = pair.target if run.arm == ORACLE else pair.source
-    base = models.build_base_net(
-        labelled.image_shape,
-        labelled.num_classes,
-        dtype=context.dtype,
-        seed=run.seed,
-        **dataclasses.asdict(config.model),
-    )
+    base = models.base_net(labelled, config.model, run.seed, context.dtype)
     method = SOURCE_ONLY if run.arm == ORACLE else run.arm
     adapt = dataclasses.replace(config.adaptation, method=method, weight=run.weight)
     if run.arm == ORACLE:
@@ -727,32 +455,33 @@ def execute(run: Run, context: Context, run_dir) -> dict:
     if record.get("diverged"):
         return record
     extractor = _feature_model(base, adapt)
-    logits = predict_parts(extractor, {"test": pair.source.x_test})["test"][1]
+    parts = adaptation.predict_parts(extractor, {"test": pair.source.x_test})
+    logits = parts["test"][1]
     record["source_test_accuracy"] = float(
         np.mean(logits.argmax(1) == pair.source.y_test)
     )
     if run.seed == config.seeds[0]:
-        record["projection"] = projection(
+        record["projection"] = adaptation.projection(
             extractor, pair, config.projection_examples, adapt.layer
         )
     return record
 
 
-def _train_adapted(base, adapt, pair: Pair, run: Run, train_config, context):
+def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, context):
     """Trains source only or a method; returns its record."""
     config = context.config
     batch_size = config.data.batch_size
     model = adaptation.AdaptationModel(base, adapt)
-    scores = EpochScores(
+    scores = adaptation.EpochScores(
         model.feature_model,
-        Criteria(
+        adaptation.Criteria(
             pair.source,
             pair.target_images,
             run.seed,
             config.dev_examples,
             config.dev_max_weight,
         ),
-        TargetScores(pair.target),
+        adaptation.TargetScores(pair.target),
     )
     train_ds = adaptation.paired_dataset(
         pair.source.train_dataset(
@@ -949,14 +678,7 @@ def _flags(rows) -> list[str]:
 
 def format_accuracy(iv: dict | None) -> str:
     """``61.3 [55.0, 67.6] (3)``: a mean accuracy and its 95% interval in %."""
-    if iv is None:
-        return ""
-    if iv["low"] is None:
-        return f"{100 * iv['mean']:.1f} (1, no interval)"
-    return (
-        f"{100 * iv['mean']:.1f} [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}] "
-        f"({iv['count']})"
-    )
+    return stats.format_interval(iv, digits=1, sign=False)
 
 
 def _describe_pick(pick: dict | None) -> str:
@@ -1134,10 +856,10 @@ def accuracy_figure(summary: dict):
                     "label": "target oracle",
                 }
             )
-        source, target = s["specs"]
+        source, target = (domains.domain_name(spec) for spec in s["specs"])
         panels.append(
             {
-                "title": f"{domain_name(source)} -> {domain_name(target)}",
+                "title": f"{source} -> {target}",
                 "xlabel": "",
                 "lines": lines,
                 "references": references,

@@ -144,17 +144,47 @@ def verdict(iv: dict | None, expected: str) -> str:
     return "not resolved"
 
 
-def format_interval(iv: dict | None, scale: float = 100.0, unit: str = "") -> str:
-    """``-2.31 [-4.10, -0.52] (3)``: the mean and its 95% interval times
-    ``scale`` (100: points), with the replicate count; one replicate: ``-2.31
-    (1, no interval)``."""
+def format_interval(
+    iv: dict | None,
+    scale: float = 100.0,
+    unit: str = "",
+    digits: int = 2,
+    sign: bool = True,
+    one: str = "(1, no interval)",
+    plus_minus: bool = False,
+) -> str:
+    """The one text of an interval cell: ``-2.31 [-4.10, -0.52] (3)``, the mean
+    and its 95% interval times ``scale`` (100: points) with ``digits`` decimals
+    (``sign``: always signed), then the replicate count; ``plus_minus``:
+    ``0.9780 ± 0.0068 (3)``; one replicate: the mean and ``one``; no interval
+    cell: ``""``."""
     if iv is None:
         return ""
-    mean = f"{scale * iv['mean']:+.2f}{unit}"
+    form = f"{'+' if sign else ''}.{digits}f"
+    mean = f"{scale * iv['mean']:{form}}{unit}"
     if iv["low"] is None:
-        return f"{mean} (1, no interval)"
+        return f"{mean} {one}"
+    if plus_minus:
+        return f"{mean} ± {scale * half_width(iv):.{digits}f} ({iv['count']})"
     low, high = scale * iv["low"], scale * iv["high"]
-    return f"{mean} [{low:+.2f}, {high:+.2f}] ({iv['count']})"
+    return f"{mean} [{low:{form}}, {high:{form}}] ({iv['count']})"
+
+
+def interval_line(x, ivs, label: str, color: str, scale: float = 1.0) -> dict:
+    """A line of ``plots.curves_figure``: the means of ``ivs`` at ``x`` with their
+    half widths as error bars, times ``scale``."""
+    return {
+        "x": list(x),
+        "y": [scale * iv["mean"] for iv in ivs],
+        "e": [scale * half_width(iv) for iv in ivs],
+        "label": label,
+        "color": color,
+    }
+
+
+def half_width(iv: dict | None) -> float:
+    """An interval's half width (an error bar); 0 without an interval."""
+    return 0.0 if iv is None or iv["low"] is None else iv["high"] - iv["mean"]
 
 
 def difference_interval(a, b, confidence: float = 0.95) -> dict | None:

@@ -350,19 +350,10 @@ class Context(runner.Context):
 def build_model(run: Run, context: Context, dtype: str) -> keras.Model:
     """The untrained net of a run (its copied layers already in place)."""
     task = context.task(run)
-    architecture = dataclasses.asdict(context.config.model)
     if run.kind in ("base", "reduced"):
-        return models.build_base_net(
-            task.image_shape,
-            task.num_classes,
-            dtype=dtype,
-            seed=run.seed,
-            **architecture,
-        )
+        return models.base_net(task, context.config.model, run.seed, dtype)
     if run.kind == "random":
-        template = models.build_base_net(
-            task.image_shape, task.num_classes, dtype=dtype, **architecture
-        )
+        template = models.base_net(task, context.config.model, dtype=dtype)
         return models.random_frozen_net(
             template, run.n, task.num_classes, run.seed, dtype
         )
