@@ -144,26 +144,87 @@ def relative_figure(records):
 # ------------------------------------------------------------------ generic curves
 
 
-def curves_figure(panels, ylabel="test top-1 accuracy", legend="best", width=7.0):
-    """Panels of lines with error bars and horizontal reference lines.
+def half_width(iv) -> float:
+    """An interval's half width (an error bar); 0 without an interval (``None``,
+    or one replicate)."""
+    return 0.0 if iv is None or iv.get("low") is None else iv["high"] - iv["mean"]
+
+
+def interval_line(x, ivs, scale: float = 1.0, **style) -> dict:
+    """A line of :func:`curves_figure`: the means of the intervals ``ivs``
+    (``{mean, low, high, count}``; ``None``: no point) at ``x`` with their half
+    widths as error bars, times ``scale``."""
+    points = [(xi, iv) for xi, iv in zip(x, ivs, strict=True) if iv is not None]
+    return {
+        "x": np.array([p[0] for p in points], dtype=float),
+        "y": np.array([scale * p[1]["mean"] for p in points]),
+        "e": np.array([scale * half_width(p[1]) for p in points]),
+        **style,
+    }
+
+
+def mean_curve(x, curves, **style) -> dict:
+    """A line of :func:`curves_figure`: the mean of equally long ``curves`` (one
+    per seed) with the 95% t-interval of each point as its error bar."""
+    from scipy import stats as scipy_stats
+
+    curves = np.asarray(curves, dtype=np.float64)
+    mean = curves.mean(axis=0)
+    n = curves.shape[0]
+    if n > 1:
+        se = curves.std(axis=0, ddof=1) / np.sqrt(n)
+        e = float(scipy_stats.t.ppf(0.975, n - 1)) * se
+    else:
+        e = np.zeros_like(mean)
+    return {"x": np.asarray(x, dtype=float), "y": mean, "e": e, **style}
+
+
+def _draw_bars(ax, bars):
+    """Bars of means with 95% intervals, every replicate's value as a dot."""
+    from scipy import stats as scipy_stats
+
+    for bar in bars:
+        values = np.asarray(bar["values"], dtype=np.float64)
+        if not len(values):
+            continue
+        half = 0.0
+        if len(values) > 1:
+            se = values.std(ddof=1) / np.sqrt(len(values))
+            half = float(scipy_stats.t.ppf(0.975, len(values) - 1)) * se
+        style = {k: v for k, v in bar.items() if k not in ("x", "values")}
+        ax.bar(bar["x"], values.mean(), yerr=half, capsize=4, **style)
+        ax.scatter([bar["x"]] * len(values), values, color="black", s=12, zorder=3)
+
+
+def curves_figure(
+    panels, ylabel="test top-1 accuracy", legend="best", width=7.0, rows=1, height=None
+):
+    """Panels of lines with error bars, horizontal reference lines, scatters and
+    bars with per-replicate points: every figure of the studies.
 
     Args:
-      panels: one dict per panel: ``title``, ``xlabel``; ``lines``: a list of
-        ``{"x", "y", "e" (or None), "label", **style}`` drawn as error bars;
+      panels: one dict per panel: ``title``, ``xlabel``, ``ylabel``; ``lines``: a
+        list of ``{"x", "y", "e" (or None), "label", **style}`` drawn as error
+        bars (:func:`interval_line`, :func:`mean_curve` make them);
         ``references``: ``{"y", "label", **style}`` drawn as horizontal lines;
-        optional ``xticks`` ``(positions, labels)``, ``xscale`` and ``empty`` (a
-        text shown when the panel has no line).
-      ylabel: the y axis of the first panel.
+        ``scatters``: ``{"x", "y", **style}`` drawn as points; ``bars``:
+        ``{"x", "values" (one per replicate), **style}`` drawn as the mean with
+        its 95% interval and a dot per value; optional ``xticks`` ``(positions,
+        labels)``, ``xscale``, ``ticks=False`` (no axis ticks), ``legend``
+        (False: none) and ``empty`` (a text shown when the panel has nothing).
+      ylabel: the y axis of each row's first panel (a panel's own ``ylabel``
+        wins).
       legend: ``best`` (inside) or ``below`` (under each panel, for many lines).
-      width: inches per panel.
+      width: inches per panel; ``height``: per row (default by ``legend``).
+      rows: rows of panels (filled row by row).
     """
+    cols = max(1, -(-len(panels) // rows))
+    height = height or (6.4 if legend == "below" else 5.2)
     fig, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(width * len(panels), 6.4 if legend == "below" else 5.2),
-        squeeze=False,
+        rows, cols, figsize=(width * cols, height * rows), squeeze=False
     )
-    for ax, panel in zip(axes[0], panels, strict=True):
+    for i, panel in enumerate(panels):
+        ax = axes[i // cols][i % cols]
         for line in panel.get("lines", ()):
             style = {k: v for k, v in line.items() if k not in ("x", "y", "e")}
             e = line.get("e")
@@ -174,6 +235,10 @@ def curves_figure(panels, ylabel="test top-1 accuracy", legend="best", width=7.0
                 capsize=2,
                 **{"marker": "o", "ms": 4, **style},
             )
+        for points in panel.get("scatters", ()):
+            style = {k: v for k, v in points.items() if k not in ("x", "y")}
+            ax.scatter(points["x"], points["y"], **{"s": 24, "alpha": 0.8, **style})
+        _draw_bars(ax, panel.get("bars", ()))
         for ref in panel.get("references", ()):
             style = {k: v for k, v in ref.items() if k != "y"}
             ax.axhline(ref["y"], **{"lw": 1.2, **style})
@@ -182,19 +247,28 @@ def curves_figure(panels, ylabel="test top-1 accuracy", legend="best", width=7.0
         if panel.get("xticks"):
             ax.set_xticks(*panel["xticks"])
             ax.minorticks_off()
+        if panel.get("ticks") is False:
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_xlabel(panel.get("xlabel", ""))
-        ax.set_title(panel.get("title", ""))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        ax.set_title(panel.get("title", ""), fontsize=panel.get("fontsize"))
+        if panel.get("ylabel") is not None:
+            ax.set_ylabel(panel["ylabel"])
+        elif i % cols == 0:
+            ax.set_ylabel(ylabel)
+        if panel.get("ticks") is not False:
+            ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0] and panel.get("legend", True):
             if legend == "below":
                 ax.legend(
                     fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2
                 )
             else:
                 ax.legend(fontsize=7, loc="best")
-        elif panel.get("empty"):
+        elif panel.get("empty") and not ax.get_legend_handles_labels()[0]:
             ax.text(0.5, 0.5, panel["empty"], ha="center", transform=ax.transAxes)
-    axes[0][0].set_ylabel(ylabel)
+    for j in range(len(panels), rows * cols):
+        axes[j // cols][j % cols].axis("off")
     return fig
 
 

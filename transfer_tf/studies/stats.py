@@ -31,6 +31,33 @@ def format_stats(s, digits: int = 4, sign: bool = False, count: bool = True) -> 
     return f"{text} ({s['count']})" if count else text
 
 
+def by_replicate(records, group, value, replicate=lambda r: r["seed"]) -> dict:
+    """``{group(r): {replicate(r): value(r)}}``: the values of a cell of a table
+    keyed by replicate (a seed), so that cells can be paired within one. Records
+    whose ``group`` is None or whose value is None or NaN are left out; a second
+    value of the same group and replicate is an error (it would be silently
+    dropped otherwise)."""
+    out: dict = {}
+    for r in records:
+        g = group(r)
+        if g is None:
+            continue
+        v = value(r)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        cell = out.setdefault(g, {})
+        k = replicate(r)
+        if k in cell:
+            raise ValueError(f"two values for {g!r} in replicate {k!r}")
+        cell[k] = float(v)
+    return out
+
+
+def intervals(cells: dict) -> dict:
+    """``{group: interval over its replicates}`` of :func:`by_replicate`'s cells."""
+    return {g: interval([v[k] for k in sorted(v, key=str)]) for g, v in cells.items()}
+
+
 def select_best(records) -> dict:
     """The validation-best record: highest validation accuracy, then the lower
     validation loss (the test split never decides)."""

@@ -34,6 +34,7 @@ import numpy as np
 
 from transfer_tf import cache, data, export, models, plots, results, training
 from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner, stats
 
 log = logging.getLogger(__name__)
@@ -480,19 +481,6 @@ def grid_records(workdir, data_config, model_config, fields=("dataset",)) -> lis
     return results.read_jsonl(path / runner.RESULTS_FILE)
 
 
-def report(records: list[dict], config: Config) -> dict:
-    """``summary.md``, ``summary.csv``, ``transfer.png`` and ``relative.png``."""
-    records = study_records(records)
-    summary = summarize(records, config.gate_tolerance)
-    measured = [r for r in records if not r.get("at_chance")]
-    return {
-        "summary.md": summary_markdown(summary),
-        "summary.csv": summary_csv(summary),
-        "transfer.png": plots.png_bytes(plots.transfer_figure(measured)),
-        "relative.png": plots.png_bytes(plots.relative_figure(measured)),
-    }
-
-
 def study_records(records: list[dict]) -> list[dict]:
     """The records the summaries use: base nets count only for a target half of
     the grid (a baseA trained just as the source of AnB is not the B-target
@@ -514,45 +502,54 @@ def replicate(record) -> str:
     return f"seed{record['seed']}/{record['target']}"
 
 
-def summarize(records: list[dict], gate_tolerance: float = 0.02) -> dict:
-    """Aggregates the runs' test top-1 accuracy (a pure function of the records).
+def aggregate(records: list[dict], gate_tolerance: float = 0.02) -> dict:
+    """The runs' test top-1 accuracy by split, treatment and n (a pure function
+    of the records).
 
     Runs flagged ``at_chance`` (the net did not learn) are excluded and listed.
 
     Returns a dict with, per split kind:
-      ``cells``: ``{(treatment, n): stats}`` over replicates (base nets at n=0);
+      ``cells``: ``{(treatment, n): interval}`` over replicates (base nets at n=0);
       ``values``: ``{(treatment, n): {replicate: accuracy}}``;
       ``table1``: the paper's Table 1, ``AnB+ - baseB`` and ``AnB+ - BnB+``
         averaged over layers 1-7, 3-7 and 5-7, as intervals over replicates;
       ``relative``: ``{treatment: {n: mean / mean(baseB) - 1}}``;
-      ``reduced``: ``{k: stats}`` of the reduced-data control;
+      ``reduced``: ``{k: interval}`` of the reduced-data control;
       ``gate``: the convergence gate (:func:`gate`);
       ``halves``: ``{replicate: classes of A and B, man-made counts}``;
       ``excluded``: keys of the runs at chance;
-    and under ``"findings"`` the paper's findings with intervals and verdicts
-    (:func:`findings`).
+    and under ``"findings"`` the paper's findings (:func:`findings`).
     """
     out = {}
     by_split = defaultdict(list)
     for r in records:
         by_split[r["split"]].append(r)
     for split, rows in by_split.items():
-        values = defaultdict(dict)
-        reduced = defaultdict(list)
-        excluded, halves = [], {}
-        for r in rows:
-            if r.get("at_chance"):
-                excluded.append(r["key"])
-                continue
-            if r["kind"] == "base" and "classes_a" in r:
-                halves[f"seed{r['seed']}"] = {
-                    k: r[k] for k in r if k.startswith(("classes_", "man_made_in_"))
-                }
-            if r["treatment"] == "reduced":
-                reduced[r["train_per_class"]].append(r["test_accuracy"])
-            else:
-                values[(r["treatment"], r["n"])][replicate(r)] = r["test_accuracy"]
-        cells = {k: stats.stats(list(v.values())) for k, v in values.items()}
+        measured = [r for r in rows if not r.get("at_chance")]
+        halves = {
+            f"seed{r['seed']}": {
+                k: r[k] for k in r if k.startswith(("classes_", "man_made_in_"))
+            }
+            for r in measured
+            if r["kind"] == "base" and "classes_a" in r
+        }
+        values = stats.by_replicate(
+            measured,
+            group=lambda r: (
+                None if r["treatment"] == "reduced" else (r["treatment"], r["n"])
+            ),
+            value=lambda r: r["test_accuracy"],
+            replicate=replicate,
+        )
+        reduced = stats.by_replicate(
+            measured,
+            group=lambda r: (
+                r["train_per_class"] if r["treatment"] == "reduced" else None
+            ),
+            value=lambda r: r["test_accuracy"],
+            replicate=replicate,
+        )
+        cells = stats.intervals(values)
         base = cells.get(("baseB", 0))
         sizes = [
             r["test_examples"]
@@ -564,9 +561,13 @@ def summarize(records: list[dict], gate_tolerance: float = 0.02) -> dict:
         table1 = {}
         for lo, hi in RANGES:
             for name, reference in (("AnB+ - baseB", "baseB"), ("AnB+ - BnB+", "BnB+")):
-                table1[(name, f"{lo}-{hi}")] = _layer_mean_interval(
-                    values, "AnB+", reference, range(lo, hi + 1)
+                ns = range(lo, hi + 1)
+                iv = stats.interval(
+                    list(_layer_means(values, "AnB+", reference, ns).values())
                 )
+                if iv is not None:
+                    iv["layers"] = len({n for n in ns if ("AnB+", n) in values})
+                table1[(name, f"{lo}-{hi}")] = iv
         relative = {}
         if base and base["mean"] > 0:
             for t in ("BnB", "BnB+", "AnB", "AnB+", "random"):
@@ -579,45 +580,33 @@ def summarize(records: list[dict], gate_tolerance: float = 0.02) -> dict:
                     relative[t] = row
         out[split] = {
             "cells": cells,
-            "values": dict(values),
+            "values": values,
             "layers": layers,
             "table1": table1,
             "relative": relative,
-            "reduced": {k: stats.stats(v) for k, v in sorted(reduced.items())},
+            "reduced": dict(sorted(stats.intervals(reduced).items())),
             "base": base,
             "gate": gate(values, layers, gate_tolerance, test_examples),
             "halves": halves,
-            "excluded": sorted(excluded),
+            "excluded": sorted(r["key"] for r in rows if r.get("at_chance")),
         }
     return {"splits": out, "findings": findings(out)}
 
 
-def _reference(values, reference: str, n: int) -> dict:
-    return values.get((reference, 0 if reference == "baseB" else n), {})
+def _paired(a: dict, b: dict) -> dict:
+    """``{replicate: a - b}`` over the replicates both hold."""
+    return {k: a[k] - b[k] for k in sorted(set(a) & set(b))}
 
 
-def _layer_mean_interval(values, treatment, reference, ns) -> dict | None:
+def _layer_means(values, treatment, reference, ns) -> dict:
     """Per replicate, the mean over the layers ``ns`` (those run) of
-    ``treatment(n) - reference(n)``; the interval of that over replicates."""
+    ``treatment(n) - reference(n)`` (the reference baseB at n=0)."""
     per_replicate = defaultdict(list)
     for n in ns:
-        for rep, diff in zip(
-            *_paired_keys(
-                values.get((treatment, n), {}), _reference(values, reference, n)
-            ),
-            strict=True,
-        ):
+        ref = values.get((reference, 0 if reference == "baseB" else n), {})
+        for rep, diff in _paired(values.get((treatment, n), {}), ref).items():
             per_replicate[rep].append(diff)
-    if not per_replicate:
-        return None
-    iv = stats.interval([float(np.mean(v)) for v in per_replicate.values()])
-    iv["layers"] = len({n for n in ns if (treatment, n) in values})
-    return iv
-
-
-def _paired_keys(a: dict, b: dict):
-    keys = sorted(set(a) & set(b))
-    return keys, [a[k] - b[k] for k in keys]
+    return {rep: float(np.mean(v)) for rep, v in sorted(per_replicate.items())}
 
 
 def gate(values, layers, tolerance: float, test_examples: int | None = None) -> dict:
@@ -648,8 +637,10 @@ def gate(values, layers, tolerance: float, test_examples: int | None = None) -> 
     checks = {}
     base = list(values.get(("baseB", 0), {}).values())
     for treatment in ("BnB", "BnB+"):
-        _, diffs = _paired_keys(
-            values.get((treatment, n), {}), values.get(("baseB", 0), {})
+        diffs = list(
+            _paired(
+                values.get((treatment, n), {}), values.get(("baseB", 0), {})
+            ).values()
         )
         iv = stats.interval(diffs)
         if iv is None:
@@ -733,10 +724,10 @@ FINDINGS = (
 )
 
 
-def findings(splits: dict) -> list[dict]:
-    """The paper's findings, each with our interval over replicates and a verdict
-    computed from it (``stats.verdict``), ``confounded`` where the convergence
-    gate of the split it rests on failed.
+def findings(splits: dict) -> list[report_lib.Finding]:
+    """The paper's findings, each a :class:`report_lib.Finding` with our values
+    per replicate, its interval and the verdict computed from it,
+    ``confounded`` where the convergence gate of the split it rests on failed.
 
     Measured on the ``random`` split (else the first split), except the semantic
     comparison, which needs both ``random`` and ``man_made``.
@@ -746,27 +737,25 @@ def findings(splits: dict) -> list[dict]:
     main = "random" if "random" in splits else next(iter(splits))
     s = splits[main]
     values, layers = s["values"], s["layers"]
-    measured = {}
+    measured = {}  # key: (per-replicate values or an interval, where)
     both = [n for n in layers if ("AnB", n) in values and ("BnB", n) in values]
     if len(both) >= 2:
         lo, hi = both[0], both[-1]
-        _, d_hi = _paired_keys(values[("AnB", hi)], values[("BnB", hi)])
-        keys_hi, _ = _paired_keys(values[("AnB", hi)], values[("BnB", hi)])
-        keys_lo, d_lo = _paired_keys(values[("AnB", lo)], values[("BnB", lo)])
-        lo_by = dict(zip(keys_lo, d_lo, strict=True))
-        diffs = [d - lo_by[k] for k, d in zip(keys_hi, d_hi, strict=True) if k in lo_by]
-        measured["specificity"] = (stats.interval(diffs), f"n={hi} vs n={lo}")
+        d_hi = _paired(values[("AnB", hi)], values[("BnB", hi)])
+        d_lo = _paired(values[("AnB", lo)], values[("BnB", lo)])
+        diffs = {k: d - d_lo[k] for k, d in d_hi.items() if k in d_lo}
+        measured["specificity"] = (diffs, f"n={hi} vs n={lo}")
     middle = [n for n in layers if n in MIDDLE] or [n for n in layers if 2 <= n <= 6]
     if middle:
-        iv = _layer_mean_interval(values, "BnB", "baseB", middle)
-        measured["co_adaptation"] = (iv, f"n={','.join(map(str, middle))}")
+        diffs = _layer_means(values, "BnB", "baseB", middle)
+        measured["co_adaptation"] = (diffs, f"n={','.join(map(str, middle))}")
     for key, reference in (("boost_base", "baseB"), ("boost_selffer", "BnB+")):
-        iv = _layer_mean_interval(values, "AnB+", reference, layers)
-        measured[key] = (iv, f"n={','.join(map(str, layers))}")
+        diffs = _layer_means(values, "AnB+", reference, layers)
+        measured[key] = (diffs, f"n={','.join(map(str, layers))}")
     high = [n for n in layers if n >= 3]
     if high:
-        iv = _layer_mean_interval(values, "random", "BnB", high)
-        measured["random"] = (iv, f"n={','.join(map(str, high))}")
+        diffs = _layer_means(values, "random", "BnB", high)
+        measured["random"] = (diffs, f"n={','.join(map(str, high))}")
     gates = {main: s["gate"]}
     if "random" in splits and "man_made" in splits:
         drops, ns = {}, []
@@ -777,46 +766,49 @@ def findings(splits: dict) -> list[dict]:
                 break
             n = max(common)
             ns.append(n)
-            keys, _ = _paired_keys(v[("AnB", n)], v.get(("baseB", 0), {}))
-            drops[split] = [v[("AnB", n)][k] / v[("baseB", 0)][k] - 1.0 for k in keys]
+            base = v.get(("baseB", 0), {})
+            drops[split] = [
+                v[("AnB", n)][k] / base[k] - 1.0
+                for k in sorted(v[("AnB", n)])
+                if k in base
+            ]
             gates[split] = splits[split]["gate"]
         if len(drops) == 2:
             iv = stats.difference_interval(drops["man_made"], drops["random"])
             measured["semantic"] = (iv, f"n={ns[0]} (random) vs n={ns[1]} (man_made)")
     out = []
     for key, claim, measure, paper, expected in FINDINGS:
-        if key not in measured or measured[key][0] is None:
+        if key not in measured:
             continue
-        iv, where = measured[key]
-        verdict = stats.verdict(iv, expected)
+        found, where = measured[key]
+        if not found:
+            continue
         used = gates if key == "semantic" else {main: s["gate"]}
         failed = [k for k, g in used.items() if g["passed"] is False]
-        if failed:
-            verdict += f" (confounded: gate failed on {', '.join(failed)})"
-        if iv["low"] is None:
-            verdict += " (1 replicate: no interval)"
+        caveats = (f"confounded: gate failed on {', '.join(failed)}",) if failed else ()
+        interval = found if key == "semantic" else None
         out.append(
-            {
-                "key": key,
-                "claim": claim,
-                "measure": f"{measure} [{where}]",
-                "paper": paper,
-                "interval": iv,
-                "verdict": verdict,
-                "split": "random vs man_made" if key == "semantic" else main,
-            }
+            report_lib.Finding(
+                key=key,
+                claim=claim,
+                measure=f"{measure} [{where}]",
+                paper=paper,
+                values={} if key == "semantic" else found,
+                expected=expected,
+                caveats=caveats,
+                interval=interval,
+            )
         )
     return out
 
 
-def findings_markdown(summary: dict) -> list[str]:
-    """The convergence gates and the Findings table (summary.md's head; the
-    script prints it at the end of a run)."""
-    lines = ["## Convergence gate", ""]
-    for split, s in summary["splits"].items():
+def gate_lines(splits: dict) -> list[str]:
+    """One line per split: the convergence gate's result and its numbers."""
+    lines = []
+    for split, s in splits.items():
         g = s["gate"]
         if g["passed"] is None:
-            lines.append(f"- {split}: not testable ({g['why']}).")
+            lines.append(f"{split}: not testable ({g['why']}).")
         elif g["passed"]:
             shown = "; ".join(
                 f"{t} - baseB = {stats.format_interval(c['interval'])} points"
@@ -825,137 +817,180 @@ def findings_markdown(summary: dict) -> list[str]:
             noise = max(c.get("noise", 0.0) for c in g["checks"].values())
             if noise:
                 shown += f"; test-sampling noise ±{100 * noise:.2f} points"
-            lines.append(f"- {split}: passed at n={g['n']} ({shown}).")
+            lines.append(f"{split}: passed at n={g['n']} ({shown}).")
         else:
             lines.append(
-                f"- **{split}: FAILED** ({g['why']}): the base nets are not "
+                f"**{split}: FAILED** ({g['why']}): the base nets are not "
                 "converged or the selffer nets trained further; the findings "
                 "resting on this split are confounded."
             )
-    lines += [
-        "",
-        "Test: BnB and BnB+ at the highest cut layer minus baseB, paired by "
-        "replicate, must lie within the gate tolerance and must not be detectably "
-        "different from zero: detectable means the 95% t-interval over replicates "
-        "excludes 0 and the mean exceeds the test-sampling noise of a paired "
-        "difference, 1.96 sqrt(2 p (1 - p) / N / k) for baseB's accuracy p on N "
-        "test images and k replicates.",
-        "",
-        "## Findings (Yosinski et al. 2014) judged by this run",
-        "",
-        "Ours: mean difference in points of test top-1 with its 95% t-interval "
-        "over replicates (seeds x target halves; in parentheses how many); the "
-        "verdict is computed from the interval: reproduced (on the paper's "
-        "side of 0), contradicted (on the other side), not resolved (spans 0).",
-        "",
-    ]
-    rows = [
-        [
-            f["claim"],
-            f["paper"],
-            stats.format_interval(f["interval"]),
-            f"**{f['verdict']}**",
-            f["measure"],
-        ]
-        for f in summary["findings"]
-    ]
-    lines += stats.markdown_table(
-        ["finding", "paper", "ours (points)", "verdict", "measured as"], rows
-    )
     return lines
 
 
-def summary_markdown(summary: dict) -> str:
-    """Human-readable tables of :func:`summarize` (the README quotes them)."""
-    lines = ["# Transferability study: test top-1 accuracy", ""]
-    lines += findings_markdown(summary)
-    for split, s in summary["splits"].items():
+GATE_TEST = (
+    "Test: BnB and BnB+ at the highest cut layer minus baseB, paired by "
+    "replicate, must lie within the gate tolerance and must not be detectably "
+    "different from zero: detectable means the 95% t-interval over replicates "
+    "excludes 0 and the mean exceeds the test-sampling noise of a paired "
+    "difference, 1.96 sqrt(2 p (1 - p) / N / k) for baseB's accuracy p on N "
+    "test images and k replicates."
+)
+
+CELL_COLUMNS = (
+    report_lib.Column("split", csv="split"),
+    report_lib.Column("treatment", csv="treatment"),
+    report_lib.Column("n", csv="n"),
+    report_lib.Column("test top-1", report_lib.ACCURACY, csv="mean"),
+)
+
+
+def summarize(records: list[dict], config: Config) -> report_lib.Summary:
+    """The report's rows: the convergence gates, the findings, per split the
+    accuracy cells (treatment x n), Table 1, the halves, the reduced-data
+    control, and the drop relative to the base net (a pure function of the
+    records)."""
+    records = study_records(records)
+    aggregated = aggregate(records, config.gate_tolerance)
+    splits = aggregated["splits"]
+    summary = report_lib.Summary("Transferability study: test top-1 accuracy")
+    summary.add(
+        report_lib.Text("", title="Convergence gate"),
+        report_lib.Bullets(gate_lines(splits), title=""),
+        report_lib.Text(GATE_TEST),
+        report_lib.findings_table(
+            aggregated["findings"],
+            title="Findings (Yosinski et al. 2014) judged by this run",
+            text="Ours: mean difference in points of test top-1 with its 95% "
+            "t-interval over replicates (seeds x target halves; in parentheses how "
+            "many); the verdict is computed from the interval: reproduced (on the "
+            "paper's side of 0), contradicted (on the other side), not resolved "
+            "(spans 0).",
+        ),
+    )
+    long_rows = []
+    for split, s in splits.items():
         columns = [0, *s["layers"]]
-        lines += ["", f"## Split: {split}", ""]
-        lines.append(
-            "Mean ± std (number of replicates) over seeds and pooled targets; base "
-            "nets at n=0. Targets A and B are pooled under the B names (selffer = "
-            "BnB, transfer = AnB)."
-        )
-        lines.append("")
         rows = [
-            [t] + [stats.format_stats(s["cells"].get((t, n))) for n in columns]
+            [t] + [s["cells"].get((t, n)) for n in columns]
             for t in ORDER
+            if any((t, n) in s["cells"] for n in columns)
         ]
-        lines += stats.markdown_table(
-            ["treatment"] + [f"n={n}" for n in columns], [r for r in rows if any(r[1:])]
+        summary.add(
+            report_lib.Table(
+                ("treatment", *((f"n={n}", report_lib.ACCURACY) for n in columns)),
+                rows,
+                title=f"Split: {split}",
+                text="Test top-1: mean [95% t-interval] (number of replicates) over "
+                "seeds and pooled targets; base nets at n=0. Targets A and B are "
+                "pooled under the B names (selffer = BnB, transfer = AnB).",
+                name=f"cells/{split}",
+            )
         )
-        lines += [
-            "",
-            "Table 1 (paper): mean accuracy difference over a range of layers, in "
-            "points, with its 95% interval over replicates.",
-            "",
+        long_rows += [
+            [split, t, n, iv]
+            for (t, n), iv in sorted(
+                s["cells"].items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])
+            )
         ]
-        rows = []
-        for name in ("AnB+ - baseB", "AnB+ - BnB+"):
-            cells = []
-            for lo, hi in RANGES:
-                v = s["table1"].get((name, f"{lo}-{hi}"))
-                cells.append(
-                    f"{stats.format_interval(v)}, {v['layers']} layers" if v else ""
-                )
-            rows.append([name, *cells])
-        lines += stats.markdown_table(
-            ["difference"] + [f"layers {lo}-{hi}" for lo, hi in RANGES], rows
+        long_rows += [[split, f"reduced@k{k}", 0, iv] for k, iv in s["reduced"].items()]
+        rows = [
+            [name]
+            + [
+                report_lib.Cell(v, note=f"over {v['layers']} layers") if v else None
+                for v in (s["table1"].get((name, f"{lo}-{hi}")) for lo, hi in RANGES)
+            ]
+            for name in ("AnB+ - baseB", "AnB+ - BnB+")
+        ]
+        summary.add(
+            report_lib.Table(
+                (
+                    "difference",
+                    *((f"layers {lo}-{hi}", report_lib.POINTS) for lo, hi in RANGES),
+                ),
+                rows,
+                text="Table 1 (paper): mean accuracy difference over a range of "
+                "layers, in points, with its 95% interval over replicates.",
+                name=f"table1/{split}",
+            )
         )
         if s["halves"]:
-            lines += ["", "Halves (the classes of A and B per seed):", ""]
             counted = any("man_made_in_a" in h for h in s["halves"].values())
-            header = ["seed", "A", "B"] + (["man-made in A / B"] if counted else [])
             rows = []
             for seed, h in sorted(s["halves"].items()):
                 row = [seed, ", ".join(h["classes_a"]), ", ".join(h["classes_b"])]
                 if counted:
                     row.append(f"{h['man_made_in_a']} / {h['man_made_in_b']}")
                 rows.append(row)
-            lines += stats.markdown_table(header, rows)
+            summary.add(
+                report_lib.Table(
+                    ("seed", "A", "B", *(["man-made in A / B"] if counted else [])),
+                    rows,
+                    text="Halves (the classes of A and B per seed):",
+                    name=f"halves/{split}",
+                )
+            )
         if s["reduced"]:
-            lines += [
-                "",
-                "Reduced-data control (base nets with k training examples per class):",
-                "",
-            ]
-            rows = [[str(k), stats.format_stats(v)] for k, v in s["reduced"].items()]
-            rows.append(["all", stats.format_stats(s["base"])])
-            lines += stats.markdown_table(["k per class", "test top-1"], rows)
-        if s["excluded"]:
-            lines += [
-                "",
-                f"Excluded: {len(s['excluded'])} runs whose nets never rose "
-                "significantly above chance on validation (failed, not measured): "
-                + ", ".join(s["excluded"]),
-            ]
-    lines += ["", "## Drop relative to the base net (mean / mean(baseB) - 1)", ""]
-    all_layers = sorted({n for s in summary["splits"].values() for n in s["layers"]})
+            rows = [[str(k), v] for k, v in s["reduced"].items()]
+            rows.append(["all", s["base"]])
+            summary.add(
+                report_lib.Table(
+                    ("k per class", ("test top-1", report_lib.ACCURACY)),
+                    rows,
+                    text="Reduced-data control (base nets with k training examples "
+                    "per class):",
+                    name=f"reduced/{split}",
+                )
+            )
+        summary.add(
+            report_lib.Bullets(
+                report_lib.caveats([r for r in records if r["split"] == split]),
+                title=f"Caveats ({split} split).",
+            )
+        )
+    summary.add(
+        report_lib.convergence_table(
+            [r for r in records if r["kind"] != "reduced"],
+            group=lambda r: f"{r['split']}: {r['treatment']}",
+            text="Every arm trains by the same plateau rule; per split and "
+            "treatment, the epochs run, the epoch whose weights were kept and why "
+            "training stopped.",
+        )
+    )
+    all_layers = sorted({n for s in splits.values() for n in s["layers"]})
     rows = [
-        [split, t] + [f"{row[n]:+.2%}" if n in row else "" for n in all_layers]
-        for split, s in summary["splits"].items()
+        [split, t] + [row.get(n) for n in all_layers]
+        for split, s in splits.items()
         for t, row in s["relative"].items()
     ]
-    lines += stats.markdown_table(
-        ["split", "treatment"] + [f"n={n}" for n in all_layers], rows
+    summary.add(
+        report_lib.Table(
+            (
+                "split",
+                "treatment",
+                *((f"n={n}", report_lib.RELATIVE) for n in all_layers),
+            ),
+            rows,
+            title="Drop relative to the base net (mean / mean(baseB) - 1)",
+            name="relative",
+        ),
+        report_lib.Table(
+            CELL_COLUMNS, long_rows, name="cells", csv="summary.csv", show=False
+        ),
     )
-    return "\n".join(lines) + "\n"
+    return summary
 
 
-def summary_csv(summary: dict) -> str:
-    """One row per (split, treatment, n): mean, std, count."""
-    lines = ["split,treatment,n,mean,std,count"]
-    for split, s in summary["splits"].items():
-        for (t, n), v in sorted(
-            s["cells"].items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])
-        ):
-            lines.append(f"{split},{t},{n},{v['mean']:.6f},{v['std']:.6f},{v['count']}")
-        for k, v in s["reduced"].items():
-            lines.append(
-                f"{split},reduced@k{k},0,{v['mean']:.6f},{v['std']:.6f},{v['count']}"
-            )
-    return "\n".join(lines) + "\n"
+def report(records: list[dict], config: Config) -> dict:
+    """``summary.md``, ``summary.csv`` (one row per split, treatment and n),
+    ``findings.csv``, ``transfer.png`` and ``relative.png``."""
+    summary = summarize(records, config)
+    measured = [r for r in study_records(records) if not r.get("at_chance")]
+    return {
+        "summary.md": report_lib.markdown(summary),
+        **summary.csv_files(),
+        "transfer.png": plots.png_bytes(plots.transfer_figure(measured)),
+        "relative.png": plots.png_bytes(plots.relative_figure(measured)),
+    }
 
 
 STUDY = runner.from_module(
