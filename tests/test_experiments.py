@@ -63,7 +63,7 @@ def test_bad_flags_are_one_line_errors_that_name_the_flag(tmp_path):
     for args, message in (
         (["--seeds=-1"], "seeds=[-1]: seeds must be integers >= 0"),
         (["--seeds=a"], "--seeds=a: 'a' is not a int"),
-        (["--layers=9"], "n=9 is out of range"),
+        (["--layers=9"], "9 is not an integer in 1..7"),
         (["--dataset=cifar11"], "unknown dataset 'cifar11'"),
         (["--probe_learning_rate=0"], "Unknown command line flag"),
         (["--num_shards=2"], "--num_shards and --shard_index go together"),

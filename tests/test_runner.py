@@ -53,6 +53,24 @@ def test_budgets_seeds_and_value_checks_name_the_problem():
     with pytest.raises(ValueError, match=r"fine_tune_learning_rate=0 must be > 0"):
         config_lib.check_positive("fine_tune_learning_rate", 0)
     config_lib.check_positive("fine_tune_learning_rate", None)
+    for bad, wanted in ((0, "an integer >= 1"), (True, "an integer >= 1"), (2.0, "")):
+        with pytest.raises(
+            ValueError, match=f"min_epoch_steps={bad!r} must be {wanted}"
+        ):
+            config_lib.check_int("min_epoch_steps", bad, 1)
+    config_lib.check_int("target_per_class", None, 1, allow_none=True)
+    with pytest.raises(ValueError, match=r"n=8 must be an integer in 1\.\.7: cut"):
+        config_lib.check_int("n", 8, 1, 7, why=": cut layers")
+    with pytest.raises(ValueError, match=r"layers=\[1, 9\]: 9 is not an integer in 1"):
+        config_lib.check_ints("layers", (1, 9), 1, 7)
+    config_lib.check_ints("block_sizes", (None, 1, 4), 1)
+
+
+def test_smoke_presets_share_one_base_and_state_only_what_differs():
+    preset = config_lib.smoke({"training.epochs": 4, "seeds": (0, 1)})
+    assert preset["model.width"] == config_lib.SMOKE["model.width"]
+    assert preset["training.epochs"] == 4 and preset["seeds"] == (0, 1)
+    assert "training.epochs" not in config_lib.SMOKE  # the base is not changed
 
 
 def test_override_by_dotted_paths_validates_the_result():

@@ -3,6 +3,7 @@ and experiments/transferability.py killed and resumed."""
 
 from __future__ import annotations
 
+import csv as csv_lib
 import dataclasses
 import os
 import signal
@@ -70,7 +71,10 @@ def test_expand_only_needs_base_a_for_transfer():
 
 
 def test_study_config_errors():
-    with pytest.raises(ValueError, match=r"n=8 is out of range; cut layers are 1..7"):
+    with pytest.raises(
+        ValueError,
+        match=r"layers=\[1, 8\]: 8 is not an integer in 1..7: cut layers are conv1",
+    ):
         tiny_study(layers=(1, 8))
     with pytest.raises(ValueError, match=r"treatments=\['CnB'\]"):
         tiny_study(treatments=("CnB",))
@@ -207,10 +211,8 @@ def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
 def test_summary_equals_numbers_recomputed_from_results(study):
     config, workdir, _ = study
     lines = transferability.study_records(results.read_jsonl(workdir / "results.jsonl"))
-    csv = {}
-    for row in (workdir / "summary.csv").read_text().splitlines()[1:]:
-        split, treatment, n, mean, std, count = row.split(",")
-        csv[(treatment, int(n))] = (float(mean), int(count))
+    with open(workdir / "summary.csv", newline="") as f:
+        csv = {(row["treatment"], int(row["n"])): row for row in csv_lib.DictReader(f)}
     groups = {}
     for r in lines:
         if r["at_chance"]:  # failed nets are listed, never averaged
@@ -223,18 +225,29 @@ def test_summary_equals_numbers_recomputed_from_results(study):
         groups.setdefault(key, []).append(r["test_accuracy"])
     assert set(csv) == set(groups)
     for key, values in groups.items():
-        assert csv[key][0] == pytest.approx(np.mean(values), abs=1e-6)
-        assert csv[key][1] == len(values)
+        assert float(csv[key]["mean"]) == pytest.approx(np.mean(values), abs=1e-6)
+        assert int(csv[key]["count"]) == len(values)
     # baseB counts only the B-target base net, not baseA (a source only).
-    assert csv[("baseB", 0)][1] == 1
-    summary = transferability.summarize(lines)["splits"]["random"]
+    assert int(csv[("baseB", 0)]["count"]) == 1
+    summary = transferability.summarize(lines, config)
+    # The Markdown cells are the same intervals as the CSV's, treatment x n.
+    cells = summary.table("cells/random")
+    treatments = cells.column("treatment")
+    row = cells.rows[treatments.index("AnB+")]
+    assert cells.columns[-1].name == "n=6"
+    assert row[-1]["mean"] == pytest.approx(np.mean(groups[("AnB+", 6)]))
+    split = transferability.aggregate(lines)["splits"]["random"]
     base = np.mean(groups[("baseB", 0)])
     expected = np.mean([np.mean(groups[("AnB+", n)]) - base for n in (2, 6)])
-    assert summary["table1"][("AnB+ - baseB", "1-7")]["mean"] == pytest.approx(expected)
+    assert split["table1"][("AnB+ - baseB", "1-7")]["mean"] == pytest.approx(expected)
     expected = np.mean(groups[("AnB+", 6)]) - np.mean(groups[("BnB+", 6)])
-    assert summary["table1"][("AnB+ - BnB+", "5-7")]["mean"] == pytest.approx(expected)
-    drop = np.mean(groups[("AnB", 6)]) / base - 1
-    assert summary["relative"]["AnB"][6] == pytest.approx(drop)
+    assert split["table1"][("AnB+ - BnB+", "5-7")]["mean"] == pytest.approx(expected)
+    table1 = summary.table("table1/random")
+    assert table1.rows[0][1].value["mean"] == pytest.approx(
+        split["table1"][("AnB+ - baseB", "1-7")]["mean"]
+    )
+    drop = np.mean(groups[("BnB", 6)]) / base - 1
+    assert split["relative"]["BnB"][6] == pytest.approx(drop)
     text = (workdir / "summary.md").read_text()
     assert "AnB+ - baseB" in text and "Split: random" in text
     # Four epochs do not converge a base net: BnB at n=6 (only fc7-fc8
@@ -242,7 +255,17 @@ def test_summary_equals_numbers_recomputed_from_results(study):
     # at the top, marking every finding as confounded.
     gate_section = text.split("## Findings")[0]
     assert "**random: FAILED** (BnB - baseB at n=6" in gate_section
-    assert text.count("confounded: gate failed on random") >= 3
+    verdicts = summary.table("findings").column("verdict")
+    assert len(verdicts) >= 3
+    assert all("confounded: gate failed on random" in v.value for v in verdicts)
+    # The findings CSV holds the same findings, unscaled.
+    with open(workdir / "findings.csv", newline="") as f:
+        rows = list(csv_lib.DictReader(f))
+    assert [r["key"] for r in rows] == summary.table("findings").column("#")
+    # Every training is in the convergence table, with why it stopped.
+    convergence = summary.table("convergence")
+    assert sum(convergence.column("runs")) == sum(r["kind"] != "reduced" for r in lines)
+    assert all("epoch cap" in reasons for reasons in convergence.column("stop reasons"))
 
 
 def _values(**cells):
@@ -300,17 +323,18 @@ def test_findings_are_judged_from_paired_intervals():
         "layers": [1, 7],
         "gate": transferability.gate(values, [1, 7], 0.02),
     }
-    found = {f["key"]: f for f in transferability.findings({"random": split})}
+    found = {f.key: f for f in transferability.findings({"random": split})}
     assert split["gate"]["passed"]
-    assert found["specificity"]["verdict"] == "reproduced"
-    assert found["specificity"]["interval"]["mean"] == pytest.approx(-0.10)
-    assert found["boost_base"]["verdict"] == "reproduced"
-    assert found["boost_base"]["interval"]["mean"] == pytest.approx(0.025)
+    assert found["specificity"].verdict == "reproduced"
+    assert found["specificity"].interval["mean"] == pytest.approx(-0.10)
+    assert found["specificity"].holds == (3, 3)
+    assert found["boost_base"].verdict == "reproduced"
+    assert found["boost_base"].interval["mean"] == pytest.approx(0.025)
     assert "co_adaptation" not in found  # no middle layer run... except n in 2..6
     # The same numbers with a failed gate are marked confounded.
     split["gate"] = {"passed": False}
-    found = {f["key"]: f for f in transferability.findings({"random": split})}
-    assert found["boost_base"]["verdict"].startswith("reproduced (confounded")
+    found = {f.key: f for f in transferability.findings({"random": split})}
+    assert found["boost_base"].verdict.startswith("reproduced (confounded")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -170,6 +171,39 @@ def test_plateau_rule_reduces_the_rate_then_stops_as_converged(tmp_path):
     assert stopped == [False] * 8 + [True]
     assert callback.state["stop_reason"] == "converged"
     assert callback.state["best_epoch"] == 5 and callback.state["reductions"] == 2
+
+
+def test_the_plateau_fragment_is_the_rule_with_a_studys_changes():
+    rule = training.plateau(epochs=30, min_epochs=3)
+    assert rule.schedule == "plateau" and rule.plateau_reductions == 1
+    assert (rule.epochs, rule.min_epochs) == (30, 3)
+    assert training.plateau(plateau_reductions=2).plateau_reductions == 2
+    with pytest.raises(ValueError):
+        training.plateau(plateau_patience=-1)
+
+
+def test_train_task_takes_callbacks_and_runs_the_whole_net_for_them(task, tmp_path):
+    class Epochs(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seen.append(len(self.model.layers))
+
+    source = models.build_base_net(task.image_shape, task.num_classes, seed=0, **TINY)
+    net = models.transfer_net(source, 3, task.num_classes, fine_tune=False, seed=0)
+    watcher = Epochs()
+    outcome = training.train_task(
+        net, task, config(epochs=2), tmp_path, 32, callbacks=[watcher]
+    )
+    # conv1..conv3 are frozen, yet the callback saw every epoch of the whole net
+    assert outcome.path == "full" and outcome.path_reason == (
+        "callbacks watch the whole net"
+    )
+    assert watcher.seen == [len(net.layers)] * 2
+    plain = training.train_task(net, task, config(epochs=1), tmp_path / "plain", 32)
+    assert plain.path == "cached"
 
 
 def test_min_epochs_keeps_a_net_that_has_not_started_learning(tmp_path):

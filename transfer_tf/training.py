@@ -171,6 +171,17 @@ class TrainResult:
     learning_rate_reductions: int = 0
 
 
+def plateau(**changes) -> TrainConfig:
+    """The project's convergence rule as a :class:`TrainConfig` fragment: the
+    ``plateau`` schedule (the learning rate falls when the validation loss
+    stops falling for ``plateau_patience`` epochs; training stops when it still
+    does not after ``plateau_reductions`` reductions), with a study's own
+    ``changes`` (its cap ``epochs``, ``min_epochs``, optimizer, ...) on top. Every
+    study that trains "to convergence" starts from it."""
+    rule = {"schedule": "plateau", "plateau_patience": 2, "plateau_reductions": 1}
+    return TrainConfig(**{**rule, **changes})
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -661,6 +672,7 @@ def train_task(
     augment: str = "none",
     cache: activation_cache.ActivationCache | None = None,
     min_epoch_steps: int = 1,
+    callbacks=(),
 ) -> TaskResult:
     """Trains ``model`` on a ``data.Task`` and evaluates it on the task's test split.
 
@@ -671,7 +683,9 @@ def train_task(
     exportable net. Otherwise every image goes through the whole net each epoch.
     Shuffling is seeded identically on both paths. A training set smaller than
     ``min_epoch_steps`` batches is repeated until an epoch has that many steps
-    (see ``data.Task.train_dataset``).
+    (see ``data.Task.train_dataset``). ``callbacks`` are further Keras callbacks
+    (a checkpoint per epoch, say); they watch the whole net, so with callbacks
+    the full path runs.
 
     Returns:
       A TaskResult saying which path ran and why.
@@ -683,6 +697,8 @@ def train_task(
         n, reason = activation_cache.frozen_cut(model, augment)
     else:
         n, reason = 0, "activation_cache is off"
+    if n and callbacks:
+        n, reason = 0, "callbacks watch the whole net"
     if n == 0:
         outcome = train(
             model,
@@ -690,6 +706,7 @@ def train_task(
             task.eval_dataset("validation", batch_size),
             config,
             workdir,
+            callbacks=callbacks,
         )
         return tested(outcome, model, task, batch_size, reason)
     if cache is None:

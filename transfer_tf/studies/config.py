@@ -96,6 +96,50 @@ def check_positive(field: str, value, allow_none: bool = True):
         raise ValueError(f"{field}={value!r} must be > 0")
 
 
+def check_int(
+    field: str,
+    value,
+    minimum: int | None = 1,
+    maximum: int | None = None,
+    allow_none: bool = False,
+    why: str = "",
+):
+    """An integer field (not a bool) within ``minimum..maximum``; ``None`` when
+    ``allow_none``. The error names the field, its value and the range (and
+    ``why``, what the range means)."""
+    if value is None and allow_none:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, int)
+    bad = bad or (minimum is not None and value < minimum)
+    bad = bad or (maximum is not None and value > maximum)
+    if bad:
+        if maximum is None:
+            wanted = f"an integer >= {minimum}"
+        elif minimum is None:
+            wanted = f"an integer <= {maximum}"
+        else:
+            wanted = f"an integer in {minimum}..{maximum}"
+        if allow_none:
+            wanted += " or None"
+        raise ValueError(f"{field}={value!r} must be {wanted}{why}")
+
+
+def check_ints(field: str, values, minimum: int | None = 1, maximum=None, why=""):
+    """Every value of a sequence field is an integer in ``minimum..maximum``
+    (``None`` values are allowed: "all"); the error names the whole field."""
+    for v in values:
+        if v is None:
+            continue
+        try:
+            check_int(field, v, minimum, maximum)
+        except ValueError:
+            shown = [v if v is not None else "all" for v in values]
+            wanted = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise ValueError(
+                f"{field}={shown}: {v!r} is not an integer {wanted}{why}"
+            ) from None
+
+
 def check_seeds(field: str, seeds):
     """Seeds are distinct integers >= 0 (NumPy's generators take no negatives)."""
     bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
@@ -132,6 +176,23 @@ def budget_name(k: int | None) -> str:
 
 
 # ------------------------------------------------------------------------ presets
+
+
+# What every study's smoke preset shares (seconds, for tests): a tiny net (filters
+# 5, 13, 19, 19, 13; 205-unit fc layers), small batches, one seed, no
+# TensorBoard. A study states only what differs: ``smoke({"training.epochs": 4})``.
+SMOKE = {
+    "model.width": 0.05,
+    "data.batch_size": 32,
+    "seeds": (0,),
+    "training.tensorboard": False,
+}
+
+
+def smoke(changes: Mapping[str, object]) -> dict[str, object]:
+    """A smoke preset: :data:`SMOKE` with a study's own ``changes`` (dotted field
+    paths) on top."""
+    return {**SMOKE, **changes}
 
 
 def get(config, path: str):

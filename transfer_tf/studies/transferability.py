@@ -24,6 +24,7 @@ records.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -32,7 +33,7 @@ from collections import defaultdict
 import keras
 import numpy as np
 
-from transfer_tf import cache, data, export, models, plots, results, training
+from transfer_tf import cache, data, export, features, models, plots, results, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner, stats
@@ -84,8 +85,8 @@ class Config(config_lib.StudyConfig):
 
     data: data.DataConfig = data.DataConfig(batch_size=64)
     model: models.ModelConfig = models.ModelConfig(width=0.125)
-    training: training.TrainConfig = training.TrainConfig(
-        epochs=30, schedule="plateau", plateau_patience=2, min_epochs=3
+    training: training.TrainConfig = training.plateau(
+        epochs=30, min_epochs=3, plateau_reductions=2
     )
     fine_tune_learning_rate: float | None = 0.002
     fine_tune_select_initial: bool = True
@@ -126,16 +127,16 @@ class Config(config_lib.StudyConfig):
             config_lib.check_values(field, values, choices)
         config_lib.check_seeds("seeds", self.seeds)
         config_lib.check_distinct(self, ("layers", "reduced_per_class"))
-        for n in self.layers:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 7:
-                raise ValueError(
-                    f"layers: n={n!r} is out of range; cut layers are 1..7 "
-                    f"({models.LAYER_NAMES[0]}..{models.LAYER_NAMES[6]})"
-                )
+        config_lib.check_ints(
+            "layers",
+            self.layers,
+            1,
+            7,
+            why=f": cut layers are {models.LAYER_NAMES[0]}..{models.LAYER_NAMES[6]}",
+        )
         if "reduced" in self.treatments and not self.reduced_per_class:
             raise ValueError("treatment 'reduced' needs reduced_per_class (k values)")
-        if any(k < 1 for k in self.reduced_per_class):
-            raise ValueError(f"reduced_per_class={self.reduced_per_class} must be >= 1")
+        config_lib.check_ints("reduced_per_class", self.reduced_per_class, 1)
         if "explicit" in self.splits and not self.data.classes_a:
             raise ValueError("split 'explicit' needs data.classes_a")
         config_lib.check_positive(
@@ -147,20 +148,18 @@ class Config(config_lib.StudyConfig):
 PRESETS = {
     # Seconds, for tests: a tiny net with batch norm, 100 images per class, four
     # epochs (enough for the nets to learn, not to converge).
-    "smoke": {
-        "model.width": 0.05,
-        "model.batch_norm": True,
-        "training.epochs": 4,
-        "training.learning_rate": 0.05,
-        "training.tensorboard": False,
-        "fine_tune_learning_rate": 0.01,
-        "data.train_per_class": 100,
-        "data.batch_size": 32,
-        "seeds": (0,),
-        "layers": (2, 6),
-        "treatments": TREATMENTS,
-        "reduced_per_class": (10,),
-    },
+    "smoke": config_lib.smoke(
+        {
+            "model.batch_norm": True,
+            "training.epochs": 4,
+            "training.learning_rate": 0.05,
+            "fine_tune_learning_rate": 0.01,
+            "data.train_per_class": 100,
+            "layers": (2, 6),
+            "treatments": TREATMENTS,
+            "reduced_per_class": (10,),
+        }
+    ),
     # The defaults: the embedded digits, two seeds (each its own random split),
     # cut layers 1, 4 and 7 (``--layers=1,2,3,4,5,6,7`` for the whole figure).
     "digits": {},
@@ -478,7 +477,102 @@ def grid_records(workdir, data_config, model_config, fields=("dataset",)) -> lis
             "compared like for like; run the grid with this study's data and model "
             "flags, or leave it out"
         )
-    return results.read_jsonl(path / runner.RESULTS_FILE)
+    return list(
+        _read_records(path / runner.RESULTS_FILE, _stamp(path / runner.RESULTS_FILE))
+    )
+
+
+def _stamp(path: pathlib.Path):
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_records(path: pathlib.Path, stamp) -> tuple[dict, ...]:
+    # read once per version of the file: studies ask for the grid once per run
+    return tuple(results.read_jsonl(path))
+
+
+def grid_seed(class_split: str, split_seed: int, seed: int, seeds) -> int | None:
+    """The grid seed whose base nets are a reading study's sources for its
+    ``seed``: for the ``random`` class split the grid's seed equal to the
+    study's ``split_seed`` (the grid draws each seed's random halves with that
+    seed, so only it has the study's halves), otherwise ``seed`` when the grid
+    ran it, else the grid's first seed; ``None`` when the grid has none."""
+    seeds = sorted(seeds)
+    if class_split == "random":
+        return split_seed if split_seed in seeds else None
+    if seed in seeds:
+        return seed
+    return seeds[0] if seeds else None
+
+
+def grid_base_net(
+    workdir,
+    data_config,
+    model_config,
+    half: str,
+    seed: int,
+    split: str = "random",
+    fields=("dataset",),
+    role: str = "source",
+    choose_seed: bool = True,
+) -> pathlib.Path:
+    """The run directory of a grid's finished base net on ``half`` (its
+    ``model.keras``, ``result.json``): the one reader of a transfer grid's base
+    nets for every study that reuses them.
+
+    Args:
+      workdir: the grid's work directory (``--grid_workdir``).
+      data_config, model_config: the reading study's (see :func:`grid_records`).
+      half: ``A`` or ``B``.
+      seed: the reading study's seed; with ``choose_seed`` the grid's seed is
+        :func:`grid_seed` of it (``data_config.split_seed`` for random halves),
+        else the grid's seed is ``seed`` itself.
+      split: the grid's class split.
+      role: what the net is to the reader, for the error text.
+
+    Raises:
+      ValueError: not a comparable grid (:func:`grid_records`), or it has no
+        finished base net there (saying which command makes it).
+    """
+    records = grid_records(workdir, data_config, model_config, fields)
+    finished = {r["key"] for r in records if r.get("kind") == "base"}
+    if choose_seed:
+        seeds = {
+            int(k.split("/")[1][len("seed") :])
+            for k in finished
+            if k.startswith(f"{split}/")
+        }
+        chosen = grid_seed(split, data_config.split_seed, seed, seeds)
+    else:
+        chosen = seed
+    wanted = data_config.split_seed if chosen is None else chosen
+    key = Run("base", split, wanted, half).key
+    path = pathlib.Path(workdir).expanduser() / runner.RUNS_DIR / key
+    if key not in finished or not (path / export.KERAS_FILE).is_file():
+        raise ValueError(
+            f"the grid in {str(workdir)!r} has no finished base net {key} (the "
+            f"{role}); run experiments/transferability.py --workdir={workdir} "
+            f"--splits={split} --seeds={wanted}, or leave the grid out"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: pathlib.Path, stamp) -> str:
+    return features.model_fingerprint(path)
+
+
+def grid_fingerprint(run_dir: pathlib.Path) -> str:
+    """Fingerprint of a grid net's ``model.keras`` (so a retrained grid redoes the
+    runs that read it), computed once per version of the file."""
+    path = pathlib.Path(run_dir) / export.KERAS_FILE
+    info = path.stat()
+    return _fingerprint(path, (info.st_mtime_ns, info.st_size))
 
 
 def study_records(records: list[dict]) -> list[dict]:

@@ -5,7 +5,6 @@ trains and scores (``expand``), and the transfer grid it may reuse
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import pathlib
@@ -179,14 +178,8 @@ class Config(config_lib.StudyConfig):
         patience=2,
         tensorboard=False,
     )
-    training: training.TrainConfig = training.TrainConfig(
-        epochs=40,
-        schedule="plateau",
-        plateau_patience=2,
-        plateau_reductions=1,
-        min_epochs=8,
-        select_initial=True,
-        tensorboard=False,
+    training: training.TrainConfig = training.plateau(
+        epochs=40, min_epochs=8, select_initial=True, tensorboard=False
     )
     probe: heads.ProbeConfig = heads.ProbeConfig(
         l2_grid=(0.0, 1e-4, 1e-3, 1e-2, 1e-1), epochs=40, patience=5
@@ -269,12 +262,13 @@ class Config(config_lib.StudyConfig):
             except ValueError as e:
                 raise ValueError(str(e).replace("budgets=", f"{field}=", 1)) from None
         config_lib.check_distinct(self, ("freeze_layers",))
-        for n in self.freeze_layers:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= TOP:
-                raise ValueError(
-                    f"freeze_layers: n={n!r} is out of range; cuts are 1..{TOP} "
-                    f"({NET_LAYERS[0]}..{NET_LAYERS[-1]})"
-                )
+        config_lib.check_ints(
+            "freeze_layers",
+            self.freeze_layers,
+            1,
+            TOP,
+            why=f": cuts are {NET_LAYERS[0]}..{NET_LAYERS[-1]}",
+        )
         if "freeze" in self.strategies and not self.freeze_layers:
             raise ValueError("strategy 'freeze' needs freeze_layers (cuts n)")
         if (self.sources or self.backbones) and not self.estimators:
@@ -298,13 +292,10 @@ class Config(config_lib.StudyConfig):
                 f"discriminative_factor={self.discriminative_factor!r} must be > 0"
             )
         for field in ("unfreeze_every", "min_epoch_steps"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be an integer >= 1")
-        if self.backbone_image_size is not None and self.backbone_image_size < 1:
-            raise ValueError(
-                f"backbone_image_size={self.backbone_image_size!r} must be positive"
-            )
+            config_lib.check_int(field, getattr(self, field), 1)
+        config_lib.check_int(
+            "backbone_image_size", self.backbone_image_size, 1, allow_none=True
+        )
 
     def result_affecting(self) -> dict:
         """The part of the configuration that changes some run's result."""
@@ -322,26 +313,25 @@ class Config(config_lib.StudyConfig):
 
 PRESETS = {
     # Seconds, for tests: a tiny net, 40 images per class, every strategy once.
-    "smoke": {
-        "model.width": 0.05,
-        "training.epochs": 8,
-        "training.min_epochs": 3,
-        "training.precision": "float32",
-        "data.train_per_class": 40,
-        "data.batch_size": 32,
-        "probe.epochs": 10,
-        "probe.l2_grid": (0.0, 1e-2),
-        "pretraining.epochs": 1,
-        "autoencoder.max_images": 300,
-        "autoencoder.code_size": 16,
-        "seeds": (0,),
-        "budgets": (None,),
-        "freeze_layers": (7,),
-        "min_epoch_steps": 2,
-        "sources": ("transfer", "random", "autoencoder"),
-        "layers": ("conv2", "fc6"),
-        "estimator_budgets": (None,),
-    },
+    "smoke": config_lib.smoke(
+        {
+            "training.precision": "float32",
+            "training.epochs": 8,
+            "training.min_epochs": 3,
+            "data.train_per_class": 40,
+            "probe.epochs": 10,
+            "probe.l2_grid": (0.0, 1e-2),
+            "pretraining.epochs": 1,
+            "autoencoder.max_images": 300,
+            "autoencoder.code_size": 16,
+            "budgets": (None,),
+            "freeze_layers": (7,),
+            "min_epoch_steps": 2,
+            "sources": ("transfer", "random", "autoencoder"),
+            "layers": ("conv2", "fc6"),
+            "estimator_budgets": (None,),
+        }
+    ),
     # The defaults: the embedded digits, halves of the random split (seed 0).
     "digits": {},
     # ../shared/data/cifar10 (else TFDS): natural half B, man-made source A; 300
@@ -501,29 +491,6 @@ def _pooling(layer: str, pooling: str) -> str:
 # ------------------------------------------------------------------------ the grid
 
 
-def grid_seed(config: Config, seed: int, seeds) -> int | None:
-    """The grid seed whose base nets are this study's sources for ``seed``: for
-    the ``random`` class split the grid's seed equal to ``split_seed`` (only it
-    has this study's halves), otherwise ``seed`` when the grid ran it, else its
-    first seed."""
-    if config.data.class_split == "random":
-        return config.data.split_seed if config.data.split_seed in seeds else None
-    if seed in seeds:
-        return seed
-    return min(seeds) if seeds else None
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(workdir: str, data_config, model_config) -> tuple[dict, ...]:
-    from transfer_tf.studies import transferability
-
-    return tuple(
-        transferability.grid_records(
-            workdir, data_config, model_config, ("dataset", "train_per_class")
-        )
-    )
-
-
 def grid_records(config: Config) -> list[dict]:
     """The grid's records of this study's class split (empty without a grid).
 
@@ -533,14 +500,24 @@ def grid_records(config: Config) -> list[dict]:
     """
     if config.grid_workdir is None:
         return []
-    d = config.data
-    if d.class_split == "explicit":
+    _check_grid_split(config)
+    from transfer_tf.studies import transferability
+
+    records = transferability.grid_records(
+        config.grid_workdir, config.data, config.model, GRID_FIELDS
+    )
+    return [r for r in records if r.get("split") == config.data.class_split]
+
+
+GRID_FIELDS = ("dataset", "train_per_class")
+
+
+def _check_grid_split(config: Config):
+    if config.data.class_split == "explicit":
         raise ValueError(
             "grid_workdir with class_split='explicit' cannot be checked to have "
             "this study's halves; use a random or man_made split"
         )
-    records = _grid(str(config.grid_workdir), d, config.model)
-    return [r for r in records if r.get("split") == d.class_split]
 
 
 def grid_net_path(config: Config, source: str, seed: int) -> pathlib.Path:
@@ -550,36 +527,28 @@ def grid_net_path(config: Config, source: str, seed: int) -> pathlib.Path:
     Raises:
       ValueError: the grid has no finished base net for it (saying what to run).
     """
-    records = grid_records(config)
-    half = config.target if source == "selffer" else config.source_half
-    bases = {r["key"]: r for r in records if r.get("kind") == "base"}
-    seeds = sorted({r["seed"] for r in bases.values()})
-    g = grid_seed(config, seed, seeds)
-    key = f"{config.data.class_split}/seed{g}/base{half}"
-    path = pathlib.Path(config.grid_workdir).expanduser() / runner.RUNS_DIR / key
-    if g is None or key not in bases or not (path / export.KERAS_FILE).is_file():
-        wanted = config.data.split_seed if g is None else g
-        raise ValueError(
-            f"the grid in {config.grid_workdir!r} has no finished base net "
-            f"{config.data.class_split}/seed{wanted}/base{half} (the {source} "
-            f"source of target {config.target}); run experiments/transferability.py "
-            f"--workdir={config.grid_workdir} --splits={config.data.class_split} "
-            f"--seeds={wanted}, or leave the grid out"
-        )
-    return path / export.KERAS_FILE
+    from transfer_tf.studies import transferability
 
-
-@functools.lru_cache(maxsize=16)
-def _fingerprint(path: pathlib.Path, stamp) -> str:
-    return features.model_fingerprint(path)
+    _check_grid_split(config)
+    run_dir = transferability.grid_base_net(
+        config.grid_workdir,
+        config.data,
+        config.model,
+        half=config.target if source == "selffer" else config.source_half,
+        seed=seed,
+        split=config.data.class_split,
+        fields=GRID_FIELDS,
+        role=f"{source} source of target {config.target}",
+    )
+    return run_dir / export.KERAS_FILE
 
 
 def grid_fingerprint(config: Config, source: str, seed: int) -> str:
     """Fingerprint of a grid source net's file (a retrained grid redoes the runs
     that read it)."""
-    path = grid_net_path(config, source, seed)
-    info = path.stat()
-    return _fingerprint(path, (info.st_mtime_ns, info.st_size))
+    from transfer_tf.studies import transferability
+
+    return transferability.grid_fingerprint(grid_net_path(config, source, seed).parent)
 
 
 def run_part(config: Config, run: Run) -> dict:

@@ -132,12 +132,10 @@ class Config(config_lib.StudyConfig):
                 "source_path replaces the transfer source of one target; give one "
                 f"target, not {list(self.targets)}"
             )
-        if self.min_epoch_steps < 1:
-            raise ValueError(f"min_epoch_steps={self.min_epoch_steps!r} must be >= 1")
-        if self.backbone_image_size is not None and self.backbone_image_size < 1:
-            raise ValueError(
-                f"backbone_image_size={self.backbone_image_size!r} must be positive"
-            )
+        config_lib.check_int("min_epoch_steps", self.min_epoch_steps, 1)
+        config_lib.check_int(
+            "backbone_image_size", self.backbone_image_size, 1, allow_none=True
+        )
         config_lib.check_positive(
             "fine_tune_learning_rate", self.fine_tune_learning_rate
         )
@@ -159,23 +157,21 @@ class Config(config_lib.StudyConfig):
 
 PRESETS = {
     # Seconds, for tests: a tiny net, 60 images per class, two layers.
-    "smoke": {
-        "model.width": 0.05,
-        "training.epochs": 8,
-        "training.patience": 0,
-        "training.learning_rate": 0.05,
-        "training.precision": "float32",
-        "training.tensorboard": False,
-        "data.train_per_class": 60,
-        "data.batch_size": 32,
-        "probe_layers": ("conv2", "fc6"),
-        "poolings": ("flatten",),
-        "budgets": (5, None),
-        "probe_sources": ("transfer", "random"),
-        "probe.epochs": 20,
-        "min_epoch_steps": 2,
-        "seeds": (0,),
-    },
+    "smoke": config_lib.smoke(
+        {
+            "training.precision": "float32",
+            "training.epochs": 8,
+            "training.patience": 0,
+            "training.learning_rate": 0.05,
+            "data.train_per_class": 60,
+            "probe_layers": ("conv2", "fc6"),
+            "poolings": ("flatten",),
+            "budgets": (5, None),
+            "probe_sources": ("transfer", "random"),
+            "probe.epochs": 20,
+            "min_epoch_steps": 2,
+        }
+    ),
     # The defaults: the embedded digits, halves of the random split.
     "digits": {},
     # ../shared/data/cifar10 (else TFDS), man-made <-> natural.

@@ -21,7 +21,6 @@ from transfer_tf import (
     models,
     results,
     similarity,
-    training,
 )
 from transfer_tf.studies import runner
 from transfer_tf.studies.what_transfers import plan
@@ -105,22 +104,19 @@ class Context(runner.Context):
         return self._nets[run.key]
 
     def grid_source(self, seed: int) -> pathlib.Path:
-        """The ``baseA`` net of the grid in ``grid_workdir`` for a seed."""
+        """The run directory of the grid's ``baseA`` net for a seed."""
         from transfer_tf.studies import transferability
 
-        records = transferability.grid_records(
+        return transferability.grid_base_net(
             self.config.grid_workdir,
             self.config.data,
             self.config.model,
+            half="A",
+            seed=seed,
             fields=("dataset", "train_per_class"),
+            role="source of this seed",
+            choose_seed=False,
         )
-        key = f"random/seed{seed}/baseA"
-        if not any(r.get("key") == key for r in records):
-            raise ValueError(
-                f"grid_workdir {self.config.grid_workdir!r} has no finished {key}; "
-                f"run the grid with --seeds including {seed}"
-            )
-        return pathlib.Path(self.config.grid_workdir).expanduser() / "runs" / key
 
 
 def check(config: plan.Config, context: Context):
@@ -227,21 +223,6 @@ def learning_curve(run_dir) -> dict:
     }
 
 
-def _train_with_callbacks(context, model, task, train_config, run_dir, callbacks):
-    """``training.train_task``'s full path with callbacks (train_task takes none)."""
-    d = context.config.data
-    keras.utils.set_random_seed(train_config.seed)
-    outcome = training.train(
-        model,
-        task.train_dataset(d.batch_size, train_config.seed, d.augment),
-        task.eval_dataset("validation", d.batch_size),
-        train_config,
-        run_dir,
-        callbacks=callbacks,
-    )
-    return training.tested(outcome, model, task, d.batch_size, "every layer trains")
-
-
 def _base_net(context, task, seed) -> keras.Model:
     return models.base_net(task, context.config.model, seed, context.dtype)
 
@@ -269,9 +250,7 @@ def _execute_source(run: plan.Run, context: Context, run_dir: pathlib.Path) -> d
     callbacks = (
         [_Checkpoints(run_dir / plan.CHECKPOINT_DIR)] if run.block is None else []
     )
-    outcome = _train_with_callbacks(
-        context, model, task, train_config, run_dir, callbacks
-    )
+    outcome = context.train(model, task, train_config, run_dir, callbacks=callbacks)
     save_model(model, run_dir)
     curve = learning_curve(run_dir)
     return {

@@ -94,13 +94,10 @@ class Config(config_lib.StudyConfig):
 
     data: data.DataConfig = data.DataConfig(dataset="uci_digits", batch_size=32)
     model: models.ModelConfig = models.ModelConfig(width=0.125)
-    training: training.TrainConfig = training.TrainConfig(
+    training: training.TrainConfig = training.plateau(
         epochs=80,
         optimizer="adam",
         learning_rate=1e-3,
-        schedule="plateau",
-        plateau_patience=2,
-        plateau_reductions=1,
         min_epochs=25,
         tensorboard=False,
     )
@@ -155,24 +152,14 @@ class Config(config_lib.StudyConfig):
             )
         if "checkpoints" in self.analyses and not self.checkpoint_epochs:
             raise ValueError("analysis 'checkpoints' needs checkpoint_epochs")
-        for b in self.block_sizes:
-            if b is not None and (
-                isinstance(b, bool) or not isinstance(b, int) or b < 1
-            ):
-                raise ValueError(
-                    f"block_sizes={list(self.block_sizes)}: {b!r} is not >= 1"
-                )
-        for e in self.checkpoint_epochs:
-            if (
-                isinstance(e, bool)
-                or not isinstance(e, int)
-                or not 0 <= e <= self.training.epochs
-            ):
-                raise ValueError(
-                    f"checkpoint_epochs={list(self.checkpoint_epochs)}: {e!r} is not "
-                    "in "
-                    f"0..epochs ({self.training.epochs})"
-                )
+        config_lib.check_ints("block_sizes", self.block_sizes, 1)
+        config_lib.check_ints(
+            "checkpoint_epochs",
+            self.checkpoint_epochs,
+            0,
+            self.training.epochs,
+            why=" (0..epochs)",
+        )
         if self.training.schedule != "plateau":
             log.warning(
                 "training.schedule=%r: the study's rule is 'plateau' (to convergence)",
@@ -181,16 +168,13 @@ class Config(config_lib.StudyConfig):
         config_lib.check_positive(
             "fine_tune_learning_rate", self.fine_tune_learning_rate
         )
-        if self.target_per_class is not None and self.target_per_class < 1:
-            raise ValueError(f"target_per_class={self.target_per_class!r} must be >= 1")
+        config_lib.check_int(
+            "target_per_class", self.target_per_class, 1, allow_none=True
+        )
         for field in ("interpolation_points", "criticality_points"):
-            if getattr(self, field) < 2:
-                raise ValueError(
-                    f"{field}={getattr(self, field)!r} must be >= 2 (0 and 1)"
-                )
+            config_lib.check_int(field, getattr(self, field), 2, why=" (0 and 1)")
         for field in ("cka_examples", "analysis_examples"):
-            if getattr(self, field) < 2:
-                raise ValueError(f"{field}={getattr(self, field)!r} must be >= 2")
+            config_lib.check_int(field, getattr(self, field), 2)
         for field in ("criticality_tolerance", "basin_barrier", "equivalence_margin"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"{field}={getattr(self, field)!r} must be >= 0")
@@ -214,27 +198,25 @@ class Config(config_lib.StudyConfig):
 PRESETS = {
     # Seconds, for tests: a tiny net, one seed, 40 source / 20 target images
     # per class.
-    "smoke": {
-        "data.dataset": "digits",
-        "source_dataset": None,
-        "model.width": 0.05,
-        "training.epochs": 6,
-        "training.min_epochs": 2,
-        "training.plateau_patience": 1,
-        "training.plateau_reductions": 1,
-        "training.learning_rate": 3e-3,
-        "training.precision": "float32",
-        "fine_tune_learning_rate": 1e-3,
-        "data.train_per_class": 40,
-        "data.batch_size": 32,
-        "target_per_class": 20,
-        "seeds": (0,),
-        "block_sizes": (None, 1),
-        "checkpoint_epochs": (1,),
-        "interpolation_points": 3,
-        "criticality_points": 3,
-        "cka_examples": 200,
-    },
+    "smoke": config_lib.smoke(
+        {
+            "training.precision": "float32",
+            "data.dataset": "digits",
+            "source_dataset": None,
+            "training.epochs": 6,
+            "training.min_epochs": 2,
+            "training.plateau_patience": 1,
+            "training.learning_rate": 3e-3,
+            "fine_tune_learning_rate": 1e-3,
+            "data.train_per_class": 40,
+            "target_per_class": 20,
+            "block_sizes": (None, 1),
+            "checkpoint_epochs": (1,),
+            "interpolation_points": 3,
+            "criticality_points": 3,
+            "cka_examples": 200,
+        }
+    ),
     # The defaults: the embedded MNIST digits -> the UCI digits (20 per class).
     "digits": {},
     # ../shared/data/cifar10 (else TFDS), random halves A -> B.
