@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from transfer_tf import models, precision, training
+from transfer_tf import models, precision, results, training
 
 log = logging.getLogger(__name__)
 
@@ -568,6 +568,72 @@ def pretrain(
         stopped_early=outcome.stopped_early,
         precision=outcome.precision,
     )
+
+
+def pretrain_on_images(
+    x_train,
+    x_test,
+    config: AutoencoderConfig,
+    model_config: models.ModelConfig,
+    train_config: training.TrainConfig,
+    workdir,
+    batch_size: int = 128,
+    dtype: str | None = None,
+) -> tuple[keras.Model, dict]:
+    """The project's one autoencoder pretraining, from images alone: the seeded
+    division of ``x_train`` into pretraining and held-out images, the
+    autoencoder built with the base net's width, batch norm and stem (seeded
+    with ``train_config.seed``), :func:`pretrain`, its reconstruction errors on
+    ``x_test`` and the held-out images, and the trained autoencoder saved as
+    ``workdir/autoencoder.keras`` (:data:`AUTOENCODER_FILE`).
+
+    Returns:
+      ``(model, record)``: the trained autoencoder and the numbers a study
+      records of it (images, epochs, times, errors, sizes).
+    """
+    train_images, val_images = split_images(x_train, config, train_config.seed)
+    log.info(
+        "pretraining the autoencoder on %d unlabelled images (%d held out), %s",
+        len(train_images),
+        len(val_images),
+        tuple(np.shape(x_train)[1:]),
+    )
+    model = build_autoencoder(
+        tuple(np.shape(x_train)[1:]),
+        config.code_size,
+        width=model_config.width,
+        batch_norm=model_config.batch_norm,
+        stem=model_config.stem,
+        dtype=dtype or train_config.precision,
+        seed=train_config.seed,
+    )
+    outcome = pretrain(
+        model, train_images, val_images, config, train_config, workdir, batch_size
+    )
+    mean_image = train_images.mean(axis=0)
+    test = reconstruction_error(model, x_test, mean_image=mean_image)
+    validation = reconstruction_error(model, val_images, mean_image=mean_image)
+    with results.atomic_path(pathlib.Path(workdir) / AUTOENCODER_FILE) as tmp:
+        model.save(tmp)
+    return model, {
+        "train_images": outcome.train_images,
+        "validation_images": outcome.validation_images,
+        "best_epoch": outcome.best_epoch,
+        "epochs_run": outcome.epochs_run,
+        "stopped_early": outcome.stopped_early,
+        "examples_seen": outcome.examples_seen,
+        "train_time": outcome.wall_time,
+        "precision": outcome.precision,
+        "code_size": config.code_size,
+        "parameters": int(model.count_params()),
+        "val_loss": outcome.best_val_loss,
+        "val_mse": validation["mse"],
+        "test_mse": test["mse"],
+        "test_psnr": test["psnr"],
+        "test_bce": test["bce"],
+        "test_mean_image_mse": test["mean_image_mse"],
+        "test_examples": test["examples"],
+    }
 
 
 def reconstruct(model: keras.Model, images, batch_size: int = 256) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import time
 
 import keras
@@ -20,7 +19,6 @@ from transfer_tf import (
     features,
     heads,
     models,
-    results,
     strategies,
     training,
 )
@@ -152,42 +150,17 @@ def _execute_source(run: plan.Run, context: Context, run_dir) -> dict:
 def _execute_pretraining(context: Context, run_dir) -> dict:
     """The autoencoder, pretrained on every training image (no labels)."""
     config = context.config
-    source = context.source
-    train_images, val_images = ae.split_images(
-        source.x_train, config.autoencoder, config.pretraining.seed
-    )
-    model = ae.build_autoencoder(
-        source.image_shape,
-        config.autoencoder.code_size,
-        width=config.model.width,
-        batch_norm=config.model.batch_norm,
-        stem=config.model.stem,
-        dtype=config.pretraining.precision,
-        seed=config.pretraining.seed,
-    )
-    outcome = ae.pretrain(
-        model,
-        train_images,
-        val_images,
+    _, record = ae.pretrain_on_images(
+        context.source.x_train,
+        context.source.x_test,
         config.autoencoder,
+        config.model,
         dataclasses.replace(config.pretraining, verbose=0, backup=False),
         run_dir,
         config.data.batch_size,
     )
-    test = ae.reconstruction_error(
-        model, source.x_test, mean_image=train_images.mean(axis=0)
-    )
-    with results.atomic_path(pathlib.Path(run_dir) / plan.AUTOENCODER_FILE) as tmp:
-        model.save(tmp)
-    return {
-        "train_images": outcome.train_images,
-        "epochs_run": outcome.epochs_run,
-        "best_epoch": outcome.best_epoch,
-        "train_time": outcome.wall_time,
-        "val_loss": outcome.best_val_loss,
-        "test_mse": test["mse"],
-        "test_mean_image_mse": test["mean_image_mse"],
-    }
+    fields = ("train_images", "epochs_run", "best_epoch", "train_time", "val_loss")
+    return {f: record[f] for f in (*fields, "test_mse", "test_mean_image_mse")}
 
 
 def strategy_options(config: plan.Config, name: str, train_config) -> dict:
