@@ -14,6 +14,7 @@ from conftest import TINY, assert_refused, run_main
 from transfer_tf import backbones, data, export, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import fine_tuning
+from transfer_tf.studies import report as report_lib
 
 STUDY = fine_tuning.STUDY
 
@@ -73,7 +74,7 @@ def test_presets_are_valid_and_the_digits_preset_is_the_defaults():
     "changes, match",
     [
         ({"strategies": ("freeze", "warm_start")}, r"strategies=\['warm_start'\]"),
-        ({"freeze_layers": (3, 8)}, r"n=8 is out of range"),
+        ({"freeze_layers": (3, 8)}, r"8 is not an integer in 1..7"),
         ({"estimator_budgets": (10,)}, r"estimator_budgets=\['10'\] must include"),
         ({"pooling": "mean"}, r"pooling='mean'"),
         ({"sources": ("imagenet",)}, r"sources=\['imagenet'\]"),
@@ -228,31 +229,57 @@ def test_recommendation_is_made_on_validation_with_a_paired_interval():
     assert many["strategy"] == "fine_tune" and many["runner_up"] == "scratch"
 
 
+def _claim(findings, a, b, budget):
+    """The finding measuring ``a - b`` at ``budget`` (None: not judged)."""
+    wanted = f"{a} − {b} at k={budget}"
+    found = [f for f in findings if f.measure == wanted]
+    assert len(found) <= 1, wanted
+    return found[0] if found else None
+
+
 def test_the_lectures_claims_get_verdicts_from_paired_differences():
     cells = fine_tuning.strategy_cells(part1_records())
-    out = {
-        (c["a"], c["b"], c["budget"]): c
-        for c in fine_tuning.claims(cells, ["1", "all"])
-    }
-    scarce = out[("freeze", "fine_tune", "1")]
-    assert scarce["difference"]["mean"] == pytest.approx(np.mean([0.10, 0.06, 0.08]))
-    assert scarce["verdict"] == "reproduced" and scarce["wins"] == 3
-    plenty = out[("fine_tune", "freeze", "all")]  # freeze at all: n=3 per seed
-    assert plenty["difference"]["mean"] == pytest.approx(np.mean([0.02, 0.02, 0.03]))
-    assert plenty["verdict"] == "reproduced"
-    worth = out[("freeze", "scratch", "1")]
-    assert worth["difference"]["mean"] == pytest.approx(0.32)
-    assert worth["verdict"] == "reproduced"
+    out = fine_tuning.claims(cells, ["1", "all"])
+    scarce = _claim(out, "freeze", "fine_tune", "1")
+    assert scarce.key == "1/k1" and scarce.claim == fine_tuning.CLAIMS[0][3]
+    assert scarce.values == pytest.approx({0: 0.10, 1: 0.06, 2: 0.08})
+    assert scarce.interval["mean"] == pytest.approx(np.mean([0.10, 0.06, 0.08]))
+    assert scarce.interval["count"] == 3 and scarce.interval["low"] > 0
+    assert scarce.verdict == "reproduced" and scarce.holds == (3, 3)
+    plenty = _claim(out, "fine_tune", "freeze", "all")  # freeze at all: n=3
+    assert plenty.interval["mean"] == pytest.approx(np.mean([0.02, 0.02, 0.03]))
+    assert plenty.verdict == "reproduced"
+    worth = _claim(out, "freeze", "scratch", "1")
+    assert worth.interval["mean"] == pytest.approx(0.32)
+    assert worth.verdict == "reproduced"
+    # the plentiful claim is not judged at a scarce budget
+    assert _claim(out, "fine_tune", "freeze", "1") is None
     # scarce claims concern every budget but all, plentiful ones all only
     more = fine_tuning.claims(cells, ["1", "10", "all"])
-    assert {c["budget"] for c in more if c["b"] == "fine_tune"} == {"1"}  # no k=10
+    assert {f.key for f in more} == {"1/k1", "2/kall", "5/k1"}  # no k=10 cells
     # claims about strategies that did not run are left out
-    assert not [c for c in out if "discriminative" in c]
+    assert not [f for f in out if "discriminative" in f.measure]
     # One seed: no interval, no verdict.
     one = fine_tuning.strategy_cells([r for r in part1_records() if r["seed"] == 0])
-    assert {c["verdict"] for c in fine_tuning.claims(one, ["1", "all"])} == {
-        "not resolved"
-    }
+    judged = fine_tuning.claims(one, ["1", "all"])
+    assert len(judged) == 3
+    assert {f.outcome for f in judged} == {"not resolved"}
+    assert all(f.interval["low"] is None and f.holds == (1, 1) for f in judged)
+
+
+def test_a_claim_against_the_data_is_contradicted():
+    # fine_tune below freeze at all labels in every seed, by 2-3 points
+    records = [
+        _strategy(arm, seed, "all", val, test, n=7)
+        for seed, (freeze, fine_tune) in enumerate(
+            ((0.9, 0.88), (0.91, 0.88), (0.9, 0.875))
+        )
+        for arm, val, test in (("freeze", 0.5, freeze), ("fine_tune", 0.5, fine_tune))
+    ]
+    cells = fine_tuning.strategy_cells(records)
+    plenty = _claim(fine_tuning.claims(cells, ["all"]), "fine_tune", "freeze", "all")
+    assert plenty.interval["high"] < 0 and plenty.holds == (0, 3)
+    assert plenty.verdict == "contradicted"
 
 
 # ------------------------------------------------------------- part 2 by hand
@@ -540,20 +567,88 @@ def test_a_backbone_is_scored_on_its_output_without_a_head():
     assert record["num_train"] == 30 and record["extract_time"] > 0
 
 
-def test_report_quotes_the_records(tmp_path):
+def test_summary_rows_quote_the_records():
+    records = part1_records() + part2_records()
+    config = _config(strategies=("freeze", "fine_tune", "scratch"), budgets=(1, None))
+    summary = fine_tuning.summarize(records, config)
+    # the at-chance run is named among the caveats, and left out of the cells
+    caveats = [b for b in summary.blocks if isinstance(b, report_lib.Bullets)]
+    assert any("`x`" in item for b in caveats for item in b.items)
+    table = summary.table("strategies")
+    assert (
+        table.columns[1].name == "k=1" and table.columns[2].name == "all (~360/class)"
+    )
+    freeze = table.records()[0]
+    assert freeze["k=1"]["mean"] == pytest.approx(0.62)
+    assert freeze["k=1"]["count"] == 3 and freeze["k=1"]["low"] < 0.62
+    fine_tune = table.records()[1]
+    assert fine_tune["k=1"]["count"] == 3  # seed 3's run at chance is left out
+    rec = {r["budget"]: r for r in summary.table("recommendation").records()}
+    assert rec["1"]["recommended"].value == "freeze" and rec["1"]["recommended"].bold
+    assert rec["1"]["mean val top-1"] == pytest.approx(0.61)
+    assert rec["1"]["its test top-1"]["mean"] == pytest.approx(0.62)
+    assert rec["all"]["recommended"].value == "fine_tune"
+    assert rec["1"]["per-seed choice (seed: strategy)"] == (
+        "0: freeze, 1: freeze, 2: freeze"
+    )
+    claims = {r["#"]: r for r in summary.table("claims").records()}
+    assert claims["1/k1"]["holds in"] == "3 of 3"
+    assert claims["1/k1"]["verdict"].value == "reproduced"
+    assert claims["1/k1"]["ours: mean [95% CI] (n)"].value["mean"] == pytest.approx(
+        0.08
+    )
+    assert summary.table("freeze_cuts").rows == [
+        ["1", "0: 7, 1: 7, 2: 7"],
+        ["all", "0: 3, 1: 3, 2: 3"],
+    ]
+    stopping = {r["nets"]: r for r in summary.table("stopping").records()}
+    assert (
+        stopping["fine_tune"]["runs"] == 7 and stopping["fine_tune"]["at chance"] == 1
+    )
+    assert stopping["freeze"]["stop reasons"] == "converged 12"
+    assert stopping["scratch"]["mean training time (s)"] == pytest.approx(3.0)
+    # part 2: correlations, the best ranker, the choices, the times
+    corr = summary.table("correlations").records()
+    logme = next(r for r in corr if (r["estimator"], r["ranks"]) == ("logme", "layer"))
+    assert logme["candidates"] == 4 and logme["Spearman rho"]["count"] == 3
+    assert logme["rho > 0"] == "reproduced"
+    choice = {r["choice"]: r for r in summary.table("choices").records()}
+    assert choice["highest h_score"]["regret (points)"]["mean"] == pytest.approx(0.10)
+    assert choice["highest logme"]["test top-1"]["mean"] == pytest.approx(0.71)
+    assert choice["highest logme"]["speed-up vs probing"] == pytest.approx(
+        10.0 / (2 * (0.5 + 2 * 0.01))
+    )
+    assert choice["(best test top-1 of any candidate)"]["candidates"] is None
+    times = dict(summary.table("times").rows)
+    assert times == pytest.approx({"logme": 0.01, "h_score": 0.02, "leep": 0.001})
+
+
+def test_report_renders_the_summary_and_the_records(tmp_path):
     records = part1_records() + part2_records()
     config = _config(strategies=("freeze", "fine_tune", "scratch"), budgets=(1, None))
     out = fine_tuning.report(records, config)
-    text = out["summary.md"]
-    assert "| 1 | **freeze** | 0.6100 | 0.6200 [" in text
-    assert "| all | **fine_tune** |" in text
-    assert "`x`" in text  # the at-chance run is named
-    assert "freeze when labels are scarce | freeze − fine_tune at k=1 | +8.00 [" in text
-    assert "] (3) | 3 of 3 | **reproduced** |" in text
-    assert "**logme**" in text
+    assert set(out) == {
+        "summary.md",
+        "summary.csv",
+        "scores.csv",
+        "strategies.png",
+        "estimators.png",
+    }
+    assert out["summary.md"] == report_lib.markdown(
+        fine_tuning.summarize(records, config)
+    )
     for name in ("strategies.png", "estimators.png"):
         assert out[name][:8] == b"\x89PNG\r\n\x1a\n", name
     assert out["scores.csv"].count("\n") == 1 + 3 * 2 * (2 * 2 + 1)
+    header, *rows = out["summary.csv"].splitlines()
+    assert header.split(",") == list(fine_tuning.summary.CSV_FIELDS)
+    assert len(rows) == len(records) - len([r for r in records if r["kind"] == "score"])
+    first = dict(zip(header.split(","), rows[0].split(","), strict=True))
+    assert first["test_accuracy"] == "0.700000" and first["at_chance"] == "False"
+    # without strategies, part 1 says so and has no tables
+    part2 = fine_tuning.summarize(part2_records(), _config(strategies=()))
+    assert "strategies" not in [t.name for t in part2.tables()]
+    assert "correlations" in [t.name for t in part2.tables()]
 
 
 # ------------------------------------------------------------------- smoke run
@@ -608,13 +703,25 @@ def test_fine_tuning_smoke(fine_tuning_smoke):
     probe = by_key["seed0/probe_random/fc6/kall"]
     assert probe["num_train"] == 200 and probe["test_accuracy"] > 0.5  # chance 0.2
 
-    # summary.md quotes the records: the recommendation at all labels.
-    text = (work / "summary.md").read_text()
-    assert "One seed" in text
+    # summary.md renders the summary's rows, which quote the records: the
+    # recommendation at all labels, one seed (no verdict), part 2's tables.
+    summary = fine_tuning.summarize(records, fine_tuning_smoke.config)
+    assert (work / "summary.md").read_text() == report_lib.markdown(summary)
+    caveats = [b for b in summary.blocks if isinstance(b, report_lib.Bullets)]
+    assert any("rests on 1 seed" in item for b in caveats for item in b.items)
     cells = fine_tuning.strategy_cells(records)
     rec = fine_tuning.recommend(cells, "all", fine_tuning.STRATEGIES)
-    assert f"| all | **{rec['strategy']}** | {rec['val_accuracy']:.4f} |" in text
-    assert "## Part 2: transferability estimators" in text
+    (row,) = summary.table("recommendation").records()
+    assert row["recommended"].value == rec["strategy"]
+    assert row["mean val top-1"] == pytest.approx(rec["val_accuracy"])
+    claims = fine_tuning.claims(cells, ["all"])
+    assert claims and {f.outcome for f in claims} == {"not resolved"}
+    assert summary.table("claims").column("verdict")[0].value == claims[0].verdict
+    stopping = {r["nets"]: r for r in summary.table("stopping").records()}
+    assert set(stopping) == set(fine_tuning.STRATEGIES)
+    lp_ft = by_key["seed0/lp_ft/kall"]
+    assert stopping["lp_ft"]["median epochs"] == lp_ft["epochs_total"]
+    assert {t.name for t in summary.tables()} >= {"correlations", "choices", "times"}
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ experiments/what_transfers.py."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import types
 
@@ -15,6 +17,7 @@ import pytest
 
 from conftest import run_main
 from transfer_tf import data, domains, models, results
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner, stats
 from transfer_tf.studies import what_transfers as wt
 
@@ -90,9 +93,11 @@ def test_expand_follows_the_analyses_and_arms():
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"analyses=\['basin'\]"):
         wt.Config(analyses=("basin",))
-    with pytest.raises(ValueError, match="block_sizes=.*0 is not >= 1"):
+    with pytest.raises(ValueError, match="block_sizes=.*0 is not an integer >= 1"):
         wt.Config(block_sizes=(None, 0))
-    with pytest.raises(ValueError, match="checkpoint_epochs=.*99 is not in 0..epochs"):
+    with pytest.raises(
+        ValueError, match="checkpoint_epochs=.*99 is not an integer in 0..80"
+    ):
         wt.Config(checkpoint_epochs=(1, 99))
     with pytest.raises(ValueError, match="no checkpoints"):
         wt.Config(grid_workdir="/tmp/grid", source_dataset=None)
@@ -257,35 +262,36 @@ def study_config():
 
 
 def by_id(rows):
-    return {row["id"]: row for row in rows}
+    return {row.key: row for row in rows}
 
 
 def test_findings_and_verdicts_by_hand(study_config):
     rows = by_id(wt.findings(fake_records(study_config, VALUES), study_config))
     assert list(rows) == ["1a", "1b", "2", "3a", "3b", "3c", "3d", "4", "5"]
     # 1a: gaps 0.02, 0.03, 0.04: mean 0.03, sd 0.01, half 4.3027 * 0.01 / sqrt 3.
-    iv = rows["1a"]["interval"]
+    iv = rows["1a"].interval
     half = T_975_2 * 0.01 / math.sqrt(3)
     assert iv["mean"] == pytest.approx(0.03)
     assert (iv["low"], iv["high"]) == pytest.approx((0.03 - half, 0.03 + half))
-    assert rows["1a"]["verdict"] == "reproduced" and rows["1a"]["seeds"] == [0, 1, 2]
+    assert rows["1a"].verdict == "reproduced" and rows["1a"].replicates == [0, 1, 2]
+    assert rows["1a"].holds == (3, 3)
     # 1b: 0.05-0.02, 0.04-0.03, 0.03-0.04 = 0.03, 0.01, -0.01: spans zero.
-    assert rows["1b"]["interval"]["mean"] == pytest.approx(0.01)
+    assert rows["1b"].interval["mean"] == pytest.approx(0.01)
     half = T_975_2 * 0.02 / math.sqrt(3)
-    assert rows["1b"]["interval"]["low"] == pytest.approx(0.01 - half)
-    assert rows["1b"]["verdict"] == "not resolved"
+    assert rows["1b"].interval["low"] == pytest.approx(0.01 - half)
+    assert rows["1b"].verdict == "not resolved" and rows["1b"].holds == (2, 3)
     # 2: RI-T barriers 0.5, 0.6, 0.7 against P-T's 0.
-    assert rows["2"]["interval"]["mean"] == pytest.approx(0.6)
-    assert rows["2"]["verdict"] == "reproduced"
+    assert rows["2"].interval["mean"] == pytest.approx(0.6)
+    assert rows["2"].verdict == "reproduced"
     # 3a: CKA of the P-T pair 0.05 below the RI-T pair's in every seed.
-    assert rows["3a"]["interval"]["high"] == pytest.approx(-0.05)
-    assert rows["3a"]["verdict"] == "contradicted"
+    assert rows["3a"].interval["high"] == pytest.approx(-0.05)
+    assert rows["3a"].verdict == "contradicted"
     # 3c: the RI-T pairs made no mistakes: nothing to pair with.
-    assert rows["3c"]["interval"] is None and rows["3c"]["verdict"] == "not resolved"
-    assert rows["3b"]["verdict"] == "not resolved"  # equal distances
+    assert rows["3c"].interval is None and rows["3c"].verdict == "not resolved"
+    assert rows["3b"].verdict == "not resolved"  # equal distances
     # 4: upper (conv5, fc6, fc7) 1.0 - lower (conv1..conv3) 0.0 in every seed.
-    assert rows["4"]["interval"]["mean"] == pytest.approx(1.0)
-    assert rows["4"]["verdict"] == "reproduced"
+    assert rows["4"].interval["mean"] == pytest.approx(1.0)
+    assert rows["4"].verdict == "reproduced"
     # 5: basin at epoch 2 (seed 0, -0.001) and 1 (seeds 1, 2: -0.002, -0.003):
     # mean -0.002, sd 0.001; with the 1-point margin the interval is above zero.
     assert wt.summary.basin_checkpoints(fake_records(study_config, VALUES), 0.02) == {
@@ -293,13 +299,13 @@ def test_findings_and_verdicts_by_hand(study_config):
         1: 1,
         2: 1,
     }
-    iv = rows["5"]["interval"]
+    iv = rows["5"].interval
     assert iv["mean"] == pytest.approx(-0.002)
     half = T_975_2 * 0.001 / math.sqrt(3)
     assert iv["high"] == pytest.approx(-0.002 + half)
     assert iv["high"] > 0 > iv["mean"]  # not resolved without the margin ...
     assert stats.verdict(iv, "positive") == "not resolved"
-    assert rows["5"]["verdict"] == "reproduced"  # ... non-inferior within 1 point
+    assert rows["5"].verdict == "reproduced"  # ... non-inferior within 1 point
 
 
 def test_summary_and_csv_are_the_findings(study_config):
@@ -309,18 +315,24 @@ def test_summary_and_csv_are_the_findings(study_config):
         png = out[f"{name}.png"]
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
     text = out["summary.md"]
-    assert "| 1a |" in text and "| reproduced |" in text and "| contradicted |" in text
+    assert "| 1a |" in text and "| **reproduced** |" in text
+    assert "| **contradicted** |" in text
     assert "+3.00 pt [" in text  # 1a in points
     assert "Earliest checkpoint in the final basin per seed: seed 0: epoch 2" in text
-    assert "Notes" not in text  # converged sources, several seeds, none at chance
-    csv = out["summary.csv"].splitlines()
-    assert csv[0] == "id,statistic,mean,low,high,count,seeds,verdict"
-    row = next(line for line in csv if line.startswith("1a,"))
+    assert "Caveats" not in text  # converged sources, several seeds, none at chance
+    rows = {r["key"]: r for r in csv.DictReader(io.StringIO(out["summary.csv"]))}
+    assert list(rows) == ["1a", "1b", "2", "3a", "3b", "3c", "3d", "4", "5"]
     half = T_975_2 * 0.01 / math.sqrt(3)
-    low, high = f"{0.03 - half:.6f}", f"{0.03 + half:.6f}"
-    assert row.endswith(f",0.030000,{low},{high},3,0 1 2,reproduced")
-    block = out["block_shuffle.csv"].splitlines()
-    assert "1,gap,0.030000," in "\n".join(block)
+    assert float(rows["1a"]["mean"]) == pytest.approx(0.03)
+    assert float(rows["1a"]["low"]) == pytest.approx(0.03 - half, abs=1e-6)
+    assert float(rows["1a"]["high"]) == pytest.approx(0.03 + half, abs=1e-6)
+    assert (rows["1a"]["count"], rows["1a"]["holds"]) == ("3", "3 of 3")
+    assert rows["1a"]["verdict"] == "reproduced"
+    blocks = {
+        r["block"]: r for r in csv.DictReader(io.StringIO(out["block_shuffle.csv"]))
+    }
+    assert float(blocks["1x1"]["gap"]) == pytest.approx(0.03)
+    assert blocks["1x1"]["gap_count"] == "3"
 
 
 def test_notes_say_what_the_findings_rest_on():
@@ -331,13 +343,18 @@ def test_notes_say_what_the_findings_rest_on():
     }
     records = fake_records(config, values)
     rows = wt.findings(records, config)
-    assert {row["verdict"] for row in rows} == {"not resolved"}  # one seed
-    text = wt.summary_markdown(records, config)
-    assert "source of seed 4 stopped at the epoch cap (60 epochs)" in text
-    assert "undertrained" in text
-    assert "runs at chance (no learning; they say little): seed4/RI-T/b1" in text
-    assert "every result rests on 1 seed ([4])" in text
-    assert "(1, no interval)" in text
+    assert {row.outcome for row in rows} == {"not resolved"}  # one seed
+    assert all("1 replicate: no interval" in row.verdict for row in rows)
+    caveats = wt.summary.caveats(records)
+    assert caveats[0] == (
+        "source of seed 4 stopped at the epoch cap (60 epochs), not converged by "
+        "the rule: it is undertrained"
+    )
+    assert "never rose significantly above chance" in caveats[1]
+    assert caveats[1].endswith(": seed4/RI-T/b1")
+    assert "every result rests on 1 seed (4)" in caveats[-1]
+    text = report_lib.markdown(wt.summarize(records, config))
+    assert "**Caveats.**" in text and "- source of seed 4 stopped" in text
 
 
 def test_unreached_checkpoints_are_left_out(study_config):
@@ -346,8 +363,9 @@ def test_unreached_checkpoints_are_left_out(study_config):
     records = fake_records(study_config, values)
     rows = by_id(wt.findings(records, study_config))
     # seed 0's basin checkpoint (epoch 2) was not reached: seeds 1 and 2 remain.
-    assert rows["5"]["seeds"] == [1, 2]
-    assert "| 2 | 0/3 |" in wt.summary_markdown(records, study_config)
+    assert rows["5"].replicates == [1, 2]
+    table = wt.summarize(records, study_config).table("checkpoints")
+    assert table.rows[1][:2] == ["2", "0/3"]
 
 
 # ---------------------------------------------------- resume and needs (fake runs)
@@ -369,7 +387,7 @@ def test_runner_executes_after_needs_skips_finished_and_redoes_analyses(tmp_path
         signatures=lambda config, context: {},  # nothing trains here
         # The subject is the run order and resume, not the figures.
         report=lambda records, config: {
-            "summary.md": wt.summary_markdown(records, config)
+            "summary.md": report_lib.markdown(wt.summarize(records, config))
         },
         context=lambda config, workdir, run_dir: types.SimpleNamespace(
             prepare=lambda: None
@@ -495,9 +513,9 @@ def test_smoke_run_of_the_script(what_transfers_smoke):
     checkpoint = by_key["seed0/P-T/checkpoint1"]
     assert checkpoint["reached"] and checkpoint["source_barrier"] >= 0
     # The report is the records' (recomputed here), with its one-seed note.
-    assert (workdir / "summary.csv").read_text() == wt.summary.findings_csv(
-        wt.findings(records, config)
-    )
+    assert (workdir / "summary.csv").read_text() == wt.report(records, config)[
+        "summary.csv"
+    ]
     assert "every result rests on 1 seed" in (workdir / "summary.md").read_text()
 
 

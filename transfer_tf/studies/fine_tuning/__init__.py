@@ -61,6 +61,7 @@ random_net = execution.random_net
 strategy_cells = summary.strategy_cells
 recommend = summary.recommend
 claims = summary.claims
+summarize = summary.summarize
 report = summary.report
 correlations = scores.correlations
 measured_table = scores.measured_table

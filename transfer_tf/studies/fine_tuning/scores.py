@@ -1,6 +1,6 @@
 """Part 2 of the fine-tuning study's report: estimator scores against measured
 transfer (rank correlations per seed, what choosing by an estimator gives,
-timings), its Markdown section, ``scores.csv`` and ``estimators.png``."""
+timings), its rows in the summary, ``scores.csv`` and ``estimators.png``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import numpy as np
 
 from transfer_tf import estimators, models, plots
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import stats
 from transfer_tf.studies.fine_tuning import plan
 
@@ -66,7 +67,14 @@ def _grid_for_seeds(grid, config: plan.Config) -> list[dict]:
     study seeds they measure (``study_seeds``): its transfer and selffer runs
     of the grid seed whose base nets are the sources, its random runs of the
     same seed only (the untrained candidate is seeded by the study's seed)."""
+    from transfer_tf.studies import transferability
+
     seeds = sorted({r["seed"] for r in grid if r.get("kind") == "base"})
+    d = config.data
+    chosen = {
+        s: transferability.grid_seed(d.class_split, d.split_seed, s, seeds)
+        for s in config.seeds
+    }
     out = []
     for r in grid:
         if r.get("treatment") not in plan.GRID_TREATMENTS:
@@ -74,8 +82,7 @@ def _grid_for_seeds(grid, config: plan.Config) -> list[dict]:
         mine = [
             s
             for s in config.seeds
-            if r["seed"] == plan.grid_seed(config, s, seeds)
-            and (r["treatment"] != "random" or r["seed"] == s)
+            if r["seed"] == chosen[s] and (r["treatment"] != "random" or r["seed"] == s)
         ]
         if mine and r.get("target") == config.target:
             out.append({**r, "study_seeds": mine})
@@ -189,11 +196,7 @@ def choices(records, config: plan.Config) -> list[dict]:
     labelled images + the estimator; probing every candidate: forward passes of
     every split + the probes' training)."""
     scores = score_table(records)
-    probes = {
-        (r["seed"], r["budget"], r["source"], r["layer"]): r
-        for r in records
-        if r["kind"] == "probe" and plan._included(r)
-    }
+    probes = _included_probes(records)
     extract = {}
     for r in records:
         if r["kind"] == "probe":
@@ -301,7 +304,12 @@ def best_estimator(rows, kind="probe", budget="all") -> dict | None:
     return max(eligible, key=lambda r: r["spearman"]["mean"]) if eligible else None
 
 
-# ----------------------------------------------------------------------- markdown
+# --------------------------------------------------------------------------- rows
+
+
+CORRELATION = report_lib.Format(scale=1.0, digits=2, sign=True)  # +0.93 [...] (3)
+SECONDS = report_lib.Format(digits=1)
+SPEEDUP = report_lib.Format(digits=0, unit="×")
 
 
 def _candidate_label(source: str) -> str:
@@ -313,185 +321,219 @@ def _candidate_label(source: str) -> str:
     }.get(source, f"{source} (Keras backbone)")
 
 
-def _part2_markdown(records, config: plan.Config, grid) -> list[str]:
-    if not any(r["kind"] == "score" for r in records):
-        return []
-    rows = correlations(records, config, grid)
-    lines = [
-        "",
-        "## Part 2: transferability estimators",
-        "",
-        "Candidates: "
-        + "; ".join(_candidate_label(s) for s in plan.candidates(config))
-        + f". Layers: {list(config.layers)} of the base nets ({config.pooling} "
-        "pooling of conv maps), the autoencoder's conv layers among them and its "
-        "code. LogME and H-score score a layer's features; LEEP and NCE a "
-        "classifier's own outputs (fc8 of the transfer, selffer and untrained nets), "
-        "so they rank sources only. Scores use the target's k labelled training "
-        "images per class and nothing else. A source's score for ranking sources: "
-        "LEEP/NCE of its head, or a layer estimator's best layer.",
-        "",
-        "### Rank correlations with measured transfer",
-        "",
-        "Spearman's rho and Kendall's tau per seed, over the candidates both cover; "
-        "mean [95% t-interval] (seeds). Measured: `probe` = a linear probe on the "
-        "layer (same k), `frozen` = part 1's transfer net frozen at n (same k), "
+CORRELATION_COLUMNS = (
+    "estimator",
+    "ranks",
+    "against",
+    "k",
+    "candidates",
+    ("Spearman rho", CORRELATION, "spearman"),
+    ("Kendall tau", CORRELATION, "kendall"),
+    ("rho > 0", None, "verdict"),
+)
+
+
+def correlations_table(rows) -> report_lib.Table:
+    """The rank correlations (:func:`correlations`), by level, measured kind,
+    budget and estimator."""
+    ordered = sorted(
+        rows,
+        key=lambda r: (
+            r["level"],
+            r["measured"],
+            stats.budget_order(r["budget"]),
+            r["estimator"],
+        ),
+    )
+    return report_lib.Table(
+        CORRELATION_COLUMNS,
+        [
+            [
+                r["estimator"],
+                r["level"],
+                r["measured"],
+                r["budget"],
+                r["candidates"],
+                r["spearman"],
+                r["kendall"],
+                r["verdict"],
+            ]
+            for r in ordered
+        ],
+        title="Rank correlations with measured transfer",
+        text="Spearman's rho and Kendall's tau per seed, over the candidates both "
+        "cover; mean [95% t-interval] (seeds). Measured: `probe` = a linear probe on "
+        "the layer (same k), `frozen` = part 1's transfer net frozen at n (same k), "
         "`grid frozen`/`grid fine-tuned` = the grid's AnB/BnB/random and AnB+/BnB+ "
         "at n (all labels), `best probe` = a source's validation-best probe. "
         "Verdict: is rho above zero.",
-        "",
-    ]
-    table = [
-        [
-            r["estimator"],
-            r["level"],
-            r["measured"],
-            r["budget"],
-            str(r["candidates"]),
-            _format_correlation(r["spearman"]),
-            _format_correlation(r["kendall"]),
-            r["verdict"],
-        ]
-        for r in sorted(
-            rows,
-            key=lambda r: (
-                r["level"],
-                r["measured"],
-                stats.budget_order(r["budget"]),
-                r["estimator"],
-            ),
-        )
-    ]
-    lines += stats.markdown_table(
-        [
-            "estimator",
-            "ranks",
-            "against",
-            "k",
-            "candidates",
-            "Spearman rho",
-            "Kendall tau",
-            "rho > 0",
-        ],
-        table,
+        level=3,
+        name="correlations",
     )
-    best = best_estimator(rows)
-    if best:
-        lines += [
-            "",
-            "Best ranker of (source, layer) candidates against the probes with all "
-            f"labels: **{best['estimator']}** "
-            f"(rho {_format_correlation(best['spearman'])}).",
-        ]
-    entries = choices(records, config)
-    if entries:
-        lines += [
-            "",
-            "### Choosing a candidate by estimator instead of probing every one",
-            "",
-            "Test top-1 of the probe on the candidate each way picks (mean over "
-            "seeds); "
-            "regret = validation-chosen minus estimator-chosen (points). Time: scoring "
-            "every candidate (forward passes of the k labelled images and the "
-            "estimator) vs probing every candidate (forward passes of every split and "
-            "the probes' training), seconds per seed.",
-            "",
-        ]
-        table = []
-        for e in entries:
-            val = float(np.mean(list(e["validation"].values())))
-            oracle = float(np.mean(list(e["oracle"].values())))
-            table.append(
-                [
-                    e["budget"],
-                    "probe all, choose on validation",
-                    str(e["candidates"]),
-                    f"{val:.4f}",
-                    "",
-                    f"{e['probe_time']:.1f}" if e["probe_time"] is not None else "",
-                    "",
-                ]
-            )
-            if e["fine_tune_time"] is not None:
-                table.append(
-                    [
-                        e["budget"],
-                        "fine-tune all (estimate: candidates x part 1's mean "
-                        "fine_tune time)",
-                        str(e["candidates"]),
-                        "",
-                        "",
-                        f"{e['fine_tune_time']:.0f}",
-                        "",
-                    ]
-                )
-            for name, c in e["estimators"].items():
-                if not c["picked"]:
-                    continue
-                speedup = (
-                    f"x{e['probe_time'] / c['time']:.0f}"
-                    if c["time"] and e["probe_time"]
-                    else ""
-                )
-                if c["time"] and e["fine_tune_time"]:
-                    speedup += f" (x{e['fine_tune_time'] / c['time']:.0f})"
-                table.append(
-                    [
-                        e["budget"],
-                        f"highest {name}",
-                        str(e["candidates"]),
-                        f"{np.mean(list(c['picked'].values())):.4f}",
-                        stats.format_interval(c["regret"]),
-                        f"{c['time']:.1f}" if c["time"] is not None else "",
-                        speedup,
-                    ]
-                )
-            table.append(
-                [
-                    e["budget"],
-                    "(best test top-1 of any candidate)",
-                    "",
-                    f"{oracle:.4f}",
-                    "",
-                    "",
-                    "",
-                ]
-            )
-        lines += stats.markdown_table(
+
+
+CHOICE_COLUMNS = (
+    "k",
+    "choice",
+    "candidates",
+    ("test top-1", report_lib.ACCURACY),
+    ("regret (points)", report_lib.POINTS),
+    ("time (s)", SECONDS),
+    ("speed-up vs probing", SPEEDUP),
+    ("speed-up vs fine-tuning", SPEEDUP),
+)
+
+
+def _over_seeds(per_seed: dict) -> dict | None:
+    return stats.interval([per_seed[s] for s in sorted(per_seed, key=str)])
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+def choices_table(entries) -> report_lib.Table:
+    """Choosing a candidate by validation, by fine-tuning every one (its time
+    estimated), by each layer estimator (:func:`choices`), and the best any
+    candidate reached: test top-1 over seeds, regret, time and speed-up."""
+    rows = []
+    for e in entries:
+        probe, fine_tune = e["probe_time"], e["fine_tune_time"]
+        rows.append(
             [
-                "k",
-                "choice",
-                "candidates",
-                "test top-1",
-                "regret (points)",
-                "time (s)",
-                "speed-up vs probing (vs fine-tuning)",
-            ],
-            table,
+                e["budget"],
+                "probe all, choose on validation",
+                e["candidates"],
+                _over_seeds(e["validation"]),
+                None,
+                probe,
+                None,
+                None,
+            ]
         )
+        if fine_tune is not None:
+            rows.append(
+                [
+                    e["budget"],
+                    "fine-tune all (estimate: candidates x part 1's mean "
+                    "fine_tune time)",
+                    e["candidates"],
+                    None,
+                    None,
+                    report_lib.Cell(fine_tune, format=report_lib.Format(digits=0)),
+                    None,
+                    None,
+                ]
+            )
+        for name, c in e["estimators"].items():
+            if not c["picked"]:
+                continue
+            rows.append(
+                [
+                    e["budget"],
+                    f"highest {name}",
+                    e["candidates"],
+                    _over_seeds(c["picked"]),
+                    c["regret"],
+                    c["time"],
+                    _ratio(probe, c["time"]),
+                    _ratio(fine_tune, c["time"]),
+                ]
+            )
+        rows.append(
+            [
+                e["budget"],
+                "(best test top-1 of any candidate)",
+                None,
+                _over_seeds(e["oracle"]),
+                None,
+                None,
+                None,
+                None,
+            ]
+        )
+    return report_lib.Table(
+        CHOICE_COLUMNS,
+        rows,
+        title="Choosing a candidate by estimator instead of probing every one",
+        text="Test top-1 of the probe on the candidate each way picks (mean [95% "
+        "t-interval] (seeds)); regret = validation-chosen minus estimator-chosen "
+        "(points, paired within a seed). Time: scoring every candidate (forward "
+        "passes of the k labelled images and the estimator) vs probing every "
+        "candidate (forward passes of every split and the probes' training), "
+        "seconds per seed (mean over seeds).",
+        level=3,
+        name="choices",
+    )
+
+
+def times_table(records) -> report_lib.Table | None:
+    """Each estimator's mean time per candidate, without the forward pass."""
     times = estimator_times(records)
+    if not times:
+        return None
     train_times = [
         r["train_time"]
         for r in records
         if r["kind"] == "strategy" and r["budget"] == "all"
     ]
-    if times:
-        lines += [
-            "",
-            "Mean time per candidate, without the forward pass: "
-            + ", ".join(f"{n} {t * 1000:.1f} ms" for n, t in sorted(times.items()))
-            + (
-                "; a strategy's training with all labels took "
-                f"{np.mean(train_times):.1f} s on average (part 1)."
-                if train_times
-                else "."
+    return report_lib.Table(
+        (
+            "estimator",
+            (
+                "mean time per candidate, without the forward pass (ms)",
+                report_lib.Format(scale=1000.0, digits=1),
+                "seconds",
             ),
-        ]
-    return lines
+        ),
+        [[name, t] for name, t in sorted(times.items())],
+        after=(
+            "A strategy's training with all labels took "
+            f"{np.mean(train_times):.1f} s on average (part 1)."
+            if train_times
+            else ""
+        ),
+        name="times",
+    )
 
 
-def _format_correlation(iv) -> str:
-    return stats.format_interval(iv, scale=1, one="(1 seed)")
+def part2_blocks(records, config: plan.Config, grid) -> list:
+    """Part 2's rows: the candidates, the rank correlations, the best ranker,
+    what choosing by an estimator gives, and the estimators' times (nothing
+    without scores)."""
+    if not any(r["kind"] == "score" for r in records):
+        return []
+    rows = correlations(records, config, grid)
+    blocks = [
+        report_lib.Text(
+            "Candidates: "
+            + "; ".join(_candidate_label(s) for s in plan.candidates(config))
+            + f". Layers: {list(config.layers)} of the base nets ({config.pooling} "
+            "pooling of conv maps), the autoencoder's conv layers among them and its "
+            "code. LogME and H-score score a layer's features; LEEP and NCE a "
+            "classifier's own outputs (fc8 of the transfer, selffer and untrained "
+            "nets), so they rank sources only. Scores use the target's k labelled "
+            "training images per class and nothing else. A source's score for "
+            "ranking sources: LEEP/NCE of its head, or a layer estimator's best "
+            "layer.",
+            title="Part 2: transferability estimators",
+        ),
+        correlations_table(rows),
+    ]
+    best = best_estimator(rows)
+    if best:
+        blocks.append(
+            report_lib.Text(
+                "Best ranker of (source, layer) candidates against the probes with "
+                f"all labels: **{best['estimator']}** (rho "
+                f"{report_lib.cell_text(best['spearman'], CORRELATION)})."
+            )
+        )
+    entries = choices(records, config)
+    if entries:
+        blocks.append(choices_table(entries))
+    blocks.append(times_table(records))
+    return [b for b in blocks if b is not None]
 
 
 # --------------------------------------------------------------------------- csv
@@ -516,7 +558,7 @@ def scores_csv(records) -> str:
         {"seed": s, "budget": b, "source": src, **entry}
         for (s, b, src, _layer, _name), entry in score_table(records).items()
     ]
-    return stats.records_csv(rows, SCORE_FIELDS)
+    return report_lib.records_csv(rows, SCORE_FIELDS)
 
 
 # ------------------------------------------------------------------------- figures
@@ -530,23 +572,27 @@ _SOURCE_COLORS = {
 }
 
 
+def _included_probes(records) -> dict:
+    """``{(seed, budget, source, layer): probe record}`` of the probes not at
+    chance."""
+    return {
+        (r["seed"], r["budget"], r["source"], r["layer"]): r
+        for r in records
+        if r["kind"] == "probe" and plan._included(r)
+    }
+
+
 def estimators_figure(records, config: plan.Config, budget="all"):
     """Score vs measured test top-1 of a linear probe (all labels), one panel
     per estimator, one colour per source; LEEP and NCE per source (against its
     validation-best probe)."""
     scores = score_table(records)
-    probes = {
-        (r["seed"], r["budget"], r["source"], r["layer"]): r
-        for r in records
-        if r["kind"] == "probe" and plan._included(r)
-    }
+    probes = _included_probes(records)
     rows = correlations(records, config)
-    names = list(config.estimators)
-    fig, axes = plots.plt.subplots(
-        1, max(1, len(names)), figsize=(4.2 * max(1, len(names)), 4.2), squeeze=False
-    )
-    for ax, name in zip(axes[0], names, strict=False):
+    panels = []
+    for name in config.estimators:
         level = "layer" if name in plan.LAYER_ESTIMATORS else "source"
+        scatters = []
         for source in plan.candidates(config):
             xs, ys = [], []
             for (seed, b, src, layer, est), e in scores.items():
@@ -561,13 +607,13 @@ def estimators_figure(records, config: plan.Config, budget="all"):
                         xs.append(e["score"])
                         ys.append(best["test_accuracy"])
             if xs:
-                ax.scatter(
-                    xs,
-                    ys,
-                    s=24,
-                    alpha=0.8,
-                    color=_SOURCE_COLORS.get(source),
-                    label=source,
+                scatters.append(
+                    {
+                        "x": xs,
+                        "y": ys,
+                        "color": _SOURCE_COLORS.get(source),
+                        "label": source,
+                    }
                 )
         measured = "probe" if level == "layer" else "best probe"
         row = next(
@@ -579,12 +625,23 @@ def estimators_figure(records, config: plan.Config, budget="all"):
             ),
             None,
         )
-        rho = f"\nSpearman {_format_correlation(row['spearman'])}" if row else ""
+        rho = (
+            f"\nSpearman {report_lib.cell_text(row['spearman'], CORRELATION)}"
+            if row
+            else ""
+        )
         what = "per (source, layer)" if level == "layer" else "per source (its head)"
-        ax.set_title(f"{name} {what}{rho}", fontsize=9)
-        ax.set_xlabel(f"{name} score (k={budget})")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("test top-1 of a linear probe (all labels)")
-    return fig
+        panels.append(
+            {
+                "title": f"{name} {what}{rho}",
+                "fontsize": 9,
+                "xlabel": f"{name} score (k={budget})",
+                "scatters": scatters,
+            }
+        )
+    return plots.curves_figure(
+        panels or [{"empty": "no estimator"}],
+        ylabel="test top-1 of a linear probe (all labels)",
+        width=4.2,
+        height=4.2,
+    )

@@ -1,6 +1,6 @@
 """The fine-tuning study's report: part 1's strategy cells, recommendations
-and claims with verdicts, the Markdown summary, ``summary.csv`` and
-``strategies.png``; part 2's sections come from ``scores``."""
+and the lectures' claims as findings, the summary's rows (:func:`summarize`),
+``summary.csv`` and ``strategies.png``; part 2's rows come from ``scores``."""
 
 from __future__ import annotations
 
@@ -10,20 +10,11 @@ import logging
 import numpy as np
 
 from transfer_tf import plots
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import stats
 from transfer_tf.studies.fine_tuning import plan, scores
 
 log = logging.getLogger(__name__)
-
-
-def accuracy_interval(values) -> dict | None:
-    """Mean and 95% t-interval of accuracies over seeds (None: no values)."""
-    return stats.interval(values)
-
-
-def format_accuracy(iv: dict | None) -> str:
-    """``0.9780 [0.9712, 0.9848] (3)``; one seed: ``0.9780 (1 seed)``."""
-    return stats.format_interval(iv, scale=1, digits=4, sign=False, one="(1 seed)")
 
 
 def strategy_cells(records) -> dict:
@@ -48,6 +39,17 @@ def _budgets(records, kind="strategy") -> list[str]:
     return sorted(
         {r["budget"] for r in records if r["kind"] == kind}, key=stats.budget_order
     )
+
+
+def _tests(cells, line, budget) -> dict:
+    """``{seed: test top-1}`` of a cell."""
+    return {s: r["test_accuracy"] for s, r in cells.get((line, budget), {}).items()}
+
+
+def cell_interval(cells, line, budget) -> dict | None:
+    """The 95% t-interval of a cell's test top-1 over its seeds (None: no cell)."""
+    tests = _tests(cells, line, budget)
+    return stats.interval([tests[s] for s in sorted(tests, key=str)])
 
 
 def recommend(cells: dict, budget: str, lines) -> dict | None:
@@ -80,9 +82,7 @@ def recommend(cells: dict, budget: str, lines) -> dict | None:
         "budget": budget,
         "strategy": best,
         "val_accuracy": ranked[0][0],
-        "test": accuracy_interval(
-            [r["test_accuracy"] for r in cells[(best, budget)].values()]
-        ),
+        "test": cell_interval(cells, best, budget),
         "chosen": chosen,
         "runner_up": None,
         "difference": None,
@@ -96,38 +96,38 @@ def recommend(cells: dict, budget: str, lines) -> dict | None:
     return out
 
 
-def _tests(cells, line, budget) -> dict:
-    return {s: r["test_accuracy"] for s, r in cells.get((line, budget), {}).items()}
+def _paired(a: dict, b: dict) -> dict:
+    """``{seed: a - b}`` over the seeds both hold."""
+    return {k: a[k] - b[k] for k in sorted(set(a) & set(b), key=str)}
 
 
-def claims(cells: dict, budgets) -> list[dict]:
-    """The lectures' claims (:data:`CLAIMS`) at each budget they concern, with
-    paired test differences over seeds and the verdict :func:`stats.verdict`
-    gives them."""
+def claims(cells: dict, budgets) -> list[report_lib.Finding]:
+    """The lectures' claims (:data:`plan.CLAIMS`) at each budget they concern
+    (a scarce claim at every budget but ``all``, a plentiful one at ``all``),
+    each a :class:`report_lib.Finding` whose values are the paired test
+    differences ``a - b`` per seed (key ``<claim number>/k<budget>``); its
+    verdict: is the interval above zero."""
     out = []
-    for a, b, where, statement in plan.CLAIMS:
+    for i, (a, b, where, statement) in enumerate(plan.CLAIMS, start=1):
         concerned = [k for k in budgets if (k == "all") == (where == "all")]
         for budget in concerned:
             if (a, budget) not in cells or (b, budget) not in cells:
                 continue
-            diffs = stats.paired(_tests(cells, a, budget), _tests(cells, b, budget))
-            iv = stats.interval(diffs)
             out.append(
-                {
-                    "a": a,
-                    "b": b,
-                    "budget": budget,
-                    "statement": statement,
-                    "difference": iv,
-                    "wins": sum(d > 0 for d in diffs),
-                    "seeds": len(diffs),
-                    "verdict": stats.verdict(iv, "positive"),
-                }
+                report_lib.Finding(
+                    key=f"{i}/k{budget}",
+                    claim=statement,
+                    measure=f"{a} − {b} at k={budget}",
+                    paper=f"{a} > {b}",
+                    values=_paired(_tests(cells, a, budget), _tests(cells, b, budget)),
+                    expected="positive",
+                    format=report_lib.POINTS,
+                )
             )
     return out
 
 
-# ---------------------------------------------------------------------- part 2
+# ---------------------------------------------------------------------- rows
 
 
 STRATEGY_LABELS = {
@@ -157,12 +157,17 @@ def _strategy_lines(cells) -> list[str]:
     return lines + [f"freeze@n{n}" for n in cuts]
 
 
-def _budget_header(records, budgets) -> list[str]:
-    per_class = [
+def _per_class_all(records) -> list[float]:
+    """Labelled examples per class of part 1's runs with all labels."""
+    return [
         r["num_train"] / r["num_classes"]
         for r in records
         if r["kind"] == "strategy" and r["budget"] == "all"
     ]
+
+
+def _budget_header(records, budgets) -> list[str]:
+    per_class = _per_class_all(records)
     return [
         f"all (~{np.mean(per_class):.0f}/class)"
         if b == "all" and per_class
@@ -171,17 +176,9 @@ def _budget_header(records, budgets) -> list[str]:
     ]
 
 
-def _excluded(records) -> list[dict]:
-    return [r for r in records if r.get("at_chance")]
-
-
-def summary_markdown(records, config: plan.Config, grid=()) -> str:
-    """The report's tables (docs/fine_tuning.md quotes them)."""
+def _intro(config: plan.Config, seeds) -> str:
     d = config.data
-    seeds = sorted({r["seed"] for r in records if r["kind"] != "pretrain"})
-    lines = [
-        "# Fine-tuning strategies and transferability estimators",
-        "",
+    return (
         f"Dataset `{d.dataset}`, class split `{d.class_split}` (seed {d.split_seed}), "
         f"target half {config.target}, transfer source: the net trained on half "
         f"{config.source_half}"
@@ -189,174 +186,200 @@ def summary_markdown(records, config: plan.Config, grid=()) -> str:
         + f". Seeds {seeds}: each its own k-example subsets and initialisations"
         + ("" if config.grid_workdir else " (and source nets)")
         + ". Test top-1 on the target's test split: mean [95% t-interval] "
-        "(seeds). Every choice is made on the validation split.",
-    ]
-    if len(seeds) == 1:
-        lines += [
-            "",
-            "**One seed: every number below rests on a single run; there are no "
-            "intervals and no verdict can be reached.**",
-        ]
-    excluded = _excluded(records)
-    lines += ["", "## Part 1: strategies across label budgets", ""]
-    if excluded:
-        lines += [
-            "Runs whose best validation accuracy is not above chance (binomial test, "
-            "1%) are left out of every mean and choice: "
-            + ", ".join(f"`{r['key']}`" for r in excluded)
-            + ".",
-            "",
-        ]
-    else:
-        lines += ["No run was at chance (binomial test on validation, 1%).", ""]
-    cells = strategy_cells(records)
-    budgets = _budgets(records)
-    strategy_lines = _strategy_lines(cells)
-    if not config.strategies:
-        lines += [
-            "**Not run: no strategy was given (`--strategies=` is empty), so there "
-            "is no recommendation; part 2 scores the sources only.**",
-            "",
-        ]
-    if budgets:
-        rows = [
-            [
-                _line_label(line),
-                *[
-                    format_accuracy(
-                        accuracy_interval(_tests(cells, line, b).values())
-                        if (line, b) in cells
-                        else None
-                    )
-                    for b in budgets
-                ],
-            ]
-            for line in strategy_lines
-        ]
-        lines += stats.markdown_table(
-            ["strategy", *_budget_header(records, budgets)], rows
-        )
-        lines += [
-            "",
-            "### Recommendation: the best strategy per budget (on validation)",
-            "",
-        ]
-        rows = []
-        main_lines = [line for line in strategy_lines if not line.startswith("freeze@")]
-        for b in budgets:
-            rec = recommend(cells, b, main_lines)
-            if rec is None:
-                continue
-            chosen = ", ".join(f"{s}: {c}" for s, c in sorted(rec["chosen"].items()))
-            rows.append(
-                [
-                    b,
-                    f"**{rec['strategy']}**",
-                    f"{rec['val_accuracy']:.4f}",
-                    format_accuracy(rec["test"]),
-                    chosen,
-                    rec["runner_up"] or "",
-                    stats.format_interval(rec["difference"]),
-                ]
-            )
-        lines += stats.markdown_table(
-            [
-                "budget",
-                "recommended",
-                "mean val top-1",
-                "its test top-1",
-                "per-seed choice (seed: strategy)",
-                "runner-up (val)",
-                "test difference to runner-up (points)",
-            ],
-            rows,
-        )
-        lines += ["", "### The lectures' rules, tested (paired within a seed)", ""]
-        rows = [
-            [
-                c["statement"],
-                f"{c['a']} − {c['b']} at k={c['budget']}",
-                stats.format_interval(c["difference"]),
-                f"{c['wins']} of {c['seeds']}",
-                f"**{c['verdict']}**",
-            ]
-            for c in claims(cells, budgets)
-        ]
-        lines += stats.markdown_table(
-            [
-                "claim",
-                "test difference",
-                "points, mean [95% CI] (seeds)",
-                "seeds where it holds",
-                "verdict",
-            ],
-            rows,
-        )
-        lines += [
-            "",
-            "A verdict is `reproduced` when the interval of the paired difference "
-            "lies above zero, `contradicted` when below, `not resolved` otherwise "
-            "(or with one seed).",
-            "",
-            "Freeze cuts chosen on validation (seed: n):",
-            "",
-        ]
-        rows = []
-        for b in budgets:
-            chosen = cells.get(("freeze", b), {})
-            rows.append(
-                [b, ", ".join(f"{s}: {r['n']}" for s, r in sorted(chosen.items()))]
-            )
-        lines += stats.markdown_table(["budget", "chosen n"], rows)
-        lines += ["", "### The stopping rule: epochs and why training stopped", ""]
-        lines += _stopping_table(records, config)
-    lines += scores._part2_markdown(records, config, grid)
-    return "\n".join(lines) + "\n"
+        "(seeds). Every choice is made on the validation split."
+    )
 
 
-def _stopping_table(records, config: plan.Config) -> list[str]:
-    t = config.training
-    groups = collections.defaultdict(list)
-    for r in records:
-        if r["kind"] == "strategy":
-            groups[r["arm"]].append(r)
+def strategies_table(records, cells, budgets) -> report_lib.Table:
+    """Test top-1 per strategy line and budget (intervals over seeds)."""
+    header = _budget_header(records, budgets)
+    return report_lib.Table(
+        ("strategy", *((h, report_lib.ACCURACY) for h in header)),
+        [
+            [_line_label(line), *(cell_interval(cells, line, b) for b in budgets)]
+            for line in _strategy_lines(cells)
+        ],
+        name="strategies",
+    )
+
+
+RECOMMENDATION_COLUMNS = (
+    "budget",
+    "recommended",
+    ("mean val top-1", report_lib.ACCURACY),
+    ("its test top-1", report_lib.ACCURACY),
+    "per-seed choice (seed: strategy)",
+    "runner-up (val)",
+    ("test difference to runner-up (points)", report_lib.POINTS),
+)
+
+
+def recommendation_table(cells, budgets) -> report_lib.Table:
+    """Per budget: the strategy validation recommends (:func:`recommend`)."""
+    main = [line for line in _strategy_lines(cells) if not line.startswith("freeze@")]
     rows = []
-    for name in plan.STRATEGIES:
-        rows_ = groups.get(name)
-        if not rows_:
+    for b in budgets:
+        rec = recommend(cells, b, main)
+        if rec is None:
             continue
-        reasons = collections.Counter(
-            s["stop_reason"] for r in rows_ for s in r["stages"]
-        )
         rows.append(
             [
-                name,
-                f"{np.median([r['epochs_total'] for r in rows_]):.0f}",
-                f"{np.median([r['best_epoch'] for r in rows_]):.0f}",
-                ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())),
-                f"{np.mean([r['train_time'] for r in rows_]):.1f}",
+                b,
+                report_lib.Cell(rec["strategy"], bold=True),
+                rec["val_accuracy"],
+                rec["test"],
+                ", ".join(f"{s}: {c}" for s, c in sorted(rec["chosen"].items())),
+                rec["runner_up"] or "",
+                rec["difference"],
             ]
         )
+    return report_lib.Table(
+        RECOMMENDATION_COLUMNS,
+        rows,
+        title="Recommendation: the best strategy per budget (on validation)",
+        level=3,
+        name="recommendation",
+    )
+
+
+CLAIMS_RULE = (
+    "Each claim is measured as a test difference paired within a seed (the same "
+    "k examples, source net and initialisation); ours is its mean with the 95% "
+    "t-interval over seeds (n = how many), in points. A verdict is `reproduced` "
+    "when the interval lies above zero, `contradicted` when below, `not resolved` "
+    "otherwise (or with one seed)."
+)
+
+
+def stopping_rule(config: plan.Config) -> str:
+    """The paragraph that states the training rule every arm follows."""
+    t = config.training
     initial = ", the starting weights competing as epoch 0" if t.select_initial else ""
-    return [
+    return (
         "Every arm trains by one rule, the `plateau` schedule: the learning rate "
         f"is multiplied by {t.plateau_factor} whenever the validation loss has not "
         f"fallen for {t.plateau_patience} epochs, and training stops when it still "
         f"has not after {t.plateau_reductions} such reduction(s) (at least "
         f"{t.min_epochs}, at most {t.epochs} epochs); the weights of the lowest "
-        f"validation loss are kept{initial}.",
-        "",
-        *stats.markdown_table(
-            [
-                "strategy",
-                "median epochs (all stages)",
-                "median best epoch (last stage)",
-                "stop reasons (stages)",
-                "mean training time (s)",
-            ],
-            rows,
+        f"validation loss are kept{initial}. Epochs count every stage; the best "
+        "epoch and the test top-1 are the last stage's; stop reasons are per stage."
+    )
+
+
+def stopping_table(records, config: plan.Config) -> report_lib.Table:
+    """The convergence table of part 1's arms (every strategy run, those at
+    chance included) with their mean training time."""
+    runs = [r for r in records if r["kind"] == "strategy"]
+    table = report_lib.convergence_table(
+        runs,
+        group=lambda r: r["arm"],
+        title="The stopping rule: epochs and why training stopped",
+        text=stopping_rule(config),
+        epochs=lambda r: r["epochs_total"],
+        reasons=lambda r: [s["stop_reason"] for s in r["stages"]],
+        order=plan.STRATEGIES,
+        name="stopping",
+    )
+    table.level = 3
+    times = collections.defaultdict(list)
+    for r in runs:
+        times[r["arm"]].append(r["train_time"])
+    return with_column(
+        table,
+        report_lib.Column(
+            "mean training time (s)", report_lib.Format(digits=1), csv="train_time"
         ),
-    ]
+        [float(np.mean(times[row[0]])) for row in table.rows],
+    )
+
+
+def with_column(table: report_lib.Table, column, values) -> report_lib.Table:
+    """``table`` with one more column of ``values`` (one per row), on the right.
+    (A primitive of report.py's tables, written here until it is there.)"""
+    return report_lib.Table(
+        (*table.columns, column),
+        [[*row, v] for row, v in zip(table.rows, values, strict=True)],
+        title=table.title,
+        text=table.text,
+        level=table.level,
+        name=table.name,
+        csv=table.csv,
+        after=table.after,
+        show=table.show,
+    )
+
+
+def freeze_cuts_table(cells, budgets) -> report_lib.Table:
+    return report_lib.Table(
+        ("budget", "chosen n"),
+        [
+            [
+                b,
+                ", ".join(
+                    f"{s}: {r['n']}"
+                    for s, r in sorted(cells.get(("freeze", b), {}).items())
+                ),
+            ]
+            for b in budgets
+        ],
+        text="Freeze cuts chosen on validation (seed: n):",
+        name="freeze_cuts",
+    )
+
+
+def summarize(records, config: plan.Config, grid=()) -> report_lib.Summary:
+    """The report's rows (a pure function of the records and, given a grid, its
+    records): the caveats; part 1's test top-1 per strategy and budget, the
+    recommendation per budget, the lectures' claims as findings, the freeze
+    cuts chosen and the stopping rule's table; part 2's rows (``scores``)."""
+    seeds = sorted({r["seed"] for r in records if r["kind"] != "pretrain"})
+    summary = report_lib.Summary(
+        "Fine-tuning strategies and transferability estimators"
+    )
+    summary.add(
+        report_lib.Text(_intro(config, seeds)),
+        report_lib.Bullets(
+            report_lib.caveats(
+                records, name=lambda r: f"`{r['key']}`", seeds=seeds, cap=False
+            )
+        ),
+    )
+    chance = (
+        "" if any(r.get("at_chance") for r in records) else " No run was at chance."
+    )
+    summary.add(
+        report_lib.Text(
+            "Runs whose best validation accuracy is not above chance (binomial "
+            "test, 1%) are left out of every mean and choice." + chance,
+            title="Part 1: strategies across label budgets",
+        )
+    )
+    if not config.strategies:
+        summary.add(
+            report_lib.Text(
+                "**Not run: no strategy was given (`--strategies=` is empty), so "
+                "there is no recommendation; part 2 scores the sources only.**"
+            )
+        )
+    cells = strategy_cells(records)
+    budgets = _budgets(records)
+    if budgets:
+        summary.add(
+            strategies_table(records, cells, budgets),
+            recommendation_table(cells, budgets),
+            report_lib.findings_table(
+                claims(cells, budgets),
+                title="The lectures' rules, tested (paired within a seed)",
+                text=CLAIMS_RULE,
+                name="claims",
+                csv="",
+                level=3,
+            ),
+            freeze_cuts_table(cells, budgets),
+            stopping_table(records, config),
+        )
+    summary.add(*scores.part2_blocks(records, config, grid))
+    return summary
 
 
 CSV_FIELDS = (
@@ -381,6 +404,9 @@ CSV_FIELDS = (
     "train_time",
     "wall_time",
 )
+
+
+# ------------------------------------------------------------------- figures
 
 
 _COLORS = {
@@ -411,11 +437,7 @@ def strategies_figure(records, config: plan.Config):
     seed (points)."""
     cells = strategy_cells(records)
     budgets = _budgets(records)
-    per_class = [
-        r["num_train"] / r["num_classes"]
-        for r in records
-        if r["kind"] == "strategy" and r["budget"] == "all"
-    ]
+    per_class = _per_class_all(records)
     position, ticks = plots.budget_axis(
         budgets, float(np.mean(per_class)) if per_class else 1000.0
     )
@@ -430,30 +452,20 @@ def strategies_figure(records, config: plan.Config):
             label=STRATEGY_LABELS[name],
             ls="--" if name == "scratch" else "-",
         )
-        points, diffs = [], []
-        for b in budgets:
-            if (name, b) not in cells:
-                continue
-            iv = accuracy_interval(_tests(cells, name, b).values())
-            points.append((position[b] * shift, iv["mean"], stats.half_width(iv)))
-            if name != "scratch" and ("scratch", b) in cells:
-                diff = stats.interval(
+        x = [position[b] * shift for b in budgets]
+        lines.append(
+            plots.interval_line(
+                x, [cell_interval(cells, name, b) for b in budgets], **style
+            )
+        )
+        if name != "scratch":
+            diffs = [
+                stats.interval(
                     stats.paired(_tests(cells, name, b), _tests(cells, "scratch", b))
                 )
-                if diff:
-                    diffs.append(
-                        (
-                            position[b] * shift,
-                            100 * diff["mean"],
-                            100 * stats.half_width(diff),
-                        )
-                    )
-        if points:
-            x, y, e = np.array(points).T
-            lines.append({"x": x, "y": y, "e": e, **style})
-        if diffs:
-            x, y, e = np.array(diffs).T
-            gains.append({"x": x, "y": y, "e": e, **style})
+                for b in budgets
+            ]
+            gains.append(plots.interval_line(x, diffs, scale=100.0, **style))
     common = {
         "xlabel": "labelled training examples per class (log; rightmost = all)",
         "xscale": "log",
@@ -462,12 +474,12 @@ def strategies_figure(records, config: plan.Config):
     panels = [
         {
             "title": f"target half {config.target}: test top-1 per strategy",
-            "lines": lines,
+            "lines": [line for line in lines if len(line["x"])],
             **common,
         },
         {
             "title": "gain over scratch, paired within a seed (points)",
-            "lines": gains,
+            "lines": [line for line in gains if len(line["x"])],
             "references": [{"y": 0.0, "color": "black", "lw": 0.8}],
             "empty": "no scratch runs",
             **common,
@@ -480,9 +492,11 @@ def report(records, config: plan.Config) -> dict:
     """``summary.md``, ``summary.csv``, ``scores.csv``, ``strategies.png`` and
     ``estimators.png`` of the records."""
     grid = plan.grid_records(config) if config.grid_workdir else []
+    summary = summarize(records, config, grid)
     out = {
-        "summary.md": summary_markdown(records, config, grid),
-        "summary.csv": stats.records_csv(
+        "summary.md": report_lib.markdown(summary),
+        **summary.csv_files(),
+        "summary.csv": report_lib.records_csv(
             [r for r in records if r["kind"] != "score"], CSV_FIELDS
         ),
         "scores.csv": scores.scores_csv(records),

@@ -44,6 +44,7 @@ t-interval over seeds and the verdict ``stats.verdict`` computes from it.
 from __future__ import annotations
 
 from transfer_tf import plots
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner
 from transfer_tf.studies.what_transfers import execution, figures, plan, summary
 
@@ -60,18 +61,15 @@ check = execution.check
 execute = execution.execute
 describe = execution.describe
 findings = summary.findings
-summary_markdown = summary.summary_markdown
+summarize = summary.summarize
 
 
 def report(records: list[dict], config: Config) -> dict:
     """``summary.md``, ``summary.csv`` (the findings), ``block_shuffle.csv`` and
     one figure per analysis, from the records alone."""
-    out = {
-        "summary.md": summary.summary_markdown(records, config),
-        "summary.csv": summary.findings_csv(summary.findings(records, config)),
-    }
+    rows = summary.summarize(records, config)
+    out = {"summary.md": report_lib.markdown(rows), **rows.csv_files()}
     if len(summary.block_table(records)) >= 2:
-        out["block_shuffle.csv"] = summary.block_csv(records)
         out["block_shuffle.png"] = plots.png_bytes(figures.block_figure(records))
     if summary._select(records, kind="pair"):
         out["basin.png"] = plots.png_bytes(figures.basin_figure(records))

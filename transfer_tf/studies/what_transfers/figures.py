@@ -17,13 +17,6 @@ log = logging.getLogger(__name__)
 COLORS = {"P-T": "#c0392b", "RI-T": "#1f3a93", "PS-T": "#f39c12"}
 
 
-def _mean_line(curves) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and 95% half-interval of equally long curves."""
-    curves = np.asarray(curves, dtype=np.float64)
-    ivs = [stats.interval(column) for column in curves.T]
-    return curves.mean(axis=0), np.array([stats.half_width(iv) for iv in ivs])
-
-
 def block_figure(records):
     table = summary.block_table(records)
     side = next(
@@ -39,8 +32,12 @@ def block_figure(records):
             for xi, b in zip(x, blocks, strict=True)
             if table[b][field]
         ]
-        return stats.interval_line(
-            [p[0] for p in points], [p[1] for p in points], label, color, scale
+        return plots.interval_line(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            scale,
+            label=label,
+            color=color,
         )
 
     lines = [line(arm, arm, COLORS[arm]) for arm in plan.ARMS]
@@ -48,7 +45,7 @@ def block_figure(records):
         line("gap", "P-T - RI-T", COLORS["P-T"], 100),
         line("PS-T gap", "PS-T - RI-T", COLORS["PS-T"], 100),
     ]
-    lines, gaps = ([s for s in series if s["x"]] for series in (lines, gaps))
+    lines, gaps = ([s for s in series if len(s["x"])] for series in (lines, gaps))
     panels = [
         {
             "title": "Target accuracy on block-shuffled images",
@@ -80,15 +77,13 @@ def basin_figure(records):
         for arm in ("P-T", "RI-T"):
             rows = summary._select(records, kind="pair", arm=arm)
             if rows:
-                mean, half = _mean_line([r[field] for r in rows])
                 lines.append(
-                    {
-                        "x": rows[0]["t"],
-                        "y": mean,
-                        "e": half,
-                        "label": f"{arm} pair ({len(rows)} seeds)",
-                        "color": COLORS[arm],
-                    }
+                    plots.mean_curve(
+                        rows[0]["t"],
+                        [r[field] for r in rows],
+                        label=f"{arm} pair ({len(rows)} seeds)",
+                        color=COLORS[arm],
+                    )
                 )
         panels.append(
             {
@@ -103,58 +98,72 @@ def basin_figure(records):
 
 
 def similarity_figure(records):
-    plt = plots.plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    """CKA and parameter distance per layer of the P-T and RI-T pairs (mean and
+    95% interval over seeds), and their shared mistakes (bars with every seed)."""
     layers = list(models.LAYER_NAMES)
     x = np.arange(1, len(layers) + 1)
-    for arm in ("P-T", "RI-T"):
+    cka, distance, bars = [], [], []
+    for i, arm in enumerate(("P-T", "RI-T")):
         rows = summary._select(records, kind="pair", arm=arm)
         if not rows:
             continue
+        style = {"color": COLORS[arm]}
+        cka.append(
+            plots.mean_curve(
+                x,
+                [[r["cka"][n] for n in layers] for r in rows],
+                label=f"{arm} pair",
+                **style,
+            )
+        )
+        distance.append(
+            plots.mean_curve(
+                x,
+                [[r["distance"][n] for n in layers] for r in rows],
+                label=f"{arm} pair",
+                **style,
+            )
+        )
         start = [
             [plan._mean(d[n] for d in r["distance_from_start"]) for n in layers]
             for r in rows
         ]
-        for ax, curves, style, label in (
-            (0, [[r["cka"][n] for n in layers] for r in rows], {}, "pair"),
-            (1, [[r["distance"][n] for n in layers] for r in rows], {}, "pair"),
-            (1, start, {"ls": "--", "alpha": 0.6}, "net from its start"),
-        ):
-            mean, half = _mean_line(curves)
-            axes[ax].errorbar(
+        distance.append(
+            plots.mean_curve(
                 x,
-                mean,
-                yerr=half,
-                marker="s" if style else "o",
-                capsize=2,
-                color=COLORS[arm],
-                label=f"{arm} {label}",
+                start,
+                label=f"{arm} net from its start",
+                marker="s",
+                ls="--",
+                alpha=0.6,
                 **style,
             )
+        )
         values = [
             r["mistake_agreement"] for r in rows if r["mistake_agreement"] is not None
         ]
-        if values:
-            i = 0 if arm == "P-T" else 1
-            iv = stats.interval(values)
-            axes[2].bar(
-                i, iv["mean"], yerr=stats.half_width(iv), color=COLORS[arm], capsize=4
-            )
-            axes[2].scatter([i] * len(values), values, color="black", s=12, zorder=3)
-    for ax, title, ylabel in (
-        (axes[0], "Linear CKA of the pair's activations (test)", "CKA"),
-        (axes[1], "L2 distance of parameters", "L2 distance"),
-    ):
-        ax.set_xticks(x, layers)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    axes[2].set_xticks([0, 1], ["P-T pair", "RI-T pair"])
-    axes[2].set_title("Common mistakes: both wrong / either wrong")
-    axes[2].grid(alpha=0.3, axis="y")
-    return fig
+        bars.append({"x": i, "values": values, **style})
+    ticks = (x, layers)
+    panels = [
+        {
+            "title": "Linear CKA of the pair's activations (test)",
+            "ylabel": "CKA",
+            "lines": cka,
+            "xticks": ticks,
+        },
+        {
+            "title": "L2 distance of parameters",
+            "ylabel": "L2 distance",
+            "lines": distance,
+            "xticks": ticks,
+        },
+        {
+            "title": "Common mistakes: both wrong / either wrong",
+            "bars": bars,
+            "xticks": ([0, 1], ["P-T pair", "RI-T pair"]),
+        },
+    ]
+    return plots.curves_figure(panels, width=16 / 3, height=5.0)
 
 
 def criticality_figure(records):
@@ -168,17 +177,14 @@ def criticality_figure(records):
         if rows:
             alphas = rows[0]["alphas"]
             for i, name in enumerate(layers):
-                mean, _ = _mean_line([r["error_curves"][name] for r in rows])
-                lines.append(
-                    {
-                        "x": alphas,
-                        "y": mean,
-                        "e": None,
-                        "label": name,
-                        "color": cmap(i / (len(layers) - 1)),
-                        "ms": 3,
-                    }
+                curve = plots.mean_curve(
+                    alphas,
+                    [r["error_curves"][name] for r in rows],
+                    label=name,
+                    color=cmap(i / (len(layers) - 1)),
+                    ms=3,
                 )
+                lines.append({**curve, "e": None})
             trained = plan._mean(r["trained_error"] for r in rows)
             refs.append(
                 {"y": trained, "color": "black", "ls": "--", "label": "trained"}
@@ -227,7 +233,9 @@ def checkpoint_figure(records, config):
             for e in epochs
         ]
         target_lines.append(
-            stats.interval_line(epochs, ivs, "P-T from the checkpoint", COLORS["P-T"])
+            plots.interval_line(
+                epochs, ivs, label="P-T from the checkpoint", color=COLORS["P-T"]
+            )
         )
         bars = [
             stats.interval(
@@ -243,7 +251,9 @@ def checkpoint_figure(records, config):
             for e in epochs
         ]
         barrier_lines.append(
-            stats.interval_line(epochs, bars, "barrier to the final source", "#555555")
+            plots.interval_line(
+                epochs, bars, label="barrier to the final source", color="#555555"
+            )
         )
     final = summary._select(
         records, kind="target", arm="P-T", block=None, replica=0, checkpoint=None

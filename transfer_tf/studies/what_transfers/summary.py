@@ -1,14 +1,14 @@
-"""The what-transfers study's findings against the paper (paired per seed,
-with computed verdicts), notes, tables, the Markdown summary and the CSVs."""
+"""The what-transfers study's report as rows: the findings against the paper
+(paired per seed, with computed verdicts), caveats, one table per analysis and
+the convergence table (rendered by ``studies.report``)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 
 from transfer_tf import models
-from transfer_tf.studies import stats
+from transfer_tf.studies import report, stats
 from transfer_tf.studies.what_transfers import plan
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,6 @@ def _criticality_contrast(record) -> float | None:
     return None if upper is None or lower is None else upper - lower
 
 
-def _shift(iv, shift: float):
-    if iv is None:
-        return None
-    moved = {**iv, "mean": iv["mean"] + shift}
-    if iv["low"] is not None:
-        moved.update(low=iv["low"] + shift, high=iv["high"] + shift)
-    return moved
-
-
 def basin_checkpoints(records, barrier: float) -> dict:
     """``{seed: epoch}``: the earliest reached checkpoint (epoch >= 1) whose line to
     the final source has a loss barrier of at most ``barrier``."""
@@ -98,33 +89,26 @@ def basin_checkpoints(records, barrier: float) -> dict:
     return out
 
 
-def findings(records: list[dict], config: plan.Config) -> list[dict]:
-    """The paper's findings, each as a statistic paired within seeds, its 95%
-    t-interval and the verdict (a pure function of the records)."""
+PT = report.Format(scale=100.0, digits=2, sign=True, unit=" pt")  # accuracy gaps
+UNITLESS = report.Format(scale=1.0, digits=2, sign=True)  # nats, CKA, distances
+
+
+def findings(records: list[dict], config: plan.Config) -> list[report.Finding]:
+    """The paper's findings, each a statistic paired within seeds with its 95%
+    t-interval and the verdict computed from it (a pure function of the
+    records)."""
     rows = []
 
-    def add(
-        fid,
-        statistic,
-        values: dict,
-        expected="positive",
-        scale=100.0,
-        unit=" pt",
-        shift=0.0,
-    ):
-        iv = stats.interval([values[s] for s in sorted(values)])
+    def add(fid, statistic, values: dict, fmt=PT, shift=0.0):
         rows.append(
-            {
-                "id": fid,
-                "paper": PAPER[fid],
-                "statistic": statistic,
-                "interval": iv,
-                "scale": scale,
-                "unit": unit,
-                "seeds": sorted(values),
-                "verdict": stats.verdict(_shift(iv, shift), expected),
-                "values": values,
-            }
+            report.Finding(
+                key=fid,
+                claim=PAPER[fid],
+                measure=statistic,
+                values=values,
+                format=fmt,
+                shift=shift,
+            )
         )
 
     blocks = sorted(
@@ -189,13 +173,7 @@ def findings(records: list[dict], config: plan.Config) -> list[dict]:
         for fid, statistic, field, first in pair_findings:
             values = pair_values(field)
             second = "P-T" if first == "RI-T" else "RI-T"
-            add(
-                fid,
-                statistic,
-                _diff(values[first], values[second]),
-                scale=1.0,
-                unit="",
-            )
+            add(fid, statistic, _diff(values[first], values[second]), UNITLESS)
     contrast = _per_seed(records, _criticality_contrast, kind="criticality", arm="P-T")
     if _select(records, kind="criticality"):
         add(
@@ -203,8 +181,7 @@ def findings(records: list[dict], config: plan.Config) -> list[dict]:
             f"P-T critical alpha: mean({'/'.join(plan.UPPER_LAYERS)}) - "
             f"mean({'/'.join(plan.LOWER_LAYERS)})",
             contrast,
-            scale=1.0,
-            unit="",
+            UNITLESS,
         )
     if _select(records, kind="target", reached=True):
         basin = basin_checkpoints(records, config.basin_barrier)
@@ -225,9 +202,9 @@ def findings(records: list[dict], config: plan.Config) -> list[dict]:
     return rows
 
 
-def notes(records: list[dict]) -> list[str]:
+def caveats(records: list[dict]) -> list[str]:
     """What the findings rest on that a reader must know: unconverged or failed
-    sources, nets at chance, single seeds."""
+    sources, target nets at chance or at the cap, a single seed."""
     out = []
     for r in _select(records, kind="source"):
         where = f"source of seed {r['seed']}" + (
@@ -240,69 +217,9 @@ def notes(records: list[dict]) -> list[str]:
             )
         if r.get("at_chance"):
             out.append(f"{where} is at chance: nothing could transfer from it")
-    chance = [r["key"] for r in records if r["kind"] == "target" and r.get("at_chance")]
-    if chance:
-        out.append(
-            f"runs at chance (no learning; they say little): {', '.join(chance)}"
-        )
-    capped = [
-        r["key"]
-        for r in records
-        if r["kind"] == "target" and r.get("stop_reason") == "epoch cap"
-    ]
-    if capped:
-        out.append(f"target runs stopped at the epoch cap: {', '.join(capped)}")
-    seeds = sorted({r["seed"] for r in records})
-    if len(seeds) < 2:
-        out.append(
-            f"every result rests on 1 seed ({seeds}): there are no intervals and no "
-            "verdict can be reached"
-        )
-    return out
-
-
-def findings_markdown(rows: list[dict]) -> list[str]:
-    table = [
-        [
-            row["id"],
-            row["paper"],
-            row["statistic"],
-            stats.format_interval(row["interval"], row["scale"], row["unit"]),
-            ", ".join(map(str, row["seeds"])),
-            row["verdict"],
-        ]
-        for row in rows
-    ]
-    return stats.markdown_table(
-        [
-            "#",
-            "paper's finding",
-            "our statistic (paired within seeds)",
-            "mean [95% CI] (n)",
-            "seeds",
-            "verdict",
-        ],
-        table,
-    )
-
-
-def findings_csv(rows: list[dict]) -> str:
-    lines = ["id,statistic,mean,low,high,count,seeds,verdict"]
-    for row in rows:
-        iv = row["interval"] or {}
-        cells = [
-            row["id"],
-            '"' + row["statistic"].replace('"', "'") + '"',
-            *(
-                "" if iv.get(k) is None else f"{iv[k]:.6f}"
-                for k in ("mean", "low", "high")
-            ),
-            str(iv.get("count", 0)),
-            " ".join(map(str, row["seeds"])),
-            row["verdict"],
-        ]
-        lines.append(",".join(cells))
-    return "\n".join(lines) + "\n"
+    targets = [r for r in records if r["kind"] == "target"]
+    seeds = {r["seed"] for r in records}
+    return out + report.caveats(targets, seeds=seeds)
 
 
 def _block_order(block) -> float:
@@ -310,7 +227,7 @@ def _block_order(block) -> float:
 
 
 def block_table(records: list[dict]) -> dict:
-    """``{block: {arm: stats of test accuracy, "gap": interval of P-T - RI-T,
+    """``{block: {arm: interval of test accuracy, "gap": interval of P-T - RI-T,
     "PS-T gap": interval of PS-T - RI-T}}``, largest blocks first."""
     out = {}
     targets = _select(records, kind="target", replica=0, checkpoint=None)
@@ -325,162 +242,154 @@ def block_table(records: list[dict]) -> dict:
     return out
 
 
-def _fmt_accuracy(iv) -> str:
-    return stats.format_interval(
-        iv, scale=1, digits=4, sign=False, one="(1)", plus_minus=True
+def _block_name(block) -> str:
+    return "full" if block is None else f"{block}x{block}"
+
+
+def summarize(records: list[dict], config: plan.Config) -> report.Summary:
+    """The report's rows: the findings, the caveats, one table per analysis and
+    the convergence table."""
+    summary = report.Summary("What is being transferred")
+    summary.add(
+        report.findings_table(
+            findings(records, config),
+            title="Findings of Neyshabur, Sedghi and Zhang (2020) judged by this run",
+            text="Each statistic is a difference within a seed (same split, source "
+            "and target data), its mean and 95% t-interval over seeds; the verdict "
+            "is `reproduced` when the interval lies wholly on the paper's side of "
+            "zero, `contradicted` when wholly on the other, `not resolved` "
+            "otherwise (or with one seed). Accuracy differences in points, losses "
+            "in nats.",
+            csv="summary.csv",
+        ),
+        report.Bullets(caveats(records)),
+        _block_section(records),
+        *_pair_section(records),
+        _criticality_section(records),
+        *_checkpoint_section(records, config),
+        _source_section(records),
     )
+    return summary
 
 
-def summary_markdown(records: list[dict], config: plan.Config) -> str:
-    rows = findings(records, config)
-    lines = ["# What is being transferred", ""]
-    lines += [
-        "Findings of Neyshabur, Sedghi and Zhang (2020) beside ours: each statistic is "
-        "a difference within a seed (same split, source and target data), its mean and "
-        "95% t-interval over seeds; the verdict is `reproduced` when the interval lies "
-        "wholly on the paper's side of zero, `contradicted` when wholly on the other, "
-        "`not resolved` otherwise (or with one seed). Accuracy differences in points, "
-        "losses in nats.",
-        "",
-    ]
-    lines += findings_markdown(rows)
-    note_lines = notes(records)
-    if note_lines:
-        lines += ["", "**Notes.**", ""] + [f"- {n}" for n in note_lines]
-    lines += _block_section(records)
-    lines += _pair_section(records)
-    lines += _criticality_section(records)
-    lines += _checkpoint_section(records, config)
-    lines += _source_section(records)
-    return "\n".join(lines) + "\n"
-
-
-def _block_section(records) -> list[str]:
+def _block_section(records) -> report.Table | None:
     table = block_table(records)
     if len(table) < 2:
-        return []
+        return None
     arms = [a for a in plan.ARMS if any(row[a] for row in table.values())]
-    lines = [
-        "",
-        "## 1. Block-shuffled targets: test top-1",
-        "",
-        "Mean ± 95% half-interval (seeds); gap = P-T - RI-T in points, paired per "
-        "seed.",
-        "",
+    gaps = ["gap", *(["PS-T gap"] if "PS-T" in arms else [])]
+    columns = [
+        report.Column("blocks", csv="block"),
+        *(report.Column(a, report.ACCURACY, csv=a) for a in arms),
+        report.Column("P-T - RI-T", report.POINTS, csv="gap"),
     ]
-    body = []
-    for block, row in table.items():
-        cells = [("full" if block is None else f"{block}x{block}")]
-        cells += [_fmt_accuracy(row[a]) for a in arms]
-        cells.append(stats.format_interval(row["gap"]))
-        if "PS-T" in arms:
-            cells.append(stats.format_interval(row["PS-T gap"]))
-        body.append(cells)
-    header = ["blocks", *arms, "P-T - RI-T"] + (
-        ["PS-T - RI-T"] if "PS-T" in arms else []
+    if "PS-T" in arms:
+        columns.append(report.Column("PS-T - RI-T", report.POINTS, csv="ps_t_gap"))
+    rows = [
+        [_block_name(block), *(row[a] for a in arms), *(row[g] for g in gaps)]
+        for block, row in table.items()
+    ]
+    return report.Table(
+        tuple(columns),
+        rows,
+        title="1. Block-shuffled targets: test top-1",
+        text="Mean [95% t-interval] (seeds); gap = P-T - RI-T in points, paired per "
+        "seed.",
+        name="blocks",
+        csv="block_shuffle.csv",
     )
-    return lines + stats.markdown_table(header, body)
 
 
-def _pair_section(records) -> list[str]:
+def _pair_section(records) -> list[report.Table]:
     pairs = {arm: _select(records, kind="pair", arm=arm) for arm in ("P-T", "RI-T")}
     if not any(pairs.values()):
         return []
-    lines = ["", "## 2-3. Pairs of nets: basin and similarity", ""]
-    body = []
-    for arm, rows in pairs.items():
-        if not rows:
-            continue
-
-        def show(field, rows=rows):
-            return _fmt_accuracy(stats.interval([field(r) for r in rows]))
-
-        body.append(
-            [
-                f"{arm} pair",
-                show(lambda r: r["train_barrier"]),
-                show(lambda r: r["test_barrier"]),
-                show(lambda r: r["cka_mean"]),
-                show(lambda r: r["distance"]["total"]),
-                show(
-                    lambda r: plan._mean(d["total"] for d in r["distance_from_start"])
-                ),
-                show(lambda r: r["mistake_agreement"]),
-                show(lambda r: r["prediction_agreement"]),
-            ]
-        )
-    lines += stats.markdown_table(
-        [
-            "pair",
-            "train barrier",
-            "test barrier",
-            "CKA (mean of layers)",
-            "L2 distance",
+    fields = (
+        ("train barrier", lambda r: r["train_barrier"]),
+        ("test barrier", lambda r: r["test_barrier"]),
+        ("CKA (mean of layers)", lambda r: r["cka_mean"]),
+        ("L2 distance", lambda r: r["distance"]["total"]),
+        (
             "L2 from start",
-            "mistake agreement",
-            "same prediction",
-        ],
-        body,
+            lambda r: plan._mean(d["total"] for d in r["distance_from_start"]),
+        ),
+        ("mistake agreement", lambda r: r["mistake_agreement"]),
+        ("same prediction", lambda r: r["prediction_agreement"]),
+    )
+    rows = [
+        [f"{arm} pair", *(stats.interval([f(r) for r in rs]) for _, f in fields)]
+        for arm, rs in pairs.items()
+        if rs
+    ]
+    overview = report.Table(
+        ("pair", *((name, report.ACCURACY) for name, _ in fields)),
+        rows,
+        title="2-3. Pairs of nets: basin and similarity",
+        text="Mean [95% t-interval] (seeds).",
+        name="pairs",
     )
     layers = list(models.LAYER_NAMES)
-    lines += ["", "Per layer (mean over seeds): CKA and L2 distance of the pair.", ""]
-    body = []
-    for arm, rows in pairs.items():
-        if rows:
-            body.append(
-                [f"{arm} CKA"]
-                + [f"{plan._mean(r['cka'].get(n) for r in rows):.3f}" for n in layers]
-            )
-            body.append(
-                [f"{arm} distance"]
-                + [
-                    f"{plan._mean(r['distance'].get(n) for r in rows):.2f}"
-                    for n in layers
+    per_layer = []
+    for arm, rs in pairs.items():
+        if rs:
+            per_layer.append(
+                [
+                    f"{arm} CKA",
+                    *(plan._mean(r["cka"].get(n) for r in rs) for n in layers),
                 ]
             )
-    return lines + stats.markdown_table(["", *layers], body)
+            per_layer.append(
+                [
+                    f"{arm} distance",
+                    *(plan._mean(r["distance"].get(n) for r in rs) for n in layers),
+                ]
+            )
+    return [
+        overview,
+        report.Table(
+            ("", *((n, report.VALUE) for n in layers)),
+            per_layer,
+            text="Per layer (mean over seeds): CKA and L2 distance of the pair.",
+            name="pairs per layer",
+        ),
+    ]
 
 
-def _criticality_section(records) -> list[str]:
+def _criticality_section(records) -> report.Table | None:
     rows = {a: _select(records, kind="criticality", arm=a) for a in ("P-T", "RI-T")}
     if not any(rows.values()):
-        return []
+        return None
     layers = list(models.LAYER_NAMES)
-    lines = [
-        "",
-        "## 4. Module criticality",
-        "",
-        "Per layer, mean over seeds: the smallest alpha (0 = rewound to the start, "
-        "1 = trained) whose test error stays within the tolerance of the trained "
-        "net's, and the test error fully rewound (alpha = 0).",
-        "",
-    ]
     body = []
     for arm, rs in rows.items():
         if not rs:
             continue
         body.append(
-            [f"{arm} critical alpha"]
-            + [
-                f"{plan._mean(r['critical_alpha'].get(n) for r in rs):.2f}"
-                for n in layers
+            [
+                f"{arm} critical alpha",
+                *(plan._mean(r["critical_alpha"].get(n) for r in rs) for n in layers),
             ]
         )
         body.append(
-            [f"{arm} error rewound"]
-            + [
-                f"{plan._mean(r['rewound_error'].get(n) for r in rs):.3f}"
-                for n in layers
+            [
+                f"{arm} error rewound",
+                *(plan._mean(r["rewound_error"].get(n) for r in rs) for n in layers),
             ]
         )
-        body.append(
-            [f"{arm} error trained"]
-            + [f"{plan._mean(r['trained_error'] for r in rs):.3f}"] * len(layers)
-        )
-    return lines + stats.markdown_table(["", *layers], body)
+        trained = plan._mean(r["trained_error"] for r in rs)
+        body.append([f"{arm} error trained", *([trained] * len(layers))])
+    return report.Table(
+        ("", *((n, report.VALUE) for n in layers)),
+        body,
+        title="4. Module criticality",
+        text="Per layer, mean over seeds: the smallest alpha (0 = rewound to the "
+        "start, 1 = trained) whose test error stays within the tolerance of the "
+        "trained net's, and the test error fully rewound (alpha = 0).",
+        name="criticality",
+    )
 
 
-def _checkpoint_section(records, config) -> list[str]:
+def _checkpoint_section(records, config) -> list:
     ckpt = sorted(
         {
             r["checkpoint"]
@@ -491,20 +400,9 @@ def _checkpoint_section(records, config) -> list[str]:
     if not ckpt:
         return []
     final = _accuracy(records, "P-T")
-    lines = [
-        "",
-        "## 5. Fine-tuning from source checkpoints",
-        "",
-        "Target test top-1 of P-T from the source's weights after each epoch, its "
-        "difference from P-T from the final source (paired, points), and the loss "
-        "barrier on the source's validation images between the checkpoint and the "
-        f"final source (in the final basin: barrier <= {config.basin_barrier}).",
-        "",
-    ]
     body = []
     for e in ckpt:
         acc = _accuracy(records, "P-T", checkpoint=e)
-        diff = stats.interval(stats.paired(acc, final))
         barrier = _per_seed(
             records, lambda r: r.get("source_barrier"), kind="target", checkpoint=e
         )
@@ -514,76 +412,50 @@ def _checkpoint_section(records, config) -> list[str]:
             [
                 str(e),
                 f"{reached}/{total}",
-                _fmt_accuracy(stats.interval(list(acc.values()))),
-                stats.format_interval(diff),
-                _fmt_accuracy(stats.interval(list(barrier.values()))),
+                stats.interval(list(acc.values())),
+                stats.interval(stats.paired(acc, final)),
+                stats.interval(list(barrier.values())),
             ]
         )
-    body.append(
-        ["final", "", _fmt_accuracy(stats.interval(list(final.values()))), "", ""]
-    )
-    lines += stats.markdown_table(
-        ["source epoch", "reached", "P-T test top-1", "minus final", "source barrier"],
-        body,
-    )
+    body.append(["final", "", stats.interval(list(final.values())), None, None])
     basin = basin_checkpoints(records, config.basin_barrier)
-    lines += [
-        "",
-        "Earliest checkpoint in the final basin per seed: "
-        + (
-            ", ".join(f"seed {s}: epoch {e}" for s, e in sorted(basin.items()))
-            or "none"
+    return [
+        report.Table(
+            (
+                "source epoch",
+                "reached",
+                ("P-T test top-1", report.ACCURACY),
+                ("minus final", report.POINTS),
+                ("source barrier", report.ACCURACY),
+            ),
+            body,
+            title="5. Fine-tuning from source checkpoints",
+            text="Target test top-1 of P-T from the source's weights after each "
+            "epoch, its difference from P-T from the final source (paired, points), "
+            "and the loss barrier on the source's validation images between the "
+            "checkpoint and the final source (in the final basin: barrier <= "
+            f"{config.basin_barrier}).",
+            name="checkpoints",
+        ),
+        report.Text(
+            "Earliest checkpoint in the final basin per seed: "
+            + (
+                ", ".join(f"seed {s}: epoch {e}" for s, e in sorted(basin.items()))
+                or "none"
+            )
         ),
     ]
-    return lines
 
 
-def _source_section(records) -> list[str]:
-    sources = _select(records, kind="source")
-    if not sources:
-        return []
-    lines = ["", "## Training to convergence", ""]
-    body = []
-    groups = defaultdict(list)
-    for r in records:
-        if r["kind"] in ("source", "target") and r.get("test_accuracy") is not None:
-            name = "source" if r["kind"] == "source" else r["arm"]
-            if r["kind"] == "target" and r.get("checkpoint") is not None:
-                name = "P-T from checkpoints"
-            groups[name].append(r)
-    for name, rs in groups.items():
-        reasons = defaultdict(int)
-        for r in rs:
-            reasons[r.get("stop_reason")] += 1
-        body.append(
-            [
-                name,
-                str(len(rs)),
-                f"{plan._mean(r.get('epochs_run') for r in rs):.1f}",
-                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=str)),
-                str(sum(bool(r.get("at_chance")) for r in rs)),
-                f"{plan._mean(r.get('test_accuracy') for r in rs):.4f}",
-            ]
-        )
-    return lines + stats.markdown_table(
-        ["nets", "runs", "mean epochs", "stop reasons", "at chance", "mean test top-1"],
-        body,
-    )
+def _net_group(r) -> str | None:
+    if r["kind"] not in ("source", "target") or r.get("test_accuracy") is None:
+        return None
+    if r["kind"] == "source":
+        return "source"
+    return "P-T from checkpoints" if r.get("checkpoint") is not None else r["arm"]
 
 
-def block_csv(records) -> str:
-    lines = ["block,arm,mean,low,high,count"]
-    for block, row in block_table(records).items():
-        for arm in (*plan.ARMS, "gap", "PS-T gap"):
-            iv = row[arm]
-            if iv:
-                cells = [
-                    "" if iv.get(k) is None else f"{iv[k]:.6f}"
-                    for k in ("mean", "low", "high")
-                ]
-                name = "full" if block is None else str(block)
-                lines.append(",".join([name, arm, *cells, str(iv["count"])]))
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------- figures
+def _source_section(records) -> report.Table | None:
+    if not _select(records, kind="source"):
+        return None
+    return report.convergence_table(records, group=_net_group)
