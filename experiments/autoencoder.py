@@ -22,10 +22,14 @@ README.md has the measured numbers and wall times. It writes to ``--workdir``:
 
 - ``results.jsonl``: one line per finished run (the pretraining, every probe and
   classifier), with test accuracy, wall time and configuration hash;
-- ``summary.md`` / ``summary.csv``: reconstruction error, accuracy per label budget
-  for every method, the paired gain over scratch (marking where there is none),
-  the probe per layer, the layers validation chose, wall times;
-- ``label_budget.png``: test accuracy vs labelled examples per class;
+- ``summary.md``: reconstruction error, test accuracy per label budget for every
+  method and its gain over scratch paired by seed (each the mean and 95%
+  t-interval over seeds, with their count; **no gain** marked), caveats
+  (classifiers at chance, left out of every mean; runs at the epoch cap; one
+  seed), the probe per layer, the layers validation chose, wall times;
+- ``summary.csv``: one row per run, from ``results.jsonl``;
+- ``label_budget.png``: test accuracy vs labelled examples per class (the same
+  means and t-intervals);
 - ``runs/pretrain/``: the autoencoder (``autoencoder.keras``), the encoder
   (``encoder/``: ``model.keras`` and ``saved_model/``, raw uint8 images in,
   float32 codes out), ``reconstructions.png`` (test images above their

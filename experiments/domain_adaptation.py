@@ -12,10 +12,14 @@ wall time. It writes to ``runs/domain_adaptation_digits``:
 - ``results.jsonl``: one line per finished run (with one candidate per epoch:
   source validation loss, DEV/IWV risks, target validation loss and test
   accuracy);
-- ``summary.md`` / ``summary.csv``: per pair, target test top-1 per arm and
-  selection rule (source validation, IWV, DEV; the target-labelled "oracle
-  selection" only as a labelled row), method - source only paired by seed with
-  its 95% interval and verdict; ``selections.csv``: each seed's choice;
+- ``summary.md``: the caveats (runs at chance, at the epoch cap, diverged; one
+  seed), per pair its target oracle, target test top-1 per arm and selection
+  rule (source validation, IWV, DEV; the target-labelled "oracle selection" only
+  as a labelled column), a findings table of method - source only paired by
+  seed (95% interval, verdict; the oracle selection's differences apart, without
+  verdict), the choices, epochs and stop reasons; ``summary.csv``: one row per
+  pair, arm and rule (intervals as mean, low, high, count; verdict);
+  ``selections.csv``: each seed's choice;
 - ``accuracy.png`` and ``features_<pair>.png`` (PCA of source and target
   features before and after adaptation, by domain and by class);
 - ``runs/<pair>/seed<s>/<arm>[/w<weight>]/``: each run's config, metrics,

@@ -13,7 +13,8 @@ the whole transferred net and with training from scratch (docs/off_the_shelf.md
 has the measured tables and wall time). It writes to ``runs/off_the_shelf_digits``:
 
 - ``results.jsonl``: one line per finished run (probe, fine_tune, scratch);
-- ``summary.md`` / ``summary.csv``: the layer sweep and label-budget tables;
+- ``summary.md``: the layer sweep and label-budget tables, test top-1 as its mean
+  and 95% t-interval over seeds with their count; ``summary.csv``: the records;
 - ``probe_layers.png``: probe accuracy vs layer, one line per source net and
   pooling, with scratch, fine-tuning and (``--grid_workdir``) the grid's
   AnB/AnB+ at the same layers;

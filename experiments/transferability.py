@@ -9,8 +9,10 @@ control for every cut layer n = 1..7. README.md has its measured table and wall
 time. It writes to ``runs/transferability_digits``:
 
 - ``results.jsonl``: one line per finished run;
-- ``summary.md`` / ``summary.csv``: mean ± std per treatment and n, the paper's
-  Table 1, the drop of AnB and random relative to baseB;
+- ``summary.md``: the convergence gate, the paper's findings with computed
+  verdicts (``findings.csv``), test top-1 per treatment and n as the mean and
+  95% t-interval over replicates, the drop of AnB and random relative to baseB;
+  ``summary.csv`` the same cells, one row per split, treatment and n;
 - ``transfer.png`` (the paper's Figure 2) and ``relative.png`` (Figure 3, bottom);
 - ``runs/<split>/seed<s>/<name>/``: each run's config, metrics, TensorBoard events
   and result; the base nets also as ``model.keras`` and ``saved_model/``.

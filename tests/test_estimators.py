@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -164,6 +165,167 @@ def test_logme_reports_a_capped_iteration():
     features, labels = rng.normal(size=(30, 80)), rng.integers(0, 3, 30)
     details = estimators.logme_details(features, labels, max_iterations=2)
     assert details.iterations == (2, 2, 2) and not any(details.converged)
+
+
+# ------------------------------------------ LogME as the authors' code computes it
+
+
+class _OfficialLogME(typing.NamedTuple):
+    score: float
+    alpha: np.ndarray  # per class 0..max(labels)
+    kept: int  # singular values in the truncated spectrum
+
+
+def _official_logme(
+    features, labels, tolerance=1e-3, max_iterations=11, epsilon=1e-5
+) -> _OfficialLogME:
+    """LogME as github.com/thuml/LogME computes it (``LogME.fit``, i.e. its
+    ``_fit_fixed_point``), re-implemented from the algorithm for comparison.
+
+    The spectrum of F is truncated: for N > D the eigenvalues of FᵀF whose square
+    roots exceed 1e-10, for N <= D the N squared singular values of a thin SVD.
+    Per class, the same fixed point as ``estimators.logme_details`` runs from
+    alpha = beta = 1, with ``epsilon`` added to the denominators of the updates,
+    until alpha / beta moves by at most ``tolerance`` (relative) or for
+    ``max_iterations`` (the defaults are the authors'); the evidence is then
+
+        D/2 log α + N/2 log β - 1/2 Σ_kept log(α + β σ²) - β/2 res² - α/2 m²
+            - N/2 log 2π
+
+    with res² and m² of the last update's starting point. The log-determinant
+    sums over the kept spectrum only: the D - kept zero eigenvalues of FᵀF, each
+    worth -1/2 log α in log|A|, are left out.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    n, d = f.shape
+    if n > d:
+        _, eigenvalues, vt = np.linalg.svd(f.T @ f)  # symmetric: vt rows = eigvecs
+        keep = np.sqrt(eigenvalues) > 1e-10
+        sigma = eigenvalues[keep]
+        u = f @ vt[keep].T / np.sqrt(sigma)
+    else:
+        u, singular, _ = np.linalg.svd(f, full_matrices=False)
+        sigma = singular**2
+    evidences, alphas = [], []
+    for c in range(int(y.max()) + 1):
+        t = (y == c).astype(np.float64)
+        along = (u.T @ t) ** 2
+        outside = max(float(t @ t - along.sum()), 0.0)
+        alpha = beta = 1.0
+        for _ in range(max_iterations):
+            ratio = alpha / beta
+            gamma = np.sum(sigma / (sigma + ratio))
+            m2 = np.sum(sigma * along / (sigma + ratio) ** 2)
+            res2 = np.sum(along * (ratio / (sigma + ratio)) ** 2) + outside
+            alpha = gamma / (m2 + epsilon)
+            beta = (n - gamma) / (res2 + epsilon)
+            if abs(alpha / beta - ratio) <= tolerance * ratio:
+                break
+        log_det = np.sum(np.log(alpha + beta * sigma))  # no (D - kept) log alpha
+        evidence = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - log_det / 2
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
+        evidences.append(evidence / n)
+        alphas.append(alpha)
+    return _OfficialLogME(float(np.mean(evidences)), np.array(alphas), len(sigma))
+
+
+# Both iterations run to their fixed point: only the evidence formula differs.
+CONVERGED = {"tolerance": 1e-12, "max_iterations": 5000}
+
+
+def mislabelled(rng, n, d, flips=3, noise=0.1, classes=3):
+    """Features of the true classes, labels with ``flips`` of them changed.
+
+    The flipped labels are what the features cannot explain, so even with D > N
+    the evidence has an interior maximum (finite alpha and beta), which both
+    iterations reach; without them beta grows without bound (interpolation).
+    """
+    true = np.arange(n) % classes
+    features = np.eye(classes)[true] @ rng.normal(size=(classes, d))
+    features += noise * rng.normal(size=(n, d))
+    labels = true.copy()
+    flipped = rng.choice(n, flips, replace=False)
+    labels[flipped] = (labels[flipped] + 1) % classes
+    return features, labels
+
+
+@pytest.mark.parametrize("n, d", [(200, 12), (60, 40)])
+def test_logme_equals_the_official_code_when_examples_outnumber_dims(n, d):
+    rng = np.random.default_rng(d)
+    features = rng.normal(size=(n, d))
+    scores = features @ rng.normal(size=(d, 3)) + rng.normal(size=(n, 3))
+    labels = np.argmax(scores, axis=1)
+    official = _official_logme(features, labels, **CONVERGED, epsilon=0.0)
+    assert official.kept == d  # full rank: no zero eigenvalue to leave out
+    ours = estimators.logme(features, labels, **CONVERGED)
+    assert ours == pytest.approx(official.score, rel=1e-9, abs=1e-9)
+    # The authors' looser stopping rule (and epsilon) matter little here.
+    assert estimators.logme(features, labels) == pytest.approx(
+        _official_logme(features, labels).score, abs=1e-3
+    )
+
+
+@pytest.mark.parametrize("n, d", [(24, 60), (18, 50), (30, 400)])
+def test_official_logme_adds_the_zero_eigenvalues_term_when_dims_exceed_examples(n, d):
+    # Official - ours = mean over classes of (D - kept)/2 log(alpha_c) / N, kept
+    # = N: the official log-determinant misses (D - N) log alpha, halved, at the
+    # same maximising alpha (the fixed point does not involve the term).
+    rng = np.random.default_rng(n)
+    features, labels = mislabelled(rng, n, d)
+    details = estimators.logme_details(features, labels, **CONVERGED)
+    assert all(details.converged) and max(details.beta) < 1e3  # interior maxima
+    official = _official_logme(features, labels, **CONVERGED, epsilon=0.0)
+    assert official.kept == n
+    np.testing.assert_allclose(official.alpha, details.alpha, rtol=1e-4)
+    dropped = np.mean((d - n) / 2 * np.log(official.alpha) / n)
+    assert dropped > 1  # nats per example: not a rounding-level difference
+    assert official.score - details.score == pytest.approx(dropped, abs=1e-8)
+    # From our alphas (stopped when the evidence, flat at its maximum, moved by
+    # 1e-12, so alpha is within ~1e-6): what docs/fine_tuning.md's snippet does.
+    from_ours = np.mean((d - n) / 2 * np.log(details.alpha) / n)
+    assert official.score - details.score == pytest.approx(from_ours, rel=1e-6)
+
+
+def test_official_logme_ranks_candidates_differently_when_dims_exceed_examples():
+    # Two candidate feature sets for the same 30 labelled examples: a wide one
+    # (D = 100 > N) that separates the classes well but whose values are small,
+    # like the activations of a weakly firing layer, and a narrow, noisier one
+    # (D = 8 < N). Scaling F by s is w -> w / s with prior precision alpha s²:
+    # the maximised evidence is unchanged, but the official score, which misses
+    # (D - N)/2 log(alpha) / N, moves by (D - N) log(s) / N.
+    rng = np.random.default_rng(0)
+    n = 30
+    wide, labels = mislabelled(rng, n, 100)
+    small = 0.01 * wide
+    narrow = np.eye(3)[np.arange(n) % 3] @ rng.normal(size=(3, 8))
+    narrow += rng.normal(size=(n, 8))
+    ours = {
+        "small": estimators.logme(small, labels),
+        "narrow": estimators.logme(narrow, labels),
+    }
+    official = {  # the authors' settings: what their code reports
+        "small": _official_logme(small, labels).score,
+        "narrow": _official_logme(narrow, labels).score,
+    }
+    assert ours["small"] > ours["narrow"] + 0.3  # ours: the wide features first
+    assert official["narrow"] == pytest.approx(ours["narrow"], abs=1e-4)  # N > D
+    assert official["small"] < official["narrow"] - 3  # official: narrow first
+    # The scale is all that moved the official score.
+    assert estimators.logme(wide, labels) == pytest.approx(ours["small"], abs=1e-6)
+    shift = (100 - n) * math.log(0.01) / n
+    assert _official_logme(small, labels, **CONVERGED, epsilon=0.0).score == (
+        pytest.approx(
+            _official_logme(wide, labels, **CONVERGED, epsilon=0.0).score + shift,
+            abs=1e-5,
+        )
+    )
 
 
 # ------------------------------------------------------------------------ H-score

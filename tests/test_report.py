@@ -122,6 +122,11 @@ def test_caveats_name_failed_capped_and_diverged_runs_and_a_single_seed():
     assert "rests on 1 seed (0)" in found[3]
     assert report.caveats([{"key": "d", "seed": s} for s in (0, 1)]) == []
     assert report.caveats(records[1:2], cap=False, seeds=(0, 1)) == []
+    kept = report.caveats(records[:1], seeds=(0, 1), chance_left_out=False)
+    assert kept == [
+        "1 run(s) never rose significantly above chance on validation (kept in "
+        "every mean and choice): a"
+    ]
 
 
 def test_the_convergence_table_counts_epochs_and_stop_reasons_per_group():
@@ -140,6 +145,16 @@ def test_the_convergence_table_counts_epochs_and_stop_reasons_per_group():
     assert table.column("median epochs") == [5.0, 15.0]
     assert table.column("stop reasons") == ["converged 1", "converged 1, epoch cap 1"]
     assert table.column("at chance") == [1, 0]
+    assert len(table.columns) == 7
+    for r, seconds in zip(records, (4.0, 6.0, 1.0, 9.0), strict=True):
+        r["train_time"] = seconds
+    timed = report.convergence_table(
+        records,
+        group=lambda r: r["arm"],
+        seconds=("mean training time (s)", lambda r: r["train_time"]),
+    )
+    assert timed.column("mean training time (s)") == [5.0, 1.0]
+    assert timed.columns[-1].csv_name == "mean_training_time_s"
 
 
 def test_records_csv_and_choices_table():

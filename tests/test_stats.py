@@ -1,5 +1,5 @@
-"""What summaries are made of: statistics over seeds, selection on validation,
-Markdown and CSV tables (transfer_tf.studies.stats)."""
+"""What summaries are made of: intervals over replicates, paired differences,
+verdicts and selection on validation (transfer_tf.studies.stats)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ import numpy as np
 import pytest
 
 from transfer_tf.studies import stats
-
-
-def test_statistics_and_their_formatting():
-    s = stats.stats([0.5, None, 0.7])
-    assert s["count"] == 2 and s["mean"] == pytest.approx(0.6)
-    assert s["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert stats.stats([None]) is None
-    assert stats.format_stats(s) == "0.6000 ± 0.1414 (2)"
-    assert stats.format_stats(s, digits=2, sign=True, count=False) == "+0.60 ± 0.14"
-    assert stats.format_stats(stats.stats([0.25])) == "0.2500"
-    assert stats.duration(3725) == "1h02m" and stats.duration(65) == "1m05s"
 
 
 def test_selection_is_on_validation_never_test():
@@ -30,15 +19,6 @@ def test_selection_is_on_validation_never_test():
     nan_loss = {"val_accuracy": 0.9, "val_loss": None, "test_accuracy": 0.5}
     assert stats.select_best([nan_loss, *candidates])["test_accuracy"] == 0.2
     assert sorted(["all", "10", "1"], key=stats.budget_order) == ["1", "10", "all"]
-
-
-def test_tables():
-    lines = stats.markdown_table(["a", "b"], [["1", ""], ["x", "y"]])
-    assert lines == ["| a | b |", "|---|---|", "| 1 |  |", "| x | y |"]
-    csv = stats.records_csv(
-        [{"k": "r1", "v": 0.5, "n": 3}, {"k": "r2", "v": None}], ("k", "v", "n")
-    )
-    assert csv == "k,v,n\nr1,0.500000,3\nr2,,\n"
 
 
 def test_paired_intervals_against_hand_computed_values():

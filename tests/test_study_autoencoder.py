@@ -1,12 +1,13 @@
 """The autoencoder study: expansion, per-run hashes, the supervised source from
-a grid, summaries, label-free pretraining, and a smoke run of
-experiments/autoencoder.py as a user runs it."""
+a grid, the summary's rows and what renders them, label-free pretraining, and a
+smoke run of experiments/autoencoder.py as a user runs it."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +16,7 @@ from conftest import TINY, fake_grid
 from transfer_tf import autoencoder as ae
 from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import autoencoder as study_ae
-from transfer_tf.studies import runner
+from transfer_tf.studies import report, runner, stats
 
 STUDY = study_ae.STUDY
 FLOAT32 = dict(precision="float32", xla="off", verbose=0)
@@ -102,6 +103,7 @@ def test_grid_source_explains_what_is_missing(tmp_path):
 
 def _record(kind, arm, seed, budget, accuracy, **kw):
     return dict(
+        key=f"seed{seed}/{arm}/k{budget}",
         kind=kind,
         arm=arm,
         seed=seed,
@@ -116,53 +118,152 @@ def _record(kind, arm, seed, budget, accuracy, **kw):
     )
 
 
-def test_summary_pairs_seeds_and_marks_no_gain():
-    records = [
-        _record("train", "scratch", 0, "1", 0.40),
-        _record("train", "scratch", 1, "1", 0.50),
-        _record("train", "scratch", 0, "all", 0.95),
-        _record("train", "encoder_init", 0, "1", 0.50),
-        _record("train", "encoder_init", 1, "1", 0.60),
-        _record("train", "encoder_init", 0, "all", 0.94),
-        # Two probe layers: the one with the better validation accuracy counts.
-        _record(
-            "probe",
-            "probe",
-            0,
-            "1",
-            0.70,
-            source="autoencoder",
-            layer="code",
-            pooling="none",
-        ),
-        {
-            **_record(
-                "probe",
-                "probe",
-                0,
-                "1",
-                0.30,
-                source="autoencoder",
-                layer="conv1",
-                pooling="flatten",
-            ),
-            "val_accuracy": 0.9,
-        },
+def _probe(seed, budget, accuracy, layer, val_accuracy):
+    pooling = "none" if layer == "code" else "flatten"
+    return {
+        **_record("probe", "probe", seed, budget, accuracy, source="autoencoder"),
+        "key": f"seed{seed}/probe_autoencoder/{layer}/{pooling}/k{budget}",
+        "layer": layer,
+        "pooling": pooling,
+        "val_accuracy": val_accuracy,
+    }
+
+
+SUMMARY_RECORDS = [
+    dict(
+        key="pretrain",
+        kind="pretrain",
+        train_images=300,
+        validation_images=20,
+        epochs_run=4,
+        best_epoch=3,
+        test_mse=0.0123,
+        test_mean_image_mse=0.0675,
+        test_psnr=19.1,
+        test_bce=0.25,
+        precision="float32",
+        wall_time=130.0,
+    ),
+    _record("train", "scratch", 0, "1", 0.40, at_chance=False),
+    _record("train", "scratch", 1, "1", 0.50, at_chance=False),
+    # A net that never learnt: left out of every mean and pair, and said so.
+    _record("train", "scratch", 2, "1", 0.20, at_chance=True),
+    _record("train", "scratch", 0, "all", 0.95),
+    _record("train", "encoder_init", 0, "1", 0.50),
+    _record("train", "encoder_init", 1, "1", 0.60),
+    _record("train", "encoder_init", 0, "all", 0.94),
+    # Two probe layers: the one with the better validation accuracy counts.
+    _probe(0, "1", 0.70, "code", val_accuracy=0.70),
+    _probe(0, "1", 0.30, "conv1", val_accuracy=0.90),
+]
+
+
+def _rows(summary, name, key="method") -> dict:
+    return {row[key]: row for row in summary.table(name).records()}
+
+
+def test_summary_rows_pair_seeds_keep_chance_in_and_mark_no_gain():
+    summary = study_ae.summarize(SUMMARY_RECORDS, tiny_study())
+    assert [t.name for t in summary.tables()] == [
+        "pretraining",
+        "lines",
+        "gains",
+        "layers",
+        "choices",
+        "wall_time",
     ]
-    summary = study_ae.summarize(records)
-    gains = summary["gains"]["encoder_init"]
-    assert gains["1"]["mean"] == pytest.approx(0.10) and gains["1"]["count"] == 2
-    assert gains["all"]["mean"] == pytest.approx(-0.01)
-    assert summary["lines"]["probe:autoencoder"]["1"]["mean"] == pytest.approx(0.30)
-    assert summary["lines"]["probe:autoencoder/code"]["1"]["mean"] == pytest.approx(0.7)
-    assert summary["chosen"][("autoencoder", "1")] == [("conv1", "flatten")]
-    text = study_ae.summary_markdown(summary, tiny_study())
-    row = next(
-        line
-        for line in text.splitlines()
-        if line.startswith("| fine-tuned, conv") and "+0.1000" in line
+    label = study_ae.summary.LABELS
+    lines = _rows(summary, "lines")
+    assert list(lines) == [
+        label[line]
+        for line in ("probe:autoencoder", "probe:autoencoder/code", "encoder_init")
+    ] + [label["scratch"]]
+    # Budget columns name "all" by its labelled examples per class (10 / 5).
+    assert list(lines[label["scratch"]]) == ["method", "k=1", "all (~2/class)"]
+    # Scratch at k=1: all three seeds, the one at chance too (not learning from
+    # one label is the result), and the cell says so.
+    scratch = lines[label["scratch"]]["k=1"]
+    assert scratch.note == "1 at chance" and not scratch.bold
+    assert scratch.value == stats.interval([0.40, 0.50, 0.20])
+    assert scratch.value["count"] == 3 and scratch.value["low"] < 0.2
+    # A probe line takes the validation-best layer (conv1), the code line the code.
+    assert lines[label["probe:autoencoder"]]["k=1"]["mean"] == pytest.approx(0.30)
+    assert lines[label["probe:autoencoder/code"]]["k=1"]["mean"] == pytest.approx(0.7)
+    assert lines[label["encoder_init"]]["all (~2/class)"] == {
+        "mean": pytest.approx(0.94),
+        "se": None,
+        "low": None,
+        "high": None,
+        "count": 1,
+    }
+
+    gains = _rows(summary, "gains")
+    assert summary.table("gains").columns[1].format == report.POINTS
+    assert summary.table("lines").columns[1].format == report.ACCURACY
+    # Paired by seed: +0.10 in both seeds, so the interval is the point itself.
+    up = gains[label["encoder_init"]]["k=1"]
+    assert not isinstance(up, report.Cell)
+    assert up["mean"] == pytest.approx(0.10) and up["count"] == 2
+    assert up["low"] == pytest.approx(0.10) and up["high"] == pytest.approx(0.10)
+    down = gains[label["encoder_init"]]["all (~2/class)"]
+    assert down.bold and down.note == "no gain"
+    assert down.value["mean"] == pytest.approx(-0.01) and down.value["count"] == 1
+    assert gains[label["probe:autoencoder"]]["k=1"].value["mean"] == pytest.approx(
+        -0.10
     )
-    assert "-0.0100 **no gain**" in row and "+0.1000 ± 0.0000 |" in row
+    assert label["scratch"] not in gains
+
+    layers = summary.table("layers").records()
+    assert [(r["layer"], r["k=1"]["mean"]) for r in layers] == [
+        ("conv1", pytest.approx(0.30)),
+        ("code", pytest.approx(0.70)),
+    ]
+    assert summary.table("choices").records() == [
+        {"source": "autoencoder", "budget": "1", "choices": "conv1/flatten"}
+    ]
+    [pretraining] = summary.table("pretraining").records()
+    assert pretraining["test MSE"] == 0.0123 and pretraining["epochs"] == 4
+    assert pretraining["wall time"] == "2m10s"
+    assert _rows(summary, "wall_time", key="part") == {
+        "pretraining": {"part": "pretraining", "runs": 1, "total": "2m10s"},
+        "probe": {"part": "probe", "runs": 2, "total": "2s"},
+        "encoder_init": {"part": "encoder_init", "runs": 3, "total": "3s"},
+        "scratch": {"part": "scratch", "runs": 4, "total": "4s"},
+    }
+    [caveats] = [b for b in summary.blocks if isinstance(b, report.Bullets)]
+    [chance] = [c for c in caveats.items if "above chance" in c]
+    assert "`seed2/scratch/k1`" in chance and chance.startswith("1 run(s)")
+    assert "kept in every mean" in chance
+    assert not any("1 seed" in c for c in caveats.items)  # seeds 0, 1 and 2
+
+
+def test_report_renders_the_rows_and_draws_their_intervals():
+    config = tiny_study()
+    out = study_ae.report(SUMMARY_RECORDS, config)
+    assert set(out) == {"summary.md", "summary.csv", "label_budget.png"}
+    summary = study_ae.summarize(SUMMARY_RECORDS, config)
+    assert out["summary.md"] == report.markdown(summary)
+    assert "t-interval" in out["summary.md"] and "±" not in out["summary.md"]
+    # summary.csv is the raw records, one row each.
+    csv_lines = out["summary.csv"].splitlines()
+    assert csv_lines[0] == ",".join(study_ae.summary.CSV_FIELDS)
+    assert len(csv_lines) == 1 + len(SUMMARY_RECORDS)
+    assert "seed2/scratch/k1,train,,scratch,2,1," in out["summary.csv"]
+    assert out["label_budget.png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The figure's error bars are the summary's t-intervals (not the std).
+    fig = study_ae.summary.label_budget_figure(SUMMARY_RECORDS, config)
+    [ax] = fig.axes
+    bars = {c.get_label(): c for c in ax.containers}
+    scratch = bars[study_ae.summary.LABELS["scratch"]]
+    segments = scratch.lines[2][0].get_segments()
+    cell = summary.table("lines").records()[-1]["k=1"].value
+    k1 = next(s for s in segments if s[0][0] == pytest.approx(1.0))
+    assert sorted(y for _, y in k1) == [
+        pytest.approx(cell["low"]),
+        pytest.approx(cell["high"]),
+    ]
+    plt.close(fig)
 
 
 def test_finished_runs_are_recognised_by_their_configuration(tmp_path):
@@ -290,11 +391,36 @@ def test_smoke_run_writes_every_output(autoencoder_smoke):
         "runs/pretrain/autoencoder.keras",
     ):
         assert (workdir / name).stat().st_size > 0, name
-    summary = (workdir / "summary.md").read_text()
-    accuracy = by_key["seed0/scratch/kall"]["test_accuracy"]
-    assert "| scratch (same net, random init) | " in summary
-    assert f"{accuracy:.4f}" in summary
-    assert "fine-tuned, conv layers from the supervised source" in summary
+    summary = study_ae.summarize(records, autoencoder_smoke.config)
+    assert (workdir / "summary.md").read_text() == report.markdown(summary)
+    lines = _rows(summary, "lines")
+    label = study_ae.summary.LABELS
+    assert set(lines) == {
+        label[line]
+        for line in (
+            "probe:autoencoder",
+            "probe:autoencoder/code",
+            "probe:supervised",
+            "encoder_init",
+            "supervised",
+            "scratch",
+        )
+    }
+    for line in ("encoder_init", "supervised", "scratch"):
+        r, cell = by_key[f"seed0/{line}/kall"], lines[label[line]]["all (~30/class)"]
+        if r["at_chance"]:  # a net that never learnt is kept in, and said so
+            assert isinstance(cell, report.Cell) and cell.note == "1 at chance"
+            cell = cell.value
+        assert cell["mean"] == pytest.approx(r["test_accuracy"]) and cell["count"] == 1
+    best = max(
+        (
+            by_key[f"seed0/probe_autoencoder/{p}/kall"]
+            for p in ("conv2/flatten", "code/none")
+        ),
+        key=lambda r: r["val_accuracy"],
+    )
+    probe = lines[label["probe:autoencoder"]]["all (~30/class)"]
+    assert probe["mean"] == best["test_accuracy"] and probe["low"] is None
     config = json.loads((workdir / "config.json").read_text())
     assert config["grid_workdir"] == str(grid)
     assert len((workdir / "summary.csv").read_text().splitlines()) == 1 + 13

@@ -6,7 +6,9 @@ smoke run of experiments/domain_adaptation.py."""
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import io
 import json
 
 import numpy as np
@@ -17,7 +19,7 @@ from conftest import TINY, assert_refused, run_main
 from transfer_tf import adaptation, data, domains, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
-from transfer_tf.studies import runner
+from transfer_tf.studies import report, runner
 
 STUDY = da.STUDY
 SMOKE = STUDY.preset("smoke")
@@ -335,55 +337,129 @@ def _interval(values):
     return values.mean(), values.mean() - half, values.mean() + half
 
 
-def test_summary_and_verdicts_recomputed_by_hand():
-    summary = da.summarize(fake_records())
-    s = summary["digits_to_uci_digits"]
-    assert s["arms"] == ["source_only", "dann", "coral", "target_oracle"]
-    accuracy = s["accuracy"]
-    assert accuracy[("source_only", "dev")]["mean"] == pytest.approx(np.mean(SO))
-    assert accuracy[("dann", "source_val")]["mean"] == pytest.approx(np.mean(DANN_SV))
-    assert accuracy[("dann", "dev")]["mean"] == pytest.approx(np.mean(DANN_DEV))
-    oracle = accuracy[(da.ORACLE, da.OWN)]
+PAIR = "digits_to_uci_digits"
+
+
+def test_summary_rows_and_verdicts_recomputed_by_hand():
+    records = fake_records()
+    summary = da.summarize(records, SMOKE)
+    (pair,) = summary.table("pairs").records()
+    assert (pair["pair"], pair["source"], pair["target"]) == (
+        PAIR,
+        "digits",
+        "uci_digits",
+    )
+    assert (pair["seeds"], pair["runs"]) == ("0, 1, 2", 15)
+    oracle = pair[da.summary.ORACLE_HEADER]
     assert oracle["mean"] == pytest.approx(0.96) and oracle["count"] == 3
+    assert (oracle["low"], oracle["high"]) == pytest.approx(
+        _interval(ORACLE_ACCURACY)[1:]
+    )
+
+    accuracy = {(r["pair"], r["arm"]): r for r in summary.table("accuracy").records()}
+    assert list(accuracy) == [
+        (PAIR, "source only"),
+        (PAIR, "DANN"),
+        (PAIR, "Deep CORAL"),
+    ]
+    cell = accuracy[(PAIR, "source only")]["DEV"]
+    assert (cell["mean"], cell["low"], cell["high"]) == pytest.approx(_interval(SO))
+    assert cell["count"] == 3
+    dann = accuracy[(PAIR, "DANN")]
+    assert dann["source val"]["mean"] == pytest.approx(np.mean(DANN_SV))
+    assert dann["DEV"]["mean"] == pytest.approx(np.mean(DANN_DEV))
+    assert dann["IWV"]["mean"] == pytest.approx(np.mean(DANN_DEV))
+    # The oracle selection (lowest target validation loss): w0.3@e2, 0.9.
+    assert dann["oracle selection"]["mean"] == pytest.approx(0.9)
+    assert accuracy[(PAIR, "source only")]["oracle selection"]["mean"] == (
+        pytest.approx(0.2)
+    )
+
+    # Method - source only, paired within a seed and a rule, as findings.
+    found = da.comparisons(da.outcomes(records))
+    assert set(found) == {(PAIR, m, r) for m in ("dann", "coral") for r in da.RULES}
     for (method, rule), values, verdict in (
         (("dann", "dev"), np.subtract(DANN_DEV, SO), "reproduced"),
+        (("dann", "iwv"), np.subtract(DANN_DEV, SO), "reproduced"),
         (("dann", "source_val"), np.subtract(DANN_SV, SO), "not resolved"),
         (("coral", "dev"), np.subtract(CORAL, SO), "contradicted"),
+        (("coral", "source_val"), np.subtract(CORAL, SO), "contradicted"),
     ):
-        mean, low, high = _interval(values)
-        iv = s["difference"][(method, rule)]
-        assert (iv["mean"], iv["low"], iv["high"]) == pytest.approx((mean, low, high))
-        assert s["verdict"][(method, rule)] == verdict
+        f = found[(PAIR, method, rule)]
+        assert f.values == pytest.approx(dict(enumerate(values)))
+        iv = f.interval
+        assert (iv["mean"], iv["low"], iv["high"]) == pytest.approx(_interval(values))
+        assert iv["count"] == 3 and f.verdict == verdict, (method, rule)
     # DANN's DEV interval by hand: mean 0.10, sd 0.02, t(0.975, 2) = 4.303.
-    assert s["difference"][("dann", "dev")]["low"] == pytest.approx(
+    assert found[(PAIR, "dann", "dev")].interval["low"] == pytest.approx(
         0.10 - 4.3027 * 0.02 / np.sqrt(3), abs=1e-4
     )
-    assert ("dann", "oracle") in s["difference"]
-    assert ("dann", "oracle") not in s["verdict"]  # target labels: no verdict
-    assert [da._describe_pick(p) for p in s["chosen"][("dann", "dev")]] == ["w1@e2"] * 3
+    rows = {r["#"]: r for r in summary.table("findings").records()}
+    assert list(rows) == [f.key for f in da.findings(found)]
+    # target labels: no verdict for the oracle selection
+    assert len(rows) == 6 and not any(key.endswith("/oracle") for key in rows)
+    dev = rows[f"{PAIR}/dann/dev"]
+    assert dev["verdict"] == report.Cell("reproduced", bold=True)
+    assert dev["ours: mean [95% CI] (n)"].value == found[(PAIR, "dann", "dev")].interval
+    assert dev["holds in"] == "3 of 3"
+    assert rows[f"{PAIR}/dann/source_val"]["holds in"] == "2 of 3"
+    assert rows[f"{PAIR}/coral/dev"]["verdict"].value == "contradicted"
+    assert rows[f"{PAIR}/coral/dev"]["holds in"] == "0 of 3"
 
-    text = da.summary_markdown(summary)
-    assert "| source only | 42.0 [" in text
-    assert "Target oracle (trained and validated on target labels): 96.0 [" in text
-    differences = [line for line in text.splitlines() if "**" in line]
-    dev_row = next(line for line in differences if line.startswith("| DANN |"))
-    assert "+10.00 [" in dev_row and "**reproduced**" in dev_row
-    assert "**not resolved**" in dev_row
-    assert (
-        "Does not beat source only under DEV selection: Deep CORAL (contradicted)."
-        in text
+    # Under the oracle selection: DANN 0.9 - 0.2, CORAL its one weight's e1 - 0.2.
+    table = summary.table("oracle_selection")
+    assert table.column("method") == ["DANN", "Deep CORAL"]
+    gains = table.column("mean")
+    assert (gains[0]["mean"], gains[0]["low"], gains[0]["high"]) == pytest.approx(
+        (0.7, 0.7, 0.7)
     )
+    assert gains[1]["mean"] == pytest.approx(np.mean(CORAL) - 0.2)
 
+    choices = {r["arm"]: r for r in summary.table("choices").records()}
+    assert choices["DANN"]["DEV"] == "w1@e2, w1@e2, w1@e2"
+    assert choices["DANN"]["source val"] == "w0.3@e1, w0.3@e1, w0.3@e1"
+    assert choices["DANN"]["oracle selection"] == "w0.3@e2, w0.3@e2, w0.3@e2"
+    assert choices["source only"]["DEV"] == "e2, e2, e2"
+
+    selections = {tuple(row[:4]): row[4:] for row in summary.table("selections").rows}
+    assert len(selections) == 3 * (3 * len(da.RULES) + 1)
+    assert selections[(PAIR, "dann", "dev", 0)] == pytest.approx([1.0, 2, 0.2, 0.5])
+    assert selections[(PAIR, "source_only", "source_val", 2)] == pytest.approx(
+        [None, 2, 0.5, SO[2]]
+    )
+    assert selections[(PAIR, da.ORACLE, da.OWN, 1)] == [None, None, None, 0.97]
+
+    # The files: summary.md is the rows rendered; the CSVs are the tables.
+    out = da.report(records, SMOKE)
+    assert out["summary.md"] == report.markdown(summary)
     rows = {
-        tuple(line.split(",")[:3]): line.split(",")
-        for line in da.summary_csv(summary).splitlines()[1:]
+        (r["pair"], r["arm"], r["rule"]): r
+        for r in csv.DictReader(io.StringIO(out["summary.csv"]))
     }
-    row = rows[("digits_to_uci_digits", "dann", "dev")]
-    assert float(row[3]) == pytest.approx(np.mean(DANN_DEV), abs=1e-6)
-    assert float(row[7]) == pytest.approx(0.10, abs=1e-6) and row[10] == "reproduced"
-    assert rows[("digits_to_uci_digits", "target_oracle", "own")][6] == "3"
-    chosen = da.selections_csv(fake_records()).splitlines()
-    assert "digits_to_uci_digits,dann,dev,0,1,2,0.200000,0.500000" in chosen
+    assert len(rows) == 3 * len(da.RULES) + 1
+    row = rows[(PAIR, "dann", "dev")]
+    mean, low, high = _interval(np.subtract(DANN_DEV, SO))
+    assert float(row["mean"]) == pytest.approx(np.mean(DANN_DEV), abs=1e-6)
+    assert float(row["difference"]) == pytest.approx(0.10, abs=1e-6)
+    assert float(row["difference_low"]) == pytest.approx(low, abs=1e-6)
+    assert row["count"] == "3" and row["verdict"] == "reproduced"
+    assert rows[(PAIR, "coral", "dev")]["verdict"] == "contradicted"
+    assert float(rows[(PAIR, "dann", "oracle")]["difference"]) == pytest.approx(0.7)
+    assert rows[(PAIR, "dann", "oracle")]["verdict"] == ""  # target labels
+    assert rows[(PAIR, "source_only", "dev")]["difference"] == ""
+    assert rows[(PAIR, da.ORACLE, da.OWN)]["count"] == "3"
+    assert float(rows[(PAIR, da.ORACLE, da.OWN)]["mean"]) == pytest.approx(0.96)
+    chosen = out["selections.csv"].splitlines()
+    assert chosen[0] == (
+        "pair,arm,rule,seed,weight,epoch,criterion,target_test_accuracy"
+    )
+    assert "digits_to_uci_digits,dann,dev,0,1.000000,2,0.200000,0.500000" in chosen
+    assert "digits_to_uci_digits,target_oracle,own,1,,,,0.970000" in chosen
+
+
+def _caveats(summary):
+    (bullets,) = [b for b in summary.blocks if isinstance(b, report.Bullets)]
+    return bullets.items
 
 
 def test_a_diverged_run_keeps_its_finished_epochs_and_is_flagged():
@@ -392,11 +468,64 @@ def test_a_diverged_run_keeps_its_finished_epochs_and_is_flagged():
     diverged.update(diverged="validation loss is nan after epoch 2", at_chance=False)
     empty = _record(1, "dann", 3.0, [])
     empty.update(diverged="training loss became nan at epoch 1, batch 3")
-    s = da.summarize([*records, diverged, empty])["digits_to_uci_digits"]
+    summary = da.summarize([*records, diverged, empty], SMOKE)
     # The finished epoch of the diverged run is a candidate (and the best).
-    assert da._describe_pick(s["chosen"][("dann", "dev")][0]) == "w3@e1"
-    assert da._describe_pick(s["chosen"][("dann", "dev")][1]) == "w1@e2"
-    assert sum("diverged" in f for f in s["flags"]) == 2
+    choices = {r["arm"]: r for r in summary.table("choices").records()}
+    assert choices["DANN"]["DEV"] == "w3@e1, w1@e2, w1@e2"
+    (caveat,) = _caveats(summary)
+    assert caveat.startswith("2 run(s) diverged: ")
+    assert f"`{PAIR}/seed0/dann/w3` (validation loss is nan" in caveat
+    assert f"`{PAIR}/seed1/dann/w3` (training loss became nan" in caveat
+
+
+def test_runs_at_chance_stay_in_and_every_caveat_is_listed():
+    records = fake_records()
+    for r in records:
+        r.update(stop_reason="no improvement", epochs_run=4, best_epoch=2)
+    stuck = records[0]  # seed 0's source only
+    stuck.update(at_chance=True, stop_reason="epoch cap", epochs_run=20)
+    summary = da.summarize(records, SMOKE)
+    chance, cap = _caveats(summary)
+    assert chance.startswith("1 run(s) never rose significantly above chance")
+    assert (
+        f"`{PAIR}/seed0/source_only`" in chance
+        and "kept in every mean and choice" in chance
+    )
+    assert "left out" not in chance
+    assert cap.startswith("1 run(s) stopped at the epoch cap")
+    assert cap.endswith(f"`{PAIR}/seed0/source_only`")
+    # Its epochs still count: source only's cell keeps all three seeds.
+    (row,) = [
+        r for r in summary.table("accuracy").records() if r["arm"] == "source only"
+    ]
+    assert row["DEV"]["count"] == 3 and row["DEV"]["mean"] == pytest.approx(np.mean(SO))
+    convergence = {r["nets"]: r for r in summary.table("convergence").records()}
+    assert list(convergence) == [
+        f"{PAIR}: source only",
+        f"{PAIR}: DANN",
+        f"{PAIR}: Deep CORAL",
+        f"{PAIR}: target oracle",
+    ]
+    source_only = convergence[f"{PAIR}: source only"]
+    assert (source_only["runs"], source_only["at chance"]) == (3, 1)
+    assert source_only["stop reasons"] == "epoch cap 1, no improvement 2"
+    assert source_only["median epochs"] == 4.0
+    assert source_only["mean wall time (s)"] == pytest.approx(10.0)
+    assert convergence[f"{PAIR}: DANN"]["runs"] == 6
+    assert convergence[f"{PAIR}: target oracle"]["mean wall time (s)"] == 5.0
+    assert convergence[f"{PAIR}: target oracle"]["mean test top-1"] == (
+        pytest.approx(np.mean(ORACLE_ACCURACY))
+    )
+
+
+def test_one_seed_is_a_caveat_and_resolves_nothing():
+    records = [r for r in fake_records() if r["seed"] == 0]
+    summary = da.summarize(records, SMOKE)
+    (caveat,) = _caveats(summary)
+    assert caveat.startswith("every result rests on 1 seed (0)")
+    verdicts = summary.table("findings").column("verdict")
+    assert len(verdicts) == 6
+    assert {v.value for v in verdicts} == {"not resolved (1 replicate: no interval)"}
 
 
 def test_report_draws_the_figures_from_the_records():
@@ -421,7 +550,8 @@ def test_report_draws_the_figures_from_the_records():
     }
     for name in ("accuracy.png", "features_digits_to_uci_digits.png"):
         assert out[name][:8] == b"\x89PNG\r\n\x1a\n" and len(out[name]) > 10_000
-    seed, panels = da.figure_panels(records, "digits_to_uci_digits")
+    summary = da.summarize(records, SMOKE)
+    seed, panels = da.figure_panels(records, summary, PAIR)
     assert seed == 0
     # Source only, DANN at the weight DEV chose (1), CORAL, the oracle.
     assert [title.split("\n")[0] for title, _ in panels] == [
@@ -482,7 +612,7 @@ def test_poisoned_target_labels_change_only_the_target_scores(digits_source, tmp
 @pytest.mark.slow
 def test_smoke_run_of_the_script(domain_adaptation_smoke):
     workdir, proc = domain_adaptation_smoke.workdir, domain_adaptation_smoke.finished
-    assert "Target oracle (trained and validated on target labels)" in proc.stdout
+    assert da.summary.ORACLE_HEADER in proc.stdout  # summary.md, printed
     for name in (
         "results.jsonl",
         "config.json",
@@ -522,12 +652,15 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
     expected = np.mean(
         [c["target_test_accuracy"] for (_, arm, _), c in dev.items() if arm == "mmd"]
     )
-    csv = {
-        tuple(line.split(",")[:3]): line.split(",")
-        for line in (workdir / "summary.csv").read_text().splitlines()[1:]
+    rows = {
+        (r["pair"], r["arm"], r["rule"]): r
+        for r in csv.DictReader(io.StringIO((workdir / "summary.csv").read_text()))
     }
-    assert float(csv[("digits_to_uci_digits", "mmd", "dev")][3]) == pytest.approx(
+    assert float(rows[(PAIR, "mmd", "dev")]["mean"]) == pytest.approx(
         expected, abs=1e-6
+    )
+    assert (workdir / "summary.md").read_text() == report.markdown(
+        da.summarize(records, config)
     )
     listed = json.loads((workdir / "config.json").read_text())
     assert listed["study"] == "domain_adaptation"

@@ -286,7 +286,9 @@ def logme_details(
     and the whole O(N D min(N, D) + min(N, D)³). The score is the
     maximised evidence divided by N, averaged over the classes present in
     ``labels``. (The authors' later code leaves out the ``(D - N)/2 log alpha`` of
-    the zero eigenvalues of FᵀF when D > N; it is included here.)
+    the zero eigenvalues of FᵀF when D > N; it is included here, so the two
+    scores, and their rankings, differ then: see "LogME here vs the official
+    code" in docs/fine_tuning.md.)
 
     The features are used as they are (the paper does not standardise them).
 

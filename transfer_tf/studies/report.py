@@ -196,10 +196,17 @@ class Bullets:
 
 @dataclasses.dataclass
 class Summary:
-    """What a study's ``summarize`` returns: a title and blocks, in order."""
+    """What a study's ``summarize`` returns: a title and blocks, in order; an
+    ``intro`` paragraph and the ``caveats`` (:func:`caveats`) open it."""
 
     title: str
     blocks: list = dataclasses.field(default_factory=list)
+    intro: dataclasses.InitVar[str] = ""
+    caveats: dataclasses.InitVar[Iterable[str]] = ()
+
+    def __post_init__(self, intro, caveats):
+        opening = [Text(intro)] if intro else []
+        self.blocks[:0] = opening + [Bullets(list(caveats))]
 
     def add(self, *blocks) -> Summary:
         self.blocks.extend(b for b in blocks if b is not None)
@@ -482,6 +489,7 @@ def caveats(
     name: Callable[[dict], str] = lambda r: r["key"],
     seeds: Iterable | None = None,
     cap: bool = True,
+    chance_left_out: bool = True,
 ) -> list[str]:
     """What a reader must know before trusting a summary, from the records:
     runs at chance (their nets never learnt: left out), runs stopped at the
@@ -493,15 +501,21 @@ def caveats(
       name: how a run is named in the text.
       seeds: the replicates the results rest on (default: the records' seeds).
       cap: whether to list cap stops.
+      chance_left_out: whether the study leaves runs at chance out of its means
+        and choices (the text says which).
     """
     records = list(records)
     out = []
     chance = [name(r) for r in records if r.get("at_chance")]
     if chance:
+        treated = (
+            "failed, not measured; left out of every mean and choice"
+            if chance_left_out
+            else "kept in every mean and choice"
+        )
         out.append(
             f"{len(chance)} run(s) never rose significantly above chance on "
-            "validation (failed, not measured; left out of every mean and "
-            f"choice): {', '.join(chance)}"
+            f"validation ({treated}): {', '.join(chance)}"
         )
     capped = [name(r) for r in records if r.get("stop_reason") == "epoch cap"]
     if cap and capped:
@@ -543,10 +557,13 @@ def convergence_table(
     reasons: Callable[[dict], list] = lambda r: [r.get("stop_reason")],
     order: Iterable[str] = (),
     name: str = "convergence",
+    seconds: tuple[str, Callable[[dict], float | None]] | None = None,
+    level: int = 2,
 ) -> Table:
     """Per group of nets (``group(record)``; ``None`` leaves a record out): how
     many runs, their median epochs and best epoch, why they stopped, how many are
-    at chance, and their mean test top-1."""
+    at chance, and their mean test top-1; with ``seconds`` (a column name and
+    the field of a record to read), their mean time in seconds as well."""
     groups = collections.defaultdict(list)
     for r in records:
         g = group(r)
@@ -569,9 +586,14 @@ def convergence_table(
                 ", ".join(f"{k} {v}" for k, v in sorted(stops.items())),
                 sum(bool(r.get("at_chance")) for r in rs),
                 _mean(r.get("test_accuracy") for r in rs),
+                *([_mean(seconds[1](r) for r in rs)] if seconds else []),
             ]
         )
-    return Table(CONVERGENCE_COLUMNS, rows, title=title, text=text, name=name)
+    columns_ = CONVERGENCE_COLUMNS
+    if seconds:
+        header, _ = seconds
+        columns_ += (Column(header, Format(digits=1), csv=_machine_name(header)),)
+    return Table(columns_, rows, title=title, text=text, name=name, level=level)
 
 
 def _finite(values) -> list[float]:

@@ -58,7 +58,7 @@ import numpy as np
 
 from transfer_tf import autotune, data, precision, results, training
 from transfer_tf.studies import config as config_lib
-from transfer_tf.studies import executors, stats, workdirs
+from transfer_tf.studies import executors, report, workdirs
 
 log = logging.getLogger(__name__)
 
@@ -874,10 +874,10 @@ class Runner:
                 run.key,
                 self.study.describe(outcome),
                 outcome["wall_time"],
-                stats.duration(eta) if math.isfinite(eta) else "?",
+                report.duration(eta) if math.isfinite(eta) else "?",
             )
         if pending:
-            log.info("runs finished in %s", stats.duration(time.time() - started))
+            log.info("runs finished in %s", report.duration(time.time() - started))
         records = [done[r.key] for r in runs if r.key in done]
         if shard is None:
             if self.study.finish and not failures:

@@ -1,34 +1,12 @@
-"""What study summaries are made of: statistics over seeds, selection on
-validation, and the Markdown and CSV tables they are written as."""
+"""What study summaries are made of: values keyed by replicate, intervals over
+replicates, paired differences, verdicts, and selection on validation. (Rows are
+rendered as Markdown and CSV by ``studies/report.py``.)"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
-
-def stats(values) -> dict | None:
-    """Mean, sample standard deviation and count of the non-None values."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-        "count": len(values),
-    }
-
-
-def format_stats(s, digits: int = 4, sign: bool = False, count: bool = True) -> str:
-    """``0.9712 ± 0.0041 (3)``; a single value alone; empty for no values."""
-    if not s:
-        return ""
-    mean = f"{s['mean']:{'+' if sign else ''}.{digits}f}"
-    if s["count"] == 1:
-        return mean
-    text = f"{mean} ± {s['std']:.{digits}f}"
-    return f"{text} ({s['count']})" if count else text
 
 
 def by_replicate(records, group, value, replicate=lambda r: r["seed"]) -> dict:
@@ -72,53 +50,6 @@ def select_best(records) -> dict:
 def budget_order(budget) -> float:
     """Sort key of budget names: numbers ascending, ``all`` last."""
     return math.inf if budget == "all" else int(budget)
-
-
-# ------------------------------------------------------------------------- tables
-
-
-def markdown_table(header, rows) -> list[str]:
-    """The lines of a Markdown table: ``header`` (cell texts) and ``rows`` (lists
-    of cell texts, one per column)."""
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def records_csv(records, fields) -> str:
-    """CSV text with one row per record and the given fields as columns (floats
-    with 6 decimals, missing values empty)."""
-    lines = [",".join(fields)]
-    for r in records:
-        values = []
-        for field in fields:
-            v = r.get(field)
-            if isinstance(v, float):
-                values.append(f"{v:.6f}")
-            else:
-                values.append("" if v is None else str(v))
-        lines.append(",".join(values))
-    return "\n".join(lines) + "\n"
-
-
-def choices_table(chosen: dict, describe) -> list[str]:
-    """Markdown lines of what validation chose per (source, budget), sorted by
-    source then budget: ``chosen`` maps ``(source, budget)`` to one choice per
-    seed, ``describe`` writes one choice."""
-    rows = [
-        [source, budget, ", ".join(describe(c) for c in choices)]
-        for (source, budget), choices in sorted(
-            chosen.items(), key=lambda kv: (kv[0][0], budget_order(kv[0][1]))
-        )
-    ]
-    return markdown_table(["source", "budget", "choices"], rows)
-
-
-def duration(seconds: float) -> str:
-    """``42s``, ``3m07s``, ``2h05m``."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 # --------------------------------------------------------- paired comparisons
@@ -178,40 +109,19 @@ def format_interval(
     digits: int = 2,
     sign: bool = True,
     one: str = "(1, no interval)",
-    plus_minus: bool = False,
 ) -> str:
     """The one text of an interval cell: ``-2.31 [-4.10, -0.52] (3)``, the mean
     and its 95% interval times ``scale`` (100: points) with ``digits`` decimals
-    (``sign``: always signed), then the replicate count; ``plus_minus``:
-    ``0.9780 ± 0.0068 (3)``; one replicate: the mean and ``one``; no interval
-    cell: ``""``."""
+    (``sign``: always signed), then the replicate count; one replicate: the
+    mean and ``one``; no interval cell: ``""``."""
     if iv is None:
         return ""
     form = f"{'+' if sign else ''}.{digits}f"
     mean = f"{scale * iv['mean']:{form}}{unit}"
     if iv["low"] is None:
         return f"{mean} {one}"
-    if plus_minus:
-        return f"{mean} ± {scale * half_width(iv):.{digits}f} ({iv['count']})"
     low, high = scale * iv["low"], scale * iv["high"]
     return f"{mean} [{low:{form}}, {high:{form}}] ({iv['count']})"
-
-
-def interval_line(x, ivs, label: str, color: str, scale: float = 1.0) -> dict:
-    """A line of ``plots.curves_figure``: the means of ``ivs`` at ``x`` with their
-    half widths as error bars, times ``scale``."""
-    return {
-        "x": list(x),
-        "y": [scale * iv["mean"] for iv in ivs],
-        "e": [scale * half_width(iv) for iv in ivs],
-        "label": label,
-        "color": color,
-    }
-
-
-def half_width(iv: dict | None) -> float:
-    """An interval's half width (an error bar); 0 without an interval."""
-    return 0.0 if iv is None or iv["low"] is None else iv["high"] - iv["mean"]
 
 
 def difference_interval(a, b, confidence: float = 0.95) -> dict | None:

@@ -269,9 +269,8 @@ def stopping_rule(config: plan.Config) -> str:
 def stopping_table(records, config: plan.Config) -> report_lib.Table:
     """The convergence table of part 1's arms (every strategy run, those at
     chance included) with their mean training time."""
-    runs = [r for r in records if r["kind"] == "strategy"]
-    table = report_lib.convergence_table(
-        runs,
+    return report_lib.convergence_table(
+        [r for r in records if r["kind"] == "strategy"],
         group=lambda r: r["arm"],
         title="The stopping rule: epochs and why training stopped",
         text=stopping_rule(config),
@@ -279,33 +278,8 @@ def stopping_table(records, config: plan.Config) -> report_lib.Table:
         reasons=lambda r: [s["stop_reason"] for s in r["stages"]],
         order=plan.STRATEGIES,
         name="stopping",
-    )
-    table.level = 3
-    times = collections.defaultdict(list)
-    for r in runs:
-        times[r["arm"]].append(r["train_time"])
-    return with_column(
-        table,
-        report_lib.Column(
-            "mean training time (s)", report_lib.Format(digits=1), csv="train_time"
-        ),
-        [float(np.mean(times[row[0]])) for row in table.rows],
-    )
-
-
-def with_column(table: report_lib.Table, column, values) -> report_lib.Table:
-    """``table`` with one more column of ``values`` (one per row), on the right.
-    (A primitive of report.py's tables, written here until it is there.)"""
-    return report_lib.Table(
-        (*table.columns, column),
-        [[*row, v] for row, v in zip(table.rows, values, strict=True)],
-        title=table.title,
-        text=table.text,
-        level=table.level,
-        name=table.name,
-        csv=table.csv,
-        after=table.after,
-        show=table.show,
+        seconds=("mean training time (s)", lambda r: r["train_time"]),
+        level=3,
     )
 
 
@@ -333,16 +307,13 @@ def summarize(records, config: plan.Config, grid=()) -> report_lib.Summary:
     recommendation per budget, the lectures' claims as findings, the freeze
     cuts chosen and the stopping rule's table; part 2's rows (``scores``)."""
     seeds = sorted({r["seed"] for r in records if r["kind"] != "pretrain"})
-    summary = report_lib.Summary(
-        "Fine-tuning strategies and transferability estimators"
+    caveats = report_lib.caveats(
+        records, name=lambda r: f"`{r['key']}`", seeds=seeds, cap=False
     )
-    summary.add(
-        report_lib.Text(_intro(config, seeds)),
-        report_lib.Bullets(
-            report_lib.caveats(
-                records, name=lambda r: f"`{r['key']}`", seeds=seeds, cap=False
-            )
-        ),
+    summary = report_lib.Summary(
+        "Fine-tuning strategies and transferability estimators",
+        intro=_intro(config, seeds),
+        caveats=caveats,
     )
     chance = (
         "" if any(r.get("at_chance") for r in records) else " No run was at chance."

@@ -10,14 +10,16 @@ per (source, target) in one forward pass, kept in memory and saved as ``.npy``
 under ``<workdir>/features``. The validation-best probe of each source is exported
 as one model from raw images to logits (``heads/``).
 
-Report: ``summary.md`` / ``summary.csv``, ``probe_layers.png`` and
-``label_budget.png``, drawn from the records alone.
+Report: ``summary.md`` (test top-1 per cell as its mean and 95% t-interval over
+seeds with their count), ``summary.csv`` (the records), ``probe_layers.png`` and
+``label_budget.png`` (error bars: the same intervals), drawn from the records alone.
 """
 
 from __future__ import annotations
 
 from transfer_tf import plots
-from transfer_tf.studies import runner, stats
+from transfer_tf.studies import report as report_lib
+from transfer_tf.studies import runner
 from transfer_tf.studies.off_the_shelf import execution, figures, plan, summary
 
 # The study's public names (the modules above hold the rest).
@@ -32,26 +34,30 @@ Context = execution.Context
 check = execution.check
 execute = execution.execute
 export_heads = execution.export_heads
+cells = summary.cells
 summarize = summary.summarize
-summary_markdown = summary.summary_markdown
 
 
 def report(records, config: Config) -> dict:
-    """``summary.md``, ``summary.csv``, ``probe_layers.png`` and
-    ``label_budget.png`` of the records."""
-    # A half that is only a source (its scratch net on all labels) is no target.
-    targets = {r["target"] for r in records if r["treatment"] != "scratch" or r["k"]}
-    targets |= set(config.targets)
-    records = [r for r in records if r["target"] in targets]
-    cells = summary.summarize(records, sorted(targets))
+    """``summary.md``, ``summary.csv`` (the records), ``probe_layers.png`` and
+    ``label_budget.png``: the summary's rows and the figures drawn from the same
+    intervals."""
     grid = plan.grid_records(config)
+    rows = summary.summarize(records, config, grid)
+    intervals = summary.cells(records, config, grid)
+    halves = summary.targets(records, config)
+    # A half that is only a source (its scratch net on all labels) is no target.
+    measured = [r for r in records if r["target"] in halves]
     return {
-        "summary.md": summary.summary_markdown(cells, config, grid),
-        "summary.csv": stats.records_csv(records, summary.CSV_FIELDS),
+        "summary.md": report_lib.markdown(rows),
+        **rows.csv_files(),
+        "summary.csv": report_lib.records_csv(measured, summary.CSV_FIELDS),
         "probe_layers.png": plots.png_bytes(
-            figures.probe_layers_figure(cells, config, grid)
+            figures.probe_layers_figure(intervals, config)
         ),
-        "label_budget.png": plots.png_bytes(figures.label_budget_figure(cells, config)),
+        "label_budget.png": plots.png_bytes(
+            figures.label_budget_figure(intervals, config)
+        ),
     }
 
 

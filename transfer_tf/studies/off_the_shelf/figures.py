@@ -1,11 +1,10 @@
 """The off-the-shelf study's figures: probe accuracy per layer and per label
-budget."""
+budget, drawn from the summary's intervals (:func:`summary.cells`): a point is a
+mean over seeds, its error bar the 95% t-interval's half width."""
 
 from __future__ import annotations
 
 import logging
-
-import numpy as np
 
 from transfer_tf import features, plots
 from transfer_tf.studies.off_the_shelf import plan, summary
@@ -25,30 +24,32 @@ def _role(source, target):
     return "random" if source == "random" else "backbone"
 
 
-def _errorbar_line(points, **style) -> dict:
-    x, y, e = np.array(sorted(points)).T
-    return {"x": x, "y": y, "e": e, **style}
+def _layer_line(layer_ivs: dict, xs: dict, **style) -> dict:
+    """A line over the layers ``xs`` names (``{layer: x}``) from
+    ``{layer: interval}``."""
+    layers = [n for n in xs if layer_ivs.get(n) is not None]
+    return plots.interval_line(
+        [xs[n] for n in layers], [layer_ivs[n] for n in layers], **style
+    )
 
 
-def probe_layers_figure(cells, config: plan.Config, grid=()):
-    """Test top-1 of a linear probe vs layer, one line per source net and pooling,
-    one panel per target half; scratch and fine-tuning (all labels) as horizontal
-    references, the grid's AnB/AnB+ at the same layers when given."""
+def probe_layers_panels(cells: dict, config: plan.Config) -> list[dict]:
+    """The panels of :func:`probe_layers_figure` (``plots.curves_figure``'s)."""
     layer_names = [n for n in plan.PROBE_LAYERS if n in config.probe_layers]
     xs = {name: i for i, name in enumerate(layer_names)}
     backbone_colors = iter(plots.plt.cm.tab10.colors[4:])
     panels = []
-    for target, s in cells.items():
+    for target, c in cells.items():
         lines, references = [], []
-        for (source, pooling), cells in sorted(s["layers"].items()):
+        for (source, pooling), line in sorted(c["layers"].items()):
             role = _role(source, target)
-            label = summary._source_label(source, target, config.data.class_split)
+            label = summary.source_label(source, target, config.data.class_split)
             if role == "backbone":
-                cell = cells.get(features.BACKBONE_OUTPUT)
-                if cell:
+                iv = line.get(features.BACKBONE_OUTPUT)
+                if iv:
                     references.append(
                         dict(
-                            y=cell["mean"],
+                            y=iv["mean"],
                             color=next(backbone_colors),
                             ls=_LINESTYLES[pooling],
                             lw=1.5,
@@ -56,86 +57,94 @@ def probe_layers_figure(cells, config: plan.Config, grid=()):
                         )
                     )
                 continue
-            points = [
-                (xs[n], c["mean"], c["std"]) for n, c in cells.items() if c and n in xs
-            ]
-            if points:
-                pool_label = pooling if pooling != "none" else "dense"
-                lines.append(
-                    _errorbar_line(
-                        points,
-                        color=_COLORS[role],
-                        ls=_LINESTYLES[pooling],
-                        label=f"probe: {label} ({pool_label})",
-                    )
+            pool_label = pooling if pooling != "none" else "dense"
+            lines.append(
+                _layer_line(
+                    line,
+                    xs,
+                    color=_COLORS[role],
+                    ls=_LINESTYLES[pooling],
+                    label=f"probe: {label} ({pool_label})",
                 )
+            )
         for name, color, ls, label in (
             ("scratch", "black", "--", "scratch (all layers trained on the target)"),
             ("fine_tune", "#8e44ad", "-.", "fine-tuning all layers of the source"),
         ):
-            cell = s["references"].get(name)
-            if cell:
-                references.append(dict(y=cell["mean"], color=color, ls=ls, label=label))
-        for treatment, cells in sorted(summary._grid_cells(grid, target).items()):
-            points = [(xs[n], c["mean"], 0.0) for n, c in cells.items() if n in xs]
-            if points:
-                retrained = "fine-tuned" if treatment.endswith("+") else "retrained"
-                lines.append(
-                    _errorbar_line(
-                        points,
-                        color="#f39c12" if treatment == "AnB+" else "#d35400",
-                        marker="X" if treatment == "AnB+" else "D",
-                        ls=":",
-                        lw=1.5,
-                        label=f"grid {treatment} (cut at this layer, upper layers "
-                        f"{retrained})",
-                    )
+            iv = c["budgets"].get(name, {}).get("all")
+            if iv:
+                references.append(dict(y=iv["mean"], color=color, ls=ls, label=label))
+        for treatment, line in sorted(c["grid"].items()):
+            retrained = "fine-tuned" if treatment.endswith("+") else "retrained"
+            lines.append(
+                _layer_line(
+                    line,
+                    xs,
+                    color="#f39c12" if treatment == "AnB+" else "#d35400",
+                    marker="X" if treatment == "AnB+" else "D",
+                    ls=":",
+                    lw=1.5,
+                    label=f"grid {treatment} (cut at this layer, upper layers "
+                    f"{retrained})",
                 )
+            )
         panels.append(
             {
                 "title": f"target half {target}: linear probe per layer (all labels)",
                 "xlabel": "layer the features are read from",
                 "xticks": (range(len(layer_names)), layer_names),
-                "lines": lines,
+                "lines": [line for line in lines if len(line["x"])],
                 "references": references,
             }
         )
-    return plots.curves_figure(panels, legend="below", width=7.5)
+    return panels
 
 
-def label_budget_figure(cells, config: plan.Config):
-    """Test top-1 vs labelled examples per class: linear probe (layer chosen on
-    validation) per source, fine-tuning and scratch; one panel per target."""
-    panels = []
-    for target, s in cells.items():
-        budgets = {b for c in s["budgets"].values() for b in c}
-        position, ticks = plots.budget_axis(
-            budgets, s["num_train"]["all"] / s["num_classes"]
+def probe_layers_figure(cells: dict, config: plan.Config):
+    """Test top-1 of a linear probe vs layer, one line per source net and pooling,
+    one panel per target half; scratch and fine-tuning (all labels) as horizontal
+    references, the grid's AnB/AnB+ at the same layers when given."""
+    return plots.curves_figure(
+        probe_layers_panels(cells, config), legend="below", width=7.5
+    )
+
+
+def _budget_style(line: str, target, config: plan.Config) -> dict:
+    if line == "scratch":
+        return dict(color="black", ls="--", marker="s", label="scratch")
+    if line == "fine_tune":
+        return dict(
+            color="#8e44ad", ls="-.", marker="^", label="fine-tuning (whole net)"
         )
+    source = line.split(":", 1)[1]
+    return dict(
+        color=_COLORS.get(_role(source, target)),
+        ls="-",
+        marker="o",
+        label="linear probe: "
+        + summary.source_label(source, target, config.data.class_split),
+    )
+
+
+def label_budget_panels(cells: dict, config: plan.Config) -> list[dict]:
+    """The panels of :func:`label_budget_figure` (``plots.curves_figure``'s)."""
+    panels = []
+    for target, c in cells.items():
+        budgets = {b for line in c["budgets"].values() for b in line}
+        position, ticks = plots.budget_axis(budgets, c["per_class"] or 1.0)
         lines = []
-        for line, cells in sorted(s["budgets"].items()):
-            if len(cells) < 2:
+        for line in summary.budget_order(c["budgets"]):
+            ivs = c["budgets"][line]
+            if len(ivs) < 2:
                 continue
-            if line == "scratch":
-                style = dict(color="black", ls="--", marker="s", label="scratch")
-            elif line == "fine_tune":
-                style = dict(
-                    color="#8e44ad",
-                    ls="-.",
-                    marker="^",
-                    label="fine-tuning (whole net)",
+            points = sorted(ivs, key=position.get)
+            lines.append(
+                plots.interval_line(
+                    [position[b] for b in points],
+                    [ivs[b] for b in points],
+                    **_budget_style(line, target, config),
                 )
-            else:
-                source = line.split(":", 1)[1]
-                style = dict(
-                    color=_COLORS.get(_role(source, target)),
-                    ls="-",
-                    marker="o",
-                    label="linear probe: "
-                    + summary._source_label(source, target, config.data.class_split),
-                )
-            points = [(position[b], c["mean"], c["std"]) for b, c in cells.items()]
-            lines.append(_errorbar_line(points, **style))
+            )
         panels.append(
             {
                 "title": f"target half {target}: label budget",
@@ -146,4 +155,10 @@ def label_budget_figure(cells, config: plan.Config):
                 "empty": "one label budget only",
             }
         )
-    return plots.curves_figure(panels)
+    return panels
+
+
+def label_budget_figure(cells: dict, config: plan.Config):
+    """Test top-1 vs labelled examples per class: linear probe (layer chosen on
+    validation) per source, fine-tuning and scratch; one panel per target."""
+    return plots.curves_figure(label_budget_panels(cells, config))
