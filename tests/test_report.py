@@ -105,6 +105,28 @@ def test_the_findings_table_holds_the_findings_rows():
     rows = list(csv.DictReader(io.StringIO(report.csv_text(table))))
     assert rows[0]["key"] == "a" and float(rows[0]["mean"]) == pytest.approx(0.025)
     assert rows[1]["holds"] == "2 of 2"
+    assert float(rows[0]["p_value"]) == pytest.approx(found[0].p_value)
+
+
+def test_the_family_of_findings_is_judged_with_holm():
+    # Three findings resolved alone (p < 0.05); judged as a family of three
+    # only the strongest survives Holm's correction.
+    found = [
+        report.Finding("a", "c", "m", values={0: 0.020, 1: 0.030, 2: 0.025}),
+        report.Finding("b", "c", "m", values={0: 0.015, 1: 0.030, 2: 0.031}),
+        report.Finding("c", "c", "m", values={0: 0.031, 1: 0.015, 2: 0.030}),
+    ]
+    p = [f.p_value for f in found]  # 0.013, 0.039, 0.039
+    assert all(x < 0.05 for x in p) and p[0] < 0.05 / 3 and min(p[1:]) > 0.05 / 2
+    assert [f.outcome for f in found] == ["reproduced"] * 3
+    assert report.holm_verdicts(found) == [
+        "reproduced",
+        "not resolved",
+        "not resolved",
+    ]
+    table = report.findings_table(found)
+    assert table.column("family-wise (Holm)") == report.holm_verdicts(found)
+    assert "Holm" in table.text and "test set" in table.text
 
 
 def test_caveats_name_failed_capped_and_diverged_runs_and_a_single_seed():
@@ -145,7 +167,7 @@ def test_the_convergence_table_counts_epochs_and_stop_reasons_per_group():
     assert table.column("median epochs") == [5.0, 15.0]
     assert table.column("stop reasons") == ["converged 1", "converged 1, epoch cap 1"]
     assert table.column("at chance") == [1, 0]
-    assert len(table.columns) == 7
+    assert len(table.columns) == 8
     for r, seconds in zip(records, (4.0, 6.0, 1.0, 9.0), strict=True):
         r["train_time"] = seconds
     timed = report.convergence_table(

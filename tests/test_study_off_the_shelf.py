@@ -171,7 +171,14 @@ def test_summary_rows_are_intervals_of_the_validation_best_probes():
         "references_B",
         "budgets_B",
         "choices_B",
+        "convergence",
     ]
+    # The nets' convergence: scratch and fine-tuning, every budget together.
+    convergence = {r["nets"]: r for r in summary.table("convergence").records()}
+    assert set(convergence) == {"scratch", "fine_tune"}
+    assert (
+        convergence["scratch"]["runs"] == 5 and convergence["scratch"]["at chance"] == 1
+    )
     # The layer sweep: one line per pooling, the dense fc6 in each; validation's
     # choice (conv3/avg in both seeds) bold, not fc6 although it tests better.
     layers = {
@@ -247,7 +254,9 @@ def test_summary_draws_the_grid_and_flags_a_failed_source_net():
     ]
     config = _summary_config(budgets=(None,), seeds=(0,))
     summary = off_the_shelf.summarize(records, config, grid)
-    assert [t.name for t in summary.tables()] == ["layers_B"]  # one budget
+    # one budget: no budget table; the net at chance in the convergence table
+    assert [t.name for t in summary.tables()] == ["layers_B", "convergence"]
+    assert summary.table("convergence").records()[0]["at chance"] == 1
     rows = {r["source"]: r for r in summary.table("layers_B").records()}
     frozen = rows[
         "transfer grid AnB (layers 1..n copied, frozen; upper layers retrained)"

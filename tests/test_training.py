@@ -138,7 +138,7 @@ def test_mixed_precision_and_adam_train(task, tmp_path):
     assert json.loads(json.dumps(outcome.__dict__))["epochs_run"] == 3
 
 
-def _plateau_callback(tmp_path, **kw):
+def _plateau_callback(tmp_path, chance=None, **kw):
     values = dict(
         schedule="plateau",
         learning_rate=0.1,
@@ -150,7 +150,7 @@ def _plateau_callback(tmp_path, **kw):
     cfg = config(**values)
     model = models.build_base_net((28, 28, 1), 3, seed=0, **TINY)
     training.compile_model(model, cfg, steps_per_epoch=1)
-    callback = training._BestWeights(tmp_path, cfg, persist=False)
+    callback = training._BestWeights(tmp_path, cfg, persist=False, chance=chance)
     callback.set_model(model)
     model._initial_epoch = 0
     callback.on_train_begin()
@@ -173,10 +173,56 @@ def test_plateau_rule_reduces_the_rate_then_stops_as_converged(tmp_path):
     assert callback.state["best_epoch"] == 5 and callback.state["reductions"] == 2
 
 
+def test_the_plateau_rule_does_not_start_while_the_net_is_at_chance(tmp_path):
+    # 3 classes, 300 validation images: 0.36 is chance level, 0.6 is not.
+    model, callback = _plateau_callback(tmp_path, chance=(300, 3))
+    for epoch, loss in enumerate([1.10, 1.09, 1.095, 1.095, 1.095, 1.095, 1.095]):
+        callback.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": 0.36})
+    # Five epochs without a lower loss: no reduction, no stop (an initial plateau).
+    assert not model.stop_training and callback.state["reductions"] == 0
+    for epoch, loss in enumerate([0.8, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85], 7):
+        callback.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": 0.6})
+    assert model.stop_training and callback.state["stop_reason"] == "converged"
+    assert callback.state["reductions"] == 2 and callback.state["best_epoch"] == 8
+
+
+def test_steps_per_epoch_makes_an_epoch_the_same_number_of_steps(
+    digits_source, tmp_path
+):
+    small = data.make_task(
+        digits_source, (0, 1, 2, 3), data.DataConfig(train_per_class=10)
+    )
+    model = models.build_base_net(small.image_shape, small.num_classes, **TINY)
+    outcome = training.train(
+        model,
+        small.train_dataset(8, seed=0),  # 40 images: 5 batches a pass
+        small.eval_dataset("validation", 64),
+        config(epochs=2, steps_per_epoch=12),
+        tmp_path,
+    )
+    assert outcome.steps_per_epoch == 12 and outcome.epochs_run == 2
+    assert outcome.examples_seen == 2 * 12 * 8  # 24 steps of 8 images
+    lines = results.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in lines] == [1, 2]
+    with pytest.raises(ValueError, match="steps_per_epoch=0 must be an integer"):
+        config(steps_per_epoch=0)
+
+
+def test_a_tested_run_records_which_test_examples_it_got_right(task, tmp_path):
+    model = models.build_base_net(task.image_shape, task.num_classes, seed=0, **TINY)
+    outcome = training.train_task(model, task, config(epochs=2), tmp_path, 32)
+    record = outcome.record()
+    hits = results.unpack_bits(record["test_correct"], record["test_examples"])
+    assert hits.mean() == pytest.approx(record["test_accuracy"], abs=1e-6)
+    assert record["test_set"] == training.test_fingerprint(task)
+    assert record["steps_run"] == record["epochs_run"] * record["steps_per_epoch"]
+
+
 def test_the_plateau_fragment_is_the_rule_with_a_studys_changes():
     rule = training.plateau(epochs=30, min_epochs=3)
     assert rule.schedule == "plateau" and rule.plateau_reductions == 1
     assert (rule.epochs, rule.min_epochs) == (30, 3)
+    assert rule.steps_per_epoch == training.ROUND_STEPS  # epochs are step rounds
     assert training.plateau(plateau_reductions=2).plateau_reductions == 2
     with pytest.raises(ValueError):
         training.plateau(plateau_patience=-1)

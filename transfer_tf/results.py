@@ -246,3 +246,25 @@ def claim_workdir(workdir, config: dict, overwrite=False, compare=None) -> pathl
     workdir.mkdir(parents=True, exist_ok=True)
     write_if_changed(path, dumps_pretty(config))
     return workdir
+
+
+# ------------------------------------------------------------------ bit masks
+
+
+def pack_bits(flags) -> str:
+    """A boolean array as compact text (base64 of its packed bits): a run's
+    per-test-example correctness in a results line (63 characters per 500
+    examples)."""
+    import base64
+
+    return base64.b64encode(np.packbits(np.asarray(flags, dtype=bool))).decode()
+
+
+def unpack_bits(text: str, length: int) -> np.ndarray:
+    """The boolean array of :func:`pack_bits` (``length`` flags)."""
+    import base64
+
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))
+    if len(bits) < length:
+        raise ValueError(f"a bit mask of {len(bits)} flags cannot hold {length}")
+    return bits[:length].astype(bool)

@@ -49,6 +49,11 @@ class TrainConfig:
 
     Attributes:
       epochs: maximum number of epochs.
+      steps_per_epoch: optimizer steps per epoch; ``None``: one pass over the
+        training data. Set, an epoch is a round of this many steps between two
+        validations (the training data repeats as needed), so that every count
+        in epochs (the cap, ``patience``, ``min_epochs``, the ``plateau`` rule)
+        means the same number of optimizer steps on a dataset of any size.
       optimizer: ``sgd`` (with momentum) or ``adam``.
       learning_rate: initial learning rate.
       momentum: SGD momentum.
@@ -69,8 +74,10 @@ class TrainConfig:
         ``plateau`` schedule reduces the learning rate (or stops).
       plateau_factor: what the ``plateau`` schedule multiplies the rate by.
       plateau_reductions: reductions before the ``plateau`` schedule may stop.
-      min_epochs: never stop before this many epochs (a net that has not
-        started learning is not stopped as "converged").
+      min_epochs: never stop before this many epochs. Nor does the
+        ``plateau`` rule run (reduce or stop) while the best validation accuracy
+        is still at chance (a binomial test): an initial plateau is not
+        convergence.
       select_initial: the starting weights compete with every epoch's as epoch
         0 (a fine-tuned net that training only makes worse keeps its copied
         weights; ``best_epoch`` 0 says so).
@@ -89,6 +96,7 @@ class TrainConfig:
     """
 
     epochs: int = 15
+    steps_per_epoch: int | None = None
     optimizer: str = "sgd"
     learning_rate: float = 0.02
     momentum: float = 0.9
@@ -130,6 +138,15 @@ class TrainConfig:
                 raise ValueError(f"{field}={value!r} is not one of {list(choices)}")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs!r} must be at least 1")
+        if self.steps_per_epoch is not None and (
+            isinstance(self.steps_per_epoch, bool)
+            or not isinstance(self.steps_per_epoch, int)
+            or self.steps_per_epoch < 1
+        ):
+            raise ValueError(
+                f"steps_per_epoch={self.steps_per_epoch!r} must be an integer >= 1 "
+                "or None (one pass over the data)"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be positive")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -169,6 +186,7 @@ class TrainResult:
     jit_compile: bool
     stop_reason: str = "epoch cap"
     learning_rate_reductions: int = 0
+    steps_per_epoch: int = 0  # optimizer steps per epoch as trained
 
 
 def plateau(**changes) -> TrainConfig:
@@ -177,9 +195,26 @@ def plateau(**changes) -> TrainConfig:
     stops falling for ``plateau_patience`` epochs; training stops when it still
     does not after ``plateau_reductions`` reductions), with a study's own
     ``changes`` (its cap ``epochs``, ``min_epochs``, optimizer, ...) on top. Every
-    study that trains "to convergence" starts from it."""
-    rule = {"schedule": "plateau", "plateau_patience": 2, "plateau_reductions": 1}
+    study that trains "to convergence" starts from it.
+
+    An epoch of the rule is a round of :data:`ROUND_STEPS` optimizer steps
+    (``steps_per_epoch``), so that the patience, the minimum and the cap mean
+    the same number of steps on a dataset of any size; and the rule does not
+    start (reduce or stop) while the net's validation accuracy is still at
+    chance, so an initial plateau is not taken for convergence."""
+    rule = {
+        "schedule": "plateau",
+        "plateau_patience": 2,
+        "plateau_reductions": 1,
+        "steps_per_epoch": ROUND_STEPS,
+    }
     return TrainConfig(**{**rule, **changes})
+
+
+# An epoch of the convergence rule: a round of this many optimizer steps between
+# two validations, whatever the dataset's size (a pass over 500 images per class
+# in batches of 128 is 16 steps; over 10 labels per class, one).
+ROUND_STEPS = 50
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -292,8 +327,13 @@ class _BestWeights(keras.callbacks.Callback):
     ``plateau`` schedule, whose state survives a crash (``early_stopping.json`` +
     ``best_weights.npz``)."""
 
-    def __init__(self, workdir, config: TrainConfig, persist, initial=None):
+    def __init__(
+        self, workdir, config: TrainConfig, persist, initial=None, chance=None
+    ):
         super().__init__()
+        # (validation examples, classes) of a classifier: the plateau rule waits
+        # until the best validation accuracy has left chance level
+        self.chance = chance
         self.state_path = pathlib.Path(workdir) / "early_stopping.json"
         self.weights_path = pathlib.Path(workdir) / "best_weights.npz"
         self.config = config
@@ -309,6 +349,7 @@ class _BestWeights(keras.callbacks.Callback):
             "stop_reason": "epoch cap",
             "reductions": 0,
             "learning_rate": None,
+            "peak_accuracy": None,  # the highest validation accuracy so far
         }
         # The starting weights as epoch 0 (select_initial): (loss, accuracy, weights)
         self.initial = initial
@@ -347,6 +388,9 @@ class _BestWeights(keras.callbacks.Callback):
                 "learning rate or check the data"
             )
         plateau = config.schedule == "plateau"
+        accuracy = float(logs.get("val_accuracy", math.nan))
+        if math.isfinite(accuracy):
+            state["peak_accuracy"] = max(state.get("peak_accuracy") or 0.0, accuracy)
         # The plateau rule asks for a real improvement, not float noise.
         best = state["best_loss"]
         margin = 1e-4 * abs(best) if plateau and math.isfinite(best) else 0.0
@@ -362,6 +406,8 @@ class _BestWeights(keras.callbacks.Callback):
                 self._save_best()
         else:
             state["wait"] += 1
+        if plateau and self._at_chance():
+            state["wait"] = 0  # an initial plateau: the rule has not started
         may_stop = epoch + 1 >= config.min_epochs
         if plateau and state["wait"] >= config.plateau_patience:
             if state["reductions"] < config.plateau_reductions:
@@ -380,6 +426,15 @@ class _BestWeights(keras.callbacks.Callback):
             )
         if self.persist:
             results.write_json(self.state_path, state)
+
+    def _at_chance(self) -> bool:
+        """Whether no validation accuracy so far (the starting weights' included)
+        is significantly above chance: the net has not started learning."""
+        if self.chance is None:
+            return False
+        seen = [self.state.get("peak_accuracy"), self.state.get("best_accuracy")]
+        seen = [a for a in seen if a is not None and math.isfinite(a)]
+        return not seen or at_chance(max(seen), *self.chance)
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
@@ -485,7 +540,16 @@ def train(
             "train_ds must be a batched dataset of known, non-zero length "
             f"(cardinality {steps})"
         )
-    if count_examples(val_ds) == 0:
+    per_pass = count_examples(train_ds)
+    if config.steps_per_epoch:
+        # an epoch is a round of steps_per_epoch steps over the repeated data
+        per_epoch = round(per_pass * config.steps_per_epoch / steps)
+        steps = config.steps_per_epoch
+        train_ds = train_ds.repeat()
+    else:
+        per_epoch = per_pass
+    validation_examples = count_examples(val_ds)
+    if validation_examples == 0:
         raise ValueError(
             "the validation split is empty (validation_fraction=0, or too few "
             "training images per class to hold any out): training keeps the epoch "
@@ -494,7 +558,6 @@ def train(
         )
     keras.utils.set_random_seed(config.seed)
     compile_model(model, config, steps, loss, metrics, optimizer)
-    per_epoch = count_examples(train_ds)
     started = time.time()
     initial = None
     resuming = config.backup and (workdir / "backup").exists()
@@ -502,7 +565,14 @@ def train(
         out = model.evaluate(val_ds, return_dict=True, verbose=0)
         initial = (float(out["loss"]), float(out.get("accuracy", math.nan)))
         initial += (model.get_weights(),)
-    best = _BestWeights(workdir, config, persist=config.backup, initial=initial)
+    classes = _classes(model) if loss is None else None
+    best = _BestWeights(
+        workdir,
+        config,
+        persist=config.backup,
+        initial=initial,
+        chance=(validation_examples, classes) if classes else None,
+    )
     own = []
     if config.backup:
         own.append(
@@ -523,6 +593,7 @@ def train(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
+        steps_per_epoch=config.steps_per_epoch,
         callbacks=[*own, *callbacks],
         shuffle=False,  # the pipeline shuffles, seeded
         verbose=0,
@@ -543,7 +614,25 @@ def train(
         jit_compile=bool(model.jit_compile),
         stop_reason=best.state["stop_reason"],
         learning_rate_reductions=best.state["reductions"],
+        steps_per_epoch=steps,
     )
+
+
+def _classes(model) -> int | None:
+    """The number of classes of a classifier's logits (None: not a classifier)."""
+    try:
+        shape = model.outputs[0].shape
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return int(shape[-1]) if len(shape) == 2 and shape[-1] and shape[-1] > 1 else None
+
+
+def correctness(model, dataset) -> np.ndarray:
+    """Whether ``model``'s top-1 prediction is right, per example of a batched
+    ``(x, y)`` dataset, in its order."""
+    logits = model.predict(dataset.map(lambda x, y: x), verbose=0)
+    labels = np.concatenate([np.asarray(y) for _, y in dataset.as_numpy_iterator()])
+    return np.asarray(logits).argmax(axis=-1) == labels.reshape(-1)
 
 
 def evaluate(model, dataset) -> dict:
@@ -584,6 +673,8 @@ class TaskResult:
     path_reason: str
     cache_storage: str | None = None
     cache_seconds: float = 0.0
+    test_correct: str | None = None  # results.pack_bits of per-example top-1 hits
+    test_set: str | None = None  # fingerprint of the test images and labels
 
     def record(self) -> dict:
         """The fields a results file records of the training (JSON-ready)."""
@@ -597,6 +688,9 @@ class TaskResult:
             "num_train": self.num_train,
             "best_epoch": t.best_epoch,
             "epochs_run": t.epochs_run,
+            "steps_per_epoch": t.steps_per_epoch,
+            "steps_run": t.epochs_run * t.steps_per_epoch,
+            "best_step": t.best_epoch * t.steps_per_epoch,
             "stopped_early": t.stopped_early,
             "examples_seen": t.examples_seen,
             "train_time": t.wall_time,
@@ -608,6 +702,8 @@ class TaskResult:
             "stop_reason": t.stop_reason,
             "learning_rate_reductions": t.learning_rate_reductions,
             "at_chance": self.at_chance,
+            "test_correct": self.test_correct,
+            "test_set": self.test_set,
         }
 
     @property
@@ -648,6 +744,7 @@ def tested(
     if isinstance(test_data, int):
         test_data = task.eval_dataset("test", test_data)
     test = evaluate(model, test_data)
+    hits = correctness(model, test_data)
     return TaskResult(
         outcome,
         test["accuracy"],
@@ -660,7 +757,20 @@ def tested(
         cached_layers,
         reason,
         **cache,
+        test_correct=results.pack_bits(hits),
+        test_set=test_fingerprint(task),
     )
+
+
+def test_fingerprint(task) -> str:
+    """A short hash of a task's test images and labels: runs evaluated on the
+    same test set share it (their per-example results can be paired)."""
+    import hashlib
+
+    x, y = task.arrays("test")
+    digest = hashlib.sha256(np.ascontiguousarray(y).tobytes())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def train_task(

@@ -179,13 +179,15 @@ def budget_name(k: int | None) -> str:
 
 
 # What every study's smoke preset shares (seconds, for tests): a tiny net (filters
-# 5, 13, 19, 19, 13; 205-unit fc layers), small batches, one seed, no
-# TensorBoard. A study states only what differs: ``smoke({"training.epochs": 4})``.
+# 5, 13, 19, 19, 13; 205-unit fc layers), small batches, rounds of 8 steps as
+# the rule's epochs, one seed, no TensorBoard. A study states only what differs:
+# ``smoke({"training.epochs": 4})``.
 SMOKE = {
     "model.width": 0.05,
     "data.batch_size": 32,
     "seeds": (0,),
     "training.tensorboard": False,
+    "training.steps_per_epoch": 8,
 }
 
 

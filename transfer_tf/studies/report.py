@@ -405,6 +405,12 @@ class Finding:
         return text
 
     @property
+    def p_value(self) -> float | None:
+        """The two-sided p-value of no difference (after ``shift``) from the
+        interval (:func:`stats.p_value`); None when no test can be made."""
+        return stats.p_value(self.interval, self.shift)
+
+    @property
     def holds(self) -> tuple[int, int]:
         """``(replicates on the claim's side of zero, replicates)``."""
         sign = 1.0 if self.expected == "positive" else -1.0
@@ -433,7 +439,20 @@ FINDING_COLUMNS = columns(
     Column("ours: mean [95% CI] (n)", csv="mean"),
     Column("holds in", csv="holds"),
     Column("verdict", csv="verdict"),
+    Column("p", Format(digits=3), csv="p_value"),
+    Column("family-wise (Holm)", csv="holm_verdict"),
 )
+
+
+def holm_verdicts(findings: list[Finding], alpha: float = 0.05) -> list[str]:
+    """Each finding's verdict when the findings are judged as one family at
+    family-wise error ``alpha`` (Holm): ``reproduced`` or ``contradicted`` only
+    where Holm rejects no difference, else ``not resolved``."""
+    rejected = stats.holm([f.p_value for f in findings], alpha)
+    return [
+        f.outcome if r else "not resolved"
+        for f, r in zip(findings, rejected, strict=True)
+    ]
 
 
 def findings_table(
@@ -445,10 +464,12 @@ def findings_table(
     level: int = 2,
 ) -> Table:
     """The one table of findings: claim, paper, what is measured, our mean and
-    95% t-interval over replicates, in how many replicates the claim holds, and
-    the computed verdict (bold)."""
+    95% interval over replicates, in how many replicates the claim holds, the
+    computed verdict (bold), its p-value, and the verdict when the table's
+    findings are judged as one family (Holm, 5%)."""
+    findings = list(findings)
     rows = []
-    for f in findings:
+    for f, family in zip(findings, holm_verdicts(findings), strict=True):
         held, count = f.holds
         rows.append(
             [
@@ -459,13 +480,15 @@ def findings_table(
                 Cell(f.interval, format=f.format),
                 f"{held} of {count}" if count else "",
                 Cell(f.verdict, bold=True),
+                f.p_value,
+                family,
             ]
         )
     return Table(
         FINDING_COLUMNS,
         rows,
         title=title,
-        text=text or VERDICT_RULE,
+        text=f"{text} {VERDICT_RULE}".strip(),
         name=name,
         csv=csv,
         level=level,
@@ -474,10 +497,17 @@ def findings_table(
 
 VERDICT_RULE = (
     "Each measure is a difference paired within a replicate (the same split, seed "
-    "and data); ours is its mean with the 95% t-interval over replicates (n = how "
-    "many). The verdict is computed from the interval: `reproduced` when it lies "
-    "wholly on the paper's side of zero, `contradicted` when wholly on the other "
-    "side, `not resolved` when it spans zero or there is one replicate."
+    "and data); ours is its mean with its 95% interval over replicates (n = how "
+    "many). Where the runs recorded which test images they got right, the "
+    "interval counts the finite test set too (replicates' spread plus the "
+    "test-sampling variance they share, never below the test-sampling variance "
+    "alone; Welch–Satterthwaite degrees of freedom), else it is the t-interval "
+    "over replicates. The verdict is computed from the interval: `reproduced` "
+    "when it lies wholly on the paper's side of zero, `contradicted` when wholly "
+    "on the other side, `not resolved` when it spans zero, has zero width or "
+    "there is one replicate. The last column judges the table's findings as one "
+    "family (Holm's step-down correction at 5% family-wise error): a finding "
+    "resolved there is unlikely to be one of several tests resolving by chance."
 )
 
 
@@ -537,10 +567,47 @@ def caveats(
     return out
 
 
+def stopping_rule(training) -> str:
+    """The paragraph that states the convergence rule every arm of a study
+    follows, from its ``training.TrainConfig``: the rule's numbers in epochs
+    (rounds) and optimizer steps."""
+    t = training
+    if t.schedule != "plateau":
+        return (
+            f"Training runs for at most {t.epochs} epochs"
+            + (
+                f", stopping after {t.patience} without a lower validation loss"
+                if t.patience
+                else ""
+            )
+            + "; the weights of the lowest validation loss are kept."
+        )
+    steps = t.steps_per_epoch
+    unit = (
+        f" (rounds of {steps} optimizer steps)" if steps else " (passes over the data)"
+    )
+
+    def count(epochs):
+        return f"{epochs} epochs" + (f" = {epochs * steps:,} steps" if steps else "")
+
+    initial = ", the starting weights competing as epoch 0" if t.select_initial else ""
+    return (
+        f"Every arm trains by one rule, the `plateau` schedule, in epochs{unit}: the "
+        f"learning rate is multiplied by {t.plateau_factor} whenever the validation "
+        f"loss has not fallen for {count(t.plateau_patience)}, and training stops "
+        f"when it still has not after {t.plateau_reductions} such reduction(s); not "
+        "before the validation accuracy has left chance level (an initial plateau "
+        f"is not convergence), at least {count(t.min_epochs)}, at most "
+        f"{count(t.epochs)} (the cap). The weights of the lowest validation loss "
+        f"are kept{initial}."
+    )
+
+
 CONVERGENCE_COLUMNS = columns(
     Column("nets", csv="group"),
     Column("runs", csv="runs"),
     Column("median epochs", Format(digits=0), csv="median_epochs"),
+    Column("median steps", Format(digits=0), csv="median_steps"),
     Column("median best epoch", Format(digits=0), csv="median_best_epoch"),
     Column("stop reasons", csv="stop_reasons"),
     Column("at chance", csv="at_chance"),
@@ -555,13 +622,15 @@ def convergence_table(
     text: str = "",
     epochs: Callable[[dict], float | None] = lambda r: r.get("epochs_run"),
     reasons: Callable[[dict], list] = lambda r: [r.get("stop_reason")],
+    steps: Callable[[dict], float | None] = lambda r: r.get("steps_run"),
     order: Iterable[str] = (),
     name: str = "convergence",
     seconds: tuple[str, Callable[[dict], float | None]] | None = None,
     level: int = 2,
 ) -> Table:
     """Per group of nets (``group(record)``; ``None`` leaves a record out): how
-    many runs, their median epochs and best epoch, why they stopped, how many are
+    many runs, their median epochs (rounds of the rule), optimizer steps and best
+    epoch, why they stopped, how many are
     at chance, and their mean test top-1; with ``seconds`` (a column name and
     the field of a record to read), their mean time in seconds as well."""
     groups = collections.defaultdict(list)
@@ -582,6 +651,7 @@ def convergence_table(
                 g,
                 len(rs),
                 _median(epochs(r) for r in rs),
+                _median(steps(r) for r in rs),
                 _median(r.get("best_epoch") for r in rs),
                 ", ".join(f"{k} {v}" for k, v in sorted(stops.items())),
                 sum(bool(r.get("at_chance")) for r in rs),

@@ -84,14 +84,156 @@ def interval(values, confidence: float = 0.95) -> dict | None:
     return {"mean": mean, "se": se, "low": mean - half, "high": mean + half, "count": n}
 
 
+def contrast_interval(contrasts: dict, confidence: float = 0.95) -> dict | None:
+    """The interval of a paired comparison that counts both sources of noise:
+    the replicates (seeds) and the finite test set.
+
+    Args:
+      contrasts: ``{replicate: (x, test_set)}``: per test example of the
+        replicate, the comparison's value ``x`` (e.g. ``a_i - b_i`` of two nets'
+        top-1 hits, 1 or 0, on example i; or a weighted sum of several nets'),
+        and a fingerprint of the test set (``None``: unknown). Its mean over the
+        examples is the replicate's value.
+
+    The variance of the mean over replicates is estimated as
+    ``s² / k + V_shared``: ``s²`` the replicates' sample variance (it holds the
+    test-sampling noise when each replicate has its own test set) and, when all
+    replicates share one test set, ``V_shared = var_i(mean_r x_ri) / N``, the
+    test-sampling variance common to all of them, which ``s²`` cannot see. It
+    is never taken below ``V_within = Σ_r var_i(x_ri) / N_r / k²``, the
+    test-sampling variance alone: two seeds that happen to agree do not make
+    an interval of zero width. The degrees of freedom are Welch–Satterthwaite's
+    (``k - 1`` for ``s²``, ``N - 1`` for the test-sampling terms), so a
+    well-measured test-sampling part is not inflated by ``t`` with one degree
+    of freedom.
+
+    Returns:
+      ``{mean, se, low, high, count, df}`` (``count`` = replicates; one
+      replicate: no interval), or None for no replicates.
+    """
+    from scipy import stats as scipy_stats
+
+    keys = sorted(contrasts, key=str)
+    if not keys:
+        return None
+    xs = [np.asarray(contrasts[k][0], dtype=np.float64).reshape(-1) for k in keys]
+    if any(len(x) < 2 for x in xs):
+        raise ValueError("a contrast needs at least two test examples per replicate")
+    d = np.array([x.mean() for x in xs])
+    k = len(d)
+    mean = float(d.mean())
+    if k < 2:
+        return {"mean": mean, "se": None, "low": None, "high": None, "count": 1}
+    seed = float(d.var(ddof=1)) / k
+    sizes = {len(x) for x in xs}
+    sets = {contrasts[key][1] for key in keys}
+    shared, n_test = 0.0, min(sizes)
+    if len(sets) == 1 and None not in sets and len(sizes) == 1:
+        shared = float(np.mean(xs, axis=0).var(ddof=1)) / n_test
+    within = float(sum(x.var(ddof=1) / len(x) for x in xs)) / k**2
+    if seed + shared >= within:
+        variance = seed + shared
+        parts = ((seed, k - 1), (shared, n_test - 1))
+    else:
+        variance = within
+        parts = ((within, k * (n_test - 1)),)
+    se = math.sqrt(variance)
+    if se == 0.0:
+        return {"mean": mean, "se": 0.0, "low": mean, "high": mean, "count": k}
+    df = variance**2 / sum(v**2 / f for v, f in parts if v > 0)
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
+    return {
+        "mean": mean,
+        "se": se,
+        "low": mean - half,
+        "high": mean + half,
+        "count": k,
+        "df": float(df),
+    }
+
+
+def p_value(iv: dict | None, shift: float = 0.0) -> float | None:
+    """The two-sided p-value of ``mean + shift = 0`` from an interval's standard
+    error and degrees of freedom (``df``; a t-interval over ``count`` values:
+    ``count - 1``); None without an interval or with a zero standard error (no
+    test can be made)."""
+    from scipy import stats as scipy_stats
+
+    if iv is None or not iv.get("se"):
+        return None
+    df = iv.get("df", iv["count"] - 1)
+    t = abs(iv["mean"] + shift) / iv["se"]
+    return float(2.0 * scipy_stats.t.sf(t, df))
+
+
+def holm(p_values, alpha: float = 0.05) -> list[bool]:
+    """Holm's (1979) step-down correction: which of a family's hypotheses are
+    rejected at family-wise error ``alpha`` (a p-value of None is a test that
+    could not be made: never rejected, not counted in the family)."""
+    tested = sorted(
+        (p, i) for i, p in enumerate(p_values) if p is not None and math.isfinite(p)
+    )
+    rejected = [False] * len(p_values)
+    for rank, (p, i) in enumerate(tested):
+        if p > alpha / (len(tested) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+# Fieller, Hartley and Pearson (1957): var(atanh r) over m ranked items is about
+# FIELLER[kind] / (m - 3) for these rank correlations (Pearson's: 1).
+FIELLER = {"pearson": 1.0, "spearman": 1.06, "kendall": 0.437}
+
+
+def correlation_interval(
+    values,
+    confidence: float = 0.95,
+    items: int | None = None,
+    kind: str = "spearman",
+) -> dict | None:
+    """The interval of a mean correlation over replicates through Fisher's z:
+    the t-interval of ``atanh(r)`` mapped back with ``tanh``, so that it stays
+    inside (-1, 1); ``mean`` is ``tanh`` of the mean z.
+
+    With ``items`` (the number of ranked candidates per replicate) its
+    variance is never taken below the sampling variance of z over that many
+    items (:data:`FIELLER`), as the finite test set bounds an accuracy
+    difference: replicates that all rank perfectly do not make a zero-width
+    interval. A correlation of exactly ±1 (infinite z) is taken as
+    ``±(1 - 1 / (2 m²))`` over ``m = items`` candidates (else ±0.999): just
+    beyond the largest imperfect rank correlation of ``m`` items."""
+    from scipy import stats as scipy_stats
+
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    edge = 1.0 - 0.5 / items**2 if items and items > 3 else 0.999
+    z = np.arctanh(np.clip(values, -edge, edge))
+    iv = interval(z, confidence)
+    if iv["low"] is not None and items is not None and items > 3:
+        floor = FIELLER[kind] / (items - 3) / len(z)
+        if iv["se"] ** 2 < floor:
+            se = math.sqrt(floor)
+            df = len(z) * (items - 3)
+            half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
+            iv = {**iv, "se": se, "low": iv["mean"] - half, "high": iv["mean"] + half}
+            iv["df"] = float(df)
+    out = {**iv, "mean": float(np.tanh(iv["mean"]))}
+    if iv["low"] is not None:
+        out.update(low=float(np.tanh(iv["low"])), high=float(np.tanh(iv["high"])))
+    return out
+
+
 def verdict(iv: dict | None, expected: str) -> str:
     """``reproduced`` when the interval lies wholly on the ``expected`` side of
     zero (``"negative"`` or ``"positive"``), ``contradicted`` when wholly on the
-    other, ``not resolved`` when it spans zero or there is no interval (fewer
-    than two replicates)."""
+    other, ``not resolved`` when it spans zero, has zero width (a verdict is
+    never drawn from an interval that claims no noise) or there is no interval
+    (fewer than two replicates)."""
     if expected not in ("negative", "positive"):
         raise ValueError(f"expected={expected!r} is not 'negative' or 'positive'")
-    if iv is None or iv["low"] is None:
+    if iv is None or iv["low"] is None or iv["low"] == iv["high"]:
         return "not resolved"
     sign = 1.0 if expected == "positive" else -1.0
     low, high = sorted((sign * iv["low"], sign * iv["high"]))

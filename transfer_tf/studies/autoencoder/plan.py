@@ -75,7 +75,7 @@ class Config(config_lib.StudyConfig):
     pretraining: training.TrainConfig = training.TrainConfig(
         epochs=30, optimizer="adam", learning_rate=1e-3, weight_decay=0.0, patience=5
     )
-    training: training.TrainConfig = training.TrainConfig(epochs=12, patience=3)
+    training: training.TrainConfig = training.plateau(epochs=30, min_epochs=3)
     probe: heads.ProbeConfig = heads.ProbeConfig(min_epoch_steps=10)
     target: str = "B"
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -331,26 +331,25 @@ def run_part(config: Config, run: Run) -> dict:
 PRESETS = {
     # Seconds, for tests: a tiny net, 30 labelled images per class, 320 images to
     # pretrain on.
-    "smoke": {
-        "model.width": 0.05,
-        "training.epochs": 1,
-        "training.patience": 0,
-        "training.learning_rate": 0.05,
-        "data.batch_size": 32,
-        "data.train_per_class": 30,
-        "autoencoder.code_size": 16,
-        "autoencoder.loss": "mse",
-        "autoencoder.max_images": 320,
-        "pretraining.epochs": 3,
-        "budgets": (2, None),
-        "probe_layers": ("conv2", "code"),
-        "probe_sources": ("autoencoder", "supervised"),
-        "probe.epochs": 20,
-        "probe.min_epoch_steps": 2,
-        "min_epoch_steps": 2,
-        "seeds": (0,),
-        "fine_tune_learning_rate": None,
-    },
+    "smoke": config_lib.smoke(
+        {
+            "training.epochs": 2,
+            "training.min_epochs": 1,
+            "training.learning_rate": 0.05,
+            "data.train_per_class": 30,
+            "autoencoder.code_size": 16,
+            "autoencoder.loss": "mse",
+            "autoencoder.max_images": 320,
+            "pretraining.epochs": 3,
+            "budgets": (2, None),
+            "probe_layers": ("conv2", "code"),
+            "probe_sources": ("autoencoder", "supervised"),
+            "probe.epochs": 20,
+            "probe.min_epoch_steps": 2,
+            "min_epoch_steps": 2,
+            "fine_tune_learning_rate": None,
+        }
+    ),
     # The defaults: the embedded digits; fine-tuning copied layers at the scratch
     # rate 0.02 collapsed to one class (encoder) or diverged (CIFAR-10); 0.005
     # with match_scale did not.

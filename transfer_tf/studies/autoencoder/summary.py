@@ -331,6 +331,17 @@ def summarize(records: list[dict], config: plan.Config) -> report_lib.Summary:
                 name="choices",
             ),
         )
+    classifiers = [r for r in records if r["kind"] == "train"]
+    if classifiers:
+        summary.add(
+            report_lib.convergence_table(
+                classifiers,
+                group=lambda r: r["arm"],
+                title="Training the classifiers: epochs and why training stopped",
+                text=report_lib.stopping_rule(config.training)
+                + " Every budget together.",
+            )
+        )
     if records:
         summary.add(wall_time_table(records))
     return summary

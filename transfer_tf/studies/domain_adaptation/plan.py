@@ -105,13 +105,8 @@ class Config(config_lib.StudyConfig):
 
     data: data.DataConfig = data.DataConfig(batch_size=64, train_per_class=100)
     model: models.ModelConfig = models.ModelConfig(width=0.05, dropout=0.0)
-    training: training.TrainConfig = training.TrainConfig(
-        epochs=20,
-        learning_rate=0.01,
-        schedule="plateau",
-        min_epochs=4,
-        plateau_patience=2,
-        plateau_reductions=1,
+    training: training.TrainConfig = training.plateau(
+        epochs=20, learning_rate=0.01, min_epochs=4
     )
     adaptation: adaptation.AdaptationConfig = adaptation.AdaptationConfig()
     sources: tuple[str, ...] = DEFAULT_SOURCES

@@ -148,11 +148,8 @@ INTRO = (
 
 FINDINGS_TEXT = (
     "Each method against source only, both chosen by the same rule, per pair: "
-    "the difference in target test top-1 paired within a seed (points), its mean "
-    'with the 95% t-interval over seeds (n = how many). The verdict on "beats '
-    'source only" is `reproduced` when the interval lies above zero, '
-    "`contradicted` when below, `not resolved` when it spans zero or there is "
-    "one seed."
+    "the difference in target test top-1 paired within a seed (points); the "
+    'claim "beats source only" expects it above zero.'
 )
 
 ORACLE_HEADER = "target oracle (trained and validated on target labels)"
@@ -274,7 +271,7 @@ def _group(record: dict) -> str:
     return f"{record['pair']}: {ARM_NAMES[record['arm']]}"
 
 
-def convergence(records: list[dict]) -> report_lib.Table:
+def convergence(records: list[dict], config: plan.Config) -> report_lib.Table:
     """Per pair and arm (every weight of a method together): epochs, the epoch
     of the lowest source validation loss, stop reasons, runs at chance, the
     target test top-1 of that epoch and the mean wall time of a run."""
@@ -282,7 +279,8 @@ def convergence(records: list[dict]) -> report_lib.Table:
         records,
         group=_group,
         title="Training: epochs and why training stopped",
-        text="Per pair and arm (every weight of a method together). Best epoch "
+        text=report_lib.stopping_rule(config.training)
+        + " Per pair and arm (every weight of a method together). Best epoch "
         "and test top-1: the epoch of the lowest validation loss (source; the "
         "target oracle's: target) and its target test top-1.",
         seconds=("mean wall time (s)", lambda r: r.get("wall_time")),
@@ -372,12 +370,11 @@ def selections_table(results: dict) -> report_lib.Table:
 
 
 def summarize(records: list[dict], config: plan.Config) -> report_lib.Summary:
-    """The report's rows (a pure function of the records; ``config`` is not
-    needed: everything is in them): the rules, the caveats, the pairs with their
-    target oracle, the target test top-1 per arm and rule, the comparisons with
-    source only as findings, the oracle selection's gains, the choices, the
-    convergence table; ``summary.csv`` and ``selections.csv`` as tables."""
-    del config
+    """The report's rows (a pure function of the records; ``config`` only states
+    the training rule): the rules, the caveats, the pairs with their target
+    oracle, the target test top-1 per arm and rule, the comparisons with source
+    only as findings, the oracle selection's gains, the choices, the convergence
+    table; ``summary.csv`` and ``selections.csv`` as tables."""
     results = outcomes(records)
     found = comparisons(results)
     summary = report_lib.Summary(TITLE, intro=INTRO, caveats=caveats(records))
@@ -393,7 +390,7 @@ def summarize(records: list[dict], config: plan.Config) -> report_lib.Summary:
             ),
             oracle_selection_table(found),
             choices_table(results),
-            convergence(records),
+            convergence(records, config),
         )
     return summary.add(outcomes_table(results, found), selections_table(results))
 

@@ -251,6 +251,7 @@ def _execute_strategy(run: plan.Run, context: Context, run_dir) -> dict:
         learning_rate=train_config.learning_rate,
         stages=[_stage(name, result) for name, result in stages.items()],
         epochs_total=sum(r.epochs_run for r in stages.values()),
+        steps_total=sum(r.epochs_run * r.steps_per_epoch for r in stages.values()),
         train_time=sum(r.wall_time for r in stages.values()),
     )
     return record

@@ -162,6 +162,10 @@ def _correlate(pairs) -> dict | None:
 
 def _correlation_row(name, level, kind, budget, per_seed) -> dict:
     done = [c for c in per_seed if c is not None]
+    items = min((c["candidates"] for c in done), default=0)
+    spearman = stats.correlation_interval(
+        [c["spearman"] for c in done], items=items, kind="spearman"
+    )
     return {
         "estimator": name,
         "level": level,
@@ -169,11 +173,11 @@ def _correlation_row(name, level, kind, budget, per_seed) -> dict:
         "budget": budget,
         "seeds": len(done),
         "candidates": max((c["candidates"] for c in done), default=0),
-        "spearman": stats.interval([c["spearman"] for c in done]),
-        "kendall": stats.interval([c["kendall"] for c in done]),
-        "verdict": stats.verdict(
-            stats.interval([c["spearman"] for c in done]), "positive"
+        "spearman": spearman,
+        "kendall": stats.correlation_interval(
+            [c["kendall"] for c in done], items=items, kind="kendall"
         ),
+        "verdict": stats.verdict(spearman, "positive"),
     }
 
 

@@ -244,26 +244,9 @@ def recommendation_table(cells, budgets) -> report_lib.Table:
 
 CLAIMS_RULE = (
     "Each claim is measured as a test difference paired within a seed (the same "
-    "k examples, source net and initialisation); ours is its mean with the 95% "
-    "t-interval over seeds (n = how many), in points. A verdict is `reproduced` "
-    "when the interval lies above zero, `contradicted` when below, `not resolved` "
-    "otherwise (or with one seed)."
+    "k examples, source net and initialisation), in points; the claim expects it "
+    "above zero."
 )
-
-
-def stopping_rule(config: plan.Config) -> str:
-    """The paragraph that states the training rule every arm follows."""
-    t = config.training
-    initial = ", the starting weights competing as epoch 0" if t.select_initial else ""
-    return (
-        "Every arm trains by one rule, the `plateau` schedule: the learning rate "
-        f"is multiplied by {t.plateau_factor} whenever the validation loss has not "
-        f"fallen for {t.plateau_patience} epochs, and training stops when it still "
-        f"has not after {t.plateau_reductions} such reduction(s) (at least "
-        f"{t.min_epochs}, at most {t.epochs} epochs); the weights of the lowest "
-        f"validation loss are kept{initial}. Epochs count every stage; the best "
-        "epoch and the test top-1 are the last stage's; stop reasons are per stage."
-    )
 
 
 def stopping_table(records, config: plan.Config) -> report_lib.Table:
@@ -273,8 +256,11 @@ def stopping_table(records, config: plan.Config) -> report_lib.Table:
         [r for r in records if r["kind"] == "strategy"],
         group=lambda r: r["arm"],
         title="The stopping rule: epochs and why training stopped",
-        text=stopping_rule(config),
+        text=report_lib.stopping_rule(config.training)
+        + " Epochs and steps count every stage; the best epoch and the test top-1 "
+        "are the last stage's; stop reasons are per stage.",
         epochs=lambda r: r["epochs_total"],
+        steps=lambda r: r.get("steps_total"),
         reasons=lambda r: [s["stop_reason"] for s in r["stages"]],
         order=plan.STRATEGIES,
         name="stopping",

@@ -72,7 +72,7 @@ class Config(config_lib.StudyConfig):
 
     data: data.DataConfig = data.DataConfig()
     model: models.ModelConfig = models.ModelConfig()
-    training: training.TrainConfig = training.TrainConfig(epochs=12, patience=3)
+    training: training.TrainConfig = training.plateau(epochs=30, min_epochs=3)
     probe: heads.ProbeConfig = heads.ProbeConfig()
     targets: tuple[str, ...] = ("B",)
     seeds: tuple[int, ...] = (0, 1)
@@ -161,7 +161,6 @@ PRESETS = {
         {
             "training.precision": "float32",
             "training.epochs": 8,
-            "training.patience": 0,
             "training.learning_rate": 0.05,
             "data.train_per_class": 60,
             "probe_layers": ("conv2", "fc6"),

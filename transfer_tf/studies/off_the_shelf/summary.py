@@ -318,6 +318,15 @@ def summarize(records, config: plan.Config, grid=()) -> report.Summary:
                     name=f"choices_{target}",
                 ),
             )
+    summary.add(
+        report.convergence_table(
+            records,
+            group=lambda r: None if r["treatment"] == "probe" else r["treatment"],
+            title="Training the nets: epochs and why training stopped",
+            text=report.stopping_rule(config.training)
+            + " Source nets, scratch and fine-tuning, every budget together.",
+        )
+    )
     return summary
 
 

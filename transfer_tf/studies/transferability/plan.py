@@ -115,11 +115,12 @@ class Config(config_lib.StudyConfig):
 
 
 PRESETS = {
-    # Seconds, for tests: a tiny net with batch norm, 100 images per class, four
-    # epochs (enough for the nets to learn, not to converge).
+    # Seconds, for tests: a tiny net with batch norm, 100 images per class, 64
+    # steps (4 epochs of 16: enough for the nets to learn, not to converge).
     "smoke": config_lib.smoke(
         {
             "model.batch_norm": True,
+            "training.steps_per_epoch": 16,
             "training.epochs": 4,
             "training.learning_rate": 0.05,
             "fine_tune_learning_rate": 0.01,
