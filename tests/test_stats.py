@@ -137,3 +137,32 @@ def test_correlation_intervals_stay_inside_minus_one_one():
     assert perfect["se"] == pytest.approx(se)
     assert 0 < perfect["low"] < perfect["high"] < 1
     assert stats.verdict(perfect, "positive") == "reproduced"
+
+
+def test_paired_records_use_the_hits_they_recorded():
+    from transfer_tf import results
+
+    rng = np.random.default_rng(2)
+
+    def run(flags, test_set="t"):
+        return {
+            "test_accuracy": float(np.mean(flags)),
+            "test_examples": len(flags),
+            "test_correct": results.pack_bits(flags),
+            "test_set": test_set,
+        }
+
+    base = {s: rng.random(300) < 0.9 for s in range(2)}
+    better = {s: base[s] | (rng.random(300) < 0.3) for s in range(2)}
+    a = {s: run(better[s], f"t{s}") for s in range(2)}
+    b = {s: run(base[s], f"t{s}") for s in range(2)}
+    x = {s: (better[s].astype(float) - base[s], f"t{s}") for s in range(2)}
+    assert stats.paired_records(a, b) == stats.contrast_interval(x)
+    # Without hits (or on other test images): the t-interval over replicates.
+    plain = {s: {"test_accuracy": r["test_accuracy"]} for s, r in a.items()}
+    expected = stats.interval(
+        [a[s]["test_accuracy"] - b[s]["test_accuracy"] for s in range(2)]
+    )
+    assert stats.paired_records(plain, b) == expected
+    other = {s: {**r, "test_set": "elsewhere"} for s, r in a.items()}
+    assert stats.paired_records(other, b) == expected

@@ -48,7 +48,8 @@ class TrainConfig:
     """How a model is trained.
 
     Attributes:
-      epochs: maximum number of epochs.
+      epochs: maximum number of epochs (the cap; with ``steps_per_epoch``, of
+        rounds of that many optimizer steps).
       steps_per_epoch: optimizer steps per epoch; ``None``: one pass over the
         training data. Set, an epoch is a round of this many steps between two
         validations (the training data repeats as needed), so that every count

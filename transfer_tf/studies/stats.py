@@ -152,6 +152,34 @@ def contrast_interval(contrasts: dict, confidence: float = 0.95) -> dict | None:
     }
 
 
+def hits(record: dict) -> tuple[np.ndarray, str | None] | None:
+    """A run's top-1 hit (1) or miss (0) per test image and its test set's
+    fingerprint, when the run recorded them (``test_correct``, ``test_set``)."""
+    if not record.get("test_correct") or not record.get("test_examples"):
+        return None
+    from transfer_tf import results
+
+    flags = results.unpack_bits(record["test_correct"], record["test_examples"])
+    return flags, record.get("test_set")
+
+
+def paired_records(a: dict, b: dict) -> dict | None:
+    """The interval of ``a - b`` in test top-1 over the replicates both hold
+    (``{replicate: record}`` each): over replicates and test images
+    (:func:`contrast_interval`) when every run recorded its hits on the same
+    test images as its pair, else the t-interval over replicates."""
+    keys = sorted(set(a) & set(b), key=str)
+    contrasts = {}
+    for k in keys:
+        ha, hb = hits(a[k]), hits(b[k])
+        if ha is None or hb is None or ha[1] != hb[1] or len(ha[0]) != len(hb[0]):
+            return interval(
+                [a[k]["test_accuracy"] - b[k]["test_accuracy"] for k in keys]
+            )
+        contrasts[k] = (ha[0].astype(np.float64) - hb[0], ha[1])
+    return contrast_interval(contrasts)
+
+
 def p_value(iv: dict | None, shift: float = 0.0) -> float | None:
     """The two-sided p-value of ``mean + shift = 0`` from an interval's standard
     error and degrees of freedom (``df``; a t-interval over ``count`` values:

@@ -42,7 +42,9 @@ class Config(config_lib.StudyConfig):
       model: the architecture of the encoder and of the classifiers.
       autoencoder: code size, loss, denoising, pretraining images.
       pretraining: how the autoencoder is trained (seeded by its ``seed``).
-      training: how the classifiers (encoder-init, scratch, supervised) train.
+      training: how the classifiers (encoder-init, scratch, supervised) train:
+        to convergence by the plateau rule in rounds of 50 optimizer steps (at
+        least 3 = 150 steps, cap 30 = 1,500 steps), whatever the label budget.
       probe: how linear heads are trained.
       target: the half with few labels (``B``; the grid's source is the other).
       seeds: downstream replicates: own k-example subsets and initialisations.

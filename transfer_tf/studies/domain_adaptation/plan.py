@@ -73,8 +73,8 @@ class Config(config_lib.StudyConfig):
         the domains.
       model: the base-net architecture of every arm.
       training: how every arm is trained, to convergence by the same rule
-        (``schedule=plateau`` on the source validation loss, ``min_epochs``,
-        ``epochs`` a generous cap).
+        (``schedule=plateau`` on the source validation loss in rounds of 50
+        optimizer steps: at least 4 = 200 steps, cap 20 = 1,000 steps).
       adaptation: what DANN, CORAL and MMD share: the adapted ``layer`` (a flag:
         ``conv1``..``fc8``), its ``pooling``, DANN's domain classifier and
         reversal schedule, MMD's kernels. ``method`` and ``weight`` are set per

@@ -124,7 +124,9 @@ class Config(config_lib.StudyConfig):
         the autoencoder's encoder).
       training: how every net is trained: the sources, every strategy and
         scratch (its ``learning_rate`` is the rate of new layers); the
-        ``plateau`` schedule is the stopping rule every arm shares.
+        ``plateau`` schedule in rounds of 50 optimizer steps is the stopping
+        rule every arm shares (at least 3 = 150 steps, cap 40 = 2,000 steps per
+        stage), whatever the label budget.
       probe: how part 2's linear probes are trained.
       autoencoder: part 2's autoencoder (code size, loss, pretraining images).
       pretraining: how the autoencoder is pretrained (no labels; its ``seed``).
@@ -179,7 +181,7 @@ class Config(config_lib.StudyConfig):
         tensorboard=False,
     )
     training: training.TrainConfig = training.plateau(
-        epochs=40, min_epochs=8, select_initial=True, tensorboard=False
+        epochs=40, min_epochs=3, select_initial=True, tensorboard=False
     )
     probe: heads.ProbeConfig = heads.ProbeConfig(
         l2_grid=(0.0, 1e-4, 1e-3, 1e-2, 1e-1), epochs=40, patience=5

@@ -90,8 +90,8 @@ def recommend(cells: dict, budget: str, lines) -> dict | None:
     if len(ranked) > 1:
         other = ranked[1][2]
         out["runner_up"] = other
-        out["difference"] = stats.interval(
-            stats.paired(_tests(cells, best, budget), _tests(cells, other, budget))
+        out["difference"] = stats.paired_records(
+            cells[(best, budget)], cells[(other, budget)]
         )
     return out
 
@@ -122,6 +122,9 @@ def claims(cells: dict, budgets) -> list[report_lib.Finding]:
                     values=_paired(_tests(cells, a, budget), _tests(cells, b, budget)),
                     expected="positive",
                     format=report_lib.POINTS,
+                    interval=stats.paired_records(
+                        cells[(a, budget)], cells[(b, budget)]
+                    ),
                 )
             )
     return out

@@ -38,7 +38,9 @@ class Config(config_lib.StudyConfig):
         ``train_per_class`` (with ``subset_seed``) caps the labelled pool that
         "all" means; the budgets' subsets are drawn from that pool.
       model: the base-net architecture (source nets, scratch nets, random control).
-      training: how nets are trained (source nets, scratch, fine-tuning).
+      training: how nets are trained (source nets, scratch, fine-tuning): to
+        convergence by the plateau rule in rounds of 50 optimizer steps (at
+        least 3 = 150 steps, cap 30 = 1,500 steps), whatever the label budget.
       probe: how linear heads are trained.
       targets: target halves; the transfer source of target B is the net trained
         on A, and the reverse.

@@ -24,7 +24,8 @@ class Config(config_lib.StudyConfig):
       model: the base-net architecture.
       training: how every net is trained (the base nets, and the frozen
         treatments' upper layers): to convergence by the plateau rule, the same
-        for every arm, ``epochs`` only a cap.
+        for every arm, in rounds of 50 optimizer steps (at least 3 = 150 steps;
+        ``epochs`` only a cap: 30 = 1,500 steps).
       fine_tune_learning_rate: initial learning rate of the fine-tuned
         treatments (BnB+, AnB+); ``None`` uses ``training.learning_rate``. A
         converged base fine-tuned at the base's initial rate is knocked out of

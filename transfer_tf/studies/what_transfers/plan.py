@@ -53,7 +53,10 @@ class Config(config_lib.StudyConfig):
         class (``split``, ``class_split`` and ``split_seed`` are set per seed).
       model: the base-net architecture of every net.
       training: how every net is trained (use the ``plateau`` schedule: to
-        convergence by rule); the learning rate of the source and of RI-T.
+        convergence by rule, in rounds of 50 optimizer steps: at least 4 =
+        200 steps, cap 80 = 4,000 steps: the cap is the source's, on the larger
+        dataset); the learning rate of the source and
+        of RI-T.
       fine_tune_learning_rate: initial learning rate of the fine-tuned arms
         (P-T, PS-T); their copied weights also compete as epoch 0
         (``select_initial``).
@@ -98,7 +101,7 @@ class Config(config_lib.StudyConfig):
         epochs=80,
         optimizer="adam",
         learning_rate=1e-3,
-        min_epochs=25,
+        min_epochs=4,
         tensorboard=False,
     )
     fine_tune_learning_rate: float = 3e-4

@@ -99,7 +99,7 @@ def findings(records: list[dict], config: plan.Config) -> list[report.Finding]:
     records)."""
     rows = []
 
-    def add(fid, statistic, values: dict, fmt=PT, shift=0.0):
+    def add(fid, statistic, values: dict, fmt=PT, shift=0.0, interval=None):
         rows.append(
             report.Finding(
                 key=fid,
@@ -108,8 +108,16 @@ def findings(records: list[dict], config: plan.Config) -> list[report.Finding]:
                 values=values,
                 format=fmt,
                 shift=shift,
+                interval=interval,
             )
         )
+
+    def targets(arm, block):
+        return {
+            r["seed"]: r
+            for r in _select(records, kind="target", arm=arm, block=block, replica=0)
+            if r.get("checkpoint") is None and r.get("test_accuracy") is not None
+        }
 
     blocks = sorted(
         {r["block"] for r in _select(records, kind="target", arm="RI-T", replica=0)}
@@ -121,6 +129,11 @@ def findings(records: list[dict], config: plan.Config) -> list[report.Finding]:
             "1a",
             f"acc(P-T) - acc(RI-T) at {smallest}x{smallest} blocks",
             _gaps(records, smallest),
+            interval=stats.paired_records(
+                targets("P-T", smallest), targets("RI-T", smallest)
+            )
+            if _gaps(records, smallest)
+            else None,
         )
         full, small = _gaps(records, None), _gaps(records, smallest)
         add(
