@@ -27,8 +27,20 @@ prints, side by side (shared machines are noisy: compare the ratios):
    removing the frozen layers' forward passes allows, counted from the layers'
    FLOPs (the cached run still computes the prefix once per image).
 
+The grid section also prints where its runs' training time went (below).
+
 About 12 minutes on the 2-core CPU of this project's machines; BUILD.md records
 the output. ``--sections`` picks a subset; ``--output`` writes the numbers as JSON.
+
+    python experiments/benchmark.py --split_of=runs/transferability_digits
+
+prints, for a study's work directory instead (no section runs unless
+``--sections`` is given too), where its runs' training time went, summed over
+the records of ``results.jsonl`` (and of shard files beside it) that carry the
+split ``training.train`` records: tracing and compiling the step (the first
+step beyond a typical one), training steps, per-epoch validation and the rest
+of ``fit``, each in seconds and as a share of the training time, and the time
+the runs spent outside training (building nets, the test evaluation, exports).
 """
 
 from __future__ import annotations
@@ -85,6 +97,13 @@ flags.DEFINE_float("cache_width", 0.25, "Base-net width of the cache section.")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one).")
 flags.DEFINE_bool("naive_child", False, "Internal: be the naive-Keras timing process.")
+flags.DEFINE_string(
+    "split_of",
+    None,
+    "A study's work directory: print how its runs' training time splits into "
+    "tracing, training steps, validation and the rest (summed over its "
+    "results.jsonl); runs no section unless --sections is given.",
+)
 
 SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -479,6 +498,9 @@ def grid_section(report, workdir):
         t: {k: float(np.mean(v)) for k, v in a.items()} for t, a in by_treatment.items()
     }
     worst = max(abs(m["tuned"] - m["naive"]) for m in means.values())
+    for name, g in (("tuned", tuned), ("naive", naive)):
+        g["split"] = time_split(g["records"])
+        print_split(f"  where the {name} runs' training time went", g["split"], "    ")
     print(
         f"  speed-up x{speedup:.2f}; treatment means differ by at most {worst:.4f} "
         f"({'within' if worst <= 0.005 else 'NOT within'} 0.005)"
@@ -598,6 +620,90 @@ def cache_section(report, workdir):
     }
 
 
+# ------------------------------------------------------------------------- split
+
+# The parts of a run's training time, as training.TrainResult records them.
+SPLIT_PARTS = {
+    "trace_seconds": "trace (first step beyond a typical one)",
+    "step_seconds": "training steps",
+    "eval_seconds": "validation (per epoch)",
+    "other_seconds": "rest of fit (set-up, epoch-end callbacks)",
+}
+
+
+def time_split(records) -> dict:
+    """Where the training time of ``records`` went: each part's summed
+    seconds and share over the records that carry the split, their summed
+    ``wall_time`` and the part of it outside training (``wall_time`` minus the
+    split's sum), and how many records carry no split.
+
+    Returns:
+      ``{"records", "timed", "seconds": {part: s}, "shares": {part: fraction},
+      "train_seconds", "wall_seconds", "outside_seconds"}``.
+    """
+    timed = [
+        r
+        for r in records
+        if all(isinstance(r.get(part), int | float) for part in SPLIT_PARTS)
+    ]
+    seconds = {part: float(sum(r[part] for r in timed)) for part in SPLIT_PARTS}
+    train = sum(seconds.values())
+    walls = [
+        r["wall_time"] for r in timed if isinstance(r.get("wall_time"), int | float)
+    ]
+    wall = float(sum(walls)) if len(walls) == len(timed) else None
+    return {
+        "records": len(records),
+        "timed": len(timed),
+        "seconds": seconds,
+        "shares": {k: v / train if train else 0.0 for k, v in seconds.items()},
+        "train_seconds": train,
+        "wall_seconds": wall,
+        "outside_seconds": None if wall is None else max(0.0, wall - train),
+    }
+
+
+def study_records(workdir) -> list[dict]:
+    """The records of a study's work directory (``results.jsonl`` and any shard
+    files; the last record of a key wins)."""
+    workdir = pathlib.Path(workdir)
+    paths = [workdir / "results.jsonl", *sorted(workdir.glob("results.shard-*.jsonl"))]
+    if not any(path.is_file() for path in paths):
+        raise ValueError(f"{workdir} holds no results.jsonl: no study ran there")
+    by_key = {}
+    for path in paths:
+        for i, record in enumerate(results.read_jsonl(path)):
+            by_key[record.get("key", (path.name, i))] = record
+    return list(by_key.values())
+
+
+def print_split(title: str, split: dict, indent: str = "  "):
+    """Prints :func:`time_split`'s numbers under ``title``."""
+    print(
+        f"{title}: {split['timed']} of {split['records']} records carry the split, "
+        f"{split['train_seconds']:.1f} s of training"
+    )
+    if not split["timed"]:
+        return
+    for part, name in SPLIT_PARTS.items():
+        print(
+            f"{indent}{name:44s} {split['seconds'][part]:9.1f} s  "
+            f"{split['shares'][part]:6.1%}"
+        )
+    if split["outside_seconds"] is not None:
+        print(
+            f"{indent}{'outside training (build, test, export)':44s} "
+            f"{split['outside_seconds']:9.1f} s  (runs' wall time "
+            f"{split['wall_seconds']:.1f} s)"
+        )
+
+
+def split_section(report, workdir):
+    split = time_split(study_records(workdir))
+    print_split(f"\n[split] {workdir}", split)
+    report["split"] = {"workdir": str(workdir), **split}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -624,23 +730,33 @@ def main(argv):
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     if unknown:
         sys.exit(f"error: unknown sections {unknown}; choose from {list(SECTIONS)}")
+    report = {"date": time.strftime("%Y-%m-%d")}
+    if FLAGS.split_of:
+        try:
+            split_section(report, pathlib.Path(FLAGS.split_of))
+        except ValueError as e:
+            sys.exit(f"error: --split_of: {e}")
+    sections = [
+        s
+        for s in SECTIONS
+        if s in FLAGS.sections and (FLAGS["sections"].present or not FLAGS.split_of)
+    ]
+    if not sections:
+        if FLAGS.output:
+            results.write_json(FLAGS.output, report)
+        return
     workdir = pathlib.Path(FLAGS.workdir or "/tmp/transfer_tf_benchmark")
     workdir.mkdir(parents=True, exist_ok=True)
     print(header())
-    report = {
-        "machine": precision.machine_key(),
-        "runtime": precision.runtime(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    report.update(machine=precision.machine_key(), runtime=precision.runtime())
     started = time.time()
-    for section in SECTIONS:
-        if section in FLAGS.sections:
-            {
-                "throughput": lambda: throughput_section(report),
-                "flops": lambda: flops_section(report),
-                "grid": lambda: grid_section(report, workdir),
-                "cache": lambda: cache_section(report, workdir),
-            }[section]()
+    for section in sections:
+        {
+            "throughput": lambda: throughput_section(report),
+            "flops": lambda: flops_section(report),
+            "grid": lambda: grid_section(report, workdir),
+            "cache": lambda: cache_section(report, workdir),
+        }[section]()
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     if FLAGS.output:
         results.write_json(FLAGS.output, report)

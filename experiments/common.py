@@ -255,9 +255,10 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
         "executor",
         "local",
         list(executors.EXECUTORS),
-        "Where runs execute: local (one after the other in this process) or ray "
-        "(Ray tasks; pip install '.[ray]'): a local Ray with --workers runs at a "
-        "time, or the cluster at --ray_address.",
+        "Where runs execute: local (this machine: one after the other in this "
+        "process, or --workers at a time in worker processes) or ray (Ray tasks; "
+        "pip install '.[ray]'): a local Ray with --workers runs at a time, or the "
+        "cluster at --ray_address.",
     )
     flags.DEFINE_string(
         "ray_address",
@@ -266,7 +267,11 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
         "ray://head:10001); default: start a local Ray for the study.",
     )
     flags.DEFINE_integer(
-        "workers", 2, "--executor=ray without --ray_address: runs at a time here."
+        "workers",
+        None,
+        "Runs at a time on this machine: --executor=local in as many worker "
+        "processes (default 1: one after the other in this process); "
+        "--executor=ray without --ray_address, a local Ray's (default 2).",
     )
     flags.DEFINE_float("cpus_per_run", 1.0, "--executor=ray: CPUs each run asks for.")
     flags.DEFINE_float("gpus_per_run", 0.0, "--executor=ray: GPUs each run asks for.")
@@ -321,25 +326,21 @@ def execution_options():
     if FLAGS.executor == "local":
         ray_flags = [
             f
-            for f in (
-                "ray_address",
-                "workers",
-                "cpus_per_run",
-                "gpus_per_run",
-                "max_retries",
-            )
+            for f in ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries")
             if FLAGS[f].present
         ]
         if ray_flags:
             raise ValueError(f"--{ray_flags[0]} needs --executor=ray")
-        return executors.LocalExecutor(), shard
+        workers = {} if FLAGS.workers is None else {"workers": FLAGS.workers}
+        return executors.LocalExecutor(**workers), shard
+    workers = {} if FLAGS.workers is None else {"workers": FLAGS.workers}
     return (
         executors.RayExecutor(
             FLAGS.ray_address,
-            FLAGS.workers,
-            FLAGS.cpus_per_run,
-            FLAGS.gpus_per_run,
-            FLAGS.max_retries,
+            cpus_per_run=FLAGS.cpus_per_run,
+            gpus_per_run=FLAGS.gpus_per_run,
+            max_retries=FLAGS.max_retries,
+            **workers,
         ),
         shard,
     )

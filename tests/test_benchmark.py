@@ -96,3 +96,57 @@ def test_benchmark_rejects_unknown_section(tmp_path):
     )
     assert proc.returncode == 1 and "unknown sections ['gpu']" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _fake_study(root):
+    """A work directory whose records carry the time split (one does not: a
+    record of a study that trains without training.train)."""
+    root.mkdir()
+    parts = ("trace_seconds", "step_seconds", "eval_seconds", "other_seconds")
+    lines = [
+        {
+            "key": "a",
+            "wall_time": 20.0,
+            **dict(zip(parts, (2.0, 10.0, 3.0, 1.0), strict=True)),
+        },
+        {
+            "key": "b",
+            "wall_time": 12.0,
+            **dict(zip(parts, (1.0, 6.0, 1.0, 0.0), strict=True)),
+        },
+        {"key": "c", "wall_time": 5.0},
+    ]
+    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root
+
+
+def test_time_split_sums_the_parts_of_the_records_that_carry_it(benchmark, tmp_path):
+    records = benchmark.study_records(_fake_study(tmp_path / "study"))
+    split = benchmark.time_split(records)
+    assert (split["records"], split["timed"]) == (3, 2)
+    assert split["seconds"] == {
+        "trace_seconds": 3.0,
+        "step_seconds": 16.0,
+        "eval_seconds": 4.0,
+        "other_seconds": 1.0,
+    }
+    assert split["train_seconds"] == 24.0
+    assert split["shares"]["step_seconds"] == pytest.approx(16 / 24)
+    assert sum(split["shares"].values()) == pytest.approx(1.0)
+    # Outside training: the timed runs' wall time (32 s) minus their 24 s.
+    assert split["outside_seconds"] == 8.0
+    empty = benchmark.time_split([{"key": "c", "wall_time": 5.0}])
+    assert empty["timed"] == 0 and empty["shares"]["step_seconds"] == 0.0
+
+
+def test_split_of_prints_a_study_split_and_runs_no_section(tmp_path):
+    study = _fake_study(tmp_path / "study")
+    out = tmp_path / "split.json"
+    proc = run_main("benchmark", f"--split_of={study}", f"--output={out}")
+    assert "2 of 3 records carry the split, 24.0 s of training" in proc.stdout
+    assert "training steps" in proc.stdout and "66.7%" in proc.stdout
+    assert "outside training" in proc.stdout
+    assert "[throughput]" not in proc.stdout and "machine:" not in proc.stdout
+    assert json.loads(out.read_text())["split"]["seconds"]["trace_seconds"] == 3.0
+    proc = run_main("benchmark", f"--split_of={tmp_path / 'none'}", check=False)
+    assert proc.returncode == 1 and "holds no results.jsonl" in proc.stderr

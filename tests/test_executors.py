@@ -1,13 +1,19 @@
 """Executors and shards on the toy study (runs that train nothing, steered to fail
-or to wait at a chosen point): a real local Ray with two workers, one of them
-killed while a run is known to be in flight; failures reported, not dropped;
-SLURM-style shards and their merge; and MirroredStrategy on a real small grid."""
+or to wait at a chosen point): local worker processes that give the records of
+one run at a time, report a failure as the in-process executor does and leave
+``results.jsonl`` intact when their driver is interrupted or killed; a real
+local Ray with two workers, one of them killed while a run is known to be in
+flight; failures reported, not dropped; SLURM-style shards and their merge; and
+MirroredStrategy on a real small grid."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pathlib
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,11 +21,15 @@ import time
 import pytest
 
 import toy_study
+from conftest import run_main
 from toy_study import TOY, ToyConfig
 from transfer_tf import results
 from transfer_tf.studies import executors, runner, transferability
 
-ray = pytest.importorskip("ray")
+try:
+    import ray
+except ImportError:  # the local executor's tests run without it
+    ray = None
 
 STUDY = transferability.STUDY
 KEYS = [f"seed{s}/{kind}" for s in (0, 1) for kind in ("base", "fast", "slow")]
@@ -34,6 +44,8 @@ def small_grid(**kw):
 
 @pytest.fixture(scope="module")
 def local_ray():
+    if ray is None:
+        pytest.skip("Ray is not installed")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # Ray's workers cannot import the tests' modules: ship the toy study by value.
     ray.cloudpickle.register_pickle_by_value(toy_study)
@@ -188,3 +200,201 @@ def test_mirrored_strategy_trains_and_records_it(tmp_path):
     assert frozen["config_hash"] == plain.hashes[frozen["key"]]
     with pytest.raises(ValueError, match="keras-team/keras#20585"):
         runner.Runner(STUDY, config, tmp_path, strategy="multi_worker")
+
+
+# ------------------------------------------------------- local worker processes
+
+# What may differ between two executions of the same run: its timings.
+TIMINGS = {
+    "wall_time",
+    "train_time",
+    "trace_seconds",
+    "step_seconds",
+    "eval_seconds",
+    "other_seconds",
+    "finished_at",
+}
+
+
+# How a process came by its oneDNN state: a test process that imported
+# TensorFlow before transfer_tf (test files import keras first) says so, a
+# fresh worker process does not (from a study script, both say the same).
+PROVENANCE = {"onednn_source"}
+
+
+def _untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMINGS | PROVENANCE}
+
+
+@pytest.mark.slow
+def test_two_local_workers_give_the_records_of_one_at_a_time(tmp_path):
+    config = small_grid()
+    one = runner.run_study(STUDY, config, tmp_path / "one")
+    two = runner.run_study(
+        STUDY, config, tmp_path / "two", executor=executors.LocalExecutor(workers=2)
+    )
+    assert [r["key"] for r in one] == [r["key"] for r in two]  # the runs' order
+    assert len(one) == 4 and one[0]["test_accuracy"] > 0
+    for a, b in zip(one, two, strict=True):
+        assert set(a) == set(b), a["key"]
+        assert TIMINGS - {"finished_at"} <= set(a)  # the split is recorded
+        differ = sorted(f for f in set(a) - TIMINGS - PROVENANCE if a[f] != b[f])
+        assert not differ, (a["key"], {f: (a[f], b[f]) for f in differ})
+        assert a["onednn"] == b["onednn"]  # the state itself is the same
+    # Each key once in results.jsonl, in the order the runs finished.
+    lines = results.read_jsonl(tmp_path / "two" / runner.RESULTS_FILE)
+    assert sorted(r["key"] for r in lines) == sorted(r["key"] for r in one)
+    assert [
+        _untimed(r)
+        for r in runner.Runner(STUDY, config, tmp_path / "two").all_records()
+    ] == [_untimed(r) for r in one]
+
+
+def test_local_workers_report_a_failure_as_the_in_process_executor_does(tmp_path):
+    config = ToyConfig(seeds=(0, 1), fail=("seed0/base",))
+    with pytest.raises(RuntimeError) as alone:
+        runner.run_study(TOY, config, tmp_path / "alone")
+    with pytest.raises(RuntimeError) as parallel:
+        runner.run_study(
+            TOY, config, tmp_path / "two", executor=executors.LocalExecutor(workers=2)
+        )
+    assert type(parallel.value) is type(alone.value)
+    assert str(parallel.value) == str(alone.value) == "out of disk"
+    assert "toy_execute" in str(parallel.value.__cause__)  # the worker's traceback
+    # Nothing that reads the failed run ran; what finished meanwhile is kept.
+    done = {r["key"] for r in results.read_jsonl(tmp_path / "two/results.jsonl")}
+    assert done <= {"seed1/base", "seed1/fast", "seed1/slow"}
+    # Bad input fails as a wrong command does: nothing is left behind.
+    invalid = ToyConfig(seeds=(0, 1), invalid=("seed0/base", "seed1/base"))
+    with pytest.raises(ValueError, match="base: bad input"):
+        runner.run_study(
+            TOY, invalid, tmp_path / "bad", executor=executors.LocalExecutor(workers=2)
+        )
+    assert not (tmp_path / "bad").exists()
+    # A rerun resumes: every run once.
+    records = runner.run_study(
+        TOY,
+        ToyConfig(seeds=(0, 1)),
+        tmp_path / "two",
+        executor=executors.LocalExecutor(workers=2),
+    )
+    assert sorted(r["key"] for r in records) == sorted(KEYS)
+    lines = results.read_jsonl(tmp_path / "two/results.jsonl")
+    assert sorted(r["key"] for r in lines) == sorted(KEYS)
+
+
+def test_local_workers_are_validated_before_anything_is_written(tmp_path):
+    for workers in (0, 1.5, True):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            executors.LocalExecutor(workers=workers)
+    assert executors.executor("local", workers=2).workers == 2
+    assert executors.LocalExecutor().workers == 1
+    # A study workers cannot import by name (made here, not a module's) fails
+    # before its first run, leaving nothing behind.
+    anonymous = dataclasses.replace(TOY, report=toy_study.toy_report)
+    with pytest.raises(ValueError, match="not a module-level name"):
+        runner.run_study(
+            anonymous,
+            ToyConfig(seeds=(0, 1)),
+            tmp_path / "w",
+            executor=executors.LocalExecutor(workers=2),
+        )
+    assert not (tmp_path / "w").exists()
+    proc = run_main(
+        "transferability",
+        "--preset=smoke",
+        f"--workdir={tmp_path / 'w'}",
+        "--workers=0",
+        check=False,
+    )
+    assert proc.returncode == 1 and "--workers=0 must be an integer >= 1" in (
+        proc.stderr
+    )
+    assert not (tmp_path / "w").exists()
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from toy_study import TOY, ToyConfig
+from transfer_tf.studies import executors, runner
+config = ToyConfig(seeds=(0, 1), control={control!r}, hold={hold!r})
+runner.run_study(TOY, config, {workdir!r}, executor=executors.LocalExecutor(2))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+def _stop_driver_while_a_run_is_held(tmp_path, hold, recorded, how):
+    """Starts a driver with two local workers, waits until run ``hold`` waits in
+    its worker and ``recorded`` runs are in results.jsonl, then stops the driver
+    by signal ``how``. Returns (work directory, the workers' pids)."""
+    control, work = tmp_path / "control", tmp_path / "study"
+    control.mkdir(parents=True)
+    code = DRIVER.format(
+        tests=str(pathlib.Path(__file__).parent),
+        control=str(control),
+        hold=hold,
+        workdir=str(work),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    pattern = f"started.{hold.replace('/', '.')}.*"
+    deadline = time.time() + 300
+    while not (
+        list(control.glob(pattern))
+        and len(results.read_jsonl(work / runner.RESULTS_FILE)) == recorded
+    ):
+        if proc.poll() is not None:
+            raise AssertionError(f"the driver ended early: {proc.stderr.read()}")
+        assert time.time() < deadline, "the held run never started"
+        time.sleep(0.05)
+    before = (work / runner.RESULTS_FILE).read_bytes()
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    workers = {int(p.name.rsplit(".", 1)[1]) for p in control.glob("started.*")}
+    assert os.getpid() not in workers and len(workers) == 2
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived its driver"
+    # Exactly the finished runs' lines, each whole.
+    assert (work / runner.RESULTS_FILE).read_bytes() == before
+    lines = before.decode().splitlines()
+    assert len(lines) == recorded and all(json.loads(line) for line in lines)
+    return work
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_a_kill_leaves_results_intact_and_no_worker_behind(tmp_path):
+    # Ctrl-C while seed0/fast is held and the other five have finished.
+    work = _stop_driver_while_a_run_is_held(
+        tmp_path / "interrupted", "seed0/fast", 5, signal.SIGINT
+    )
+    assert not (work / ".lock").exists()  # released on the way out
+    # kill -9 while seed0/base is held: its worker ends by itself.
+    killed = _stop_driver_while_a_run_is_held(
+        tmp_path / "killed", "seed0/base", 3, signal.SIGKILL
+    )
+    # Reruns do exactly the runs that had not finished.
+    for workdir, redone in (
+        (work, ["seed0/fast"]),
+        (killed, ["seed0/base", "seed0/fast", "seed0/slow"]),
+    ):
+        toy_study.EXECUTED.clear()
+        records = runner.run_study(TOY, ToyConfig(seeds=(0, 1)), workdir)
+        assert toy_study.EXECUTED == redone
+        assert sorted(r["key"] for r in records) == sorted(KEYS)
+        lines = results.read_jsonl(workdir / runner.RESULTS_FILE)
+        assert sorted(r["key"] for r in lines) == sorted(KEYS)

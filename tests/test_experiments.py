@@ -67,7 +67,8 @@ def test_bad_flags_are_one_line_errors_that_name_the_flag(tmp_path):
         (["--dataset=cifar11"], "unknown dataset 'cifar11'"),
         (["--probe_learning_rate=0"], "Unknown command line flag"),
         (["--num_shards=2"], "--num_shards and --shard_index go together"),
-        (["--workers=3"], "--workers needs --executor=ray"),
+        (["--workers=0"], "--workers=0 must be an integer >= 1"),
+        (["--max_retries=3"], "--max_retries needs --executor=ray"),
         (["extra"], "unexpected arguments ['extra']"),
     ):
         proc = run_main(

@@ -1,5 +1,7 @@
-"""oneDNN and thread settings made at import (transfer_tf.onednn): each case in a
-fresh process, which reports what TensorFlow itself says (IsMklEnabled)."""
+"""oneDNN and thread settings made at import (transfer_tf.onednn): the logic run in
+this process as a fresh one would run it, and, in fresh processes, what TensorFlow
+itself then reports (IsMklEnabled). The per-signature decision that restarts a
+script is tested in test_precision.py."""
 
 from __future__ import annotations
 
@@ -77,9 +79,26 @@ def tensorflow_default(tmp_path_factory) -> bool:
     ):
         return bool(_pywrap_util_port.IsMklEnabled())
     reported = child(tmp_path_factory.mktemp("none"))
-    assert reported["decision"]["source"] == "not measured yet"
+    assert reported["decision"]["source"] == "default"
     assert reported["env"] is None
     return reported["mkl"]
+
+
+MANAGED = (
+    onednn.ONEDNN_ENV,
+    onednn.INTRA_ENV,
+    onednn.INTER_ENV,
+    onednn.AUTO_MODE_ENV,
+    onednn.MARK_ENV,
+)
+
+
+def clear_env(monkeypatch, names):
+    """Removes ``names`` from the environment, and has whatever the test sets
+    under them undone after it (``delenv`` of an absent name records nothing)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -89,15 +108,7 @@ def bootstrap(monkeypatch, tmp_path):
     ``tmp_path``; returns ``decide(mode, **env)`` -> (decision, variables set).
     Everything it changes is undone after the test. That TensorFlow honours the
     variables is checked in a real fresh process below."""
-    managed = (
-        onednn.ONEDNN_ENV,
-        onednn.INTRA_ENV,
-        onednn.INTER_ENV,
-        onednn.AUTO_MODE_ENV,
-        onednn.MARK_ENV,
-    )
-    for name in managed:
-        monkeypatch.delenv(name, raising=False)
+    clear_env(monkeypatch, MANAGED)
     monkeypatch.setenv(onednn.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
     monkeypatch.setattr(onednn, "_decision", {})
 
@@ -108,81 +119,123 @@ def bootstrap(monkeypatch, tmp_path):
             if not tensorflow_imported:
                 m.delitem(sys.modules, "tensorflow", raising=False)
             decided = onednn.bootstrap()
-        return decided, {name: os.environ.get(name) for name in managed[:3]}
+        return decided, {name: os.environ.get(name) for name in MANAGED[:3]}
 
     return decide
 
 
-def store(tmp_path, **choice):
-    onednn.store_choice(choice, tmp_path / "auto.json")
+SIGNATURE = "base_net 32x32x3 width 0.25 bn off batch 128 classes 10"
+
+
+def store(tmp_path, signature=None, **choice):
+    onednn.store_choice(choice, tmp_path / "auto.json", signature=signature)
 
 
 # A fresh TensorFlow process (the in-process tests above cover the logic).
 @pytest.mark.slow
-def test_the_stored_choice_is_applied_at_import(tmp_path, tensorflow_default):
-    """In a fresh process: TensorFlow itself reports the stored state."""
-    store(
-        tmp_path,
-        onednn=not tensorflow_default,
-        intra_op_threads=1,
-        inter_op_threads=1,
-    )
+def test_tensorflow_runs_the_state_a_restart_asks_for(tmp_path, tensorflow_default):
+    """In fresh processes, as TensorFlow itself reports: a signature's stored
+    choice (and an old machine-level one) is not applied at import, as the
+    process does not know its net yet; the state a restart sets for a signature
+    is, with the machine's thread pools."""
+    store(tmp_path, onednn=not tensorflow_default, intra_op_threads=1)
+    store(tmp_path, SIGNATURE, onednn=not tensorflow_default)
     reported = child(tmp_path)
+    assert reported["mkl"] is tensorflow_default
+    assert reported["decision"]["source"] == "default"
+    assert (reported["env"], reported["intra"]) == (None, "1")
+    state = "1" if not tensorflow_default else "0"
+    reported = child(
+        tmp_path,
+        **{onednn.ONEDNN_ENV: state, onednn.MARK_ENV: f"{state},,,{SIGNATURE}"},
+    )
     assert reported["mkl"] is (not tensorflow_default)
     assert reported["decision"]["source"] == "measured"
-    assert (reported["intra"], reported["inter"]) == ("1", "1")
+    assert reported["decision"]["signature"] == SIGNATURE
+    assert (reported["env"], reported["intra"]) == (state, "1")
 
 
-def test_the_stored_choice_sets_the_variables(tmp_path, bootstrap):
+def test_no_oneDNN_state_is_set_before_a_signature_is_known(tmp_path, bootstrap):
     decided, env = bootstrap()
-    assert decided["source"] == "not measured yet" and env == {
+    assert decided["source"] == "default" and env == {
         onednn.ONEDNN_ENV: None,
         onednn.INTRA_ENV: None,
         onednn.INTER_ENV: None,
     }
+    # An old machine-level entry: its oneDNN state (measured on whichever net
+    # came first) is ignored, its thread pools are applied; a signature's
+    # choice is for the process that resolves that signature.
     store(tmp_path, onednn=False, intra_op_threads=1, inter_op_threads=2)
+    store(tmp_path, SIGNATURE, onednn=True)
     decided, env = bootstrap()
-    assert (decided["onednn"], decided["source"]) == (False, "measured")
+    assert (decided["onednn"], decided["source"]) == (None, "default")
+    assert "signature" not in decided
     assert decided["threads"] == {"intra_op_threads": 1, "inter_op_threads": 2}
     assert env == {
-        onednn.ONEDNN_ENV: "0",
+        onednn.ONEDNN_ENV: None,
         onednn.INTRA_ENV: "1",
         onednn.INTER_ENV: "2",
     }
-    assert os.environ[onednn.MARK_ENV] == "0,1,2"
+    assert os.environ[onednn.MARK_ENV] == ",1,2,"
+
+
+def test_a_restart_request_is_kept_by_the_next_processes(tmp_path, bootstrap):
+    bootstrap()
+    onednn.request_state(False, SIGNATURE)
+    assert os.environ[onednn.MARK_ENV] == f"0,,,{SIGNATURE}"
+    # The restarted process, and a child of it (a Ray worker of the study),
+    # run the signature's state: inherited, not the user's.
+    for _ in range(2):
+        decided, env = bootstrap()
+        assert (decided["onednn"], decided["source"]) == (False, "measured")
+        assert decided["signature"] == SIGNATURE
+        assert env[onednn.ONEDNN_ENV] == "0"
+    onednn.settle(SIGNATURE, "measured")
+    assert onednn.decision()["onednn"] is False
+    # Back to TensorFlow's default (a signature without a clear winner).
+    onednn.request_state(None, SIGNATURE)
+    decided, env = bootstrap()
+    assert (decided["onednn"], decided["source"]) == (None, "default")
+    assert env[onednn.ONEDNN_ENV] is None
 
 
 def test_the_users_variable_wins_over_the_stored_choice(tmp_path, bootstrap):
     store(tmp_path, onednn=False, intra_op_threads=1)
+    store(tmp_path, SIGNATURE, onednn=False)
     decided, env = bootstrap(**{onednn.ONEDNN_ENV: "1", onednn.INTRA_ENV: "2"})
     assert (decided["onednn"], decided["source"]) == (True, "user")
     assert env[onednn.ONEDNN_ENV] == "1" and env[onednn.INTRA_ENV] == "2"
-
-
-def test_what_a_parent_set_from_its_store_is_not_the_users(tmp_path, bootstrap):
-    # A child of a transfer_tf process inherits the variables its bootstrap set;
-    # they are decided again from the store (here changed since), not kept.
-    store(tmp_path, onednn=True)
+    # A value changed since a parent marked it is the user's too.
     decided, env = bootstrap(
-        **{onednn.ONEDNN_ENV: "0", onednn.MARK_ENV: "0,,"},
+        **{onednn.ONEDNN_ENV: "1", onednn.MARK_ENV: f"0,,,{SIGNATURE}"}
     )
-    assert (decided["onednn"], decided["source"]) == (True, "measured")
-    assert env[onednn.ONEDNN_ENV] == "1"
+    assert (decided["onednn"], decided["source"]) == (True, "user")
+    assert onednn.MARK_ENV not in os.environ
+
+
+def test_what_a_parent_set_without_a_signature_is_dropped(tmp_path, bootstrap):
+    # An older parent marked the machine-level choice it applied ("oneDNN,intra,
+    # inter"): not the user's, and no longer a choice: TensorFlow's default.
+    store(tmp_path, onednn=True)
+    decided, env = bootstrap(**{onednn.ONEDNN_ENV: "0", onednn.MARK_ENV: "0,,"})
+    assert (decided["onednn"], decided["source"]) == (None, "default")
+    assert env[onednn.ONEDNN_ENV] is None
 
 
 @pytest.mark.parametrize("mode", ["rule", "float32"])
 def test_rule_modes_keep_tensorflows_default(tmp_path, bootstrap, mode):
     store(tmp_path, onednn=False, intra_op_threads=1)
-    decided, env = bootstrap(mode)
+    inherited = {onednn.ONEDNN_ENV: "0", onednn.MARK_ENV: f"0,,,{SIGNATURE}"}
+    decided, env = bootstrap(mode, **inherited)
     assert (decided["onednn"], decided["source"]) == (None, "rule")
     assert set(env.values()) == {None}
 
 
 def test_nothing_changes_once_tensorflow_is_imported(tmp_path, bootstrap):
-    store(tmp_path, onednn=False)
+    store(tmp_path, onednn=False, intra_op_threads=1)
     decided, env = bootstrap(tensorflow_imported=True)
     assert decided["source"] == "tensorflow already imported"
-    assert env[onednn.ONEDNN_ENV] is None
+    assert set(env.values()) == {None}
 
 
 def test_an_unknown_mode_is_a_clear_error(bootstrap):
@@ -193,11 +246,20 @@ def test_an_unknown_mode_is_a_clear_error(bootstrap):
 def test_store_keeps_other_entries(tmp_path):
     path = tmp_path / "auto.json"
     onednn.update_store("other", {"x": 1}, path)
-    onednn.store_choice({"onednn": True}, path)
+    onednn.store_choice({"intra_op_threads": 2}, path)
+    onednn.store_choice({"onednn": True}, path, signature=SIGNATURE)
     assert onednn.read_store(path)["other"] == {"x": 1}
-    assert onednn.stored_choice(path) == {"onednn": True}
+    assert onednn.stored_choice(path) == {"intra_op_threads": 2}
+    assert onednn.stored_choice(path, signature=SIGNATURE) == {"onednn": True}
+    assert onednn.stored_choice(path, signature="another net") is None
     assert onednn.store_key().startswith(onednn.STORE_PREFIX)
+    assert onednn.store_key(SIGNATURE) == f"{onednn.store_key()} | {SIGNATURE}"
     assert "tensorflow" in onednn.machine_key()
+    # Unreadable files and entries read as nothing.
+    onednn.update_store(onednn.store_key(SIGNATURE), "on", path)
+    assert onednn.stored_choice(path, signature=SIGNATURE) is None
+    path.write_text("[1, 2]")
+    assert onednn.read_store(path) == {}
     # Importing the package (and so deciding) imports no TensorFlow.
     code = "import sys; import transfer_tf.onednn; print('tensorflow' in sys.modules)"
     out = subprocess.run(
@@ -212,21 +274,33 @@ def test_store_keeps_other_entries(tmp_path):
 
 @pytest.mark.slow
 def test_both_states_are_measured_in_fresh_processes(tmp_path, monkeypatch):
-    """The real decision: two child processes, one per oneDNN state, each
-    storing the speed of the signature under the state TensorFlow reported."""
+    """The real probe: child processes alternating oneDNN off and on, each
+    reporting the state TensorFlow ran; the speeds of the first round stored
+    under the reported state, the verdict and its figures under the signature."""
     from transfer_tf import autotune, precision
 
     monkeypatch.setenv(onednn.AUTO_MODE_ENV, "measure")
     monkeypatch.setenv(onednn.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
     monkeypatch.setattr(autotune, "_measured", {})
+    monkeypatch.setattr(autotune, "_settled", {"signature": None})
+    monkeypatch.setattr(autotune, "_restart", {"allowed": False})
+    monkeypatch.setattr(onednn, "_decision", dict(onednn.decision()))
     tiny = precision.Signature(input_shape=(28, 28, 1), width=0.05, batch_size=16)
     choice = autotune.decide_onednn(tiny, ["float32:off"], 100)
     stored = onednn.read_store(tmp_path / "auto.json")
-    assert stored[onednn.store_key()] == choice
+    assert stored[onednn.store_key(tiny.key())] == choice
     for state in (False, True):
         entry = stored[precision.settings_key(tiny, state)]
         assert entry["onednn"] is state
         assert entry["images_per_second"]["float32:off"] > 0
-    assert set(choice["run_seconds"]) == {"off", "on"}
-    assert choice["onednn"] in (True, False)
-    assert autotune.decide_onednn(tiny, ["float32:off"], 100) is None  # once
+    assert choice["onednn"] in (True, False, None)
+    assert 1 <= len(choice["rounds"]) <= precision.ONEDNN_ROUNDS
+    assert all(row["off"] > 0 and row["on"] > 0 for row in choice["rounds"])
+    assert choice["settings"] == {"off": "float32:off", "on": "float32:off"}
+    assert "round 1: off" in choice["reason"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured twice")
+
+    monkeypatch.setattr(autotune, "_StateProcess", never)
+    assert autotune.decide_onednn(tiny, ["float32:off"], 100) == choice  # once

@@ -216,6 +216,8 @@ def test_a_tested_run_records_which_test_examples_it_got_right(task, tmp_path):
     assert hits.mean() == pytest.approx(record["test_accuracy"], abs=1e-6)
     assert record["test_set"] == training.test_fingerprint(task)
     assert record["steps_run"] == record["epochs_run"] * record["steps_per_epoch"]
+    split = [record[f"{part}_seconds"] for part in ("trace", "step", "eval", "other")]
+    assert min(split) >= 0 and sum(split) <= record["train_time"] + 1e-6
 
 
 def test_the_plateau_fragment_is_the_rule_with_a_studys_changes():
@@ -283,3 +285,63 @@ def test_at_chance_is_a_binomial_test_over_the_validation_examples():
     assert not training.at_chance(0.40, 100, 5)
     assert training.at_chance(0.40, 5, 5)  # 2 of 5: too few to tell
     assert training.at_chance(None, 100, 5)
+
+
+def _split(outcome) -> dict:
+    return {
+        name: getattr(outcome, name)
+        for name in ("trace_seconds", "step_seconds", "eval_seconds", "other_seconds")
+    }
+
+
+def test_train_time_splits_into_trace_steps_validation_and_the_rest(task, tmp_path):
+    short = fit(task, tmp_path / "short", epochs=1, steps_per_epoch=3)[1]
+    long = fit(task, tmp_path / "long", epochs=4, steps_per_epoch=12)[1]
+    for outcome in (short, long):
+        split = _split(outcome)
+        assert all(seconds >= 0 for seconds in split.values()), split
+        assert sum(split.values()) <= outcome.wall_time + 1e-6
+        # The first step traces the train function: far slower than the others.
+        assert outcome.trace_seconds > 0 and outcome.eval_seconds > 0
+    # 48 steps take longer than 3; the trace is paid once either way.
+    assert long.step_seconds > 3 * short.step_seconds
+    assert long.trace_seconds < 10 * short.trace_seconds
+    # Wall time is the split's sum (up to clock differences).
+    assert sum(_split(long).values()) == pytest.approx(long.wall_time, rel=1e-3)
+
+
+def test_a_resumed_training_splits_the_time_of_its_own_epochs(
+    task, tmp_path, monkeypatch
+):
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_2(self, epoch, logs=None):
+        if epoch == 1:
+            raise Crash()
+
+    monkeypatch.setattr(training._NonFiniteGuard, "on_epoch_begin", crash_in_epoch_2)
+    with pytest.raises(Crash):
+        fit(task, tmp_path, epochs=3, steps_per_epoch=4)
+    monkeypatch.undo()
+    _, outcome = fit(task, tmp_path, epochs=3, steps_per_epoch=4)
+    assert outcome.epochs_run == 3
+    split = _split(outcome)
+    assert all(seconds >= 0 for seconds in split.values())
+    assert outcome.trace_seconds > 0  # the resumed process traced again
+    assert sum(split.values()) <= outcome.wall_time + 1e-6
+
+
+def test_the_plateau_rule_waits_until_the_net_has_come_away_from_chance(tmp_path):
+    # 6 classes, 3,000 validation images: 0.25 is significantly above chance
+    # (1/6), yet short of 1/6 + 0.2 x 5/6 = 0.333: still the initial plateau.
+    model, callback = _plateau_callback(tmp_path, chance=(3000, 6))
+    assert not training.at_chance(0.25, 3000, 6)
+    for epoch in range(8):
+        callback.on_epoch_end(epoch, {"val_loss": 1.7, "val_accuracy": 0.25})
+    assert not model.stop_training and callback.state["reductions"] == 0
+    callback.on_epoch_end(8, {"val_loss": 1.2, "val_accuracy": 0.34})
+    for epoch in range(9, 17):
+        callback.on_epoch_end(epoch, {"val_loss": 1.3, "val_accuracy": 0.34})
+    assert model.stop_training and callback.state["stop_reason"] == "converged"
+    assert callback.state["best_epoch"] == 9

@@ -4,10 +4,30 @@ the choices, the rule and the cache file).
 
 :func:`measure_settings` builds the net of a ``precision.Signature`` in every
 candidate setting and times it; :func:`settings_for` and :func:`resolve_config` pick
-the setting that finishes a run first; :func:`decide_onednn` times oneDNN off and on
-in fresh processes. This module builds and compiles nets (``models``,
-``autoencoder``, ``training``); the lower ``precision`` module only lists choices
-and compares measurements.
+the setting that finishes a run first. This module builds and compiles nets
+(``models``, ``autoencoder``, ``training``); the lower ``precision`` module only
+lists choices and compares measurements.
+
+oneDNN is decided per signature (:func:`decide_onednn`), as the state that is
+fastest depends on the net: the first time a signature is resolved on a machine,
+:func:`probe_onednn` times its net with oneDNN off and on in interleaved rounds
+(off, on, off, on, ...; each state in a fresh process of its own, as TensorFlow
+reads the state at import) and chooses a state only when it finishes the study's run at
+least ``precision.ONEDNN_MARGIN`` sooner in every round; otherwise TensorFlow's
+default is kept, so that a shared machine's load cannot decide. The verdict, its
+reason and the per-round seconds are logged and stored under
+``onednn.store_key(signature)``.
+
+A process imports TensorFlow before it knows its net, in TensorFlow's default
+state (``onednn.bootstrap``). The first signature it resolves settles its state:
+when that signature's choice differs and the script allowed it
+(:func:`allow_restart`), the process restarts itself into it (before anything is
+written; the restarted process keeps its process id, by which
+``precision.RESTARTED_ENV`` forbids a second restart); otherwise it runs on and
+its records say ``not applied``. Records carry the state TensorFlow ran, its
+source and the signature it was measured for (``precision.runtime``). A user's
+``TF_ENABLE_ONEDNN_OPTS``, ``TRANSFER_TF_AUTO=rule``/``float32`` and the
+measuring processes themselves decide nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +39,8 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import keras
@@ -151,14 +173,23 @@ def measure_settings(
     sig = signature or precision_lib.Signature(
         input_shape=shape, width=width, batch_size=batch_size
     )
+    return _timed(_build_nets(settings, sig), steps, rounds)
+
+
+def _build_nets(settings, signature: precision_lib.Signature) -> dict:
+    """A :class:`TimedNet` of ``signature`` per setting."""
     # The process's first net pays TensorFlow's one-off start-up costs, not a
     # setting's: a tiny one does.
-    tiny = dataclasses.replace(sig, width=min(sig.width, 0.05), batch_size=8)
-    TimedNet("float32", "off", signature=tiny).run(1)
+    tiny = dataclasses.replace(signature, width=min(signature.width, 0.05))
+    TimedNet("float32", "off", signature=dataclasses.replace(tiny, batch_size=8)).run(1)
     nets = {}
     for setting in settings:
         precision, xla = setting.split(":")
-        nets[setting] = TimedNet(precision, xla, signature=sig)
+        nets[setting] = TimedNet(precision, xla, signature=signature)
+    return nets
+
+
+def _timed(nets: dict, steps=12, rounds=3) -> dict:
     best = time_interleaved(nets, steps, rounds)
     return {
         "images_per_second": {k: round(v, 1) for k, v in best.items()},
@@ -231,136 +262,317 @@ def measured_speeds(
 # ------------------------------------------------------------------------ oneDNN
 
 _restart = {"allowed": False}
+# The signature whose oneDNN choice this process settled on (the first it
+# resolved): later signatures neither restart it nor change what it records.
+_settled: dict = {"signature": None}
 
 
 def allow_restart():
-    """Lets a script restart itself when the oneDNN state measured fastest is
-    not the one TensorFlow was imported with (call it first in ``main``).
-    Library code never restarts: it logs the choice for the next process."""
+    """Lets a script restart itself when the oneDNN state measured fastest for
+    its signature is not the one TensorFlow was imported with (call it first in
+    ``main``). Library code never restarts: it logs the choice."""
     _restart["allowed"] = True
 
 
-def _measure_child(signature: precision_lib.Signature, settings, state: bool) -> bool:
-    """Measures ``signature`` in a fresh process with oneDNN ``state`` (stored in
-    the auto-settings file); returns the state TensorFlow reported there."""
-    env = dict(
-        os.environ,
-        **{onednn.ONEDNN_ENV: "1" if state else "0", precision_lib.CHILD_ENV: "1"},
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    env.pop(onednn.MARK_ENV, None)  # the state given here is the child's own
-    code = "import sys; from transfer_tf import autotune; autotune._child(sys.argv[1])"
-    request = json.dumps(
-        {"signature": dataclasses.asdict(signature), "settings": list(settings)}
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, request],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"measuring with oneDNN {'on' if state else 'off'} failed:\n"
-            f"{proc.stderr[-2000:]}"
+class _StateProcess:
+    """A fresh process timing ``signature``'s net with oneDNN ``state``, driven
+    one round at a time (so that the two states' rounds interleave).
+
+    Starting it builds a net per setting and measures them all
+    (:func:`measure_settings`: ``first``); :meth:`time` then times one of those
+    nets again (``PROBE_STEPS`` steps, best of two) each time it is called.
+    TensorFlow starts and each net is built once per state, so a later round
+    costs only its steps.
+    """
+
+    def __init__(self, signature: precision_lib.Signature, settings, state: bool):
+        env = dict(
+            os.environ,
+            **{onednn.ONEDNN_ENV: "1" if state else "0", precision_lib.CHILD_ENV: "1"},
+            TF_CPP_MIN_LOG_LEVEL="3",
         )
-    return json.loads(proc.stdout.strip().splitlines()[-1])["onednn"]
+        env.pop(onednn.MARK_ENV, None)  # the state given here is the child's own
+        request = json.dumps(
+            {"signature": dataclasses.asdict(signature), "settings": list(settings)}
+        )
+        code = (
+            "import sys; from transfer_tf import autotune; autotune._child(sys.argv[1])"
+        )
+        self.name = "on" if state else "off"
+        self._stderr = tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, request],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        # A hung child must not hang the study.
+        self._timer = threading.Timer(3600, self._proc.kill)
+        self._timer.daemon = True
+        self._timer.start()
+        self.first = self._read()
+
+    def _read(self) -> dict:
+        for line in self._proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self._stderr.seek(0)
+        raise RuntimeError(
+            f"measuring with oneDNN {self.name} failed:\n{self._stderr.read()[-2000:]}"
+        )
+
+    def time(self, setting: str) -> float:
+        """Images/s of ``setting``'s net, timed now."""
+        self._proc.stdin.write(setting + "\n")
+        self._proc.stdin.flush()
+        return self._read()["images_per_second"][setting]
+
+    def close(self):
+        self._timer.cancel()
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+        self._stderr.close()
+
+
+# Steps a probe child times a net for in each round after its first.
+PROBE_STEPS = 12
 
 
 def _child(request: str):
-    """The body of a :func:`_measure_child` process."""
+    """The body of a :class:`_StateProcess`: measures every setting, then one
+    setting per line read; prints each result as one JSON line and stores
+    nothing (the parent keeps what it needs)."""
     request = json.loads(request)
     signature = precision_lib.Signature(**request["signature"])
-    measured_speeds(signature, request["settings"])
-    print(json.dumps({"onednn": precision_lib.onednn_enabled()}))
+    nets = _build_nets(request["settings"], signature)
+    measured = _timed(nets)
+    print(json.dumps({"onednn": precision_lib.onednn_enabled(), **measured}))
+    sys.stdout.flush()
+    for line in sys.stdin:
+        setting = line.strip()
+        if setting not in nets:
+            break
+        rate = max(nets[setting].run(PROBE_STEPS) for _ in range(2))
+        print(json.dumps({"images_per_second": {setting: round(rate, 1)}}))
+        sys.stdout.flush()
+
+
+def _keep_speeds(signature, state: bool, measured: dict) -> dict:
+    """Stores a child's measurement as ``signature``'s speeds in oneDNN
+    ``state`` (what :func:`measured_speeds` reads), merged with earlier ones."""
+    key = precision_lib.settings_key(signature, state)
+    entry = onednn.read_store().get(key) or {}
+    entry = {
+        "images_per_second": {
+            **entry.get("images_per_second", {}),
+            **measured["images_per_second"],
+        },
+        "setup_seconds": {
+            **entry.get("setup_seconds", {}),
+            **measured["setup_seconds"],
+        },
+        "signature": dataclasses.asdict(signature),
+        "onednn": state,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    onednn.update_store(key, entry)
+    _measured[key] = entry
+    return entry
+
+
+def probe_onednn(
+    signature: precision_lib.Signature,
+    settings,
+    run_steps: int,
+    rounds: int = precision_lib.ONEDNN_ROUNDS,
+) -> dict:
+    """Times ``signature``'s net with oneDNN off and on in interleaved rounds
+    (off, on, off, on, ...), each state in a fresh process of its own
+    (:class:`_StateProcess`), and gives the verdict of
+    ``precision.onednn_verdict``.
+
+    The first round measures every one of ``settings`` in each state (kept as
+    the signature's speeds in that state, for choosing precision and XLA); the
+    later rounds time again only the setting each state would run, with the
+    other state's process idle meanwhile. A state's figure in a round is the
+    predicted seconds of a ``run_steps``-step run in that setting: the setup its
+    process measured when building the net plus the steps at the round's speed.
+    The probe stops as soon as no state can win every round.
+
+    Returns:
+      The entry stored for the signature: ``onednn`` (True, False or None:
+      TensorFlow's default), ``reason``, per-round ``rounds`` seconds, the
+      ``settings`` timed per state, ``margin``, ``run_steps``, ``signature``.
+    """
+    batch = signature.batch_size
+    children, reported, first, timed, figures = {}, {}, {}, {}, []
+    state, reason = None, ""
+    try:
+        for on in (False, True):
+            name = "on" if on else "off"
+            children[on] = _StateProcess(signature, settings, on)
+            first[name] = children[on].first
+            reported[on] = bool(first[name]["onednn"])
+            _keep_speeds(signature, reported[on], first[name])
+            chosen = precision_lib.choose(first[name], settings, run_steps, batch)
+            timed[name] = f"{chosen['precision']}:{chosen['xla']}"
+        for i in range(max(1, int(rounds))):
+            row = {}
+            for on in (False, True):
+                name = "on" if on else "off"
+                measured = {
+                    "images_per_second": {
+                        timed[name]: first[name]["images_per_second"][timed[name]]
+                        if i == 0
+                        else children[on].time(timed[name])
+                    },
+                    "setup_seconds": first[name]["setup_seconds"],
+                }
+                seconds = precision_lib.run_seconds(measured, run_steps, batch)
+                row[name] = round(seconds[timed[name]], 2)
+            figures.append(row)
+            if reported[True] == reported[False]:
+                state = None
+                reason = (
+                    f"TensorFlow ran oneDNN {'on' if reported[True] else 'off'} "
+                    f"in both processes (it ignores {onednn.ONEDNN_ENV} here); "
+                    "its default kept"
+                )
+                break
+            state, reason = precision_lib.onednn_verdict(figures)
+            if state is None:
+                if i + 1 < rounds:
+                    reason += f" (stopped after round {i + 1} of {rounds})"
+                break
+    finally:
+        for child in children.values():
+            child.close()
+    return {
+        "onednn": state,
+        "reason": reason,
+        "rounds": figures,
+        "settings": timed,
+        "margin": precision_lib.ONEDNN_MARGIN,
+        "signature": signature.key(),
+        "run_steps": int(run_steps),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _state_name(state: bool | None) -> str:
+    return "TensorFlow's default" if state is None else ("on" if state else "off")
+
+
+def _runs_state(state: bool | None) -> bool:
+    """Whether this process runs oneDNN ``state`` (None: TensorFlow's default,
+    the variable unset; an inherited explicit value might differ from it)."""
+    if state is None:
+        return onednn.requested_state() is None
+    return precision_lib.onednn_enabled() is state
 
 
 def decide_onednn(
     signature: precision_lib.Signature, settings, run_steps: int
 ) -> dict | None:
-    """Measures oneDNN off and on for ``signature`` (once per machine) and
-    stores the faster state; see the module docstring. Returns the stored
-    choice, or None when the choice is not this function's (rule mode, set by
-    the user, a measuring child) or already made."""
-    decided = onednn.decision()
+    """The oneDNN state for ``signature``, looked up or measured
+    (:func:`probe_onednn`, once per machine and signature) and applied.
+
+    When this process runs another state and has not settled on an earlier
+    signature's, a script that allowed it (:func:`allow_restart`) restarts into
+    the signature's state, once (``precision.RESTARTED_ENV``); else a warning
+    says so and the record says ``not applied``. What the process runs is noted
+    for its records (``onednn.settle``).
+
+    Returns:
+      The signature's stored choice, or None when the choice is not this
+      function's: rule mode, set by the user, a measuring child.
+    """
     if (
         onednn.rule_mode()
-        or decided.get("source") == "user"
+        or onednn.decision().get("source") == "user"
         or os.environ.get(precision_lib.CHILD_ENV)
-        or onednn.stored_choice() is not None
     ):
         return None
-    log.info(
-        "measuring %s with TensorFlow's oneDNN kernels off and on, each in a "
-        "fresh process (once per machine)...",
-        signature.key(),
-    )
-    current = precision_lib.onednn_enabled()
-    seconds, reported = {}, {}
-    for state in (current, not current):
-        reported[state] = _measure_child(signature, settings, state)
-        entry = onednn.read_store().get(
-            precision_lib.settings_key(signature, reported[state])
-        )
-        chosen = precision_lib.choose(entry, settings, run_steps, signature.batch_size)
-        seconds[state] = min(chosen["run_seconds"].values())
-    if reported[True] == reported[False]:  # TensorFlow ignored the variable
-        best = current
-    else:
-        best = current
-        if seconds[not current] * precision_lib.ONEDNN_MARGIN < seconds[current]:
-            best = not current
-    choice = {
-        "onednn": best,
-        "intra_op_threads": 0,
-        "inter_op_threads": 0,
-        "run_seconds": {"off": seconds[False], "on": seconds[True]},
-        "signature": signature.key(),
-        "run_steps": int(run_steps),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    onednn.store_choice(choice)
-    speedup = seconds[not best] / seconds[best]
-    state_name = "on" if best else "off"
-    if best == current:
+    key = signature.key()
+    choice = onednn.stored_choice(signature=key)
+    if choice is None or choice.get("onednn") not in (True, False, None):
         log.info(
-            "oneDNN %s kept: a run of %d steps is x%.2f faster than with it %s",
-            state_name,
-            run_steps,
-            speedup,
-            "off" if best else "on",
+            "measuring %s with TensorFlow's oneDNN kernels off and on, each in a "
+            "fresh process, in up to %d interleaved rounds (once per machine and "
+            "signature) ...",
+            key,
+            precision_lib.ONEDNN_ROUNDS,
+        )
+        choice = probe_onednn(signature, settings, run_steps)
+        onednn.store_choice(choice, signature=key)
+        log.info(
+            "oneDNN for %s, runs of %d steps: %s", key, run_steps, choice["reason"]
+        )
+    target = choice["onednn"]
+    settled = _settled["signature"]
+    if _runs_state(target):
+        if settled is None:
+            _settled["signature"] = key
+            onednn.settle(key, "measured" if target is not None else "no clear winner")
+        return choice
+    if settled is not None:
+        log.info(
+            "oneDNN %s was measured for %s; this process keeps the state of %s, "
+            "the net it resolved first",
+            _state_name(target),
+            key,
+            settled,
         )
         return choice
-    if _restart["allowed"] and not os.environ.get(precision_lib.RESTARTED_ENV):
-        log.info(
-            "oneDNN %s is x%.2f faster here; restarting with it (TensorFlow reads "
-            "it at import)",
-            state_name,
-            speedup,
+    if not _restart["allowed"]:
+        why = (
+            f"a library call does not restart; set {onednn.ONEDNN_ENV} before "
+            "importing TensorFlow, or call autotune.allow_restart() in a script"
         )
-        restart()
+    elif os.environ.get(precision_lib.RESTARTED_ENV) == str(os.getpid()):
+        why = "this process was restarted once already"
+    else:
+        log.info(
+            "restarting with oneDNN %s, measured for %s (TensorFlow reads it at "
+            "import)",
+            _state_name(target),
+            key,
+        )
+        restart(target, key)
+        return choice  # only when the restart is a stand-in (tests)
     log.warning(
-        "oneDNN %s measured x%.2f faster on this machine; it applies to processes "
-        "that import transfer_tf from now on (this one keeps TensorFlow's state, "
-        "read at import). Set %s=%d to precision_lib.choose yourself.",
-        state_name,
-        speedup,
-        onednn.ONEDNN_ENV,
-        int(best),
+        "oneDNN %s was measured for %s, but this process runs it %s: %s",
+        _state_name(target),
+        key,
+        "on" if precision_lib.onednn_enabled() else "off",
+        why,
     )
+    _settled["signature"] = key
+    onednn.settle(key, "not applied")
     return choice
 
 
-def restart():
-    """Replaces this process by a fresh run of the same command line."""
+def restart(state: bool | None, signature: str):
+    """Replaces this process by a fresh run of the same command line, with
+    oneDNN ``state`` (None: TensorFlow's default) marked as chosen for
+    ``signature`` (``onednn.request_state``)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os.environ[precision_lib.RESTARTED_ENV] = "1"
+    onednn.request_state(state, signature)
+    os.environ[precision_lib.RESTARTED_ENV] = str(os.getpid())
     argv = getattr(sys, "orig_argv", [sys.executable, *sys.argv])
-    os.execv(sys.executable, [sys.executable, *argv[1:]])
+    _exec([sys.executable, *argv[1:]])
+
+
+def _exec(argv):
+    os.execv(argv[0], argv)
 
 
 # ---------------------------------------------------------------------- resolving
@@ -376,6 +588,8 @@ def settings_for(
     a run of ``run_steps`` steps, among the candidates that ``precision`` and
     ``xla`` leave (``auto``: all). Measured once per machine, oneDNN state and
     signature; rule mode and failed measurements use ``precision.rule_settings``.
+    With a signature, its oneDNN state is decided first (:func:`decide_onednn`,
+    which may restart a script), explicit settings included.
 
     Returns:
       ``{"precision", "xla", "source", ...}``: ``source`` is ``measured``,
@@ -383,7 +597,8 @@ def settings_for(
     """
     precision_lib.check_choice("precision", precision, precision_lib.PRECISIONS)
     precision_lib.check_choice("xla", xla, precision_lib.XLA_CHOICES)
-    if precision != "auto" and xla != "auto":
+    explicit = precision != "auto" and xla != "auto"
+    if explicit and (signature is None or onednn.rule_mode()):
         return {"precision": precision, "xla": xla, "source": "explicit"}
     if onednn.rule_mode():
         rule = precision_lib.rule_settings()
@@ -402,7 +617,11 @@ def settings_for(
     xlas = ["off", "on"] if xla == "auto" else [xla]
     settings = [f"{p}:{x}" for p in precisions for x in xlas]
     try:
+        # The oneDNN state is the signature's whatever the precision and XLA:
+        # an explicit setting is timed in it alone.
         decide_onednn(signature, settings, run_steps)
+        if explicit:
+            return {"precision": precision, "xla": xla, "source": "explicit"}
         measured = measured_speeds(signature, settings)
     except Exception as e:  # any failure of the measurement falls back
         log.warning("measuring the settings failed (%s); using the rule", e)
@@ -410,7 +629,7 @@ def settings_for(
         return {
             "precision": rule["precision"] if precision == "auto" else precision,
             "xla": rule["xla"] if xla == "auto" else xla,
-            "source": f"rule (measurement failed: {e})",
+            "source": "explicit" if explicit else f"rule (measurement failed: {e})",
         }
     chosen = precision_lib.choose(measured, settings, run_steps, signature.batch_size)
     log.info(

@@ -6,20 +6,37 @@ VNNI/BF16 or AMX; ``TF_ENABLE_ONEDNN_OPTS=1`` or ``=0`` overrides that, but only
 if it is set before TensorFlow is imported. The same holds for the sizes of its
 thread pools (``TF_NUM_INTRAOP_THREADS``, ``TF_NUM_INTEROP_THREADS``). So this
 module imports no TensorFlow, and ``transfer_tf/__init__.py`` calls
-:func:`bootstrap` before any module of the package imports it. What it sets,
-in order:
+:func:`bootstrap` before any module of the package imports it.
+
+Which oneDNN state is fastest depends on the net, not only on the machine, so it
+is decided per net *signature* (``precision.Signature``: model, input shape,
+width, batch norm, batch size, classes) and kept under
+``runtime | <machine key> | <signature key>`` (:func:`store_key`). A process
+does not know its net when it imports the package, so :func:`bootstrap` sets
+oneDNN only when the state was chosen for a signature already; what it sets, in
+order:
 
 1. anything the user set in the environment is kept (``source="user"``);
 2. when TensorFlow was already imported, nothing can change (a log line says so);
 3. with ``TRANSFER_TF_AUTO=rule`` or ``=float32`` (tests, CI), the rule:
    TensorFlow's own defaults, nothing set (``source="rule"``);
-4. else the choice measured on this machine and kept in the auto-settings file
-   (``source="measured"``), when there is one; until then TensorFlow's
-   defaults (``source="not measured yet"``).
+4. a state chosen for a signature by a parent process and inherited through the
+   environment (a script restarted into its signature's state, a Ray worker of
+   that study), kept (``source="measured"``, ``signature``);
+5. else TensorFlow's default (``source="default"``): no signature is resolved
+   yet. ``transfer_tf.autotune.decide_onednn`` then looks up (or measures) the
+   state of the study's signature, notes it here (:func:`settle`) and, in a
+   script, restarts the process into it when it differs.
 
-The measurement itself (both oneDNN states, each in a fresh process, on the net a
-study trains) is ``transfer_tf.precision``'s; this module only reads and writes
-its verdict (:func:`store_choice`).
+The thread pools come from the machine-level entry ``runtime | <machine key>``
+(written by hand; nothing measures them), in measure mode only. That entry's
+``onednn`` field, written before oneDNN was decided per signature, is ignored:
+it was measured on whichever net a machine measured first.
+
+What this module sets in the environment is marked (:data:`MARK_ENV`), so that a
+child process, which inherits the variables, does not take them for the user's.
+The measurement itself is ``transfer_tf.autotune``'s; this module only reads
+and writes its verdicts (:func:`store_choice`).
 """
 
 from __future__ import annotations
@@ -39,16 +56,18 @@ INTRA_ENV = "TF_NUM_INTRAOP_THREADS"
 INTER_ENV = "TF_NUM_INTEROP_THREADS"
 AUTO_FILE_ENV = "TRANSFER_TF_AUTO_FILE"
 AUTO_MODE_ENV = "TRANSFER_TF_AUTO"
-# measure: time the candidates once per machine; rule: the hardware rule, no
-# measurement; float32: no measurement, float32 without XLA on every machine (the
-# same arithmetic whatever the CPU offers: what the tests run).
+# measure: time the candidates once per machine and signature; rule: the
+# hardware rule, no measurement; float32: no measurement, float32 without XLA on
+# every machine (the same arithmetic whatever the CPU offers: what the tests run).
 AUTO_MODES = ("measure", "rule", "float32")
 STORE_PREFIX = "runtime | "
-# What bootstrap() set from the store ("oneDNN,intra,inter"), so that a child
-# process, which inherits the variables, does not take them for the user's.
+# What transfer_tf set in the environment, "oneDNN,intra,inter,signature": the
+# values it set (empty: none) and the signature key the oneDNN state was chosen
+# for (empty: none), so that a child process, which inherits the variables, does
+# not take them for the user's.
 MARK_ENV = "TRANSFER_TF_SET_FROM_STORE"
 
-# What bootstrap() decided in this process (see decision()).
+# What bootstrap() decided in this process, updated by settle() (see decision()).
 _decision: dict = {}
 
 
@@ -78,9 +97,10 @@ def read_store(path=None) -> dict:
     """The auto-settings file as a dict (empty when absent or unreadable)."""
     path = pathlib.Path(path or auto_file())
     try:
-        return json.loads(path.read_text())
+        store = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return store if isinstance(store, dict) else {}
 
 
 @contextlib.contextmanager
@@ -141,19 +161,26 @@ def machine_key() -> str:
     )
 
 
-def store_key() -> str:
-    return STORE_PREFIX + machine_key()
+def store_key(signature: str | None = None) -> str:
+    """Key of the oneDNN choice of a signature (its ``Signature.key()``) on this
+    machine; without one, the machine-level entry (thread pools)."""
+    key = STORE_PREFIX + machine_key()
+    return key if signature is None else f"{key} | {signature}"
 
 
-def stored_choice(path=None) -> dict | None:
-    """The CPU settings measured on this machine, or None."""
-    return read_store(path).get(store_key())
+def stored_choice(path=None, *, signature: str | None = None) -> dict | None:
+    """The choice kept for ``signature`` on this machine (without one: the
+    machine-level entry), or None."""
+    choice = read_store(path).get(store_key(signature))
+    return choice if isinstance(choice, dict) else None
 
 
-def store_choice(choice: dict, path=None):
-    """Keeps a measured choice: ``{"onednn": bool, "intra_op_threads": int,
-    "inter_op_threads": int, ...evidence}`` (0 threads: TensorFlow's default)."""
-    update_store(store_key(), choice, path)
+def store_choice(choice: dict, path=None, *, signature: str | None = None):
+    """Keeps a choice. A signature's (``transfer_tf.autotune.decide_onednn``):
+    ``{"onednn": True, False or None (TensorFlow's default), ...evidence}``; the
+    machine-level one: ``{"intra_op_threads": int, "inter_op_threads": int}``
+    (0: TensorFlow's default)."""
+    update_store(store_key(signature), choice, path)
 
 
 # ------------------------------------------------------------------- bootstrap
@@ -165,34 +192,57 @@ def _set_threads(choice: dict) -> dict:
         (INTRA_ENV, "intra_op_threads"),
         (INTER_ENV, "inter_op_threads"),
     ):
-        value = int(choice.get(field) or 0)
-        if value and env not in os.environ:
+        try:
+            value = int(choice.get(field) or 0)
+        except (TypeError, ValueError):
+            value = 0
+        if value > 0 and env not in os.environ:
             os.environ[env] = str(value)
             applied[field] = value
     return applied
 
 
-def _forget_inherited():
-    """Drops the variables a parent transfer_tf process set from its store (a
-    child inherits them): this process decides again, and they are not the
-    user's."""
-    mark = os.environ.pop(MARK_ENV, None)
-    if mark is None:
-        return
-    for env, value in zip(
-        (ONEDNN_ENV, INTRA_ENV, INTER_ENV), mark.split(","), strict=False
-    ):
+def _mark_fields() -> list[str]:
+    """:data:`MARK_ENV` as its four fields (an older three-field mark has no
+    signature)."""
+    fields = os.environ.get(MARK_ENV, "").split(",", 3)
+    return (fields + ["", "", "", ""])[:4] if any(fields) else ["", "", "", ""]
+
+
+def _set_mark(fields: list[str]):
+    if any(fields):
+        os.environ[MARK_ENV] = ",".join(fields)
+    else:
+        os.environ.pop(MARK_ENV, None)
+
+
+def _take_inherited() -> tuple[bool, str] | None:
+    """Sorts out the variables a parent transfer_tf process set (a child inherits
+    them; they are not the user's): thread counts are dropped and decided again;
+    a oneDNN state chosen for a signature is kept and returned with that
+    signature's key; any other oneDNN value is dropped."""
+    mark = _mark_fields()
+    os.environ.pop(MARK_ENV, None)
+    state, intra, inter, signature = mark
+    for env, value in ((INTRA_ENV, intra), (INTER_ENV, inter)):
         if value and os.environ.get(env) == value:
             del os.environ[env]
+    if not state or os.environ.get(ONEDNN_ENV) != state:
+        return None  # not set by a parent (or changed since: the user's)
+    if not signature:
+        del os.environ[ONEDNN_ENV]
+        return None
+    return state != "0", signature
 
 
 def bootstrap() -> dict:
     """Sets oneDNN and the thread pools for TensorFlow, if it is not imported yet
     (see the module docstring); returns what it decided (also :func:`decision`)."""
     global _decision
+    inherited = None
     if "tensorflow" not in sys.modules:
-        _forget_inherited()
-    user = os.environ.get(ONEDNN_ENV)
+        inherited = _take_inherited()
+    user = os.environ.get(ONEDNN_ENV) if inherited is None else None
     threads = {
         field: int(os.environ[env])
         for env, field in (
@@ -209,31 +259,63 @@ def bootstrap() -> dict:
     elif "tensorflow" in sys.modules:
         _decision = {"onednn": None, "source": "tensorflow already imported"}
     elif rule_mode():
+        if inherited is not None:
+            del os.environ[ONEDNN_ENV]
         _decision = {"onednn": None, "source": "rule"}
     else:
-        choice = stored_choice()
-        if not isinstance(choice, dict) or not isinstance(choice.get("onednn"), bool):
-            _decision = {"onednn": None, "source": "not measured yet"}
+        applied = _set_threads(stored_choice() or {})
+        threads.update(applied)
+        if inherited is None:
+            _decision = {"onednn": None, "source": "default"}
         else:
-            os.environ[ONEDNN_ENV] = "1" if choice["onednn"] else "0"
-            applied = _set_threads(choice)
-            threads.update(applied)
-            os.environ[MARK_ENV] = ",".join(
-                [
-                    os.environ[ONEDNN_ENV],
-                    str(applied.get("intra_op_threads", "")),
-                    str(applied.get("inter_op_threads", "")),
-                ]
-            )
-            _decision = {"onednn": bool(choice["onednn"]), "source": "measured"}
+            _decision = {
+                "onednn": inherited[0],
+                "source": "measured",
+                "signature": inherited[1],
+            }
+        _set_mark(
+            [
+                os.environ[ONEDNN_ENV] if inherited else "",
+                str(applied.get("intra_op_threads", "")),
+                str(applied.get("inter_op_threads", "")),
+                inherited[1] if inherited else "",
+            ]
+        )
     _decision["threads"] = threads
     return dict(_decision)
 
 
 def decision() -> dict:
-    """What :func:`bootstrap` decided in this process: ``onednn`` (True, False or
-    None for TensorFlow's default), ``source`` and the ``threads`` it set or found."""
+    """What this process runs: ``onednn`` as requested (True, False or None for
+    TensorFlow's default), its ``source`` (``user``, ``rule``, ``default``,
+    ``measured``, ``no clear winner``, ``not applied``, ``tensorflow already
+    imported``), the ``signature`` key it was chosen for (if any) and the
+    ``threads`` set or found."""
     return dict(_decision)
+
+
+def settle(signature: str, source: str):
+    """Notes that this process runs its oneDNN state for ``signature``:
+    ``measured`` (the state measured fastest for it), ``no clear winner``
+    (TensorFlow's default, as the measurement found no faster state) or ``not
+    applied`` (another state was measured fastest but this process cannot
+    restart into it)."""
+    _decision.update(onednn=requested_state(), source=source, signature=signature)
+
+
+def request_state(state: bool | None, signature: str):
+    """Sets this process's environment so that a process started from it (a
+    restart: ``os.execv``) imports TensorFlow with oneDNN ``state`` (None:
+    TensorFlow's default, the variable unset), marked as chosen for
+    ``signature``."""
+    fields = _mark_fields()
+    if state is None:
+        os.environ.pop(ONEDNN_ENV, None)
+        fields[0] = ""
+    else:
+        os.environ[ONEDNN_ENV] = fields[0] = "1" if state else "0"
+    fields[3] = signature
+    _set_mark(fields)
 
 
 def requested_state() -> bool | None:

@@ -18,15 +18,18 @@ faster. Candidates: float32 everywhere, bfloat16 on GPUs and on CPUs with bf16
 instructions (``avx512_bf16``/``amx_bf16``; without them it is emulated, about a
 tenth of float32's speed), float16 on GPUs.
 
-oneDNN: TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, at import, so the choice is
-made by ``transfer_tf.onednn`` when the package is imported, from the state measured
-on this machine. The first measurement on a machine decides it: it times the
-signature with oneDNN off and on, each in a fresh process, keeps the faster state
-(this process's state unless the other is at least 5% faster) and stores it. When
-the process itself runs the other state, a script that called
-:func:`transfer_tf.autotune.allow_restart` restarts itself at once (nothing has been
-written yet); a library user gets a log line, and the choice applies from the next
-process. A ``TF_ENABLE_ONEDNN_OPTS`` set by the user is always kept.
+oneDNN: TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, at import, and which state
+is faster depends on the net, so it is decided per signature
+(:func:`transfer_tf.autotune.decide_onednn`). The first time a signature is resolved
+on a machine, its net is timed with oneDNN off and on in interleaved rounds (a fresh
+process per state, driven one round at a time); a state is chosen only when it
+finishes the study's run at least 5% sooner in every round (:func:`onednn_verdict`),
+else TensorFlow's default is kept. The verdict and the figures behind it are stored
+per machine and signature. A script that called
+:func:`transfer_tf.autotune.allow_restart` restarts itself, before writing anything,
+so that TensorFlow is imported in its signature's state; a library user gets a log
+line. A ``TF_ENABLE_ONEDNN_OPTS`` set by the user is always kept
+(``transfer_tf.onednn``).
 
 With ``TRANSFER_TF_AUTO=rule`` (or when a measurement fails) nothing is measured and
 a fixed rule applies instead: TensorFlow's own oneDNN default; on a GPU, XLA on and
@@ -63,7 +66,9 @@ XLA_CHOICES = ("auto", "on", "off")
 MODELS = ("base_net", "autoencoder")
 AUTO_FILE_ENV = onednn.AUTO_FILE_ENV
 AUTO_MODE_ENV = onednn.AUTO_MODE_ENV
-# Set in the processes that measure one oneDNN state, and in a restarted script.
+# Set in the processes that measure one oneDNN state (they decide nothing), and
+# in a restarted script (the id of the process that restarted: an exec keeps it,
+# so a restarted process never restarts again, while its children still may).
 CHILD_ENV = "TRANSFER_TF_MEASURING"
 RESTARTED_ENV = "TRANSFER_TF_RESTARTED"
 # The run length (steps) by which a setting's setup is weighed when the caller
@@ -73,6 +78,9 @@ TYPICAL_RUN_STEPS = 400
 # XLA, and the other oneDNN state this much sooner to replace this process's.
 SETTING_MARGIN = 1.10
 ONEDNN_MARGIN = 1.05
+# Interleaved rounds (off, on, off, on, ...; a process per state) of the oneDNN
+# probe; a state is chosen only when it wins every one by ONEDNN_MARGIN.
+ONEDNN_ROUNDS = 3
 
 
 # ------------------------------------------------------------------ hardware rules
@@ -151,7 +159,8 @@ def onednn_enabled() -> bool:
 
 def runtime() -> dict:
     """This process's CPU runtime, for results: oneDNN (as TensorFlow reports
-    it), where that came from (``transfer_tf.onednn``) and the thread pools."""
+    it), where that came from and the signature it was measured for
+    (``transfer_tf.onednn.decision``), and the thread pools."""
     decided = onednn.decision()
     # TensorFlow reads the variables in C++; its Python API only knows its own.
     intra = tf.config.threading.get_intra_op_parallelism_threads()
@@ -159,6 +168,7 @@ def runtime() -> dict:
     return {
         "onednn": onednn_enabled(),
         "onednn_source": decided.get("source", "unknown"),
+        "onednn_signature": decided.get("signature"),
         "intra_op_threads": intra or int(os.environ.get(onednn.INTRA_ENV, 0) or 0),
         "inter_op_threads": inter or int(os.environ.get(onednn.INTER_ENV, 0) or 0),
     }
@@ -276,6 +286,44 @@ def choose(measured: dict, settings, run_steps=TYPICAL_RUN_STEPS, batch_size=128
         "run_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "run_steps": int(run_steps),
     }
+
+
+def onednn_verdict(rounds, margin: float = ONEDNN_MARGIN):
+    """The oneDNN state that finished a run sooner in *every* round by
+    ``margin``, or None (keep TensorFlow's default), with the reason and the
+    figures behind it.
+
+    Args:
+      rounds: per round, the seconds of a run with oneDNN off and on:
+        ``[{"off": s, "on": s}, ...]``.
+
+    Returns:
+      ``(True, False or None, reason)``.
+    """
+    rows, winners = [], []
+    for i, row in enumerate(rounds, 1):
+        off, on = row["off"], row["on"]
+        if on * margin <= off:
+            winner, result = True, f"on x{off / on:.2f}"
+        elif off * margin <= on:
+            winner, result = False, f"off x{on / off:.2f}"
+        else:
+            winner, result = None, f"within {margin - 1:.0%}"
+        winners.append(winner)
+        rows.append(f"round {i}: off {off:.1f} s, on {on:.1f} s ({result})")
+    figures = "; ".join(rows)
+    if winners and winners[0] is not None and winners.count(winners[0]) == len(winners):
+        name = "on" if winners[0] else "off"
+        return (
+            winners[0],
+            f"oneDNN {name} finished sooner by at least {margin - 1:.0%} in every "
+            f"round ({figures})",
+        )
+    return (
+        None,
+        f"no clear winner: no state finished sooner by at least {margin - 1:.0%} "
+        f"in every round ({figures or 'no round'}); TensorFlow's default kept",
+    )
 
 
 def jit_compile(xla: str) -> bool:

@@ -6,7 +6,9 @@ Adam under a learning-rate schedule and decoupled weight decay, stops early when
 validation loss stops improving and restores the best weights (the model is chosen
 on the validation split, never on the test split), writes ``metrics.jsonl`` and
 TensorBoard events, resumes after a crash from a backup in the work directory, and
-fails with a clear error when the loss becomes NaN.
+fails with a clear error when the loss becomes NaN. Its outcome says where the
+time went: tracing and compiling the step (``trace_seconds``), training steps,
+per-epoch validation and the rest (:class:`TrainResult`).
 
 Precision and XLA choices live in ``transfer_tf.precision``; the precision is a
 property of the model (its dtype policy), XLA a property of its compilation.
@@ -188,6 +190,14 @@ class TrainResult:
     stop_reason: str = "epoch cap"
     learning_rate_reductions: int = 0
     steps_per_epoch: int = 0  # optimizer steps per epoch as trained
+    # How wall_time splits (seconds; see _TimeSplit): the first training step
+    # beyond a typical one (tracing, XLA compilation), the training steps, the
+    # per-epoch validation, and the rest (setting up fit, epoch-end callbacks:
+    # logs, backups, best weights; select_initial's evaluation).
+    trace_seconds: float = 0.0
+    step_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    other_seconds: float = 0.0
 
 
 def plateau(**changes) -> TrainConfig:
@@ -211,6 +221,10 @@ def plateau(**changes) -> TrainConfig:
     }
     return TrainConfig(**{**rule, **changes})
 
+
+# The plateau rule starts once the validation accuracy has come this fraction of
+# the way from chance to perfect (5 classes: 0.36; 10 classes: 0.28).
+LEFT_CHANCE = 0.2
 
 # An epoch of the convergence rule: a round of this many optimizer steps between
 # two validations, whatever the dataset's size (a pass over 500 images per class
@@ -429,13 +443,22 @@ class _BestWeights(keras.callbacks.Callback):
             results.write_json(self.state_path, state)
 
     def _at_chance(self) -> bool:
-        """Whether no validation accuracy so far (the starting weights' included)
-        is significantly above chance: the net has not started learning."""
+        """Whether the net has not started learning: no validation accuracy so
+        far (the starting weights' included) is significantly above chance, or
+        none has come :data:`LEFT_CHANCE` of the way from chance to perfect (on
+        thousands of validation images a net one point above chance is
+        "significant", yet still on its initial plateau)."""
         if self.chance is None:
             return False
         seen = [self.state.get("peak_accuracy"), self.state.get("best_accuracy")]
         seen = [a for a in seen if a is not None and math.isfinite(a)]
-        return not seen or at_chance(max(seen), *self.chance)
+        if not seen:
+            return True
+        examples, classes = self.chance
+        guess = 1.0 / classes
+        return at_chance(max(seen), examples, classes) or max(seen) < guess + (
+            LEFT_CHANCE * (1.0 - guess)
+        )
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
@@ -459,6 +482,57 @@ class _NonFiniteGuard(keras.callbacks.Callback):
                 f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch "
                 f"{batch + 1}; lower the learning rate or check the data"
             )
+
+
+class _TimeSplit(keras.callbacks.Callback):
+    """Where a ``fit`` spends its time: inside training batches (the first
+    apart: it traces the step function and compiles it with XLA) and inside
+    the per-epoch validation. Two clock reads per batch and no device sync of
+    its own (the batch-end logs are synced by Keras for ``_NonFiniteGuard``
+    already), so it does not slow training.
+
+    Only what this ``fit`` runs is timed: a resumed training's split covers
+    the epochs after its backup, like its ``wall_time``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []  # seconds of each training batch, in order
+        self.eval_seconds = 0.0
+        self._started = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._started is not None:
+            self.steps.append(time.perf_counter() - self._started)
+            self._started = None
+
+    def on_test_begin(self, logs=None):
+        self._started = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        if self._started is not None:
+            self.eval_seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def split(self, wall: float) -> dict:
+        """``trace_seconds``, ``step_seconds``, ``eval_seconds`` and
+        ``other_seconds`` of a training that took ``wall`` seconds. The trace
+        is the first step minus a typical (the median) later step; a training
+        of one step counts it all as trace."""
+        steps = self.steps
+        typical = float(np.median(steps[1:])) if len(steps) > 1 else 0.0
+        trace = max(0.0, steps[0] - typical) if steps else 0.0
+        step = sum(steps) - trace
+        other = max(0.0, wall - trace - step - self.eval_seconds)
+        return {
+            "trace_seconds": trace,
+            "step_seconds": step,
+            "eval_seconds": self.eval_seconds,
+            "other_seconds": other,
+        }
 
 
 class _EpochLog(keras.callbacks.Callback):
@@ -574,7 +648,8 @@ def train(
         initial=initial,
         chance=(validation_examples, classes) if classes else None,
     )
-    own = []
+    timer = _TimeSplit()
+    own = [timer]
     if config.backup:
         own.append(
             keras.callbacks.BackupAndRestore(workdir / "backup", double_checkpoint=True)
@@ -603,19 +678,21 @@ def train(
     for leftover in ("early_stopping.json", "best_weights.npz"):
         (workdir / leftover).unlink(missing_ok=True)
     shutil.rmtree(workdir / "backup", ignore_errors=True)
+    wall = time.time() - started
     return TrainResult(
         best_epoch=best.state["best_epoch"],
         epochs_run=epochs_run,
         best_val_loss=best.state["best_loss"],
         best_val_accuracy=best.state["best_accuracy"],
         examples_seen=per_epoch * epochs_run,
-        wall_time=time.time() - started,
+        wall_time=wall,
         stopped_early=best.state["stopped_early"],
         precision=model_precision(model),
         jit_compile=bool(model.jit_compile),
         stop_reason=best.state["stop_reason"],
         learning_rate_reductions=best.state["reductions"],
         steps_per_epoch=steps,
+        **timer.split(wall),
     )
 
 
@@ -695,6 +772,10 @@ class TaskResult:
             "stopped_early": t.stopped_early,
             "examples_seen": t.examples_seen,
             "train_time": t.wall_time,
+            "trace_seconds": t.trace_seconds,
+            "step_seconds": t.step_seconds,
+            "eval_seconds": t.eval_seconds,
+            "other_seconds": t.other_seconds,
             "precision": t.precision,
             "xla": "on" if t.jit_compile else "off",
             "path": self.path,

@@ -1,4 +1,5 @@
-"""Where a study's pending runs execute: in this process, or on a Ray cluster.
+"""Where a study's pending runs execute: in this process, in worker processes
+of this machine, or on a Ray cluster.
 
 The runner hands an executor the runs still to do and the records done so far;
 the executor yields each run with its record (or the error it failed with) as it
@@ -7,7 +8,18 @@ progress and writes the report. So resume, refusal of a changed configuration
 and the summaries are the same whichever executor ran the runs.
 
 - :class:`LocalExecutor` (``--executor=local``, the default): one run after the
-  other, in order; the first failure stops the study (rerunning resumes).
+  other in this process, in order (``workers=1``, the default), or up to
+  ``workers`` runs at a time in as many worker processes of this machine
+  (started with ``spawn``; each builds the study's context once and runs one
+  run after another, like a Ray worker), each run sent once the runs it reads
+  have finished, in the order of the runs. Either way the first failure stops
+  the study (rerunning resumes): with workers, no further run starts, the runs
+  in flight finish and are recorded, then the failure is raised as the
+  in-process executor raises it (its worker's traceback as its cause). The
+  workers compute what this process would: a record differs from the
+  one-at-a-time record in its timings only (``tests/test_executors.py``).
+  Ctrl-C or a killed driver stops the workers (they watch their parent) and
+  leaves ``results.jsonl`` as it was after the last finished run.
 - :class:`RayExecutor` (``--executor=ray``): every run is a Ray task with its
   resource request (``cpus_per_run``, ``gpus_per_run``), submitted once the runs
   it reads (its base net, its source) have finished; on one machine
@@ -21,12 +33,21 @@ and the summaries are the same whichever executor ran the runs.
 Workers rebuild the study's context (decoded data, tasks) once per process and
 read the data from the same spec, so a cluster needs the dataset where every
 node sees it (a shared path, or TFDS' data_dir), and the work directory too.
+Local worker processes find the study by its module-level name (``STUDY`` of
+``transfer_tf.studies.<name>``), so a study to run in them must have one.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +79,298 @@ class IncompleteStudy(RuntimeError):
 
 
 class LocalExecutor:
-    """Runs one after the other in this process."""
+    """Runs on this machine: one after the other in this process, or
+    ``workers`` at a time in worker processes (see the module docstring).
+
+    Args:
+      workers: how many runs at a time; 1 runs them in this process. Each
+        worker is a process with its own TensorFlow and copy of the data, and
+        where one run already keeps the cores busy, more at a time cannot
+        gain (BUILD.md has the measurements).
+    """
 
     name = "local"
 
+    def __init__(self, workers: int = 1):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"--workers={workers} must be an integer >= 1")
+        self.workers = workers
+
     def run(self, runner, pending, context, done):
+        workers = min(self.workers, len(pending))
+        if workers > 1:
+            yield from _pool(runner, workers, pending, done)
+            return
         for run in pending:
             missing = [k for k in needs(run) if k in runner.hashes and k not in done]
             if missing:
                 raise RuntimeError(f"{run.key} needs {missing}, which have not run")
             yield run, runner.execute(run, context)
+
+
+# ----------------------------------------------------------- local worker processes
+
+
+def _study_reference(study) -> tuple[str, str]:
+    """``(module, name)`` under which a worker process imports ``study``: the
+    study module's own name first, then any module's (the script's last)."""
+    own = f"transfer_tf.studies.{study.name}"
+    modules = [m for m in list(sys.modules) if m != "__mp_main__"]
+    modules.sort(key=lambda m: (m != own, m == "__main__"))
+    for module_name in modules:
+        namespace = getattr(sys.modules.get(module_name), "__dict__", None) or {}
+        for attribute, value in list(namespace.items()):
+            if value is study:
+                return module_name, attribute
+    raise ValueError(
+        f"--workers > 1: the study {study.name!r} is not a module-level name of "
+        "any module (worker processes import it by name); use --workers=1"
+    )
+
+
+class _RemoteTraceback(Exception):
+    """A worker's traceback, as the cause of the error raised here."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a RuntimeError with its text."""
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _watch_parent(parent: int):
+    """Ends this worker when the process that started it is gone (killed:
+    nothing else would stop it)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
+def _worker_main(connection, index, make_runner, reference, config, workdir, setup):
+    """A local worker process: builds the study's runner and context once, then
+    executes each run it receives and sends back its record or its error."""
+    # Ctrl-C reaches the whole process group: the driver decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(setup["parent"])
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [worker {index}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("transfer_tf").setLevel(setup["log_level"])
+    code = 0
+    try:
+        _serve(connection, make_runner, reference, config, workdir, setup)
+    except BaseException:  # the driver sees the worker die and fails its run
+        traceback.print_exc()
+        code = 1
+    # Every file of a run is written (and closed) before its record is sent:
+    # skip the interpreter's teardown of TensorFlow, which takes seconds.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(connection, make_runner, reference, config, workdir, setup):
+    try:
+        module, attribute = reference
+        study = getattr(importlib.import_module(module), attribute)
+        worker = make_runner(study, config, workdir, setup["strategy"])
+    except Exception as e:
+        connection.send(("broken", None, _portable(e), traceback.format_exc()))
+        return
+    connection.send(("ready", None, os.getpid(), None))
+    while True:
+        try:
+            run = connection.recv()
+        except (EOFError, OSError):
+            return
+        if run is None:
+            return
+        try:
+            record = worker.execute(run, worker.context)
+        except Exception as e:
+            connection.send(("failed", run.key, _portable(e), traceback.format_exc()))
+        else:
+            connection.send(("done", run.key, record, None))
+
+
+class _Worker:
+    """The driver's end of a worker process: its pipe and the run it executes."""
+
+    def __init__(self, spawn, index, args):
+        self.index = index
+        self.run = None
+        self.dead = False
+        self.stopping = False  # asked to end (nothing left for it)
+        self.connection, theirs = spawn.Pipe()
+        self.process = spawn.Process(
+            target=_worker_main,
+            args=(theirs, index, *args),
+            name=f"transfer_tf-worker-{index}",
+            daemon=True,
+        )
+        try:
+            self.process.start()
+        finally:
+            theirs.close()
+
+    def receive(self, hashes):
+        """``(run, its record or error)`` of the worker's next message, or None
+        when that said it is ready. A worker that died fails its run."""
+        run = self.run
+        try:
+            kind, key, payload, remote = self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join(5)
+            self.run, self.dead = None, True
+            return run, RuntimeError(
+                f"{run.key}: its worker process died (exit code "
+                f"{self.process.exitcode}); rerun to retry it"
+            )
+        if kind == "ready":
+            log.debug("worker %d ready (pid %d)", self.index, payload)
+            return None
+        self.run = None
+        if kind in ("failed", "broken"):
+            self.dead = kind == "broken"
+            payload.__cause__ = _RemoteTraceback(f"\n\n{remote}")
+            return run, payload
+        if payload.get("config_hash") != hashes[key]:
+            return run, RuntimeError(
+                f"{key}: a worker process computed another configuration hash "
+                f"({payload.get('config_hash')}, here {hashes[key]})"
+            )
+        return run, payload
+
+    def stop(self, now: bool):
+        """Asks an idle worker to end; ends a busy one (``now``: any one)."""
+        if not self.process.is_alive():
+            return
+        if now or self.run is not None:
+            self.process.terminate()
+            return
+        if self.stopping:
+            return
+        self.stopping = True
+        try:
+            self.connection.send(None)
+        except OSError:
+            self.process.terminate()
+
+    def join(self, timeout: float):
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.connection.close()
+
+
+def _pool(runner, count: int, pending, done):
+    """Feeds ``count`` worker processes from the pending runs, in their order,
+    each run once the runs it reads have finished; yields ``(run, record)``
+    and raises the first failure once the runs in flight have finished."""
+    import multiprocessing
+    from multiprocessing import connection as mp_connection
+
+    hashes = runner.hashes
+    setup = {
+        "parent": os.getpid(),
+        "strategy": runner.strategy,
+        "log_level": logging.getLogger("transfer_tf").getEffectiveLevel(),
+    }
+    args = (
+        type(runner),
+        _study_reference(runner.study),
+        runner.config,
+        runner.workdir,
+        setup,
+    )
+    try:
+        pickle.dumps((args, list(pending)))
+    except Exception as e:
+        raise ValueError(
+            f"--workers={count}: the study's configuration or runs cannot be sent "
+            f"to a worker process ({e}); use --workers=1"
+        ) from e
+    spawn = multiprocessing.get_context("spawn")
+    log.info("local executor: %d worker processes, one run at a time each", count)
+    workers, waiting, error, finished = [], list(pending), None, False
+
+    def missing(run):
+        return [k for k in needs(run) if k in hashes and k not in done]
+
+    try:
+        workers = [_Worker(spawn, i, args) for i in range(count)]
+        while True:
+            for worker in workers:
+                if error is not None or not waiting:
+                    break
+                if worker.dead or worker.run is not None:
+                    continue
+                run = next((r for r in waiting if not missing(r)), None)
+                if run is None:
+                    break
+                waiting.remove(run)
+                worker.run = run
+                try:
+                    worker.connection.send(run)
+                except OSError:
+                    pass  # it died: its receive below says so
+            if error is not None or not waiting:
+                for worker in workers:  # idle for good: end it meanwhile
+                    if worker.run is None and not worker.dead:
+                        worker.stop(now=False)
+            busy = [w for w in workers if w.run is not None]
+            if not busy:
+                if error is None and waiting:
+                    first = waiting[0]
+                    error = RuntimeError(
+                        f"{first.key} needs {missing(first)}, which have not run"
+                    )
+                break
+            ready = set(
+                mp_connection.wait(
+                    [w.connection for w in busy] + [w.process.sentinel for w in busy]
+                )
+            )
+            for worker in busy:
+                if not {worker.connection, worker.process.sentinel} & ready:
+                    continue
+                outcome = worker.receive(hashes)
+                if outcome is None:
+                    continue
+                run, result = outcome
+                if not isinstance(result, BaseException):
+                    yield run, result
+                elif error is None:
+                    error = result
+                    if any(w.run is not None for w in workers):
+                        log.error(
+                            "%s failed: %s; stopping once the runs in flight "
+                            "have finished",
+                            run.key,
+                            result,
+                        )
+        finished = True
+    finally:
+        for worker in workers:
+            worker.stop(now=not finished)
+        for worker in workers:
+            worker.join(timeout=60 if finished else 10)
+    if error is not None:
+        raise error
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -251,5 +554,5 @@ def executor(name: str, **options):
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; choose one of {list(EXECUTORS)}")
     if name == "local":
-        return LocalExecutor()
+        return LocalExecutor(**{k: v for k, v in options.items() if k == "workers"})
     return RayExecutor(**options)

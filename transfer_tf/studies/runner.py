@@ -31,7 +31,8 @@ once:
 - the report is drawn from every compatible record of the directory (not only
   this command's selection) and written only where it changed, so rerunning a
   finished study on a read-only copy works;
-- runs execute in this process or on Ray (``transfer_tf.studies.executors``);
+- runs execute in this process, in local worker processes or on Ray
+  (``transfer_tf.studies.executors``);
   ``shard=(i, K)`` runs only the i-th of K slices of the runs (each slice a set
   of runs with the runs they read), recording into ``results.shard-i-of-K.jsonl``
   so that K processes (a SLURM job array) never write one file; any later
@@ -855,6 +856,8 @@ class Runner:
                     ),
                 )
         progress = Progress(self.study.group, self.study.typical)
+        local = isinstance(executor, executors.LocalExecutor)
+        parallel = executor.workers if local else 1
         started, failures, finished = time.time(), {}, len(runs) - len(pending)
         for run, outcome in executor.run(self, pending, context, done):
             if isinstance(outcome, BaseException):
@@ -866,7 +869,9 @@ class Runner:
             finished += 1
             progress.add(run, outcome["wall_time"])
             left = [r for r in pending if r.key not in done and r.key not in failures]
-            eta = progress.eta(left)
+            # Runs at a time (local worker processes); each one's wall time
+            # already includes the slowdown of sharing the machine.
+            eta = progress.eta(left) / max(1, min(parallel, len(left)))
             log.info(
                 "[%d/%d] %-40s %s  (%.1f s)  ETA %s",
                 finished,
