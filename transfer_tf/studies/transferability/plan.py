@@ -63,7 +63,7 @@ class Config(config_lib.StudyConfig):
     match_semantic_sizes: bool = False
     gate_tolerance: float = 0.02
     splits: tuple[str, ...] = ("random",)
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     layers: tuple[int, ...] = (1, 4, 7)
     treatments: tuple[str, ...] = ("BnB", "BnB+", "AnB", "AnB+", "random")
     targets: tuple[str, ...] = ("B",)
@@ -131,7 +131,7 @@ PRESETS = {
             "reduced_per_class": (10,),
         }
     ),
-    # The defaults: the embedded digits, two seeds (each its own random split),
+    # The defaults: the embedded digits, five seeds (each its own random split),
     # cut layers 1, 4 and 7 (``--layers=1,2,3,4,5,6,7`` for the whole figure).
     "digits": {},
     # ../shared/data/cifar10 (else TFDS), random and man-made/natural halves.
