@@ -53,7 +53,18 @@ def test_training_learns_and_logs(task, tmp_path):
     assert {"train/loss", "val/loss", "val/accuracy", "learning_rate"} <= set(lines[0])
     assert lines[-1]["learning_rate"] < lines[0]["learning_rate"]  # cosine decays
     assert outcome.examples_seen == outcome.epochs_run * len(task.y_train)
-    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
+    # TensorBoard: one scalar per epoch, Keras' layout (train/, validation/)
+    from tensorboard.backend.event_processing import event_accumulator
+
+    for run, tags in (
+        ("train", {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"}),
+        ("validation", {"epoch_loss", "epoch_accuracy"}),
+    ):
+        events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard" / run))
+        events.Reload()
+        assert set(events.Tags()["tensors"]) == tags
+        steps = [e.step for e in events.Tensors("epoch_loss")]
+        assert steps == list(range(outcome.epochs_run))
     assert not (tmp_path / "backup").exists()  # cleaned up after success
 
 
