@@ -356,3 +356,29 @@ def test_the_plateau_rule_waits_until_the_net_has_come_away_from_chance(tmp_path
         callback.on_epoch_end(epoch, {"val_loss": 1.3, "val_accuracy": 0.34})
     assert model.stop_training and callback.state["stop_reason"] == "converged"
     assert callback.state["best_epoch"] == 9
+
+
+def test_several_steps_per_execution_train_the_same_weights(task, tmp_path):
+    cfg = training.plateau(epochs=2, min_epochs=2, steps_per_epoch=10, verbose=0)
+    assert training.execution_steps(cfg) == 10
+    assert training.execution_steps(config(steps_per_epoch=12)) == 6
+    assert training.execution_steps(config()) == 1  # a pass of any length
+    weights = {}
+    for name, callbacks in (("fast", ()), ("one", (keras.callbacks.Callback(),))):
+        model = models.build_base_net(
+            task.image_shape, task.num_classes, seed=0, **TINY
+        )
+        training.train(
+            model,
+            task.train_dataset(16, seed=0),
+            task.eval_dataset("validation", 64),
+            cfg,
+            tmp_path / name,
+            callbacks=callbacks,
+        )
+        # a caller's callbacks see every step; the project's own run 10 a call
+        expected = 1 if callbacks else 10
+        assert model.steps_per_execution == expected
+        weights[name] = model.get_weights()
+    for a, b in zip(weights["fast"], weights["one"], strict=True):
+        np.testing.assert_array_equal(a, b)

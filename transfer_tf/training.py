@@ -262,6 +262,24 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
     return optimizer
 
 
+# Optimizer steps one call of the compiled train function runs (Keras'
+# ``steps_per_execution``): fewer Python round trips per step, the same steps.
+# Measured on the digits net (width 0.125, batch 64, 2-core Xeon): x1.10 at 4,
+# x1.15 at 16 over 1, in float32 and bfloat16 alike.
+EXECUTION_STEPS = 10
+
+
+def execution_steps(config: TrainConfig) -> int:
+    """Steps per execution for a training by ``config``: the largest divisor of
+    its ``steps_per_epoch`` up to :data:`EXECUTION_STEPS` (an epoch is whole
+    executions), 1 without ``steps_per_epoch`` (a pass of any length)."""
+    if not config.steps_per_epoch:
+        return 1
+    return max(
+        k for k in range(1, EXECUTION_STEPS + 1) if config.steps_per_epoch % k == 0
+    )
+
+
 def compile_model(
     model: keras.Model,
     config: TrainConfig,
@@ -269,19 +287,23 @@ def compile_model(
     loss=None,
     metrics=None,
     optimizer=None,
+    steps_per_execution: int = 1,
 ):
     """Compiles for training; call again after any change of ``trainable``.
 
     The loss defaults to cross-entropy on logits and the metric to top-1
     ``accuracy`` (a classifier); an autoencoder passes its reconstruction loss.
     ``optimizer`` replaces the one :func:`make_optimizer` builds from ``config``
-    (per-layer learning rates, say).
+    (per-layer learning rates, say). ``steps_per_execution``: optimizer steps
+    per call of the train function (batch-level callbacks then see one batch
+    per call).
     """
     model.compile(
         optimizer=optimizer or make_optimizer(config, steps_per_epoch),
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics or [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=precision_module.jit_compile(config.xla),
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -676,7 +698,17 @@ def train(
             "> 0"
         )
     keras.utils.set_random_seed(config.seed)
-    compile_model(model, config, steps, loss, metrics, optimizer)
+    # A caller's callbacks may act on every batch (DANN anneals per step): they
+    # get one step per call; the project's own only watch epochs and time.
+    compile_model(
+        model,
+        config,
+        steps,
+        loss,
+        metrics,
+        optimizer,
+        steps_per_execution=1 if callbacks else execution_steps(config),
+    )
     started = time.time()
     initial = None
     resuming = config.backup and (workdir / "backup").exists()
