@@ -314,7 +314,8 @@ def test_local_workers_are_validated_before_anything_is_written(tmp_path):
 
 
 DRIVER = """
-import sys
+import faulthandler, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 sys.path.insert(0, {tests!r})
 from toy_study import TOY, ToyConfig
 from transfer_tf.studies import executors, runner
@@ -343,12 +344,17 @@ def _stop_driver_while_a_run_is_held(tmp_path, hold, recorded, how):
         hold=hold,
         workdir=str(work),
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
+    # stderr to a file, not a pipe: nobody reads a pipe while the driver runs,
+    # and a driver (or a worker, which inherits it) writing to a full pipe
+    # would block for ever.
+    err = tmp_path / "driver.stderr"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stderr=stderr,
+            text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
     pattern = f"started.{hold.replace('/', '.')}.*"
     deadline = time.time() + 300
     while not (
@@ -356,12 +362,21 @@ def _stop_driver_while_a_run_is_held(tmp_path, hold, recorded, how):
         and len(results.read_jsonl(work / runner.RESULTS_FILE)) == recorded
     ):
         if proc.poll() is not None:
-            raise AssertionError(f"the driver ended early: {proc.stderr.read()}")
+            raise AssertionError(f"the driver ended early: {err.read_text()}")
         assert time.time() < deadline, "the held run never started"
         time.sleep(0.05)
     before = (work / runner.RESULTS_FILE).read_bytes()
     proc.send_signal(how)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # its stacks, to tell a hang from slowness
+        time.sleep(2)
+        proc.kill()
+        raise AssertionError(
+            f"the driver did not end after {how!r}; its stacks:\n"
+            + err.read_text()[-6000:]
+        ) from None
     assert proc.returncode != 0
     workers = {int(p.name.rsplit(".", 1)[1]) for p in control.glob("started.*")}
     assert os.getpid() not in workers and len(workers) == 2

@@ -219,7 +219,8 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
       every check is ``equivalent``; failed when one is ``different`` (its
       interval wholly outside the margin) or a base net did not converge by the
       rule (it stopped at the epoch cap, or never left chance); ``None`` (not
-      shown) when an interval is too wide to tell, or nothing could be checked.
+      shown) when an interval is too wide to tell or has zero width, or nothing
+      could be checked.
     """
     layers = sorted({n for (t, n) in split["values"] if t in ("BnB", "BnB+")})
     if not layers or ("baseB", 0) not in split["values"]:
@@ -234,13 +235,12 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
             _, iv = contrast(split, {(t, n): 1.0, ("baseB", 0): -1.0})
             if iv is None:
                 continue
-            if iv["low"] is not None and -tolerance <= iv["low"] <= iv["high"] <= (
-                tolerance
-            ):
+            # A zero-width interval (tied replicates without per-image hits)
+            # shows nothing, as it decides no verdict.
+            shown = iv["low"] is not None and iv["high"] > iv["low"]
+            if shown and -tolerance <= iv["low"] <= iv["high"] <= tolerance:
                 state = "equivalent"
-            elif iv["low"] is not None and (
-                iv["low"] > tolerance or iv["high"] < -tolerance
-            ):
+            elif shown and (iv["low"] > tolerance or iv["high"] < -tolerance):
                 state = "different"
             else:
                 state = "not shown"
@@ -302,6 +302,9 @@ def diagnose(checks: dict, records, tolerance: float) -> list[str]:
             how = (
                 "one replicate has no interval"
                 if iv["low"] is None
+                else "its interval has zero width (tied replicates, no per-image "
+                "hits recorded)"
+                if iv["high"] <= iv["low"]
                 else f"its interval is wider than ±{100 * tolerance:g} points"
             )
             why.append(f"{shown}: {how}: add seeds (--seeds)")
