@@ -316,6 +316,9 @@ def test_local_workers_are_validated_before_anything_is_written(tmp_path):
 DRIVER = """
 import faulthandler, signal, sys
 faulthandler.register(signal.SIGUSR1, all_threads=True)
+# Ctrl-C as a terminal delivers it: Python leaves SIGINT ignored when its parent
+# ignored it (a background job of a non-interactive shell, e.g. `nohup ... &`).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from toy_study import TOY, ToyConfig
 from transfer_tf.studies import executors, runner

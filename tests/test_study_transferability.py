@@ -379,15 +379,16 @@ def test_findings_are_judged_from_paired_intervals():
     # 3 replicates; AnB+ beats baseB by 2-3 points everywhere: boost reproduced;
     # AnB falls behind BnB by 10 points more at n=7 than at n=1: reproduced.
     base = [0.70, 0.72, 0.74]
+    near = [0.701, 0.719, 0.741]  # within a point of base, not tied with it
     split = _split(
         baseB_0=base,
-        BnB_1=base,
+        BnB_1=near,
         BnB_7=[b + 0.001 * i for i, b in enumerate(base)],
-        AnB_1=base,
+        AnB_1=near,
         AnB_7=[b - 0.10 - 0.002 * i for i, b in enumerate(base)],
         AnBplus_1=[b + 0.02 for b in base],
         AnBplus_7=[b + 0.03 + 0.001 * i for i, b in enumerate(base)],
-        BnBplus_7=base,
+        BnBplus_7=near,
     )
     split.update(layers=[1, 7], gate=transferability.gate(split, 0.02))
     found = {f.key: f for f in transferability.findings({"random": split})}
