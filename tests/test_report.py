@@ -149,6 +149,24 @@ def test_caveats_name_failed_capped_and_diverged_runs_and_a_single_seed():
         "1 run(s) never rose significantly above chance on validation (kept in "
         "every mean and choice): a"
     ]
+    # Stopped by the rule while short of leaving chance, yet significantly
+    # above it: named as weak, not failed.
+    weak = {"key": "e", "seed": 0, "stop_reason": "at chance", "at_chance": False}
+    found = report.caveats([weak], seeds=(0, 1))
+    assert len(found) == 1 and "weak, not failed" in found[0]
+    assert found[0].endswith(": e")
+
+
+def test_the_stopping_rule_paragraph_states_the_rules_numbers_in_steps():
+    from transfer_tf import training
+
+    text = report.stopping_rule(training.plateau(epochs=30, min_epochs=3))
+    assert "rounds of 50 optimizer steps" in text
+    assert "at most 30 epochs = 1,500 steps (the cap)" in text
+    assert "at most 10 epochs = 500 steps, then a net still at chance" in text
+    assert "fewer than 13 batches an epoch is 4 passes" in text
+    initial = report.stopping_rule(training.plateau(select_initial=True))
+    assert "unless they are at chance" in initial
 
 
 def test_the_convergence_table_counts_epochs_and_stop_reasons_per_group():

@@ -306,6 +306,17 @@ def test_gate_is_an_equivalence_test_that_says_what_to_change():
     why = " ".join(g["why"])
     assert "3 of 3 base nets stopped at the epoch cap" in why and "--epochs" in why
     assert "BnB - baseB at n=1 = +5.20 [" in why and "undertrained" in why
+    assert "lower --learning_rate" not in why  # BnB trains at the base's rate
+    # BnB+ (at the lower fine-tuning rate) ahead: the base rate may be too high;
+    # a base net the rule stopped at chance is unconverged too.
+    ahead["values"][("BnB+", 1)] = ahead["values"].pop(("BnB", 1))
+    ahead["values"][("BnB", 1)] = matched["values"][("BnB", 1)]
+    stuck = [{"kind": "base", "stop_reason": "at chance", "key": "seed0/baseB"}]
+    g = transferability.gate(ahead, 0.02, stuck)
+    why = " ".join(g["why"])
+    assert g["passed"] is False and "lower --learning_rate" in why
+    assert "1 base net(s) never left chance level" in why
+    assert transferability.gate(matched, 0.02, stuck)["passed"] is False
     # Two seeds that disagree: the interval is too wide to show equivalence.
     wide = _split(baseB_0=[0.80, 0.80], BnB_7=[0.79, 0.815], BnBplus_7=[0.80, 0.80])
     g = transferability.gate(wide, 0.02)

@@ -215,6 +215,15 @@ def test_steps_per_epoch_makes_an_epoch_the_same_number_of_steps(
     assert outcome.examples_seen == 2 * 12 * 8  # 24 steps of 8 images
     lines = results.read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in lines] == [1, 2]
+    # The rule's rounds are at most round_passes passes over so small a set.
+    short = training.train(
+        models.build_base_net(small.image_shape, small.num_classes, **TINY),
+        small.train_dataset(8, seed=0),
+        small.eval_dataset("validation", 64),
+        config(epochs=2, steps_per_epoch=50, round_passes=2),
+        tmp_path / "short",
+    )
+    assert short.steps_per_epoch == 10 and short.examples_seen == 2 * 10 * 8
     with pytest.raises(ValueError, match="steps_per_epoch=0 must be an integer"):
         config(steps_per_epoch=0)
 
@@ -229,6 +238,42 @@ def test_a_tested_run_records_which_test_examples_it_got_right(task, tmp_path):
     assert record["steps_run"] == record["epochs_run"] * record["steps_per_epoch"]
     split = [record[f"{part}_seconds"] for part in ("trace", "step", "eval", "other")]
     assert min(split) >= 0 and sum(split) <= record["train_time"] + 1e-6
+
+
+def test_a_round_is_at_most_a_few_passes_over_a_tiny_training_set():
+    rule = training.plateau()
+    assert training.round_steps(rule, 22) == 50  # CIFAR-10 halves: unchanged
+    assert training.round_steps(rule, 13) == 50  # the digits default: unchanged
+    assert training.round_steps(rule, 5) == 4 * 5  # 100 labelled images per class
+    assert training.round_steps(rule, 1) == training.MIN_ROUND_STEPS
+    assert training.round_steps(config(steps_per_epoch=50), 1) == 50  # not asked
+    assert training.round_steps(config(), 7) is None  # epochs are passes
+    with pytest.raises(ValueError, match="round_passes=0 must be an integer"):
+        config(round_passes=0)
+
+
+def test_the_rule_waits_for_chance_only_chance_epochs_then_stops_at_chance(
+    tmp_path,
+):
+    # A linear head on random features: at chance for good. The rule holds
+    # for chance_epochs=4 epochs, then reduces twice and stops "at chance"
+    # instead of running to the cap of 20.
+    model, callback = _plateau_callback(tmp_path, chance=(300, 3), chance_epochs=4)
+    stops = []
+    for epoch in range(20):
+        callback.on_epoch_end(epoch, {"val_loss": 1.1, "val_accuracy": 0.34})
+        stops.append(model.stop_training)
+        if model.stop_training:
+            break
+    # epochs 1-4 held; then 2 epochs of patience per reduction (2) and the stop
+    assert len(stops) == 4 + 3 * 2 and stops[-1]
+    assert callback.state["stop_reason"] == "at chance"
+    assert callback.state["reductions"] == 2
+    # A net that left chance within the hold stops "converged" as before.
+    model, callback = _plateau_callback(tmp_path, chance=(300, 3), chance_epochs=4)
+    for epoch, loss in enumerate([1.0, 0.9] + [0.95] * 6):
+        callback.on_epoch_end(epoch, {"val_loss": loss, "val_accuracy": 0.7})
+    assert callback.state["stop_reason"] == "converged"
 
 
 def test_the_plateau_fragment_is_the_rule_with_a_studys_changes():
@@ -289,6 +334,30 @@ def test_select_initial_keeps_copied_weights_that_training_only_worsens(task, tm
     assert outcome.best_epoch == 0 and outcome.epochs_run == 3
     for w0, w1 in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(w0, w1)
+
+
+def test_select_initial_never_keeps_an_untrained_head(task, tmp_path):
+    # A net at chance (fresh weights) trained on shuffled labels: every epoch
+    # is worse on validation loss than the untrained start, which is still
+    # not kept -- its low loss is that of a uniform guess.
+    model = models.build_base_net(task.image_shape, task.num_classes, seed=0, **TINY)
+    head = model.get_layer("fc8")
+    head.set_weights([np.zeros_like(w) for w in head.get_weights()])  # uniform
+    x, y = task.arrays("train")
+    noise = data.pipeline(x, np.random.default_rng(0).permutation(y), 32, True)
+    validation = task.eval_dataset("validation", 64)
+    start = training.evaluate(model, validation)["loss"]
+    outcome = training.train(
+        model,
+        noise,
+        validation,
+        config(epochs=3, select_initial=True, learning_rate=0.1, weight_decay=0.0),
+        tmp_path,
+    )
+    assert outcome.best_val_loss > start  # the start had the lowest loss ...
+    assert outcome.best_epoch >= 1  # ... yet it was not kept
+    assert not training.left_chance(0.30, 100, 4)  # 5 points above a guess
+    assert training.left_chance(0.60, 100, 4)
 
 
 def test_at_chance_is_a_binomial_test_over_the_validation_examples():

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
-STOP_REASONS = ("epoch cap", "no improvement", "converged")
+STOP_REASONS = ("epoch cap", "no improvement", "converged", "at chance")
 PRECISIONS = precision_module.PRECISIONS
 XLA_CHOICES = precision_module.XLA_CHOICES
 
@@ -57,6 +57,11 @@ class TrainConfig:
         validations (the training data repeats as needed), so that every count
         in epochs (the cap, ``patience``, ``min_epochs``, the ``plateau`` rule)
         means the same number of optimizer steps on a dataset of any size.
+      round_passes: with ``steps_per_epoch``, an epoch is at most this many
+        passes over the training data (but at least :data:`MIN_ROUND_STEPS`
+        steps): on a few labelled images per class a net overfits within a few
+        passes, and validation must see it; ``None``: always
+        ``steps_per_epoch``. Large training sets are unaffected.
       optimizer: ``sgd`` (with momentum) or ``adam``.
       learning_rate: initial learning rate.
       momentum: SGD momentum.
@@ -69,7 +74,8 @@ class TrainConfig:
         validation loss has not improved for ``plateau_patience`` epochs, and
         training stops when it has not improved for ``plateau_patience`` epochs
         after the ``plateau_reductions``-th reduction (stop reason
-        ``converged``).
+        ``converged``; ``at chance`` when the net never left chance, see
+        ``chance_epochs``).
       patience: with the other schedules, stop after this many epochs without a
         lower validation loss; 0 never stops early. The best-validation-loss
         weights are restored either way.
@@ -79,11 +85,16 @@ class TrainConfig:
       plateau_reductions: reductions before the ``plateau`` schedule may stop.
       min_epochs: never stop before this many epochs. Nor does the
         ``plateau`` rule run (reduce or stop) while the best validation accuracy
-        is still at chance (a binomial test): an initial plateau is not
-        convergence.
+        is still at chance (a binomial test, or less than :data:`LEFT_CHANCE`
+        of the way to perfect): an initial plateau is not convergence.
+      chance_epochs: the ``plateau`` rule waits at most this many epochs for
+        the net to leave chance; then it runs anyway (a net that cannot learn,
+        such as a linear head on random features, is not trained to the cap),
+        and a stop while still at chance has the reason ``at chance``.
       select_initial: the starting weights compete with every epoch's as epoch
         0 (a fine-tuned net that training only makes worse keeps its copied
-        weights; ``best_epoch`` 0 says so).
+        weights; ``best_epoch`` 0 says so) -- unless they are at chance (an
+        untrained head on copied layers is never kept).
       precision: see the module docstring.
       xla: see the module docstring.
       seed: seeds Python, NumPy, TensorFlow and Keras (dropout) before training.
@@ -100,6 +111,7 @@ class TrainConfig:
 
     epochs: int = 15
     steps_per_epoch: int | None = None
+    round_passes: int | None = None
     optimizer: str = "sgd"
     learning_rate: float = 0.02
     momentum: float = 0.9
@@ -110,6 +122,7 @@ class TrainConfig:
     plateau_factor: float = 0.2
     plateau_reductions: int = 2
     min_epochs: int = 0
+    chance_epochs: int = 10
     select_initial: bool = False
     precision: str = "auto"
     xla: str = "auto"
@@ -150,6 +163,12 @@ class TrainConfig:
                 f"steps_per_epoch={self.steps_per_epoch!r} must be an integer >= 1 "
                 "or None (one pass over the data)"
             )
+        for field in ("round_passes", "chance_epochs"):
+            value = getattr(self, field)
+            if value is None and field == "round_passes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field}={value!r} must be an integer >= 1")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate!r} must be positive")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -212,12 +231,17 @@ def plateau(**changes) -> TrainConfig:
     (``steps_per_epoch``), so that the patience, the minimum and the cap mean
     the same number of steps on a dataset of any size; and the rule does not
     start (reduce or stop) while the net's validation accuracy is still at
-    chance, so an initial plateau is not taken for convergence."""
+    chance, so an initial plateau is not taken for convergence (for at most
+    ``chance_epochs`` rounds: a net that cannot learn stops ``at chance``, not
+    at the cap). On a training set so small that a round would be more than
+    :data:`ROUND_PASSES` passes over it, a round is that many passes (at least
+    :data:`MIN_ROUND_STEPS` steps), so that validation sees the overfitting."""
     rule = {
         "schedule": "plateau",
         "plateau_patience": 2,
         "plateau_reductions": 1,
         "steps_per_epoch": ROUND_STEPS,
+        "round_passes": ROUND_PASSES,
     }
     return TrainConfig(**{**rule, **changes})
 
@@ -230,6 +254,38 @@ LEFT_CHANCE = 0.2
 # two validations, whatever the dataset's size (a pass over 500 images per class
 # in batches of 128 is 16 steps; over 10 labels per class, one).
 ROUND_STEPS = 50
+
+# ... but at most this many passes over the training data (a round of 50 steps
+# over 10 labelled images per class would be 100 passes), and at least this many
+# steps. Both leave the digits and CIFAR-10 defaults (13 and 22 steps a pass) at 50.
+ROUND_PASSES = 4
+MIN_ROUND_STEPS = 5
+
+
+def round_steps(config: TrainConfig, steps_per_pass: int) -> int | None:
+    """Optimizer steps per epoch of a training by ``config`` on data of
+    ``steps_per_pass`` batches: ``steps_per_epoch``, capped at ``round_passes``
+    passes (at least :data:`MIN_ROUND_STEPS`); ``None``: one pass."""
+    if not config.steps_per_epoch:
+        return None
+    if not config.round_passes:
+        return config.steps_per_epoch
+    passes = max(MIN_ROUND_STEPS, config.round_passes * steps_per_pass)
+    return min(config.steps_per_epoch, passes)
+
+
+def left_chance(accuracy, examples: int, num_classes: int) -> bool:
+    """Whether a validation ``accuracy`` shows a net that has started learning:
+    significantly above chance (:func:`at_chance`) and at least
+    :data:`LEFT_CHANCE` of the way from chance to perfect (on thousands of
+    validation images a net one point above chance is "significant", yet still
+    on its initial plateau)."""
+    if accuracy is None or not math.isfinite(accuracy):
+        return False
+    guess = 1.0 / num_classes
+    return not at_chance(accuracy, examples, num_classes) and accuracy >= guess + (
+        LEFT_CHANCE * (1.0 - guess)
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -411,7 +467,8 @@ class _BestWeights(keras.callbacks.Callback):
                 self._save_best()
         else:
             state["wait"] += 1
-        if plateau and self._at_chance():
+        at_chance_now = plateau and self._at_chance()
+        if at_chance_now and epoch < config.chance_epochs:
             state["wait"] = 0  # an initial plateau: the rule has not started
         may_stop = epoch + 1 >= config.min_epochs
         if plateau and state["wait"] >= config.plateau_patience:
@@ -420,7 +477,7 @@ class _BestWeights(keras.callbacks.Callback):
                 state["reductions"] += 1
                 state["wait"] = 0
             elif may_stop:
-                self._stop("converged")
+                self._stop("at chance" if at_chance_now else "converged")
         elif not plateau and config.patience and state["wait"] >= config.patience:
             if may_stop:
                 self._stop("no improvement")
@@ -434,21 +491,12 @@ class _BestWeights(keras.callbacks.Callback):
 
     def _at_chance(self) -> bool:
         """Whether the net has not started learning: no validation accuracy so
-        far (the starting weights' included) is significantly above chance, or
-        none has come :data:`LEFT_CHANCE` of the way from chance to perfect (on
-        thousands of validation images a net one point above chance is
-        "significant", yet still on its initial plateau)."""
+        far (the starting weights' included) has :func:`left_chance`."""
         if self.chance is None:
             return False
         seen = [self.state.get("peak_accuracy"), self.state.get("best_accuracy")]
         seen = [a for a in seen if a is not None and math.isfinite(a)]
-        if not seen:
-            return True
-        examples, classes = self.chance
-        guess = 1.0 / classes
-        return at_chance(max(seen), examples, classes) or max(seen) < guess + (
-            LEFT_CHANCE * (1.0 - guess)
-        )
+        return not seen or not left_chance(max(seen), *self.chance)
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
@@ -535,7 +583,10 @@ def train(
         )
     per_pass = count_examples(train_ds)
     if config.steps_per_epoch:
-        # an epoch is a round of steps_per_epoch steps over the repeated data
+        # an epoch is a round of steps over the repeated data
+        config = dataclasses.replace(
+            config, steps_per_epoch=round_steps(config, steps), round_passes=None
+        )
         per_epoch = round(per_pass * config.steps_per_epoch / steps)
         steps = config.steps_per_epoch
         train_ds = train_ds.repeat()
@@ -564,11 +615,15 @@ def train(
     started = time.time()
     initial = None
     resuming = config.backup and (workdir / "backup").exists()
+    classes = _classes(model) if loss is None else None
     if config.select_initial and not resuming:
         out = model.evaluate(val_ds, return_dict=True, verbose=0)
         initial = (float(out["loss"]), float(out.get("accuracy", math.nan)))
         initial += (model.get_weights(),)
-    classes = _classes(model) if loss is None else None
+        if classes and not left_chance(initial[1], validation_examples, classes):
+            # an untrained head on copied layers: never kept, however low
+            # its loss against an overfitting net's
+            initial = None
     best = _BestWeights(
         workdir,
         config,

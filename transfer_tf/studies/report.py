@@ -553,6 +553,18 @@ def caveats(
             f"{len(capped)} run(s) stopped at the epoch cap, not converged by the "
             f"rule (train longer: --epochs): {', '.join(capped)}"
         )
+    stuck = [
+        name(r)
+        for r in records
+        if r.get("stop_reason") == "at chance" and not r.get("at_chance")
+    ]
+    if stuck:
+        out.append(
+            f"{len(stuck)} run(s) stopped by the rule before their validation "
+            "accuracy came a fifth of the way from chance to perfect (the rule "
+            "waited --chance_epochs for it): weak, not failed; kept in: "
+            f"{', '.join(stuck)}"
+        )
     diverged = [f"{name(r)} ({r['diverged']})" for r in records if r.get("diverged")]
     if diverged:
         out.append(f"{len(diverged)} run(s) diverged: {', '.join(diverged)}")
@@ -597,9 +609,18 @@ def stopping_rule(training) -> str:
         f"loss has not fallen for {count(t.plateau_patience)}, and training stops "
         f"when it still has not after {t.plateau_reductions} such reduction(s); not "
         "before the validation accuracy has left chance level (an initial plateau "
-        f"is not convergence), at least {count(t.min_epochs)}, at most "
-        f"{count(t.epochs)} (the cap). The weights of the lowest validation loss "
-        f"are kept{initial}."
+        f"is not convergence; the rule waits for it at most "
+        f"{count(t.chance_epochs)}, then a net still at chance stops `at chance`), "
+        f"at least {count(t.min_epochs)}, at most {count(t.epochs)} (the cap)"
+        + (
+            f"; on a training set of fewer than {-(-steps // t.round_passes)} "
+            f"batches an epoch is {t.round_passes} passes over it, so that "
+            "validation sees the overfitting"
+            if steps and t.round_passes
+            else ""
+        )
+        + f". The weights of the lowest validation loss are kept{initial}"
+        + (" unless they are at chance (an untrained head)." if initial else ".")
     )
 
 

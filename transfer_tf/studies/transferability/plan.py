@@ -135,13 +135,20 @@ PRESETS = {
     # cut layers 1, 4 and 7 (``--layers=1,2,3,4,5,6,7`` for the whole figure).
     "digits": {},
     # ../shared/data/cifar10 (else TFDS), random and man-made/natural halves.
+    # Base rate 0.005, cap 60 rounds (3,000 steps): at 0.02 the base nets
+    # converged by the rule 4 points below a BnB+ at n=1 retrained at 0.002
+    # (the gate failed); at 0.005 they reach it, in 27-31 rounds (measured,
+    # docs/cifar10_history.md). Five seeds: with three, a ±2-point
+    # equivalence cannot be shown.
     "cifar10": {
         "data.dataset": data.cifar10_spec(),
         "data.batch_size": 128,
         "data.train_per_class": 500,
+        "training.learning_rate": 0.005,
+        "training.epochs": 60,
         "splits": ("random", "man_made"),
         "match_semantic_sizes": True,
-        "seeds": (0, 1, 2),
+        "seeds": (0, 1, 2, 3, 4),
     },
 }
 

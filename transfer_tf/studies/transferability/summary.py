@@ -248,7 +248,8 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
     states = {c["state"] for c in checks.values()}
     bases = [r for r in records if r.get("kind") == "base"]
     unconverged = any(
-        r.get("stop_reason") == "epoch cap" or r.get("at_chance") for r in bases
+        r.get("stop_reason") in ("epoch cap", "at chance") or r.get("at_chance")
+        for r in bases
     )
     passed = (
         False
@@ -277,7 +278,9 @@ def diagnose(checks: dict, records, tolerance: float) -> list[str]:
             f"{len(capped)} of {len(bases)} base nets stopped at the epoch cap, "
             "not converged by the rule: raise --epochs"
         )
-    chance = [r for r in bases if r.get("at_chance")]
+    chance = [
+        r for r in bases if r.get("at_chance") or r.get("stop_reason") == "at chance"
+    ]
     if chance:
         why.append(
             f"{len(chance)} base net(s) never left chance level: lower "
@@ -287,10 +290,17 @@ def diagnose(checks: dict, records, tolerance: float) -> list[str]:
         iv, state = c["interval"], c["state"]
         shown = f"{t} - baseB at n={n} = {stats.format_interval(iv)} points"
         if state == "different" and iv["low"] > tolerance:
+            rate = (
+                ", or lower --learning_rate (BnB+ trains at "
+                "--fine_tune_learning_rate: a base rate too high for the net "
+                "leaves the base short of what the lower rate reaches)"
+                if t == "BnB+"
+                else ""
+            )
             why.append(
                 f"{shown}: a net retrained on top of baseB's layers beats baseB, "
                 "so the base nets are undertrained: raise --epochs (the cap) or "
-                "--plateau_patience"
+                f"--plateau_patience{rate}"
             )
         elif state == "different":
             why.append(
@@ -600,7 +610,8 @@ def summarize(records: list[dict], config: Config) -> report_lib.Summary:
             text=report_lib.stopping_rule(config.training)
             + " Per split and treatment: the epochs and steps run, the epoch whose "
             "weights were kept and why training stopped (`converged`: by the rule; "
-            "`epoch cap`: not converged).",
+            "`epoch cap`: not converged; `at chance`: the rule stopped a net that "
+            "never left chance).",
         )
     )
     all_layers = sorted({n for s in splits.values() for n in s["layers"]})
