@@ -33,6 +33,58 @@ def test_gradient_reversal_is_identity_forward_and_flips_gradient():
     assert not layer.trainable_weights and len(layer.non_trainable_weights) == 1
 
 
+def test_dann_trains_its_domain_classifier_unscaled_and_scales_only_the_reversal():
+    # Ganin & Lempitsky (2015): the domain classifier learns from its full loss;
+    # the features get -factor x weight times the domain loss's plain gradient.
+    x_source, x_target = _images(8, 0), _images(8, 1)
+    y = np.arange(8) % 10
+    grads = {}
+    for weight in (0.3, 1.0):
+        net = models.build_base_net((28, 28, 1), 10, width=0.05, seed=0)
+        model = adaptation.AdaptationModel(
+            net, adaptation.AdaptationConfig("dann", weight=weight)
+        )
+        model.compile(
+            optimizer="sgd",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        assert float(model.reversal.factor.numpy()) == pytest.approx(weight)
+        fc7 = net.get_layer("fc7").kernel
+        classifier = model.domain_classifier.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            total, classification, domain_loss, _, _ = model.losses_of(
+                x_source, x_target, y, training=False
+            )
+        grads[weight] = {
+            "total": tape.gradient(total, [fc7, *classifier]),
+            "task": tape.gradient(classification, fc7),
+            "domain": tape.gradient(domain_loss, [fc7, *classifier]),
+            "loss": float(total - classification - domain_loss),
+        }
+        del tape
+    for g in grads.values():
+        assert g["loss"] == pytest.approx(0.0, abs=1e-6)  # the domain loss unscaled
+        # the classifier's gradient is its loss's own, whatever the weight ...
+        for got, plain in zip(g["total"][1:], g["domain"][1:], strict=True):
+            np.testing.assert_allclose(got.numpy(), plain.numpy(), rtol=1e-5)
+        # ... the features' is the task's plus the reversed domain gradient; the
+        # domain loss's gradient into fc7 through the reversal is -weight x plain
+        np.testing.assert_allclose(
+            g["total"][0].numpy(),
+            (g["task"] + g["domain"][0]).numpy(),
+            rtol=1e-4,
+            atol=1e-7,
+        )
+    plain = grads[1.0]["domain"][0].numpy()  # -1 x the plain gradient
+    np.testing.assert_allclose(
+        grads[0.3]["domain"][0].numpy(), 0.3 * plain, rtol=1e-4, atol=1e-8
+    )
+    assert np.abs(plain).max() > 0
+    np.testing.assert_allclose(  # the classifier sees the same loss at both weights
+        grads[0.3]["domain"][1].numpy(), grads[1.0]["domain"][1].numpy(), rtol=1e-5
+    )
+
+
 def test_dann_lambda_schedule():
     assert adaptation.dann_lambda(0.0) == 0.0
     assert adaptation.dann_lambda(1.0) > 0.9999

@@ -20,6 +20,7 @@ from transfer_tf import adaptation, data, domains, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
 from transfer_tf.studies import report, runner
+from transfer_tf.studies.domain_adaptation import execution as da_execution
 
 STUDY = da.STUDY
 SMOKE = STUDY.preset("smoke")
@@ -32,8 +33,11 @@ EMBEDDED = {"sources": ("digits", "uci_digits"), "targets": ("uci_digits", "digi
 def test_expand_lists_every_arm_seed_by_seed():
     config = config_lib.override(da.Config(), EMBEDDED)
     runs = da.expand(config)
-    # per seed and pair: source only, 2 weights x 3 methods, the oracle
-    assert len(runs) == 3 * 2 * (1 + 2 * 3 + 1)
+    # per seed and pair: source only, DANN at 4 weights, CORAL and MMD at 3
+    # (the published ranges: DANN 0.03-1, CORAL and MMD 1-100), the oracle
+    assert len(runs) == 3 * 2 * (1 + 4 + 3 + 3 + 1)
+    assert config.dann_weights == (0.03, 0.1, 0.3, 1.0)
+    assert config.coral_weights == (1.0, 10.0, 100.0)
     assert len({r.key for r in runs}) == len(runs)
     assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # seed-major
     keys = [r.key for r in runs]
@@ -642,6 +646,9 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
             assert correct == pytest.approx(round(correct), abs=1e-3), r["key"]
             continue
         assert r["candidates"], r["key"]
+        if not r.get("diverged"):  # a fixed budget: never stopped on the source
+            assert r["stop_reason"] == "fixed budget", r["key"]
+            assert r["epochs_run"] == config.training.epochs, r["key"]
         for c in r["candidates"]:
             fields = {f for order in da.RULES.values() for f, _ in order}
             assert set(c) >= {"epoch", *fields, "target_test_accuracy"}
@@ -664,6 +671,51 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
     )
     listed = json.loads((workdir / "config.json").read_text())
     assert listed["study"] == "domain_adaptation"
+
+
+@pytest.mark.slow
+def test_the_referee_trains_adapts_dann_beside_the_studys(
+    domain_adaptation_smoke, tmp_path
+):
+    pytest.importorskip("adapt")
+    workdir = domain_adaptation_smoke.workdir
+    out = tmp_path / "referee.json"
+    proc = run_main("da_referee", f"--workdir={workdir}", f"--out={out}")
+    assert "| seed | source only | DANN (ours) | DANN (ADAPT) |" in proc.stdout
+    assert "DANN (ours) - DANN (ADAPT):" in proc.stdout
+    table = json.loads(out.read_text())
+    assert table["pair"] == PAIR and [r["seed"] for r in table["rows"]] == [0]
+    row = table["rows"][0]
+    ours = {
+        r["arm"]: da.choose(r["candidates"], "source_val")["target_test_accuracy"]
+        for r in domain_adaptation_smoke.records
+        if r["arm"] in ("source_only", "dann")
+    }
+    assert (row["source_only"], row["dann"]) == (ours["source_only"], ours["dann"])
+    # ADAPT's DANN learnt (ten classes: chance is 0.1) in the study's 150 steps
+    assert 0.15 < row["adapt_dann"] <= 1.0
+    assert 1 <= row["adapt_epoch"] <= domain_adaptation_smoke.config.training.epochs
+    bad = run_main("da_referee", f"--workdir={tmp_path}", check=False)
+    assert bad.returncode == 1 and "has no config.json" in bad.stderr
+    other = run_main("da_referee", f"--workdir={workdir}", "--weight=5", check=False)
+    assert other.returncode == 1 and "no finished source only and DANN at weight 5" in (
+        other.stderr
+    )
+
+
+def test_a_run_that_learnt_then_fell_to_chance_is_named_collapsed():
+    rows = [
+        {"epoch": 1, "source_val_accuracy": 0.12},  # not yet learnt
+        {"epoch": 2, "source_val_accuracy": 0.60},
+        {"epoch": 3, "source_val_accuracy": 0.11},  # collapsed
+        {"epoch": 4, "source_val_accuracy": 0.65},
+    ]
+    assert da_execution.collapse_epoch(rows, 200, 10) == 3
+    assert da_execution.collapse_epoch(rows[:2], 200, 10) is None
+    assert da_execution.collapse_epoch(rows[:1] + rows[2:3], 200, 10) is None
+    record = {"key": "p/seed0/dann/w1", "seed": 0, "collapsed_at": 3}
+    found = da.summary.caveats([record, {**record, "seed": 1, "collapsed_at": None}])
+    assert any("collapsed to chance" in c and "(epoch 3)" in c for c in found)
 
 
 @pytest.mark.slow

@@ -88,10 +88,12 @@ class AdaptationConfig:
       method: ``source_only``, ``dann``, ``coral`` or ``mmd``.
       layer: the layer whose features are adapted, a name in ``conv1``..``fc8``
         (see ``features.feature_tensor``), ``fc7`` by default.
-      weight: the adaptation loss's weight in ``cross-entropy + weight * loss``.
-        For ``dann`` it scales the domain classifier's loss; the reversed gradient
-        the features receive is further scaled by the scheduled factor, so
-        ``weight=1`` is Ganin et al.'s setting.
+      weight: the adaptation loss's weight in ``cross-entropy + weight * loss``
+        (CORAL, MMD). For ``dann``, as Ganin & Lempitsky (2015) ran it: the
+        domain classifier learns from its full, unscaled loss at the task's
+        rate, and only the reversed gradient into the features is scaled, by
+        ``weight`` times the scheduled factor (their lambda); scaling the
+        classifier's loss too would slow it by ``1/weight``.
       pooling: how a convolutional feature map becomes a vector: ``avg`` (global
         average; keeps CORAL's covariance small) or ``flatten``. Ignored for
         ``fc6``..``fc8``.
@@ -333,8 +335,9 @@ class AdaptationModel(keras.Model):
     ``test_step`` (validation, ``evaluate``) is the plain classifier's. Its
     ``train_step`` takes ``((x_source, x_target), y_source)`` (see
     :func:`paired_dataset`) and minimises ``cross-entropy(source) + weight *
-    adaptation loss``. Source and target images go through the net as one batch,
-    so batch normalisation (if any) sees both domains.
+    adaptation loss`` (DANN: ``+ domain loss``, its weight in the reversal; see
+    :class:`AdaptationConfig`). Source and target images go through the net as
+    one batch, so batch normalisation (if any) sees both domains.
 
     Logged training metrics: ``loss`` (the total), ``classification_loss``,
     ``adaptation_loss`` (0 for ``source_only``), ``accuracy`` (source), and for
@@ -377,7 +380,7 @@ class AdaptationModel(keras.Model):
             # Starts at the schedule's end value: without the ReversalSchedule
             # callback DANN still adapts, with a constant factor.
             self.reversal = GradientReversal(
-                config.reversal_max, name="gradient_reversal", dtype="float32"
+                self.reversal_peak, name="gradient_reversal", dtype="float32"
             )
             self.domain_classifier = keras.Sequential(
                 [
@@ -411,6 +414,12 @@ class AdaptationModel(keras.Model):
             inputs = inputs[0]
         return self.base_net(inputs, training=training)
 
+    @property
+    def reversal_peak(self) -> float:
+        """DANN's reversal factor at the end of its schedule: ``weight`` times
+        ``reversal_max`` (the features' gradient scale; the classifier's is 1)."""
+        return self.config.weight * self.config.reversal_max
+
     def adaptation_callbacks(self) -> list[keras.callbacks.Callback]:
         """Callbacks this method needs in ``training.train(callbacks=...)``: DANN's
         :class:`ReversalSchedule`; none for the other methods."""
@@ -418,7 +427,7 @@ class AdaptationModel(keras.Model):
             return []
         return [
             ReversalSchedule(
-                self.reversal, self.config.reversal_max, self.config.reversal_gamma
+                self.reversal, self.reversal_peak, self.config.reversal_gamma
             )
         ]
 
@@ -466,25 +475,37 @@ class AdaptationModel(keras.Model):
             return loss, (domain, tf.sigmoid(logits))
         return tf.constant(0.0), None
 
+    def losses_of(self, x_source, x_target, y_source, training=True):
+        """``(total, classification, adaptation, source logits, domain)`` of one
+        paired batch: ``total`` is ``classification + weight * adaptation``,
+        except for DANN, whose domain loss enters unscaled (its ``weight`` is in
+        the gradient reversal); ``domain`` is DANN's ``(labels, P(target))``."""
+        n_source = tf.shape(x_source)[0]
+        if self.config.method == "source_only":
+            logits = self.base_net(x_source, training=training)
+            adaptation, domain = tf.constant(0.0), None
+        else:
+            both = tf.concat([x_source, x_target], axis=0)
+            feature, all_logits = self.feature_model(both, training=training)
+            feature = tf.cast(feature, tf.float32)
+            logits = all_logits[:n_source]
+            adaptation, domain = self._adaptation_loss(
+                feature[:n_source], feature[n_source:]
+            )
+        classification = self.compute_loss(
+            x=x_source, y=y_source, y_pred=logits, training=training
+        )
+        scale = 1.0 if self.config.method == "dann" else self.config.weight
+        loss = classification + scale * adaptation
+        return loss, classification, adaptation, logits, domain
+
     def train_step(self, data):
         (x_source, x_target), y_source = data[0], data[1]
         n_source = tf.shape(x_source)[0]
         with tf.GradientTape() as tape:
-            if self.config.method == "source_only":
-                logits = self.base_net(x_source, training=True)
-                adaptation, domain = tf.constant(0.0), None
-            else:
-                both = tf.concat([x_source, x_target], axis=0)
-                feature, all_logits = self.feature_model(both, training=True)
-                feature = tf.cast(feature, tf.float32)
-                logits = all_logits[:n_source]
-                adaptation, domain = self._adaptation_loss(
-                    feature[:n_source], feature[n_source:]
-                )
-            classification = self.compute_loss(
-                x=x_source, y=y_source, y_pred=logits, training=True
+            loss, classification, adaptation, logits, domain = self.losses_of(
+                x_source, x_target, y_source
             )
-            loss = classification + self.config.weight * adaptation
             scaled = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)

@@ -125,8 +125,13 @@ def execute(run: Run, context: Context, run_dir) -> dict:
 
 
 def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, context):
-    """Trains source only or a method; returns its record."""
+    """Trains source only or a method (for the whole budget with
+    ``config.fixed_budget``); returns its record."""
     config = context.config
+    if config.fixed_budget:
+        train_config = dataclasses.replace(
+            train_config, schedule="constant", patience=0, select_initial=False
+        )
     batch_size = config.data.batch_size
     model = adaptation.AdaptationModel(base, adapt)
     scores = adaptation.EpochScores(
@@ -165,6 +170,8 @@ def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, cont
         log.warning("%s diverged: %s", run.key, e)
     candidates = scores.rows
     chosen = choose(candidates, "source_val")
+    validation = len(pair.source.y_validation)
+    collapsed = collapse_epoch(candidates, validation, pair.source.num_classes)
     record = {
         "candidates": candidates,
         "test_accuracy": chosen["target_test_accuracy"] if chosen else None,
@@ -174,6 +181,7 @@ def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, cont
         "best_epoch": chosen["epoch"] if chosen else None,
         "epochs_run": len(candidates),
         "diverged": diverged,
+        "collapsed_at": collapsed,
         "num_train": len(pair.source.y_train),
         "num_target_train": len(pair.target_images),
         "at_chance": training.at_chance(
@@ -183,8 +191,9 @@ def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, cont
         ),
     }
     if outcome is not None:
+        fixed = config.fixed_budget and outcome.stop_reason == "epoch cap"
         record.update(
-            stop_reason=outcome.stop_reason,
+            stop_reason="fixed budget" if fixed else outcome.stop_reason,
             learning_rate_reductions=outcome.learning_rate_reductions,
             examples_seen=outcome.examples_seen,
             train_time=outcome.wall_time,
@@ -193,6 +202,19 @@ def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, cont
     else:
         record["stop_reason"] = "diverged"
     return record
+
+
+def collapse_epoch(candidates: list[dict], examples: int, classes: int):
+    """The first epoch at which a run that had learnt fell back to chance on
+    source validation (an adversarial game that collapsed; its later epochs
+    stay candidates, which the rules seldom choose); ``None``: it did not."""
+    learnt = False
+    for c in candidates:
+        chance = training.at_chance(c.get("source_val_accuracy"), examples, classes)
+        if learnt and chance:
+            return c["epoch"]
+        learnt = learnt or not chance
+    return None
 
 
 def describe(record: dict) -> str:

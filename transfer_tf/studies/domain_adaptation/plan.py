@@ -72,9 +72,16 @@ class Config(config_lib.StudyConfig):
         and class-split fields are not used: ``sources`` and ``targets`` name
         the domains.
       model: the base-net architecture of every arm.
-      training: how every arm is trained, to convergence by the same rule
-        (``schedule=plateau`` on the source validation loss in rounds of 50
-        optimizer steps: at least 4 = 200 steps, cap 20 = 1,000 steps).
+      training: how every arm is trained: the target oracle to convergence by
+        the plateau rule on its target validation loss (rounds of 50 optimizer
+        steps: at least 4 = 200 steps, cap 20 = 1,000 steps); source only and
+        the methods for the whole cap (see ``fixed_budget``).
+      fixed_budget: source only and the methods train for ``training.epochs``
+        rounds whole, at a constant learning rate, as the papers ran them (Ganin
+        & Lempitsky 2015; Sun & Saenko 2016): the rules without target labels
+        choose among the checkpoints of the whole run and never stop it.
+        ``False``: they stop by the plateau rule on the source validation loss
+        (which ended DANN at epochs 7-12 while its target accuracy still rose).
       adaptation: what DANN, CORAL and MMD share: the adapted ``layer`` (a flag:
         ``conv1``..``fc8``), its ``pooling``, DANN's domain classifier and
         reversal schedule, MMD's kernels. ``method`` and ``weight`` are set per
@@ -86,8 +93,10 @@ class Config(config_lib.StudyConfig):
         MNIST -> ``mnist_m:<the CIFAR-10 folder>`` when ../shared/data/cifar10 is
         there.
       methods: adaptation methods: ``dann``, ``coral``, ``mmd``.
-      dann_weights: weights of DANN's domain loss swept (one run each).
-      coral_weights: weights of the CORAL loss swept.
+      dann_weights: DANN's weights swept (one run each): the scale of the
+        reversed gradient into the features (the domain classifier always
+        learns at full rate); the published settings span 0.03-1.
+      coral_weights: weights of the CORAL loss swept (published: 1-100).
       mmd_weights: weights of the MMD loss swept.
       oracle: also train the target oracle (labelled target) of every pair.
       seeds: one replicate per seed (initialisation, shuffling, target stream,
@@ -112,9 +121,10 @@ class Config(config_lib.StudyConfig):
     sources: tuple[str, ...] = DEFAULT_SOURCES
     targets: tuple[str, ...] = DEFAULT_TARGETS
     methods: tuple[str, ...] = METHODS
-    dann_weights: tuple[float, ...] = (0.03, 0.1)
-    coral_weights: tuple[float, ...] = (1.0, 10.0)
-    mmd_weights: tuple[float, ...] = (0.3, 1.0)
+    fixed_budget: bool = True
+    dann_weights: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    coral_weights: tuple[float, ...] = (1.0, 10.0, 100.0)
+    mmd_weights: tuple[float, ...] = (1.0, 10.0, 100.0)
     oracle: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
     min_epoch_steps: int = 40

@@ -125,9 +125,22 @@ def caveats(records: list[dict]) -> list[str]:
     target), stopped at the epoch cap or diverged, and a single seed. Unlike the
     studies that leave them out, runs at chance stay in: their epochs remain
     candidates of every rule (which seldom choose them)."""
-    return report_lib.caveats(
+    out = report_lib.caveats(
         records, name=lambda r: f"`{r['key']}`", chance_left_out=False
     )
+    collapsed = [
+        f"`{r['key']}` (epoch {r['collapsed_at']})"
+        for r in records
+        if r.get("collapsed_at")
+    ]
+    if collapsed:
+        out.append(
+            f"{len(collapsed)} run(s) learnt, then collapsed to chance on source "
+            "validation (the adversarial game or the adaptation loss overwhelmed "
+            "the task: too high a weight for this net and rate); their epochs "
+            f"before the collapse stay candidates: {', '.join(collapsed)}"
+        )
+    return out
 
 
 # ---------------------------------------------------------------------- rows
@@ -279,7 +292,16 @@ def convergence(records: list[dict], config: plan.Config) -> report_lib.Table:
         records,
         group=_group,
         title="Training: epochs and why training stopped",
-        text=report_lib.stopping_rule(config.training)
+        text=(
+            "Source only and the methods train for a fixed budget of "
+            f"{config.training.epochs} epochs of {config.training.steps_per_epoch} "
+            "steps at a constant rate (stop reason `fixed budget`), as the papers "
+            "ran them; the rules choose among its checkpoints. The target "
+            "oracle: "
+            if config.fixed_budget
+            else ""
+        )
+        + report_lib.stopping_rule(config.training)
         + " Per pair and arm (every weight of a method together). Best epoch "
         "and test top-1: the epoch of the lowest validation loss (source; the "
         "target oracle's: target) and its target test top-1.",
