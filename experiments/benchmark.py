@@ -68,8 +68,24 @@ from transfer_tf import autotune, data, models, onednn, precision, results, trai
 
 FLAGS = flags.FLAGS
 ROOT = common.ROOT
-SECTIONS = ("throughput", "flops", "grid", "cache")
-flags.DEFINE_list("sections", list(SECTIONS), f"Parts to run, of {list(SECTIONS)}.")
+# ``embeddings`` (SGNS against gensim's Word2Vec) runs only when named.
+SECTIONS = ("throughput", "flops", "grid", "cache", "embeddings")
+DEFAULT_SECTIONS = ("throughput", "flops", "grid", "cache")
+flags.DEFINE_list(
+    "sections",
+    list(DEFAULT_SECTIONS),
+    f"Parts to run, of {list(SECTIONS)} (embeddings only when named).",
+)
+flags.DEFINE_string(
+    "embedding_corpus",
+    None,
+    "Text files (a glob) of the embeddings section (default: "
+    "../shared/data/text/bbc/bbctext*).",
+)
+flags.DEFINE_integer("embedding_epochs", 5, "Epochs of the embeddings section.")
+flags.DEFINE_integer(
+    "embedding_dimension", 100, "Vector size of the embeddings section."
+)
 flags.DEFINE_integer("steps", 30, "Timed training steps per throughput round.")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds of the throughput.")
 flags.DEFINE_list(
@@ -704,6 +720,106 @@ def split_section(report, workdir):
     report["split"] = {"workdir": str(workdir), **split}
 
 
+# --------------------------------------------------------------------- embeddings
+
+
+def embeddings_section(report):
+    """SGNS here against gensim's Word2Vec (the anchor: ``pip install gensim``)
+    on the same corpus and settings: WordSim353 Spearman, analogy accuracy
+    (gensim's ``questions-words.txt``), both scored by the same code, and words
+    per second (gensim with 1 and with every worker thread)."""
+    import glob
+
+    from transfer_tf import embeddings, text
+
+    try:
+        from gensim.models import Word2Vec
+        from gensim.test.utils import datapath
+    except ImportError:
+        print("\n[embeddings] skipped: gensim is not installed (pip install gensim)")
+        return
+    pattern = FLAGS.embedding_corpus or str(
+        ROOT.parent / "shared" / "data" / "text" / "bbc" / "bbctext*"
+    )
+    files = sorted(glob.glob(pattern))
+    if not files:
+        print(f"\n[embeddings] skipped: no corpus file matches {pattern}")
+        return
+    # gensim reads only the first 10,000 tokens of a sentence: both get pieces
+    sentences = text.split_long(text.tokenize(line) for line in text.read_lines(files))
+    config = embeddings.EmbeddingConfig(
+        dimension=FLAGS.embedding_dimension, epochs=FLAGS.embedding_epochs
+    )
+    similarities = embeddings.read_similarities(datapath("wordsim353.tsv"))
+    questions = embeddings.read_analogies(datapath("questions-words.txt"))
+
+    def scores(vocabulary, vectors, seconds, words):
+        sim = embeddings.similarity_correlation(vectors, vocabulary, similarities)
+        analogy = embeddings.analogies(vectors, vocabulary, questions)
+        return {
+            "wordsim353_spearman": sim["spearman"],
+            "wordsim353_pairs": sim["pairs"],
+            "analogy_accuracy": analogy["accuracy"],
+            "analogies_asked": analogy["asked"],
+            "seconds": seconds,
+            "words_per_second": words * config.epochs / seconds,
+        }
+
+    print(
+        f"\n[embeddings] SGNS, {sum(map(len, sentences)):,} tokens from "
+        f"{len(files)} file(s), dimension {config.dimension}, window "
+        f"{config.window}, {config.negatives} negatives, min_count "
+        f"{config.min_count}, sample {config.sample:g}, {config.epochs} epochs"
+    )
+    ours = embeddings.train(sentences, config, verbose=False)
+    out = {
+        "transfer_tf": scores(ours.vocabulary, ours.vectors, ours.seconds, ours.words)
+    }
+    for workers in sorted({1, os.cpu_count() or 1}):
+        started = time.perf_counter()
+        model = Word2Vec(
+            sentences,
+            vector_size=config.dimension,
+            window=config.window,
+            negative=config.negatives,
+            min_count=config.min_count,
+            sample=config.sample,
+            epochs=config.epochs,
+            sg=1,
+            hs=0,
+            alpha=config.learning_rate,
+            min_alpha=config.min_learning_rate,
+            seed=config.seed,
+            workers=workers,
+        )
+        seconds = time.perf_counter() - started
+        vocabulary = text.Vocabulary(
+            tuple(model.wv.index_to_key),
+            tuple(int(model.wv.get_vecattr(w, "count")) for w in model.wv.index_to_key),
+        )
+        words = sum(vocabulary.counts)
+        out[f"gensim_{workers}_workers"] = scores(
+            vocabulary, model.wv.vectors, seconds, words
+        )
+    print(f"  {'':20s} {'WordSim353 rho':>15s} {'analogies':>10s} {'words/s':>10s}")
+    for name, row in out.items():
+        rho, acc = row["wordsim353_spearman"], row["analogy_accuracy"]
+        print(
+            f"  {name:20s} {rho if rho is not None else float('nan'):>15.3f} "
+            f"{acc if acc is not None else float('nan'):>10.3f} "
+            f"{row['words_per_second']:>10,.0f}"
+        )
+    anchor = out["gensim_1_workers"]
+    if anchor["wordsim353_spearman"] is not None and ours.vectors.size:
+        gap = out["transfer_tf"]["wordsim353_spearman"] - anchor["wordsim353_spearman"]
+        print(f"  Spearman, transfer_tf - gensim (1 worker): {gap:+.3f}")
+    print(
+        "  words/s ratio, transfer_tf / gensim (1 worker): "
+        f"x{out['transfer_tf']['words_per_second'] / anchor['words_per_second']:.2f}"
+    )
+    report["embeddings"] = out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -756,6 +872,7 @@ def main(argv):
             "flops": lambda: flops_section(report),
             "grid": lambda: grid_section(report, workdir),
             "cache": lambda: cache_section(report, workdir),
+            "embeddings": lambda: embeddings_section(report),
         }[section]()
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     if FLAGS.output:

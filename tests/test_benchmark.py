@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import load_script, run_main, run_script
@@ -150,3 +151,37 @@ def test_split_of_prints_a_study_split_and_runs_no_section(tmp_path):
     assert json.loads(out.read_text())["split"]["seconds"]["trace_seconds"] == 3.0
     proc = run_main("benchmark", f"--split_of={tmp_path / 'none'}", check=False)
     assert proc.returncode == 1 and "holds no results.jsonl" in proc.stderr
+
+
+def test_the_embeddings_section_scores_ours_and_gensims_alike(tmp_path):
+    pytest.importorskip("gensim")
+    rng = np.random.default_rng(0)
+    words = ["king", "queen", "man", "woman", "car", "train", "tiger", "cat"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(" ".join(rng.choice(words, 30)) for _ in range(200)) + "\n"
+    )
+    out = tmp_path / "report.json"
+    proc = run_main(
+        "benchmark",
+        "--sections=embeddings",
+        f"--embedding_corpus={corpus}",
+        "--embedding_epochs=1",
+        "--embedding_dimension=8",
+        f"--workdir={tmp_path / 'w'}",
+        f"--output={out}",
+    )
+    assert "words/s ratio, transfer_tf / gensim (1 worker): x" in proc.stdout
+    found = json.loads(out.read_text())["embeddings"]
+    assert {"transfer_tf", "gensim_1_workers"} <= set(found)
+    for row in found.values():
+        # WordSim353 has (king, queen), (man, woman), (tiger, cat), ...
+        assert row["wordsim353_pairs"] >= 3 and row["words_per_second"] > 0
+        assert -1 <= row["wordsim353_spearman"] <= 1
+    missing = run_main(
+        "benchmark",
+        "--sections=embeddings",
+        f"--embedding_corpus={tmp_path / 'none*'}",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    assert "[embeddings] skipped: no corpus file matches" in missing.stdout
