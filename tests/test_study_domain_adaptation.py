@@ -649,6 +649,7 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
         if not r.get("diverged"):  # a fixed budget: never stopped on the source
             assert r["stop_reason"] == "fixed budget", r["key"]
             assert r["epochs_run"] == config.training.epochs, r["key"]
+            assert r["steps_run"] == r["epochs_run"] * r["steps_per_epoch"] > 0
         for c in r["candidates"]:
             fields = {f for order in da.RULES.values() for f, _ in order}
             assert set(c) >= {"epoch", *fields, "target_test_accuracy"}

@@ -193,6 +193,8 @@ def _train_adapted(base, adapt, pair: domains.Pair, run: Run, train_config, cont
     if outcome is not None:
         fixed = config.fixed_budget and outcome.stop_reason == "epoch cap"
         record.update(
+            steps_per_epoch=outcome.steps_per_epoch,
+            steps_run=outcome.epochs_run * outcome.steps_per_epoch,
             stop_reason="fixed budget" if fixed else outcome.stop_reason,
             learning_rate_reductions=outcome.learning_rate_reductions,
             examples_seen=outcome.examples_seen,

@@ -297,7 +297,7 @@ def convergence(records: list[dict], config: plan.Config) -> report_lib.Table:
             f"{config.training.epochs} epochs of {config.training.steps_per_epoch} "
             "steps at a constant rate (stop reason `fixed budget`), as the papers "
             "ran them; the rules choose among its checkpoints. The target "
-            "oracle: "
+            "oracle trains to convergence, as follows. "
             if config.fixed_budget
             else ""
         )
