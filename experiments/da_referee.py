@@ -41,6 +41,7 @@ import numpy as np
 from absl import app, flags
 
 import common  # noqa: F401  (logging and TensorFlow's start-up settings)
+from transfer_tf import cache as activation_cache
 from transfer_tf import domains, models, results
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import stats
@@ -69,26 +70,13 @@ def adapt_available() -> bool:
 
 def _split_net(net, layer: str):
     """ADAPT's encoder (images -> the layer's features) and task head (features
-    -> logits) of a base net, sharing its weights."""
-    import keras
-
-    from transfer_tf import features
-
-    feature = features.feature_tensor(net, layer)
-    if len(feature.shape) != 2:
+    -> logits) of a base net, sharing its weights (``cache.split_at``)."""
+    if layer not in ("fc6", "fc7"):
         raise ValueError(
-            f"the referee adapts a dense layer (fc6, fc7); {layer!r} gives a "
-            f"feature map of shape {tuple(feature.shape)}"
+            f"the referee adapts a dense layer (fc6, fc7), not {layer!r}: a feature "
+            "map would need the study's pooling"
         )
-    encoder = keras.Model(net.inputs, feature, name="encoder")
-    start = [i for i, lay in enumerate(net.layers) if lay.output is feature]
-    if not start:
-        raise ValueError(f"cannot split the net after {layer!r}")
-    inputs = keras.Input(feature.shape[1:])
-    x = inputs
-    for lay in net.layers[start[0] + 1 :]:
-        x = lay(x)
-    return encoder, keras.Model(inputs, x, name="task")
+    return activation_cache.split_at(net, models.layer_index(layer))
 
 
 def adapt_dann(pair, config, seed: int, weight: float, rounds: int) -> list[dict]:

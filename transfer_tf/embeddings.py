@@ -140,18 +140,6 @@ def _loss(labels, logits):
     return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits))
 
 
-class _LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
-    def __init__(self, start, end, steps):
-        self.start, self.end, self.steps = float(start), float(end), max(1, steps)
-
-    def __call__(self, step):
-        progress = tf.minimum(tf.cast(step, tf.float32) / self.steps, 1.0)
-        return self.start + (self.end - self.start) * progress
-
-    def get_config(self):
-        return {"start": self.start, "end": self.end, "steps": self.steps}
-
-
 def examples(
     sequences: Sequence[np.ndarray],
     vocabulary: text.Vocabulary,
@@ -228,7 +216,10 @@ def train(
     steps = math.ceil(per_epoch / config.batch_size) * config.epochs
     model.compile(
         optimizer=keras.optimizers.SGD(
-            _LinearDecay(config.learning_rate, config.min_learning_rate, steps)
+            # linear (power 1) from learning_rate to min_learning_rate
+            keras.optimizers.schedules.PolynomialDecay(
+                config.learning_rate, steps, config.min_learning_rate, power=1.0
+            )
         ),
         loss=_loss,
         # many small steps: one call of the compiled function runs several

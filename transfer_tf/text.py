@@ -163,12 +163,37 @@ def subsample(
     return [s[rng.random(len(s)) < keep[s]] for s in sequences]
 
 
-def _windows(lengths: np.ndarray, window: int, dynamic: bool, rng) -> np.ndarray:
-    """Per position of the concatenated sequences, its window half-width."""
-    total = int(lengths.sum())
-    if not dynamic:
-        return np.full(total, window, dtype=np.int32)
-    return rng.integers(1, window + 1, total).astype(np.int32)
+def _context_slots(sequences, window: int, rng, dynamic: bool):
+    """The corpus as one id array, and per context slot (offsets -1, +1, -2,
+    +2, ... up to ``window``): which positions have a context word there (within
+    the centre's window half-width, drawn from 1..``window`` when ``dynamic``,
+    and inside the same sequence) and that word's position.
+
+    Returns:
+      ``(ids, [(ok mask, other positions), ...])``; ``ids`` is None when no
+      sequence has two words.
+    """
+    if window < 1:
+        raise ValueError(f"window={window!r} must be >= 1")
+    sequences = [s for s in sequences if len(s) > 1]
+    if not sequences:
+        return None, []
+    lengths = np.array([len(s) for s in sequences])
+    ids = np.concatenate(sequences)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ends = starts + np.repeat(lengths, lengths)
+    positions = np.arange(len(ids))
+    reach = (
+        rng.integers(1, window + 1, len(ids)) if dynamic else np.full(len(ids), window)
+    )
+    slots = []
+    for offset in range(1, window + 1):
+        for sign in (-1, 1):
+            other = positions + sign * offset
+            slots.append(
+                ((reach >= offset) & (other >= starts) & (other < ends), other)
+            )
+    return ids, slots
 
 
 def skipgram_pairs(
@@ -184,24 +209,11 @@ def skipgram_pairs(
     Returns:
       ``(centres, contexts)``, int32 arrays of equal length.
     """
-    if window < 1:
-        raise ValueError(f"window={window!r} must be >= 1")
-    sequences = [s for s in sequences if len(s) > 1]
-    if not sequences:
+    ids, slots = _context_slots(sequences, window, rng, dynamic)
+    if ids is None:
         return np.zeros(0, np.int32), np.zeros(0, np.int32)
-    lengths = np.array([len(s) for s in sequences])
-    ids = np.concatenate(sequences)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    ends = starts + np.repeat(lengths, lengths)
-    positions = np.arange(len(ids))
-    reach = _windows(lengths, window, dynamic, rng)
-    centres, contexts = [], []
-    for offset in range(1, window + 1):
-        for sign in (-1, 1):
-            other = positions + sign * offset
-            ok = (reach >= offset) & (other >= starts) & (other < ends)
-            centres.append(ids[ok])
-            contexts.append(ids[other[ok]])
+    centres = [ids[ok] for ok, _ in slots]
+    contexts = [ids[other[ok]] for ok, other in slots]
     return np.concatenate(centres), np.concatenate(contexts)
 
 
@@ -218,25 +230,12 @@ def cbow_windows(
     Returns:
       ``(contexts (n, 2 * window) int32 with -1 padding, centres (n,) int32)``.
     """
-    if window < 1:
-        raise ValueError(f"window={window!r} must be >= 1")
-    sequences = [s for s in sequences if len(s) > 1]
-    if not sequences:
+    ids, slots = _context_slots(sequences, window, rng, dynamic)
+    if ids is None:
         return np.zeros((0, 2 * window), np.int32), np.zeros(0, np.int32)
-    lengths = np.array([len(s) for s in sequences])
-    ids = np.concatenate(sequences)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    ends = starts + np.repeat(lengths, lengths)
-    positions = np.arange(len(ids))
-    reach = _windows(lengths, window, dynamic, rng)
     contexts = np.full((len(ids), 2 * window), -1, dtype=np.int32)
-    column = 0
-    for offset in range(1, window + 1):
-        for sign in (-1, 1):
-            other = positions + sign * offset
-            ok = (reach >= offset) & (other >= starts) & (other < ends)
-            contexts[ok, column] = ids[other[ok]]
-            column += 1
+    for column, (ok, other) in enumerate(slots):
+        contexts[ok, column] = ids[other[ok]]
     has = (contexts >= 0).any(axis=1)
     return contexts[has], ids[has]
 
