@@ -83,6 +83,16 @@ flags.DEFINE_string(
     "../shared/data/text/bbc/bbctext*).",
 )
 flags.DEFINE_integer("embedding_epochs", 5, "Epochs of the embeddings section.")
+flags.DEFINE_list(
+    "embedding_seeds",
+    ["0"],
+    "Seeds of the embeddings section: each trains both implementations; with "
+    "two or more the section prints each one's mean and 95% interval over seeds "
+    "and their paired difference.",
+)
+flags.DEFINE_integer(
+    "embedding_batch_size", 512, "Pairs per optimizer step of transfer_tf's SGNS."
+)
 flags.DEFINE_integer(
     "embedding_dimension", 100, "Vector size of the embeddings section."
 )
@@ -731,6 +741,7 @@ def embeddings_section(report):
     import glob
 
     from transfer_tf import embeddings, text
+    from transfer_tf.studies import stats
 
     try:
         from gensim.models import Word2Vec
@@ -748,8 +759,14 @@ def embeddings_section(report):
     # gensim reads only the first 10,000 tokens of a sentence: both get pieces
     sentences = text.split_long(text.tokenize(line) for line in text.read_lines(files))
     config = embeddings.EmbeddingConfig(
-        dimension=FLAGS.embedding_dimension, epochs=FLAGS.embedding_epochs
+        dimension=FLAGS.embedding_dimension,
+        epochs=FLAGS.embedding_epochs,
+        batch_size=FLAGS.embedding_batch_size,
     )
+    try:
+        seeds = [int(seed) for seed in FLAGS.embedding_seeds]
+    except ValueError as e:
+        raise app.UsageError(f"--embedding_seeds: {e}") from e
     similarities = embeddings.read_similarities(datapath("wordsim353.tsv"))
     questions = embeddings.read_analogies(datapath("questions-words.txt"))
 
@@ -769,54 +786,88 @@ def embeddings_section(report):
         f"\n[embeddings] SGNS, {sum(map(len, sentences)):,} tokens from "
         f"{len(files)} file(s), dimension {config.dimension}, window "
         f"{config.window}, {config.negatives} negatives, min_count "
-        f"{config.min_count}, sample {config.sample:g}, {config.epochs} epochs"
+        f"{config.min_count}, sample {config.sample:g}, {config.epochs} epochs, "
+        f"seeds {seeds}; transfer_tf batch {config.batch_size}"
     )
-    ours = embeddings.train(sentences, config, verbose=False)
-    out = {
-        "transfer_tf": scores(ours.vocabulary, ours.vectors, ours.seconds, ours.words)
-    }
-    for workers in sorted({1, os.cpu_count() or 1}):
-        started = time.perf_counter()
-        model = Word2Vec(
-            sentences,
-            vector_size=config.dimension,
-            window=config.window,
-            negative=config.negatives,
-            min_count=config.min_count,
-            sample=config.sample,
-            epochs=config.epochs,
-            sg=1,
-            hs=0,
-            alpha=config.learning_rate,
-            min_alpha=config.min_learning_rate,
-            seed=config.seed,
-            workers=workers,
-        )
-        seconds = time.perf_counter() - started
-        vocabulary = text.Vocabulary(
-            tuple(model.wv.index_to_key),
-            tuple(int(model.wv.get_vecattr(w, "count")) for w in model.wv.index_to_key),
-        )
-        words = sum(vocabulary.counts)
-        out[f"gensim_{workers}_workers"] = scores(
-            vocabulary, model.wv.vectors, seconds, words
-        )
-    print(f"  {'':20s} {'WordSim353 rho':>15s} {'analogies':>10s} {'words/s':>10s}")
-    for name, row in out.items():
-        rho, acc = row["wordsim353_spearman"], row["analogy_accuracy"]
+    runs = {}
+    for seed in seeds:
+        config = dataclasses.replace(config, seed=seed)
+        ours = embeddings.train(sentences, config, verbose=False)
+        runs[seed] = {
+            "transfer_tf": scores(
+                ours.vocabulary, ours.vectors, ours.seconds, ours.words
+            )
+        }
+        for workers in sorted({1, os.cpu_count() or 1}):
+            started = time.perf_counter()
+            model = Word2Vec(
+                sentences,
+                vector_size=config.dimension,
+                window=config.window,
+                negative=config.negatives,
+                min_count=config.min_count,
+                sample=config.sample,
+                epochs=config.epochs,
+                sg=1,
+                hs=0,
+                alpha=config.learning_rate,
+                min_alpha=config.min_learning_rate,
+                seed=seed,
+                workers=workers,
+            )
+            seconds = time.perf_counter() - started
+            vocabulary = text.Vocabulary(
+                tuple(model.wv.index_to_key),
+                tuple(
+                    int(model.wv.get_vecattr(w, "count")) for w in model.wv.index_to_key
+                ),
+            )
+            runs[seed][f"gensim_{workers}_workers"] = scores(
+                vocabulary, model.wv.vectors, seconds, sum(vocabulary.counts)
+            )
         print(
-            f"  {name:20s} {rho if rho is not None else float('nan'):>15.3f} "
-            f"{acc if acc is not None else float('nan'):>10.3f} "
-            f"{row['words_per_second']:>10,.0f}"
+            f"  seed {seed}: {'':12s} {'WordSim353 rho':>15s} {'analogies':>10s} "
+            f"{'words/s':>10s}"
         )
-    anchor = out["gensim_1_workers"]
-    if anchor["wordsim353_spearman"] is not None and ours.vectors.size:
-        gap = out["transfer_tf"]["wordsim353_spearman"] - anchor["wordsim353_spearman"]
-        print(f"  Spearman, transfer_tf - gensim (1 worker): {gap:+.3f}")
-    print(
-        "  words/s ratio, transfer_tf / gensim (1 worker): "
-        f"x{out['transfer_tf']['words_per_second'] / anchor['words_per_second']:.2f}"
+        for name, row in runs[seed].items():
+            rho, acc = row["wordsim353_spearman"], row["analogy_accuracy"]
+            print(
+                f"  {name:20s} {rho if rho is not None else float('nan'):>15.3f} "
+                f"{acc if acc is not None else float('nan'):>10.3f} "
+                f"{row['words_per_second']:>10,.0f}"
+            )
+    out = runs[seeds[0]] if len(seeds) == 1 else {"seeds": runs}
+    anchor = "gensim_1_workers"
+
+    def over_seeds(name, field):
+        return [runs[seed][name][field] for seed in seeds]
+
+    def shown(iv):
+        return stats.format_interval(iv, scale=1.0, digits=3)
+
+    gaps = [
+        a - b
+        for a, b in zip(
+            over_seeds("transfer_tf", "wordsim353_spearman"),
+            over_seeds(anchor, "wordsim353_spearman"),
+            strict=True,
+        )
+        if a is not None and b is not None
+    ]
+    if gaps:
+        gap = stats.interval(gaps)
+        for name in runs[seeds[0]]:
+            values = over_seeds(name, "wordsim353_spearman")
+            if None not in values and len(seeds) > 1:
+                print(f"  {name:20s} WordSim353 rho {shown(stats.interval(values))}")
+        print(f"  Spearman, transfer_tf - gensim (1 worker): {shown(gap)}")
+        out["spearman_gap"] = gap
+    ratio = float(
+        np.mean(over_seeds("transfer_tf", "words_per_second"))
+        / np.mean(over_seeds(anchor, "words_per_second"))
     )
+    print(f"  words/s ratio, transfer_tf / gensim (1 worker): x{ratio:.2f}")
+    out["words_per_second_ratio"] = ratio
     report["embeddings"] = out
 
 

@@ -231,7 +231,7 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
     configuration field of ``table``."""
     flags.DEFINE_enum(
         "preset",
-        "digits",
+        "digits" if "digits" in study.presets else "default",
         sorted(study.presets),
         "Defaults of every flag not given on the command line: "
         + "; ".join(

@@ -286,6 +286,53 @@ def _smoke_fixture(study, grid=False):
     return fixture
 
 
+def write_tiny_text(root) -> tuple[pathlib.Path, pathlib.Path]:
+    """A planted sentiment task (``task/tiny.pos``, ``task/tiny.neg``: 60
+    sentences each, neutral words plus two words of the class's own five) and
+    3,000 tokens of "out-of-domain" text (``other.txt``) over other words and
+    both classes' words; returns ``(task directory, out-of-domain file)``."""
+    rng = np.random.default_rng(0)
+    positive = "good great fine lovely superb".split()
+    negative = "bad awful poor dull boring".split()
+    neutral = "the film plot movie story actor a is was and of it".split()
+    other = "market team game company election government plot story".split()
+    root = pathlib.Path(root)
+    (root / "task").mkdir(parents=True, exist_ok=True)
+    for name, words in (("pos", positive), ("neg", negative)):
+        lines = [
+            " ".join([*rng.choice(neutral, 6), *rng.choice(words, 2)])
+            for _ in range(60)
+        ]
+        (root / "task" / f"tiny.{name}").write_text("\n".join(lines) + "\n")
+    tokens = rng.choice(other + positive + negative, 3000)
+    (root / "other.txt").write_text(" ".join(tokens) + "\n")
+    return root / "task", root / "other.txt"
+
+
+def text_flags(root) -> list[str]:
+    """``--task_dir`` and ``--out_of_domain`` of :func:`write_tiny_text`."""
+    task, other = write_tiny_text(root)
+    return [f"--task_dir={task}", f"--out_of_domain={other}"]
+
+
+@pytest.fixture(scope="session")
+def word_embeddings_smoke(tmp_path_factory) -> Smoke:
+    """The word-embeddings study's smoke run on the tiny planted corpus."""
+    from transfer_tf.studies import word_embeddings
+
+    task, other = write_tiny_text(tmp_path_factory.mktemp("tiny_text"))
+    preset = word_embeddings.STUDY.preset("smoke")
+    return smoke_run(
+        tmp_path_factory,
+        "word_embeddings",
+        f"--task_dir={task}",
+        f"--out_of_domain={other}",
+        data=dataclasses.replace(
+            preset.data, task_dir=str(task), out_of_domain=str(other)
+        ),
+    )
+
+
 transferability_smoke = _smoke_fixture("transferability")
 off_the_shelf_smoke = _smoke_fixture("off_the_shelf")
 autoencoder_smoke = _smoke_fixture("autoencoder", grid=True)

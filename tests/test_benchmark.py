@@ -168,16 +168,28 @@ def test_the_embeddings_section_scores_ours_and_gensims_alike(tmp_path):
         f"--embedding_corpus={corpus}",
         "--embedding_epochs=1",
         "--embedding_dimension=8",
+        "--embedding_seeds=0,1",
         f"--workdir={tmp_path / 'w'}",
         f"--output={out}",
     )
     assert "words/s ratio, transfer_tf / gensim (1 worker): x" in proc.stdout
     found = json.loads(out.read_text())["embeddings"]
-    assert {"transfer_tf", "gensim_1_workers"} <= set(found)
-    for row in found.values():
-        # WordSim353 has (king, queen), (man, woman), (tiger, cat), ...
-        assert row["wordsim353_pairs"] >= 3 and row["words_per_second"] > 0
-        assert -1 <= row["wordsim353_spearman"] <= 1
+    assert set(found["seeds"]) == {"0", "1"}
+    for runs in found["seeds"].values():
+        assert {"transfer_tf", "gensim_1_workers"} <= set(runs)
+        for row in runs.values():
+            # WordSim353 has (king, queen), (man, woman), (tiger, cat), ...
+            assert row["wordsim353_pairs"] >= 3 and row["words_per_second"] > 0
+            assert -1 <= row["wordsim353_spearman"] <= 1
+    # the paired difference over the two seeds, and the speed ratio
+    gaps = [
+        runs["transfer_tf"]["wordsim353_spearman"]
+        - runs["gensim_1_workers"]["wordsim353_spearman"]
+        for runs in found["seeds"].values()
+    ]
+    assert found["spearman_gap"]["count"] == 2
+    assert found["spearman_gap"]["mean"] == pytest.approx(np.mean(gaps))
+    assert found["words_per_second_ratio"] > 0
     missing = run_main(
         "benchmark",
         "--sections=embeddings",

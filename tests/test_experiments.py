@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 
-from conftest import load_script, run_main, run_script
+from conftest import load_script, run_main, run_script, text_flags
 from transfer_tf.studies import config as config_lib
 
 SCRIPTS = (
@@ -18,6 +18,7 @@ SCRIPTS = (
     "fine_tuning",
     "what_transfers",
     "domain_adaptation",
+    "word_embeddings",
 )
 
 
@@ -116,7 +117,10 @@ def test_each_study_script_starts_from_its_command_line(script, tmp_path):
     the study lists its runs (a dry run writes nothing)."""
     module = importlib.import_module(f"transfer_tf.studies.{script}")
     work = tmp_path / "study"
-    proc = run_script(script, "--preset=smoke", "--dry_run", f"--workdir={work}")
+    extra = text_flags(tmp_path / "text") if script == "word_embeddings" else []
+    proc = run_script(
+        script, "--preset=smoke", "--dry_run", f"--workdir={work}", *extra
+    )
     pending = [line for line in proc.stdout.splitlines() if " pending " in line]
     runs = module.expand(module.STUDY.preset("smoke"))
     assert [line.split()[-1] for line in pending] == [r.key for r in runs]

@@ -4,6 +4,7 @@ claiming, reports, progress — on a toy study that trains nothing."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -244,6 +245,27 @@ def test_auto_precision_is_resolved_before_hashing(monkeypatch):
     assert resolved.training.precision == "float32" and resolved.training.xla == "on"
     explicit = WithTraining(training.TrainConfig(precision="float32", xla="on"))
     assert resolved.config_hash() == explicit.config_hash()
+
+
+def test_auto_keeps_the_settings_a_work_directory_was_made_with(tmp_path, monkeypatch):
+    # This machine's probe would now say bfloat16 with XLA (another net, noise).
+    monkeypatch.setattr(
+        autotune, "auto_settings", lambda: {"precision": "mixed_bfloat16", "xla": "on"}
+    )
+    recorded = {"training": {"precision": "float32", "xla": "off"}}
+    kept = runner.resolve_auto(WithTraining(), recorded=recorded)
+    assert (kept.training.precision, kept.training.xla) == ("float32", "off")
+    # an explicit setting is the user's, whatever the directory holds
+    explicit = WithTraining(training.TrainConfig(precision="float32", xla="on"))
+    assert runner.resolve_auto(explicit, recorded=recorded).training.xla == "on"
+    # without a record (a fresh directory) auto is measured
+    fresh = runner.resolve_auto(WithTraining(), recorded={})
+    assert (fresh.training.precision, fresh.training.xla) == ("mixed_bfloat16", "on")
+    # what a study's directory records is read from its config.json only
+    (tmp_path / runner.CONFIG_FILE).write_text(json.dumps({"study": "toy", **recorded}))
+    assert runner.recorded_config(tmp_path, "toy")["training"] == recorded["training"]
+    assert runner.recorded_config(tmp_path, "other") == {}
+    assert runner.recorded_config(tmp_path / "none", "toy") == {}
 
 
 # ---------------------------------------------------------------------- progress

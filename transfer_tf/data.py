@@ -819,7 +819,7 @@ class Task:
         need = batch_size * min_steps
         if 0 < len(y) < need:
             reps = -(-need // len(y))
-            x, y = np.tile(x, (reps, 1, 1, 1)), np.tile(y, reps)
+            x, y = np.tile(x, (reps,) + (1,) * (x.ndim - 1)), np.tile(y, reps)
         return pipeline(x, y, batch_size, True, seed, augment)
 
     def eval_dataset(self, split: str, batch_size=128) -> tf.data.Dataset:

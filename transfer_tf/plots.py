@@ -304,3 +304,25 @@ def reconstructions_figure(originals, reconstructions, title=None):
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+# ---------------------------------------------------------------- word vectors
+
+
+def words_figure(panels, width: float = 5.0):
+    """Words as labelled points, one panel per ``(title, {word: (x, y)})`` (a
+    2-D projection of word vectors)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), width))
+    for ax, (title, points) in zip(np.atleast_1d(axes), panels, strict=True):
+        xy = np.array(list(points.values()), dtype=float)
+        ax.scatter(xy[:, 0], xy[:, 1], s=14, color="#1f3a93")
+        for word, (x, y) in points.items():
+            ax.annotate(
+                word, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points"
+            )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("first principal component")
+        ax.set_ylabel("second principal component")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

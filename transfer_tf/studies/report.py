@@ -727,3 +727,122 @@ def choices_table(chosen: dict, describe, **table) -> Table:
         )
     ]
     return Table(columns("source", "budget", "choices"), rows, **table)
+
+
+# ------------------------------------------------------- label-budget tables
+
+
+def budget_columns(aggregate, fmt: Format) -> list[tuple]:
+    """The columns of a label-budget table: ``k=<b>`` per budget of
+    ``aggregate["budgets"]``, ``all (~n/class)`` with ``aggregate["per_class"]``."""
+    per_class = aggregate["per_class"]
+    return [
+        (f"all (~{per_class:.0f}/class)" if b == "all" and per_class else f"k={b}", fmt)
+        for b in aggregate["budgets"]
+    ]
+
+
+def method_table(aggregate, lines, label, cell, fmt: Format, **table) -> Table:
+    """One row per line of ``lines`` (named by ``label(line)``), one
+    ``cell(line, budget)`` per budget of ``aggregate``."""
+    return Table(
+        ("method", *budget_columns(aggregate, fmt)),
+        [
+            [label(line), *(cell(line, b) for b in aggregate["budgets"])]
+            for line in lines
+        ],
+        **table,
+    )
+
+
+def budget_lines_table(aggregate, lines, label, text: str = "") -> Table:
+    """Test top-1 per line and budget (``aggregate["intervals"]``); a cell with
+    classifiers at chance (``aggregate["at_chance"]``) says how many (they are
+    in its interval)."""
+    failed = aggregate["at_chance"]
+
+    def cell(line, budget):
+        iv = aggregate["intervals"].get((line, budget))
+        count = failed.get((line, budget), 0)
+        return Cell(iv, note=f"{count} at chance") if count else iv
+
+    chance = (
+        "A cell holding classifiers whose validation accuracy is not "
+        "significantly above chance says how many (they are kept in it)."
+    )
+    return method_table(
+        aggregate,
+        lines,
+        label,
+        cell,
+        ACCURACY,
+        title="Test top-1 per label budget",
+        text=" ".join(t for t in (text, chance if failed else "") if t),
+        name="lines",
+    )
+
+
+def budget_gains_table(aggregate, lines, label, text: str = "") -> Table:
+    """Each line minus scratch (``aggregate["gains"]``, points, paired by seed);
+    bold with ``no gain`` where the mean is not above zero."""
+
+    def cell(line, budget):
+        iv = aggregate["gains"].get((line, budget))
+        if iv is not None and iv["mean"] <= 0:
+            return Cell(iv, bold=True, note="no gain")
+        return iv
+
+    return method_table(
+        aggregate,
+        lines,
+        label,
+        cell,
+        POINTS,
+        title="Gain over scratch (points, paired by seed; **no gain** where <= 0)",
+        text=text,
+        name="gains",
+    )
+
+
+def wall_time_table(records, part: Callable[[dict], str], order=()) -> Table:
+    """Runs and total wall time per ``part(record)``, parts in ``order`` first."""
+    totals, counts = collections.defaultdict(float), collections.Counter()
+    for r in records:
+        totals[part(r)] += r["wall_time"]
+        counts[part(r)] += 1
+    order = tuple(order)
+    parts = sorted(
+        totals, key=lambda p: (order.index(p) if p in order else len(order), p)
+    )
+    return Table(
+        ("part", "runs", "total"),
+        [[p, counts[p], duration(totals[p])] for p in parts],
+        title="Wall time",
+        name="wall_time",
+    )
+
+
+def arm_tables(records, training, arms=()) -> list[Table]:
+    """A label-budget study's last tables: how its classifiers (records of kind
+    ``train``) trained, per arm with every budget together, and the wall time
+    per part (``pretraining``, then each arm in ``arms`` order)."""
+    out = []
+    classifiers = [r for r in records if r["kind"] == "train"]
+    if classifiers:
+        out.append(
+            convergence_table(
+                classifiers,
+                group=lambda r: r["arm"],
+                title="Training the classifiers: epochs and why training stopped",
+                text=stopping_rule(training) + " Every budget together.",
+            )
+        )
+    if records:
+        out.append(
+            wall_time_table(
+                records,
+                lambda r: "pretraining" if r["kind"] == "pretrain" else r["arm"],
+                ("pretraining", *arms),
+            )
+        )
+    return out

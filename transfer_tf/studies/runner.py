@@ -289,21 +289,56 @@ class BudgetRun:
 # ------------------------------------------------------------------------ records
 
 
-def resolve_auto(config, signatures: dict | None = None):
+def resolve_auto(config, signatures: dict | None = None, recorded: dict | None = None):
     """``config`` with every training section's ``auto`` precision and XLA
     replaced by the setting it stands for on this machine, measured on the net
     that section trains when ``signatures`` (``{section: (Signature,
-    run_steps)}``) names it."""
-    signatures = signatures or {}
+    run_steps)}``) names it.
+
+    ``recorded``: the configuration a work directory's runs were made with
+    (its ``config.json``): there an ``auto`` setting keeps the recorded one
+    instead of being measured again, so that resuming or growing a study (a
+    new pair, a new seed whose net the probe would measure differently, a
+    noisy machine) never turns ``auto`` into another setting and the study
+    into "another configuration"."""
+    signatures, recorded = signatures or {}, recorded or {}
     changes = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value) and {"precision", "xla"} <= {
             f.name for f in dataclasses.fields(value)
         }:
+            kept = {
+                name: recorded[field.name][name]
+                for name in ("precision", "xla")
+                if getattr(value, name) == "auto"
+                and isinstance(recorded.get(field.name), dict)
+                and recorded[field.name].get(name, "auto") != "auto"
+            }
+            if kept:
+                log.info(
+                    "%s: auto %s as this work directory's runs were made",
+                    field.name,
+                    ", ".join(f"{k}={v}" for k, v in kept.items()),
+                )
+                value = dataclasses.replace(value, **kept)
             signature, steps = signatures.get(field.name, (None, None))
             changes[field.name] = autotune.resolve_config(value, signature, steps)
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def recorded_config(workdir, study_name: str) -> dict:
+    """The configuration a work directory's runs of ``study_name`` were made
+    with (its ``config.json``); ``{}`` when there is none (or it is another
+    study's, or unreadable: :meth:`Runner.check_identity` says so later)."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    try:
+        document = results.read_json(path) if path.is_file() else {}
+    except ValueError:
+        return {}
+    if not isinstance(document, dict) or document.get("study") != study_name:
+        return {}
+    return document
 
 
 def default_signatures(config, context) -> dict:
@@ -390,7 +425,9 @@ class Runner:
         self.context = study.context(config, self.workdir, self.run_dir)
         self.context.prepare()
         signatures = (study.signatures or default_signatures)(config, self.context)
-        self.config = resolve_auto(config, signatures)
+        self.config = resolve_auto(
+            config, signatures, recorded_config(self.workdir, study.name)
+        )
         self.context.config = self.config
         self.runs = check_keys(study.expand(self.config))
         self.run_class = type(self.runs[0])

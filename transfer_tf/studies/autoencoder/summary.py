@@ -136,14 +136,6 @@ def _lines(*cells_) -> list[str]:
     return [line for line in LINES if line in present]
 
 
-def _budget_columns(aggregate, fmt: report_lib.Format) -> list[tuple]:
-    per_class = aggregate["per_class"]
-    return [
-        (f"all (~{per_class:.0f}/class)" if b == "all" and per_class else f"k={b}", fmt)
-        for b in aggregate["budgets"]
-    ]
-
-
 def _intro(config: plan.Config, seeds) -> str:
     d, auto = config.data, config.autoencoder
     return (
@@ -195,59 +187,21 @@ def pretraining_table(p: dict) -> report_lib.Table:
     )
 
 
-def _method_table(aggregate, lines, cell, fmt, **table) -> report_lib.Table:
-    """One row per line of ``lines``, one ``cell(line, budget)`` per budget."""
-    return report_lib.Table(
-        ("method", *_budget_columns(aggregate, fmt)),
-        [
-            [LABELS[line], *(cell(line, b) for b in aggregate["budgets"])]
-            for line in lines
-        ],
-        **table,
-    )
-
-
 def lines_table(aggregate) -> report_lib.Table:
     """Test top-1 per line and budget; a cell with classifiers at chance says
     how many (they are in its interval)."""
-    failed = aggregate["at_chance"]
-
-    def cell(line, budget):
-        iv = aggregate["intervals"].get((line, budget))
-        count = failed.get((line, budget), 0)
-        return report_lib.Cell(iv, note=f"{count} at chance") if count else iv
-
-    return _method_table(
+    return report_lib.budget_lines_table(
         aggregate,
-        _lines(aggregate["intervals"], failed),
-        cell,
-        report_lib.ACCURACY,
-        title="Test top-1 per label budget",
-        text="A cell holding classifiers whose validation accuracy is not "
-        "significantly above chance says how many (they are kept in it)."
-        if failed
-        else "",
-        name="lines",
+        _lines(aggregate["intervals"], aggregate["at_chance"]),
+        LABELS.get,
     )
 
 
 def gains_table(aggregate) -> report_lib.Table:
     """Each line minus scratch (points), paired by seed; bold with ``no gain``
     where the mean is not above zero."""
-
-    def cell(line, budget):
-        iv = aggregate["gains"].get((line, budget))
-        if iv is not None and iv["mean"] <= 0:
-            return report_lib.Cell(iv, bold=True, note="no gain")
-        return iv
-
-    return _method_table(
-        aggregate,
-        _lines(aggregate["gains"]),
-        cell,
-        report_lib.POINTS,
-        title="Gain over scratch (points, paired by seed; **no gain** where <= 0)",
-        name="gains",
+    return report_lib.budget_gains_table(
+        aggregate, _lines(aggregate["gains"]), LABELS.get
     )
 
 
@@ -259,7 +213,7 @@ def layers_table(aggregate) -> report_lib.Table:
             "source",
             "layer",
             "pooling",
-            *_budget_columns(aggregate, report_lib.ACCURACY),
+            *report_lib.budget_columns(aggregate, report_lib.ACCURACY),
         ),
         [
             [
@@ -270,22 +224,6 @@ def layers_table(aggregate) -> report_lib.Table:
         ],
         title="Linear probe per layer",
         name="layers",
-    )
-
-
-def wall_time_table(records) -> report_lib.Table:
-    """Runs and total wall time per part (pretraining, probes, each arm)."""
-    totals, counts = collections.defaultdict(float), collections.Counter()
-    for r in records:
-        part = "pretraining" if r["kind"] == "pretrain" else r["arm"]
-        totals[part] += r["wall_time"]
-        counts[part] += 1
-    parts = sorted(totals, key=lambda part: _rank(("pretraining", *plan.ARMS), part))
-    return report_lib.Table(
-        ("part", "runs", "total"),
-        [[part, counts[part], report_lib.duration(totals[part])] for part in parts],
-        title="Wall time",
-        name="wall_time",
     )
 
 
@@ -331,19 +269,7 @@ def summarize(records: list[dict], config: plan.Config) -> report_lib.Summary:
                 name="choices",
             ),
         )
-    classifiers = [r for r in records if r["kind"] == "train"]
-    if classifiers:
-        summary.add(
-            report_lib.convergence_table(
-                classifiers,
-                group=lambda r: r["arm"],
-                title="Training the classifiers: epochs and why training stopped",
-                text=report_lib.stopping_rule(config.training)
-                + " Every budget together.",
-            )
-        )
-    if records:
-        summary.add(wall_time_table(records))
+    summary.add(*report_lib.arm_tables(records, config.training, plan.ARMS))
     return summary
 
 

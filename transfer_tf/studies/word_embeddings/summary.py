@@ -1,0 +1,485 @@
+"""The word-embeddings study's report as rows: the pretrained vectors (corpus,
+vocabulary, coverage of the task, WordSim353, analogies, speed), test top-1 per
+arm, source and label budget with its gain over scratch (paired by seed, with
+the finite test set counted), the claims judged by the tool (Holm over the
+family), nearest neighbours per source, convergence and wall time (rendered by
+``studies.report``); and ``label_budget.png`` and ``projection.png``."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from transfer_tf import plots
+from transfer_tf.studies import report as report_lib
+from transfer_tf.studies import stats
+from transfer_tf.studies.word_embeddings import plan
+
+SOURCE_LABELS = {
+    "in_domain": "in-domain (the task's sentences, no labels)",
+    "out_of_domain": "out-of-domain",
+    "both": "both",
+}
+ARM_LABELS = {
+    "scratch": "scratch (random embedding, trained)",
+    "frozen": "pretrained, frozen",
+    "fine_tuned": "pretrained, fine-tuned",
+    "fine_tuned_low": "pretrained, fine-tuned at a lower rate",
+}
+
+
+def line_label(line: str) -> str:
+    arm, _, source = line.partition(":")
+    label = ARM_LABELS.get(arm, arm)
+    return f"{label} ({source.replace('_', '-')})" if source else label
+
+
+def _order(line: str) -> tuple:
+    arm, _, source = line.partition(":")
+    return (
+        plan.SOURCES.index(source) + 1 if source in plan.SOURCES else 0,
+        plan.ARMS.index(arm) if arm in plan.ARMS else len(plan.ARMS),
+    )
+
+
+def cells(records: list[dict]) -> dict:
+    """The records aggregated once (a pure function of the records).
+
+    Returns a dict with
+      ``records``: ``{(line, budget): {seed: record}}`` of the classifiers;
+      ``intervals``: ``{(line, budget): t-interval of test top-1 over seeds}``;
+      ``gains``: ``{(line, budget): interval of line - scratch}`` paired by seed
+        (over seeds and test sentences, :func:`stats.paired_records`);
+      ``at_chance``: ``{(line, budget): classifiers at chance}``;
+      ``lines``: the lines present, sources then arms; ``budgets`` in order;
+      ``per_class``: the mean labelled sentences per class of ``all``.
+    """
+    trained = [r for r in records if r["kind"] == "train"]
+    by_cell = collections.defaultdict(dict)
+    for r in trained:
+        by_cell[(r["line"], r["budget"])][r["seed"]] = r
+    intervals = {
+        key: stats.interval([cell[s]["test_accuracy"] for s in sorted(cell)])
+        for key, cell in by_cell.items()
+    }
+    gains = {}
+    for (line, budget), cell in by_cell.items():
+        scratch = by_cell.get(("scratch", budget))
+        if line != "scratch" and scratch and set(cell) & set(scratch):
+            gains[(line, budget)] = stats.paired_records(cell, scratch)
+    per_class = [
+        r["num_train"] / r["num_classes"] for r in trained if r["budget"] == "all"
+    ]
+    return {
+        "records": dict(by_cell),
+        "intervals": intervals,
+        "gains": gains,
+        "at_chance": collections.Counter(
+            (r["line"], r["budget"]) for r in trained if r.get("at_chance")
+        ),
+        "lines": sorted({r["line"] for r in trained}, key=_order),
+        "budgets": sorted({r["budget"] for r in trained}, key=stats.budget_order),
+        "per_class": float(np.mean(per_class)) if per_class else None,
+    }
+
+
+# ----------------------------------------------------------------- the claims
+
+
+def contrast(aggregate, terms) -> tuple[dict, dict | None]:
+    """A signed sum of cells, paired by seed: ``terms`` are ``(sign, line,
+    budget)``. Returns ``({seed: value}, interval)``: the interval counts the
+    seeds and the finite test set (:func:`stats.contrast_interval`) when every
+    run recorded its hits on one test set, else it is the t-interval over seeds;
+    empty values when a cell is missing."""
+    cells_ = [aggregate["records"].get((line, budget)) for _, line, budget in terms]
+    if any(c is None for c in cells_):
+        return {}, None
+    seeds = sorted(set.intersection(*(set(c) for c in cells_)), key=str)
+    if not seeds:
+        return {}, None
+    values = {
+        s: sum(
+            sign * c[s]["test_accuracy"]
+            for (sign, *_), c in zip(terms, cells_, strict=True)
+        )
+        for s in seeds
+    }
+    contrasts = {}
+    for s in seeds:
+        hits = [stats.hits(c[s]) for c in cells_]
+        if any(h is None for h in hits) or len({h[1] for h in hits}) != 1:
+            return values, stats.interval([values[s] for s in seeds])
+        x = sum(
+            sign * h[0].astype(np.float64)
+            for (sign, *_), h in zip(terms, hits, strict=True)
+        )
+        contrasts[s] = (x, hits[0][1])
+    return values, stats.contrast_interval(contrasts)
+
+
+def claims(aggregate, config: plan.Config) -> list[report_lib.Finding]:
+    """The issue's three claims, judged on the in-domain source (the other
+    sources' gains are in the gains table), at the smallest budget and with all
+    labels, each a :class:`report_lib.Finding` of a difference paired by seed:
+
+    1. pretrained embeddings help most when labels are scarce: fine-tuned −
+       scratch at the smallest budget (> 0), and that gain minus the same gain
+       with all labels (> 0);
+    2. in-domain text beats out-of-domain text of the same size: frozen
+       in-domain − frozen out-of-domain (> 0) at the smallest budget and with
+       all labels (the frozen arm isolates the vectors);
+    3. fine-tuning the embeddings helps only with enough labels: fine-tuned −
+       frozen with all labels (> 0), and that minus the same difference at the
+       smallest budget (> 0).
+    """
+    budgets = [b for b in aggregate["budgets"] if b != "all"]
+    if not budgets or "all" not in aggregate["budgets"]:
+        return []
+    few, alls = budgets[0], "all"
+    own, other = "in_domain", "out_of_domain"
+    same_size = (
+        "same size" if config.data.match_size else "NOT the same size: --match_size off"
+    )
+    specs = [
+        (
+            "1a",
+            f"pretrained embeddings help when labels are scarce (k={few})",
+            "helps most with few labels",
+            f"fine-tuned − scratch at k={few}",
+            [(1, f"fine_tuned:{own}", few), (-1, "scratch", few)],
+        ),
+        (
+            "1b",
+            "... and most when labels are scarce",
+            "gain shrinks with more labels",
+            f"(fine-tuned − scratch) at k={few} − the same with all labels",
+            [
+                (1, f"fine_tuned:{own}", few),
+                (-1, "scratch", few),
+                (-1, f"fine_tuned:{own}", alls),
+                (1, "scratch", alls),
+            ],
+        ),
+        *(
+            (
+                f"2{letter}",
+                f"in-domain text beats out-of-domain text of the {same_size} "
+                f"(k={budget})",
+                "in-domain > out-of-domain",
+                f"frozen in-domain − frozen out-of-domain at k={budget}",
+                [(1, f"frozen:{own}", budget), (-1, f"frozen:{other}", budget)],
+            )
+            for letter, budget in (("a", few), ("b", alls))
+        ),
+        (
+            "3a",
+            "fine-tuning the embeddings helps with enough labels",
+            "fine-tuning helps only with enough labels",
+            "fine-tuned − frozen with all labels",
+            [(1, f"fine_tuned:{own}", alls), (-1, f"frozen:{own}", alls)],
+        ),
+        (
+            "3b",
+            "... and helps more with all labels than with few",
+            "fine-tuning helps only with enough labels",
+            f"(fine-tuned − frozen) with all labels − the same at k={few}",
+            [
+                (1, f"fine_tuned:{own}", alls),
+                (-1, f"frozen:{own}", alls),
+                (-1, f"fine_tuned:{own}", few),
+                (1, f"frozen:{own}", few),
+            ],
+        ),
+    ]
+    out = []
+    for key, claim, paper, measure, terms in specs:
+        values, interval = contrast(aggregate, terms)
+        if not values:
+            continue
+        out.append(
+            report_lib.Finding(
+                key=key,
+                claim=claim,
+                measure=measure,
+                paper=paper,
+                values=values,
+                expected="positive",
+                format=report_lib.POINTS,
+                interval=interval,
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- rows
+
+
+def lines_table(aggregate) -> report_lib.Table:
+    """Test top-1 per arm, source and budget (mean and t-interval over seeds)."""
+    return report_lib.budget_lines_table(
+        aggregate,
+        aggregate["lines"],
+        line_label,
+        text="Mean [95% t-interval] over seeds (n); with few labels, not learning "
+        "is the result.",
+    )
+
+
+def gains_table(aggregate) -> report_lib.Table:
+    """Each arm minus scratch (points), paired by seed and test sentence."""
+    return report_lib.budget_gains_table(
+        aggregate,
+        [line for line in aggregate["lines"] if line != "scratch"],
+        line_label,
+        text="Intervals over seeds and the test sentences (every arm is tested on "
+        "the same sentences).",
+    )
+
+
+PRETRAINING_COLUMNS = (
+    "source",
+    "seeds",
+    "corpus tokens",
+    "vocabulary",
+    ("task words covered", report_lib.PERCENT),
+    ("test tokens covered", report_lib.PERCENT),
+    ("final loss", report_lib.VALUE),
+    ("WordSim353 Spearman", report_lib.VALUE),
+    ("analogy accuracy", report_lib.PERCENT),
+    "words/s",
+    "wall time (each)",
+)
+
+
+def _mean_of(rows, field):
+    values = [r[field] for r in rows if r.get(field) is not None]
+    return stats.interval(values) if values else None
+
+
+def pretraining_table(records, config: plan.Config) -> report_lib.Table:
+    """Per source: the pretraining corpus and what the vectors score (means
+    over seeds)."""
+    pretrains = [r for r in records if r["kind"] == "pretrain"]
+    rows = []
+    for source in plan.SOURCES:
+        mine = [r for r in pretrains if r["source"] == source]
+        if not mine:
+            continue
+        rows.append(
+            [
+                SOURCE_LABELS[source],
+                len(mine),
+                int(np.mean([r["corpus_tokens"] for r in mine])),
+                int(np.mean([r["vocabulary"] for r in mine])),
+                _mean_of(mine, "task_words_covered"),
+                _mean_of(mine, "test_tokens_covered"),
+                _mean_of(mine, "loss"),
+                _mean_of(mine, "wordsim_spearman"),
+                _mean_of(mine, "analogy_accuracy"),
+                f"{np.mean([r['words_per_second'] for r in mine]):,.0f}",
+                report_lib.duration(float(np.mean([r["wall_time"] for r in mine]))),
+            ]
+        )
+    e = config.embedding
+    gensim = any(r.get("wordsim_spearman") is not None for r in pretrains)
+    return report_lib.Table(
+        PRETRAINING_COLUMNS,
+        rows,
+        title="Pretraining the word vectors (no labels)",
+        text=f"{e.architecture}, dimension {e.dimension}, window {e.window}, "
+        f"{e.negatives} negatives, min_count {e.min_count}, sample {e.sample}, "
+        f"{e.epochs} epochs, batch {e.batch_size}; one pretraining per source and "
+        "seed. Coverage: the share of the task's vocabulary (and of its test "
+        "tokens) that has a pretrained vector."
+        + (
+            " WordSim353 over its in-vocabulary pairs, 3CosAdd over the in-vocabulary"
+            " analogy questions (gensim's test data)."
+            if gensim
+            else " WordSim353 and analogies need gensim's test data: "
+            "`pip install '.[text]'`."
+        ),
+        name="pretraining",
+    )
+
+
+def neighbours_table(records) -> report_lib.Table | None:
+    """Each chosen word's nearest neighbours per source (the first seed)."""
+    pretrains = sorted(
+        (r for r in records if r["kind"] == "pretrain"), key=lambda r: r["seed"]
+    )
+    first = {}
+    for r in pretrains:
+        first.setdefault(r["source"], r)
+    words = list(dict.fromkeys(w for r in first.values() for w in r["neighbours"]))
+    if not words:
+        return None
+    sources = [s for s in plan.SOURCES if s in first]
+    rows = [
+        [
+            f"`{w}`",
+            *(
+                ", ".join(n for n, _ in first[s]["neighbours"].get(w, ()))
+                or "(not in vocabulary)"
+                for s in sources
+            ),
+        ]
+        for w in words
+    ]
+    return report_lib.Table(
+        ("word", *(SOURCE_LABELS[s] for s in sources)),
+        rows,
+        title="Nearest neighbours by cosine (seed "
+        f"{min(r['seed'] for r in first.values())})",
+        name="neighbours",
+    )
+
+
+def _intro(config: plan.Config, seeds) -> str:
+    d = config.data
+    return (
+        f"Task `{d.task_dir}` (test {d.test_fraction:.0%} and validation "
+        f"{d.validation_fraction:.0%} of each class, split seed {d.split_seed}); "
+        f"out-of-domain text `{d.out_of_domain}`"
+        + (" cut to the in-domain corpus's size" if d.match_size else "")
+        + f". Classifier: embedding -> {config.pooling} pooling -> dropout "
+        f"{config.dropout} -> dense, at most {d.max_length} tokens a sentence; "
+        f"fine-tuned at a lower rate = x{config.low_rate_factor}. Seeds {seeds} "
+        "(each pretrains its own vectors and draws its own labelled sentences)."
+    )
+
+
+def summarize(records: list[dict], config: plan.Config) -> report_lib.Summary:
+    """The report's rows (a pure function of the records)."""
+    aggregate = cells(records)
+    trained = [r for r in records if r["kind"] == "train"]
+    seeds = sorted({r["seed"] for r in records})
+    summary = report_lib.Summary(
+        "Word embeddings: pretrained vectors transferred to a sentence task",
+        intro=_intro(config, seeds),
+        caveats=report_lib.caveats(
+            trained, name=lambda r: f"`{r['key']}`", seeds=seeds, chance_left_out=False
+        ),
+    )
+    if any(r["kind"] == "pretrain" for r in records):
+        summary.add(pretraining_table(records, config))
+    if aggregate["intervals"]:
+        summary.add(lines_table(aggregate))
+    if aggregate["gains"]:
+        summary.add(gains_table(aggregate))
+    findings = claims(aggregate, config)
+    if findings:
+        summary.add(
+            report_lib.findings_table(
+                findings,
+                title="Claims judged by this run (in-domain source)",
+                text="The claims of the issue, measured on the in-domain vectors at "
+                "the smallest budget and with all labels.",
+            )
+        )
+    table = neighbours_table(records)
+    if table is not None:
+        summary.add(table)
+    summary.add(*report_lib.arm_tables(records, config.training, plan.ARMS))
+    return summary
+
+
+CSV_FIELDS = (
+    "key",
+    "kind",
+    "line",
+    "arm",
+    "source",
+    "seed",
+    "budget",
+    "num_train",
+    "val_accuracy",
+    "test_accuracy",
+    "stop_reason",
+    "vocabulary",
+    "wordsim_spearman",
+    "analogy_accuracy",
+    "wall_time",
+)
+
+STYLES = {
+    "scratch": dict(color="black", ls="--", marker="s"),
+    "frozen": dict(color="#1f3a93", ls="-", marker="o"),
+    "fine_tuned": dict(color="#c0392b", ls="-", marker="^"),
+    "fine_tuned_low": dict(color="#e67e22", ls=":", marker="v"),
+}
+
+
+def label_budget_figure(records, config: plan.Config):
+    """Test top-1 vs labelled sentences per class, one panel per source (scratch
+    in each): means and 95% t-intervals over seeds."""
+    aggregate = cells(records)
+    budgets = aggregate["budgets"]
+    position, ticks = plots.budget_axis(budgets, aggregate["per_class"] or 1.0)
+    x = [position[b] for b in budgets]
+    sources = [
+        s
+        for s in plan.SOURCES
+        if any(line.endswith(f":{s}") for line in aggregate["lines"])
+    ]
+    panels = []
+    for source in sources or [None]:
+        lines = [
+            line
+            for line in aggregate["lines"]
+            if line == "scratch" or line.endswith(f":{source}")
+        ]
+        panels.append(
+            {
+                "title": f"vectors: {SOURCE_LABELS.get(source, 'none')}",
+                "xlabel": "labelled sentences per class (log; rightmost = all)",
+                "xscale": "log",
+                "xticks": ticks,
+                "lines": [
+                    plots.interval_line(
+                        x,
+                        [aggregate["intervals"].get((line, b)) for b in budgets],
+                        label=ARM_LABELS[line.partition(":")[0]],
+                        **STYLES[line.partition(":")[0]],
+                    )
+                    for line in lines
+                ],
+            }
+        )
+    return plots.curves_figure(panels, ylabel="test top-1 accuracy", width=5.5)
+
+
+def projection_figure(records):
+    """Each source's chosen words on the first two principal components of their
+    vectors (the first seed)."""
+    first = {}
+    for r in sorted(
+        (r for r in records if r["kind"] == "pretrain"), key=lambda r: r["seed"]
+    ):
+        first.setdefault(r["source"], r)
+    panels = [
+        (SOURCE_LABELS[s], first[s]["projection"])
+        for s in plan.SOURCES
+        if s in first and first[s]["projection"]
+    ]
+    if not panels:
+        return None
+    return plots.words_figure(panels)
+
+
+def report(records, config: plan.Config) -> dict:
+    """``summary.md``, ``summary.csv`` (the raw records), ``label_budget.png`` and
+    ``projection.png`` of the records."""
+    summary = summarize(records, config)
+    out = {
+        "summary.md": report_lib.markdown(summary),
+        **summary.csv_files(),
+        "summary.csv": report_lib.records_csv(records, CSV_FIELDS),
+    }
+    if any(r["kind"] == "train" for r in records):
+        out["label_budget.png"] = plots.png_bytes(label_budget_figure(records, config))
+    figure = projection_figure(records)
+    if figure is not None:
+        out["projection.png"] = plots.png_bytes(figure)
+    return out
