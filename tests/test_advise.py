@@ -106,13 +106,10 @@ def test_a_net_of_another_input_size_takes_the_targets_images(small_net):
         adapted.predict(big, verbose=0), net.predict(gray, verbose=0), atol=0.05
     )
     # Its layers keep their names and weights; the original net is untouched.
-    for name in models.LAYER_NAMES:
-        for a, b in zip(
-            adapted.get_layer(name).get_weights(),
-            net.get_layer(name).get_weights(),
-            strict=True,
-        ):
-            np.testing.assert_array_equal(a, b)
+    copied, original = (models.layer_weights(m, 8) for m in (adapted, net))
+    assert copied.keys() == original.keys()
+    for key, weights in original.items():
+        np.testing.assert_array_equal(copied[key], weights)
     assert tuple(net.input_shape[1:]) == (28, 28, 1)
     # A transfer net built from it gets the adapter's weights back.
     adapted, _ = advisor.adapt_input(net, (32, 32, 3))
@@ -157,6 +154,10 @@ def test_the_advice_ranks_checks_recommends_and_exports(advice, folder):
         (r for r in runs if r["kind"] == "probe"),
         key=lambda r: (r["val_accuracy"], -r["val_loss"]),
     )
+    check = made["stage1_check"]
+    assert check["best_probe"] == best_probe["option"]
+    assert check["agrees"] == (best_probe["stage1_rank"] == 1)
+    assert check["statement"] in (workdir / advisor.REPORT_FILE).read_text()
     freeze = next(r for r in runs if r["strategy"] == "freeze")
     assert freeze["layer"] == best_probe["layer"]  # frozen at the probe's layer
     pick = made["recommendation"]

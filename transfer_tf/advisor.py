@@ -804,7 +804,7 @@ class _Stage2:
             train_config,
             run_dir,
             config.data.batch_size,
-            "none",
+            config.data.augment,
             config.min_epoch_steps,
             options,
         )
@@ -1057,6 +1057,37 @@ def confidence(rows: list[dict], options: list[dict], skipped: list[dict]) -> di
     return {"level": level, "statement": text, "difference": iv}
 
 
+def stage1_check(options: list[dict]) -> dict | None:
+    """How stage 1's ranking fared against the probes that checked it: the
+    probes' validation-best candidate, the stage-1 rank it had, and the
+    validation accuracy of stage 1's top candidate (None: one probe only)."""
+    probes = [r for r in options if r["kind"] == "probe"]
+    if len(probes) < 2:
+        return None
+    best = stats.select_best(probes)
+    top = min(probes, key=lambda r: r["stage1_rank"])
+    agrees = best["option"] == top["option"]
+    text = (
+        f"Stage 1's top candidate ({top['layer']} of {top['source']}) was also the "
+        f"probes' best of the {len(probes)} checked."
+        if agrees
+        else f"Stage 1 ranked the probes' best candidate ({best['layer']} of "
+        f"{best['source']}, validation top-1 {best['val_accuracy']:.3f}) "
+        f"{best['stage1_rank']}; its top candidate ({top['layer']} of "
+        f"{top['source']}) reached {top['val_accuracy']:.3f}: the probes corrected "
+        "it."
+    )
+    return {
+        "probed": len(probes),
+        "best_probe": best["option"],
+        "best_probe_stage1_rank": best["stage1_rank"],
+        "top_val_accuracy": top["val_accuracy"],
+        "best_val_accuracy": best["val_accuracy"],
+        "agrees": agrees,
+        "statement": text,
+    }
+
+
 # ----------------------------------------------------------------------- advise
 
 
@@ -1119,6 +1150,7 @@ def advise(config: Config, workdir, now=time.monotonic) -> dict:
     )
     rows = summarize_options(options)
     pick = rows[0]
+    check = stage1_check(options)
     sure = confidence(rows, options, skipped)
     kept, make = stage2.models[pick["option"]]
     model = make()
@@ -1147,6 +1179,7 @@ def advise(config: Config, workdir, now=time.monotonic) -> dict:
             "exported_test_accuracy": kept["test_accuracy"],
         },
         "confidence": sure,
+        "stage1_check": check,
         "time": {"budget": config.time_budget, "spent": clock.spent},
     }
 
@@ -1265,6 +1298,11 @@ def report(advice) -> report_lib.Summary:
             ),
             stage1_table(advice),
             options_table(advice),
+            report_lib.Text(
+                (advice["stage1_check"] or {}).get(
+                    "statement", "One probe only: stage 1 was not checked."
+                )
+            ),
             report_lib.Bullets(skipped, title="Skipped for time or not applicable."),
             report_lib.Text(f"![stage-1 scores vs probe accuracy]({FIGURE_FILE})"),
         ],
