@@ -467,3 +467,20 @@ def test_the_script_runs_from_its_command_line(folder, small_net, tmp_path):
     assert made["target"]["labels_per_class"] == "4"
     assert made["target"]["train"] == 12
     assert (work / advisor.MODEL_DIR / export.SAVED_MODEL_DIR).is_dir()
+
+
+def test_a_net_that_is_not_a_base_net_is_probed_and_no_strategy_runs(folder, tmp_path):
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="features")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(3)(x)).save(tmp_path / "other.keras")
+    made = advisor.advise(config(folder, [tmp_path / "other.keras"]), tmp_path / "w")
+    (source,) = made["sources"]
+    assert source["kind"] == "keras" and source["layers"] == ["output"]
+    assert source["note"] == "resized 32x32 to 16x16"
+    assert [r["kind"] for r in made["stage2"]["runs"]] == ["probe"]
+    (skipped,) = made["stage2"]["skipped"]
+    assert skipped["what"] == "every strategy"
+    assert "no probed candidate is a transfer_tf base net" in skipped["reason"]

@@ -709,8 +709,9 @@ class _Stage2:
         self.workdir = pathlib.Path(workdir)
         self.dtype = dtype
         self.features = {}
-        self.models = {}  # option -> (val accuracy, model)
+        self.models = {}  # option -> (its best run's record, make its model)
         self.probes = []
+        self.no_strategies = ""  # why no strategy applies, when none does
 
     def _keep(self, record: dict, make_model):
         """Keeps the run of an option with the best validation accuracy (its
@@ -834,7 +835,7 @@ class _Stage2:
         self._keep(out, lambda: model)
         return out
 
-    def strategies_job(self, jobs: list, ranked: list[dict]):
+    def strategies_job(self, jobs: list):
         """The job that, once the probes are done, queues the strategies on the
         best probed base-net candidate (or says why there are none)."""
 
@@ -871,8 +872,6 @@ class _Stage2:
             "plan the strategies on the best probe", "plan", plan_strategies, True
         )
 
-    no_strategies = ""
-
 
 def verify(sources, task, ranked, config: Config, clock: Clock, workdir, dtype):
     """Stage 2 within the budget: probes of the top candidates (the first
@@ -893,7 +892,7 @@ def verify(sources, task, ranked, config: Config, clock: Clock, workdir, dtype):
         )
         for i, c in enumerate(ranked[: config.top_candidates])
     ]
-    jobs.append(stage2.strategies_job(jobs, ranked))
+    jobs.append(stage2.strategies_job(jobs))
     options, skipped = run_within_budget(jobs, clock)
     if stage2.no_strategies:
         skipped.append(
@@ -971,25 +970,16 @@ def summarize_options(options: list[dict]) -> list[dict]:
 
 def difference(options: list[dict], a: str, b: str) -> dict | None:
     """Paired validation difference ``a - b`` (points of top-1, per image),
-    over the seeds both options ran (a probe ran once: it pairs with the
-    strategies' first seed)."""
+    over the seeds both options ran; with none in common (a probe of one seed
+    against a strategy of others), their first seeds are paired."""
     hits_a = _hits([r for r in options if r["option"] == a])
     hits_b = _hits([r for r in options if r["option"] == b])
-    if len(hits_a) == 1 and len(hits_b) > 1:
-        hits_b = {s: v for s, v in hits_b.items() if s in hits_a} or dict(
-            [next(iter(hits_b.items()))]
-        )
-    if len(hits_b) == 1 and len(hits_a) > 1:
-        hits_a = {s: v for s, v in hits_a.items() if s in hits_b} or dict(
-            [next(iter(hits_a.items()))]
-        )
     common = sorted(set(hits_a) & set(hits_b))
-    if not common:  # one run each, different seeds: pair them anyway
-        common = [None]
-        hits_a = {None: next(iter(hits_a.values()))}
-        hits_b = {None: next(iter(hits_b.values()))}
-    iv = hits_interval({s: 100.0 * (hits_a[s] - hits_b[s]) for s in common})
-    return iv
+    if common:
+        pairs = {s: 100.0 * (hits_a[s] - hits_b[s]) for s in common}
+    else:
+        pairs = {0: 100.0 * (hits_a[min(hits_a)] - hits_b[min(hits_b)])}
+    return hits_interval(pairs)
 
 
 def confidence(rows: list[dict], options: list[dict], skipped: list[dict]) -> dict:
