@@ -1057,16 +1057,24 @@ def stage1_check(options: list[dict]) -> dict | None:
     best = stats.select_best(probes)
     top = min(probes, key=lambda r: r["stage1_rank"])
     agrees = best["option"] == top["option"]
-    text = (
-        f"Stage 1's top candidate ({top['layer']} of {top['source']}) was also the "
-        f"probes' best of the {len(probes)} checked."
-        if agrees
-        else f"Stage 1 ranked the probes' best candidate ({best['layer']} of "
-        f"{best['source']}, validation top-1 {best['val_accuracy']:.3f}) "
-        f"{best['stage1_rank']}; its top candidate ({top['layer']} of "
-        f"{top['source']}) reached {top['val_accuracy']:.3f}: the probes corrected "
-        "it."
-    )
+    if agrees:
+        text = (
+            f"Stage 1's top candidate ({top['layer']} of {top['source']}) was also "
+            f"the probes' best of the {len(probes)} checked."
+        )
+    else:
+        tied = top["val_accuracy"] == best["val_accuracy"]
+        text = (
+            f"Stage 1 ranked the probes' best candidate ({best['layer']} of "
+            f"{best['source']}, validation top-1 {best['val_accuracy']:.3f}) "
+            f"{best['stage1_rank']}; its top candidate ({top['layer']} of "
+            f"{top['source']}) reached {top['val_accuracy']:.3f}"
+            + (
+                ", the same accuracy (the lower validation loss decided)."
+                if tied
+                else ": the probes corrected it."
+            )
+        )
     return {
         "probed": len(probes),
         "best_probe": best["option"],
