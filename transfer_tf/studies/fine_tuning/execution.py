@@ -201,6 +201,77 @@ def _stage(name: str, result: training.TrainResult) -> dict:
     }
 
 
+def train_strategy(
+    name: str,
+    model: keras.Model,
+    n: int,
+    task: data.Task,
+    train_config: training.TrainConfig,
+    run_dir,
+    batch_size: int,
+    augment: str = "none",
+    min_epoch_steps: int = 1,
+    options: dict | None = None,
+) -> tuple[training.TaskResult, dict]:
+    """Trains a strategy's built net (``strategies.strategy(name).build``) on a
+    task by ``train_config`` (the plateau rule) and tests it: what the study
+    and the advisor (``transfer_tf.advisor``) both run.
+
+    ``freeze``, ``fine_tune`` and ``scratch`` train through
+    ``training.train_task`` (a frozen prefix then trains on its cached
+    activations: exact); the others through the strategy's own ``train``
+    (their optimiser or callbacks), given ``options``.
+
+    Returns:
+      ``(outcome, stages)``: the tested outcome of the last stage and
+      ``{stage: TrainResult}``; ``model`` holds the best weights.
+    """
+    if name in ("freeze", "fine_tune", "scratch"):
+        outcome = training.train_task(
+            model,
+            task,
+            train_config,
+            run_dir,
+            batch_size,
+            augment,
+            min_epoch_steps=min_epoch_steps,
+        )
+        return outcome, {"train": outcome.train}
+    keras.utils.set_random_seed(train_config.seed)  # the pipeline's shuffle
+    stages = strategies.strategy(name).train(
+        model,
+        n,
+        task.train_dataset(batch_size, train_config.seed, augment, min_epoch_steps),
+        task.eval_dataset("validation", batch_size),
+        train_config,
+        run_dir,
+        **(options or {}),
+    )
+    outcome = training.tested(
+        stages.get("fine_tune", stages.get("train")),
+        model,
+        task,
+        batch_size,
+        f"{name} trains through its own optimiser or callbacks",
+    )
+    return outcome, stages
+
+
+def strategy_record(outcome: training.TaskResult, stages: dict, task, rate) -> dict:
+    """What is recorded of a strategy's training: the outcome's fields, each
+    stage's, and the totals over stages."""
+    record = outcome.record()
+    record.update(
+        num_classes=task.num_classes,
+        learning_rate=rate,
+        stages=[_stage(name, result) for name, result in stages.items()],
+        epochs_total=sum(r.epochs_run for r in stages.values()),
+        steps_total=sum(r.epochs_run * r.steps_per_epoch for r in stages.values()),
+        train_time=sum(r.wall_time for r in stages.values()),
+    )
+    return record
+
+
 def _execute_strategy(run: plan.Run, context: Context, run_dir) -> dict:
     config = context.config
     task = context.task(run.k, run.seed)
@@ -218,43 +289,20 @@ def _execute_strategy(run: plan.Run, context: Context, run_dir) -> dict:
     train_config = runner.train_config_for(
         config.training, run.seed, learning_rate(config, run.arm)
     )
-    if run.arm in ("freeze", "fine_tune", "scratch"):
-        # train_task: a frozen prefix trains on its cached activations (exact).
-        outcome = context.train(
-            model, task, train_config, run_dir, min_epoch_steps=config.min_epoch_steps
-        )
-        stages = {"train": outcome.train}
-    else:
-        d = config.data
-        keras.utils.set_random_seed(train_config.seed)  # the pipeline's shuffle
-        stages = strategy.train(
-            model,
-            run.n,
-            task.train_dataset(
-                d.batch_size, run.seed, d.augment, config.min_epoch_steps
-            ),
-            task.eval_dataset("validation", d.batch_size),
-            train_config,
-            run_dir,
-            **strategy_options(config, run.arm, train_config),
-        )
-        outcome = training.tested(
-            stages.get("fine_tune", stages.get("train")),
-            model,
-            task,
-            d.batch_size,
-            f"{run.arm} trains through its own optimiser or callbacks",
-        )
-    record = outcome.record()
-    record.update(
-        num_classes=task.num_classes,
-        learning_rate=train_config.learning_rate,
-        stages=[_stage(name, result) for name, result in stages.items()],
-        epochs_total=sum(r.epochs_run for r in stages.values()),
-        steps_total=sum(r.epochs_run * r.steps_per_epoch for r in stages.values()),
-        train_time=sum(r.wall_time for r in stages.values()),
+    d = config.data
+    outcome, stages = train_strategy(
+        run.arm,
+        model,
+        run.n,
+        task,
+        train_config,
+        run_dir,
+        d.batch_size,
+        d.augment,
+        config.min_epoch_steps,
+        strategy_options(config, run.arm, train_config),
     )
-    return record
+    return strategy_record(outcome, stages, task, train_config.learning_rate)
 
 
 def _execute_score(run: plan.Run, context: Context, run_dir) -> dict:
@@ -275,13 +323,13 @@ def _execute_score(run: plan.Run, context: Context, run_dir) -> dict:
         x = arrays[_feature_key(layer, config)]
         for name in config.estimators:
             if name in plan.LAYER_ESTIMATORS:
-                scores.append(_score(name, layer, x, labels))
+                scores.append(score_features(name, layer, x, labels))
     if run.source in plan.WITH_HEAD and _head_estimators(config):
         logits = arrays[features.feature_key(plan.HEAD_LAYER, "none")].astype(
             np.float64
         )
         for name in _head_estimators(config):
-            scores.append(_score(name, plan.HEAD_LAYER, logits, labels))
+            scores.append(score_features(name, plan.HEAD_LAYER, logits, labels))
     return {
         "num_train": int(len(labels)),
         "num_classes": task.num_classes,
@@ -297,7 +345,7 @@ def _softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _score(name: str, layer: str, x, labels) -> dict:
+def score_features(name: str, layer: str, x, labels) -> dict:
     """One estimator on one layer's features (or a head's logits), timed; a
     score that cannot be computed (constant features) is None with the reason."""
     estimator = estimators.estimator(name)

@@ -1,0 +1,118 @@
+r"""The advisor: which of your pretrained nets, which layer, freeze or fine-tune,
+for your labelled images, and how sure that is.
+
+    python experiments/advise.py --target=folder:PATH --sources=net.keras,MobileNetV2 \
+        --labels_per_class=10 --time_budget=600 --workdir=runs/advice
+
+``--target`` is a data spec (``folder:PATH`` with ``PATH/train/<class>/*.jpg``
+and ``PATH/test/<class>/*.jpg``; ``npz:PATH``; ``digits``; with ``--split=B``
+and the class-split flags, one half of a dataset's classes). A folder of
+mixed image sizes is resized to its first image's size, or to
+``--image_size=HEIGHT,WIDTH``. ``--sources`` lists ``.keras`` files, SavedModel
+directories, study work directories (their base nets) and Keras Applications
+names (ImageNet weights from ``~/.keras/models``, or
+``--backbone_weights=PATH``; offline without them: an error saying so). A
+transfer_tf net trained at another input size takes your images through a
+resizing and channel-mapping stage in front of it.
+
+Stage 1 scores every (source, layer) with LogME and H-score from the labelled
+training images (seconds); stage 2, within ``--time_budget`` seconds, checks the
+top candidates with linear probes on the validation split and then trains the
+strategies the fine-tuning study favours for the label budget (freeze at the
+best layer, LP-FT, fine-tuning every layer) by the shared convergence rule,
+seed after seed while time allows. It writes into ``--workdir``:
+
+- ``advice.md``: the recommendation, every checked option's validation top-1
+  with its interval, what was skipped for time, a confidence statement;
+- ``advice.json``: everything measured (scores and times, every run);
+- ``stage1_vs_probes.png``: stage-1 scores against the probes' accuracy;
+- ``model/``: the recommended net as ``model.keras`` and ``saved_model/``,
+  taking raw images of the target's size;
+- ``runs/``: each strategy training's metrics.
+
+docs/advisor.md has the measured comparison with the fine-tuning study's
+exhaustive search. Every flag is listed by ``--helpfull``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+
+import common
+from transfer_tf import advisor, backbones, data, training
+from transfer_tf.studies import config as config_lib
+
+FLAGS = flags.FLAGS
+FLAG_TABLE = common.flag_table(
+    advisor.Config(),
+    renames={"data.dataset": "target"},
+    exclude=("labels_per_class", "training.seed"),
+)
+common.define_config_flags(advisor.Config(), FLAG_TABLE)
+flags.DEFINE_string(
+    "labels_per_class",
+    "all",
+    "Labelled training images per class to use, or 'all' (drawn after the "
+    "validation split is carved, as in the studies).",
+)
+flags.DEFINE_enum(
+    "split",
+    "all",
+    list(data.SPLITS),
+    "Which classes of --target: all, or half A or B of --class_split (to compare "
+    "with the studies' halves).",
+)
+flags.DEFINE_string(
+    "workdir",
+    "runs/advice",
+    "Output directory: advice.md, advice.json, the figure, model/ and runs/ (an "
+    "existing directory must be empty or hold an earlier advice, which is replaced).",
+)
+
+
+def config_from_flags() -> advisor.Config:
+    """The advisor's configuration from the flags given (the rest: defaults)."""
+    changes = common.overrides(advisor.Config(), FLAG_TABLE)
+    changes["labels_per_class"] = labels_per_class(FLAGS.labels_per_class)
+    changes["data.split"] = FLAGS.split
+    return config_lib.override(advisor.Config(), changes)
+
+
+def labels_per_class(text: str) -> int | None:
+    """``--labels_per_class``: a positive integer, or ``all`` (None)."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(
+            f"--labels_per_class={text!r} must be a positive integer or 'all'"
+        )
+    return int(text)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
+    common.setup_logging()
+    try:
+        config = config_from_flags()
+        advice = advisor.advise(config, pathlib.Path(FLAGS.workdir))
+        paths = advisor.write_report(advice, FLAGS.workdir)
+    except (
+        ValueError,
+        backbones.BackboneWeightsError,
+        training.NonFiniteLossError,
+        OSError,
+    ) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+    print(pathlib.Path(paths["report"]).read_text())
+    print(f"outputs in {FLAGS.workdir}/:")
+    for path in (*paths.values(), *advice["recommendation"]["exported"].values()):
+        print(f"  {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
