@@ -42,7 +42,8 @@ import sys
 from absl import app, flags
 
 import common
-from transfer_tf import advisor, backbones, data, training
+from transfer_tf import backbones, data, training
+from transfer_tf.studies import advisor
 from transfer_tf.studies import config as config_lib
 
 FLAGS = flags.FLAGS

@@ -1,4 +1,4 @@
-"""The advisor (transfer_tf/advisor.py, experiments/advise.py): sources of every
+"""The advisor (transfer_tf/studies/advisor.py, experiments/advise.py): sources of every
 kind, a net saved at another input size on a folder of mixed image sizes, the
 time budget's skips, the ranking and the confidence on planted inputs, the
 export, and bad inputs as one-line errors."""
@@ -20,7 +20,6 @@ from conftest import (
     write_image,
 )
 from transfer_tf import (
-    advisor,
     backbones,
     data,
     export,
@@ -29,6 +28,7 @@ from transfer_tf import (
     results,
     training,
 )
+from transfer_tf.studies import advisor
 
 
 @pytest.fixture(scope="module")

@@ -215,7 +215,7 @@ def train_strategy(
 ) -> tuple[training.TaskResult, dict]:
     """Trains a strategy's built net (``strategies.strategy(name).build``) on a
     task by ``train_config`` (the plateau rule) and tests it: what the study
-    and the advisor (``transfer_tf.advisor``) both run.
+    and the advisor (``transfer_tf.studies.advisor``) both run.
 
     ``freeze``, ``fine_tune`` and ``scratch`` train through
     ``training.train_task`` (a frozen prefix then trains on its cached
