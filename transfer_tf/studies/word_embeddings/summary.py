@@ -398,8 +398,9 @@ def summarize(records: list[dict], config: plan.Config) -> report_lib.Summary:
             report_lib.findings_table(
                 findings,
                 title="Claims judged by this run (in-domain source)",
-                text="The claims of the issue, measured on the in-domain vectors at "
-                "the smallest budget and with all labels.",
+                text="The claims of the issue, measured on the in-domain vectors: "
+                "those about scarce labels at every budget below all, the others "
+                "with all labels; the family is every row.",
             )
         )
     if aggregate["chosen"]:
