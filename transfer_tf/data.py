@@ -861,7 +861,9 @@ class Task:
 
 
 def carve_validation(y, fraction, seed=VALIDATION_SEED):
-    """Boolean mask of validation examples: per class, a seeded ``fraction``."""
+    """Boolean mask of validation examples: per class, a seeded ``fraction`` (at
+    least one example, never all of a class). ``seed``: an integer or a sequence
+    of them (several held-out parts drawn from one split seed)."""
     mask = np.zeros(len(y), dtype=bool)
     if fraction <= 0:
         return mask
@@ -869,7 +871,8 @@ def carve_validation(y, fraction, seed=VALIDATION_SEED):
         idx = np.flatnonzero(y == c)
         take = int(round(fraction * len(idx)))
         take = min(max(take, 1), len(idx) - 1) if len(idx) > 1 else 0
-        chosen = np.random.default_rng([seed, int(c)]).permutation(idx)[:take]
+        rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), int(c)])
+        chosen = rng.permutation(idx)[:take]
         mask[chosen] = True
     return mask
 

@@ -101,7 +101,7 @@ RUNS_DIR = "runs"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(config_lib.StudyConfig):
     """What the advisor checks, on which data, in how much time.
 
     Attributes:
@@ -1165,7 +1165,7 @@ def advise(config: Config, workdir, now=time.monotonic) -> dict:
             "validation": int(len(task.y_validation)),
             "test": int(len(task.y_test)),
         },
-        "config": _as_dict(config),
+        "config": config.to_dict(),
         "sources": [s.describe() for s in sources],
         "stage1": {"seconds": stage1_seconds, "candidates": ranked},
         "stage2": {"runs": options, "skipped": skipped},
@@ -1180,12 +1180,6 @@ def advise(config: Config, workdir, now=time.monotonic) -> dict:
         "stage1_check": check,
         "time": {"budget": config.time_budget, "spent": clock.spent},
     }
-
-
-def _as_dict(config) -> dict:
-    import json
-
-    return json.loads(results.dumps(dataclasses.asdict(config)))
 
 
 # ----------------------------------------------------------------------- report

@@ -67,18 +67,6 @@ def read_task(task_dir) -> tuple[tuple[str, ...], list[list[str]], np.ndarray]:
     return tuple(names), sentences, np.asarray(labels, dtype=np.int64)
 
 
-def held_out(labels: np.ndarray, fraction: float, seed: int, salt: int) -> np.ndarray:
-    """Boolean mask of a seeded ``fraction`` of each class (at least one
-    example, never all of a class)."""
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        take = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)
-        rng = np.random.default_rng([seed, salt, int(c)])
-        mask[rng.permutation(idx)[:take]] = True
-    return mask
-
-
 @dataclasses.dataclass
 class Corpus:
     """The labelled task, split, with the classifiers' vocabulary.
@@ -103,21 +91,19 @@ class Corpus:
     @classmethod
     def read(cls, config: plan.TextDataConfig) -> Corpus:
         classes, sentences, labels = read_task(config.task_dir)
-        test = held_out(labels, config.test_fraction, config.split_seed, 1)
-        validation = np.zeros_like(test)
+        # per class, seeded: the test part, then validation of the rest
+        seed = config.split_seed
+        test = data.carve_validation(labels, config.test_fraction, [seed, 1])
         rest = np.flatnonzero(~test)
-        validation[
-            rest[
-                held_out(labels[rest], config.validation_fraction, config.split_seed, 2)
-            ]
-        ] = True  # noqa: E501
+        validation = np.zeros_like(test)
+        validation[rest] = data.carve_validation(
+            labels[rest], config.validation_fraction, [seed, 2]
+        )
         split = np.where(test, "test", np.where(validation, "validation", "train"))
-        unlabelled = [
-            s for s, part in zip(sentences, split, strict=True) if part != "test"
-        ]
-        vocabulary = text.Vocabulary.build(unlabelled, min_count=1)
         name = pathlib.Path(config.task_dir).expanduser().resolve().name
-        return cls(name, classes, sentences, labels, split, vocabulary)
+        corpus = cls(name, classes, sentences, labels, split, None)
+        corpus.vocabulary = text.Vocabulary.build(corpus.unlabelled(), min_count=1)
+        return corpus
 
     def unlabelled(self) -> list[list[str]]:
         """The in-domain pretraining text: the non-test sentences, no labels."""
@@ -131,7 +117,10 @@ class Corpus:
         index = self.vocabulary.index
         out = np.full((len(sentences), max_length), plan.PAD, dtype=np.int32)
         for row, sentence in enumerate(sentences):
-            ids = [index.get(w, plan.UNKNOWN - 2) + 2 for w in sentence[:max_length]]
+            ids = [
+                index[w] + 2 if w in index else plan.UNKNOWN
+                for w in sentence[:max_length]
+            ]
             out[row, : len(ids)] = ids
         return out
 
