@@ -281,6 +281,13 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
         "--executor=ray: how often a run whose worker died is retried before it is "
         "reported as failed.",
     )
+    flags.DEFINE_float(
+        "run_timeout",
+        None,
+        "--executor=ray: seconds a run may be in flight before it is cancelled and "
+        "reported as failed (default: no limit; every minute the log names the "
+        "runs still awaited).",
+    )
     flags.DEFINE_integer(
         "num_shards",
         None,
@@ -326,7 +333,13 @@ def execution_options():
     if FLAGS.executor == "local":
         ray_flags = [
             f
-            for f in ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries")
+            for f in (
+                "ray_address",
+                "cpus_per_run",
+                "gpus_per_run",
+                "max_retries",
+                "run_timeout",
+            )
             if FLAGS[f].present
         ]
         if ray_flags:
@@ -340,6 +353,7 @@ def execution_options():
             cpus_per_run=FLAGS.cpus_per_run,
             gpus_per_run=FLAGS.gpus_per_run,
             max_retries=FLAGS.max_retries,
+            run_timeout=FLAGS.run_timeout,
             **workers,
         ),
         shard,

@@ -63,20 +63,23 @@ def reference(tmp_path_factory):
     return workdir, {r["key"]: r for r in records}
 
 
-def _kill_when_started(control, key, killed):
+def _kill_when_started(control, key, killed, limit=300):
     """Waits until run ``key`` signals that it started, kills its worker
-    (SIGKILL) and releases the held run."""
-    deadline = time.time() + 120
+    (SIGKILL) and releases the held run. Past ``limit`` seconds it gives up and
+    releases the held run all the same (the test then fails, it does not hang)."""
+    deadline = time.time() + limit
     pattern = f"started.{key.replace('/', '.')}.*"
-    while time.time() < deadline:
-        started = list(control.glob(pattern))
-        if started:
-            pid = int(started[0].name.rsplit(".", 1)[1])
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            (control / "release").touch()
-            return
-        time.sleep(0.01)
+    try:
+        while time.time() < deadline:
+            started = list(control.glob(pattern))
+            if started:
+                pid = int(started[0].name.rsplit(".", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.01)
+    finally:
+        (control / "release").touch()
 
 
 def _run_with_a_killed_worker(tmp_path, max_retries):
@@ -93,7 +96,7 @@ def _run_with_a_killed_worker(tmp_path, max_retries):
         records = runner.run_study(TOY, config, tmp_path / "study", executor=executor)
     finally:
         (control / "release").touch()  # never leave a run waiting
-        killer.join()
+        killer.join(timeout=60)
     assert killed, "the held run never started"
     return control, killed, records
 
@@ -128,6 +131,39 @@ def test_a_worker_that_dies_without_retries_left_is_reported(local_ray, tmp_path
     assert "Rerun the same command" in str(error.value)
     done = {r["key"] for r in results.read_jsonl(tmp_path / "study/results.jsonl")}
     assert done == set(KEYS) - {"seed0/fast"}
+
+
+@pytest.mark.slow
+def test_ray_waits_in_slices_and_cancels_a_run_past_its_timeout(
+    local_ray, tmp_path, caplog
+):
+    # seed0/base is held and never released: the executor says every slice
+    # which run it waits for, then cancels it at run_timeout and reports it
+    # with the runs that needed it.
+    control = tmp_path / "control"
+    control.mkdir()
+    config = ToyConfig(seeds=(0,), control=str(control), hold="seed0/base")
+    executor = executors.RayExecutor(
+        workers=2, max_retries=0, run_timeout=8, wait_slice=1
+    )
+    started = time.time()
+    with caplog.at_level("INFO", logger="transfer_tf.studies.executors"):
+        with pytest.raises(executors.IncompleteStudy) as error:
+            runner.run_study(TOY, config, tmp_path / "study", executor=executor)
+    assert time.time() - started < 120
+    failures = error.value.failures
+    assert set(failures) == {"seed0/base", "seed0/fast", "seed0/slow"}
+    assert "run_timeout=8" in failures["seed0/base"]
+    assert "needs a run that failed" in failures["seed0/fast"]
+    assert any("waiting for 1 runs: seed0/base" in m for m in caplog.messages)
+    assert not (tmp_path / "study/results.jsonl").exists()
+
+
+def test_ray_executor_refuses_a_timeout_that_is_not_positive():
+    if ray is None:
+        pytest.skip("Ray is not installed")
+    with pytest.raises(ValueError, match="run_timeout=0 must be > 0"):
+        executors.RayExecutor(run_timeout=0)
 
 
 @pytest.mark.slow

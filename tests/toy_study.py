@@ -67,6 +67,8 @@ class ToyContext(runner.Context):
 
 
 EXECUTED = []
+# Seconds a held run waits for its release at most.
+HOLD_LIMIT = 600.0
 
 
 def toy_execute(run, context, run_dir):
@@ -75,7 +77,12 @@ def toy_execute(run, context, run_dir):
     if config.control:
         control = pathlib.Path(config.control)
         (control / f"started.{run.key.replace('/', '.')}.{os.getpid()}").touch()
+        # A held run waits for the test's release, but never for ever: a test
+        # that lost track of it must not hang the suite.
+        deadline = time.time() + HOLD_LIMIT
         while run.key == config.hold and not (control / "release").exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"{run.key}: never released ({control})")
             time.sleep(0.01)
     if run.kind == "crash":
         raise RuntimeError("killed")

@@ -39,6 +39,7 @@ Local worker processes find the study by its module-level name (``STUDY`` of
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
 # Seconds to wait for a Ray cluster at --ray_address to answer.
 CONNECT_TIMEOUT = 15.0
+# The Ray executor waits for its runs in slices of this many seconds and, after
+# each slice with nothing finished, says which runs it waits for and how long.
+WAIT_SLICE = 60.0
 
 
 def needs(run) -> list[str]:
@@ -401,6 +405,10 @@ class RayExecutor:
         scheduling; TensorFlow's own thread pools follow this process's
         settings, e.g. ``TF_NUM_INTRAOP_THREADS``).
       max_retries: how often a run whose worker died is retried.
+      run_timeout: seconds a run may be in flight before it is cancelled and
+        reported as failed (None: no limit; the wait still says every
+        ``wait_slice`` seconds which runs it waits for).
+      wait_slice: seconds of each bounded wait.
     """
 
     name = "ray"
@@ -413,12 +421,16 @@ class RayExecutor:
         gpus_per_run: float = 0.0,
         max_retries: int = 2,
         connect_timeout: float = CONNECT_TIMEOUT,
+        run_timeout: float | None = None,
+        wait_slice: float = WAIT_SLICE,
     ):
         for name, value, ok, rule in (
             ("workers", workers, workers >= 1, ">= 1"),
             ("cpus_per_run", cpus_per_run, cpus_per_run > 0, "> 0"),
             ("gpus_per_run", gpus_per_run, gpus_per_run >= 0, ">= 0"),
             ("max_retries", max_retries, max_retries >= 0, ">= 0"),
+            ("run_timeout", run_timeout, run_timeout is None or run_timeout > 0, "> 0"),
+            ("wait_slice", wait_slice, wait_slice > 0, "> 0"),
         ):
             if not ok:
                 raise ValueError(f"--{name}={value} must be {rule}")
@@ -435,6 +447,8 @@ class RayExecutor:
         self.cpus_per_run = cpus_per_run
         self.gpus_per_run = gpus_per_run
         self.max_retries = max_retries
+        self.run_timeout = run_timeout
+        self.wait_slice = wait_slice
 
     def _start(self):
         import ray
@@ -505,7 +519,7 @@ class RayExecutor:
             max_retries=self.max_retries,
         )(_execute_remote)
         waiting = list(pending)
-        in_flight, failed = {}, {}
+        in_flight, failed, submitted = {}, {}, {}
         try:
             while waiting or in_flight:
                 for run in list(waiting):
@@ -524,9 +538,21 @@ class RayExecutor:
                             run,
                         )
                         in_flight[ref] = run
+                        submitted[ref] = time.time()
                 if not in_flight:
                     break
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                ready = self._wait(ray, in_flight, submitted)
+                if not ready:  # timed out: reported as failed, cancelled
+                    for ref in self._overdue(in_flight, submitted):
+                        run = in_flight.pop(ref)
+                        ray.cancel(ref, force=True)
+                        failed[run.key] = (
+                            f"TimeoutError: still running after --run_timeout="
+                            f"{self.run_timeout:g} s (cancelled)"
+                        )
+                        log.error("%s failed: %s", run.key, failed[run.key])
+                        yield run, TimeoutError(failed[run.key])
+                    continue
                 run = in_flight.pop(ready[0])
                 try:
                     record = ray.get(ready[0])
@@ -537,8 +563,37 @@ class RayExecutor:
                 else:
                     yield run, record
         finally:
+            for ref in in_flight:  # Ctrl-C, an error: no task left running
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
             if started:
                 ray.shutdown()
+
+    def _wait(self, ray, in_flight, submitted) -> list:
+        """The first finished task, waiting in slices of ``wait_slice`` seconds
+        and saying after each empty slice which runs it waits for; ``[]`` once a
+        run has been in flight longer than ``run_timeout``."""
+        while True:
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.wait_slice)
+            if ready:
+                return ready
+            now = time.time()
+            waiting = sorted(
+                (now - submitted[ref], in_flight[ref].key) for ref in in_flight
+            )
+            log.info(
+                "waiting for %d runs: %s",
+                len(waiting),
+                ", ".join(f"{key} ({age:.0f} s)" for age, key in waiting[::-1][:5]),
+            )
+            if self._overdue(in_flight, submitted):
+                return []
+
+    def _overdue(self, in_flight, submitted) -> list:
+        if self.run_timeout is None:
+            return []
+        now = time.time()
+        return [r for r in in_flight if now - submitted[r] > self.run_timeout]
 
 
 def _cause(error) -> str:
