@@ -5,6 +5,7 @@ the scripts' own checks through their ``main``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -52,6 +53,83 @@ def test_overwrite_never_deletes_what_the_tool_did_not_write(tmp_path):
     marker = workdirs.read_marker(tmp_path)
     assert marker["study"] == "toy" and "summary.md" in marker["written"]
     assert not list(tmp_path.glob(".lock*"))  # released
+
+
+def test_overwrite_refuses_a_users_file_at_any_depth(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    marker = workdirs.read_marker(tmp_path)
+    # Every file a run wrote is recorded, however deep.
+    assert {"runs/seed0/base/weights.txt", "runs/seed0/base/result.json"} <= set(
+        marker["paths"]
+    )
+    assert marker["open"] == []
+    other = ToyConfig(learning_rate=0.5)
+    for mine in ("runs/mynotes.txt", "runs/seed0/fast/notes.txt", "runs/extra/a.txt"):
+        (tmp_path / mine).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / mine).write_text("mine")
+        before = listing(tmp_path)
+        with pytest.raises(workdirs.ForeignFiles) as error:
+            runner.run_study(TOY, other, tmp_path, overwrite=True)
+        # A folder holding nothing of the tool's is named as a whole.
+        shown = "runs/extra" if mine.startswith("runs/extra") else mine
+        assert repr(shown) in str(error.value)
+        assert listing(tmp_path) == before  # nothing deleted
+        (tmp_path / mine).unlink()
+    (tmp_path / "runs/extra").rmdir()
+    records = runner.run_study(TOY, other, tmp_path, overwrite=True)
+    assert {r["test_accuracy"] for r in records} == {0.25}
+
+
+def test_a_users_file_in_a_runs_folder_is_refused_before_any_write(tmp_path):
+    (tmp_path / "runs/seed0/base").mkdir(parents=True)
+    (tmp_path / "runs/seed0/base/keep.txt").write_text("mine")
+    before = listing(tmp_path)
+    with pytest.raises(workdirs.ForeignFiles, match="runs/seed0/base/keep.txt"):
+        runner.run_study(TOY, ToyConfig(), tmp_path)
+    assert listing(tmp_path) == before
+
+
+def test_a_file_that_was_there_first_is_never_adopted(tmp_path):
+    # A user's file in a folder the study writes into as it runs (its
+    # workspace) stays foreign after the runs.
+    study = dataclasses.replace(TOY, workspace=("cache",))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache/keep.txt").write_text("mine")
+    runner.run_study(study, ToyConfig(), tmp_path)
+    assert workdirs.foreign(tmp_path) == ["cache/keep.txt"]
+    with pytest.raises(workdirs.ForeignFiles, match="keep.txt"):
+        runner.run_study(study, ToyConfig(learning_rate=0.5), tmp_path, overwrite=True)
+
+
+def test_a_killed_runs_folder_stays_the_tools_and_is_cleared(tmp_path):
+    # A run in flight when the process died leaves its folder open: what is
+    # in it (half-written checkpoints) is the tool's.
+    work = tmp_path / "study"
+    with pytest.raises(ValueError):
+        runner.run_study(TOY, ToyConfig(seeds=(0, 1), invalid=("seed1/base",)), work)
+    assert (work / runner.RESULTS_FILE).is_file()  # seed0 finished
+    marker = workdirs.read_marker(work)
+    assert marker["open"] == []  # the failed run's folder walked, closed
+    assert "runs/seed1/base/config.json" in marker["paths"]
+    workdirs.record_written(work, "toy", opened=["runs/seed1/fast"])
+    (work / "runs/seed1/fast").mkdir(parents=True)
+    (work / "runs/seed1/fast/ckpt.weights.h5").write_text("half")
+    assert workdirs.foreign(work) == []
+    runner.run_study(TOY, ToyConfig(learning_rate=0.5), work, overwrite=True)
+    assert not (work / "runs/seed1").exists()
+
+
+def test_a_directory_from_before_recorded_paths_is_upgraded(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    marker = workdirs.read_marker(tmp_path)
+    old = {"study": "toy", "written": marker["written"]}  # the old marker
+    results.write_json(tmp_path / workdirs.MARKER, old)
+    (tmp_path / "thesis.tex").write_text("mine")
+    assert workdirs.foreign(tmp_path) == ["thesis.tex"]
+    runner.run_study(TOY, ToyConfig(seeds=(0, 1)), tmp_path)  # a write upgrades it
+    marker = workdirs.read_marker(tmp_path)
+    assert "runs/seed0/base/weights.txt" in marker["paths"]
+    assert "thesis.tex" not in marker["paths"]
 
 
 def test_a_users_own_config_json_is_refused_even_with_overwrite(tmp_path):

@@ -698,13 +698,63 @@ class Runner:
                     self.workdir,
                     ", ".join(deleted),
                 )
+            # What is here now and not the tool's is never adopted later.
+            self._foreign = set(
+                workdirs.foreign(self.workdir, self.study.workspace, whole=False)
+            )
         except BaseException:
             self.release()
             raise
 
+    def record(self, names=(), opened=(), closed=()):
+        """Adds to the work directory's marker what the tool wrote (see
+        :func:`workdirs.record_written`); the study's own folders are walked
+        every time (runs write into them)."""
+        workdirs.record_written(
+            self.workdir,
+            self.study.name,
+            names=[*names, *self.study.workspace],
+            opened=opened,
+            closed=closed,
+            exclude=getattr(self, "_foreign", ()),
+            workspace=self.study.workspace,
+        )
+
+    def check_run_dirs(self, pending):
+        """Refuses, before writing, to run into a run folder that holds files
+        the tool did not write (a run starts in a clean folder)."""
+        if not self.workdir.is_dir():
+            return
+        dirs = [self.run_dir(r).relative_to(self.workdir).as_posix() for r in pending]
+        inside = [
+            path
+            for path in workdirs.foreign(
+                self.workdir, self.study.workspace, whole=False
+            )
+            if any(path == d or path.startswith(d + "/") for d in dirs)
+        ]
+        if inside:
+            raise workdirs.ForeignFiles(
+                f"{self.workdir} holds {workdirs._listed(inside)} in the folders "
+                "of runs still to do, which transfer_tf did not write: move them "
+                "away (a run starts in a clean folder)"
+            )
+
+    def settle(self):
+        """When this process stops writing: the folders of runs that ended
+        (even by an error or Ctrl-C) are walked and closed, those of runs that
+        never started forgotten. Only a killed process leaves folders open."""
+        marker = workdirs.read_marker(self.workdir) or {}
+        opened = marker.get("open", [])
+        if opened:
+            made = [d for d in opened if (self.workdir / d).exists()]
+            self.record(names=made, closed=opened)
+
     def release(self):
         """Releases the work directory's lock (if this process holds it)."""
         if self.lock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.settle()
             self.lock.release()
             self.lock = None
 
@@ -719,9 +769,10 @@ class Runner:
                 f"({str(existing)!r} is not a writable directory)"
             )
 
-    def claim(self, shard=None):
+    def claim(self, shard=None, pending=()):
         """Creates the work directory and records the configuration (only
-        rewritten when it changed) and what the tool wrote there."""
+        rewritten when it changed) and what the tool writes there (the folders
+        of the ``pending`` runs as open: the runs write into them)."""
         self._take(shard)
         document = {
             **self.config.to_dict(),
@@ -734,7 +785,7 @@ class Runner:
             self.workdir / CONFIG_FILE,
             results.dumps_pretty(document),
         )
-        workdirs.record_written(self.workdir, self.study.name, self.study.workspace)
+        self.record(opened=[self.run_dir(r).relative_to(self.workdir) for r in pending])
 
     # ---------------------------------------------------------------- doing
 
@@ -884,7 +935,8 @@ class Runner:
             where,
         )
         if pending:
-            self.claim(shard)
+            self.check_run_dirs(pending)
+            self.claim(shard, pending)
             if shard is not None:
                 results.write_if_changed(
                     where.with_suffix(".json"),
@@ -897,6 +949,8 @@ class Runner:
         parallel = executor.workers if local else 1
         started, failures, finished = time.time(), {}, len(runs) - len(pending)
         for run, outcome in executor.run(self, pending, context, done):
+            run_dir = self.run_dir(run).relative_to(self.workdir)
+            self.record(names=[run_dir], closed=[run_dir])
             if isinstance(outcome, BaseException):
                 failures[run.key] = f"{type(outcome).__name__}: {outcome}"
                 continue
@@ -924,6 +978,7 @@ class Runner:
         if shard is None:
             if self.study.finish and not failures:
                 self.study.finish(records, self.config, context)
+                self.record()
             self.write_report()
         if failures:
             raise executors.IncompleteStudy(failures)
@@ -954,7 +1009,7 @@ class Runner:
         ]
         if changed:
             self._take()
-            workdirs.record_written(self.workdir, self.study.name, outputs)
+            self.record(names=list(outputs))
         for name in changed:
             results.write_if_changed(self.workdir / name, outputs[name])
         return {name: self.workdir / name for name in outputs}

@@ -1,14 +1,19 @@
-"""A study's work directory: what the tool wrote there, and one writer at a time.
+"""A work directory: what the tool wrote there, and one writer at a time.
 
-- **Ownership.** The first write of a study leaves a marker, ``.transfer_tf.json``,
-  naming the study and every top-level file or folder the tool has written there
-  (``config.json``, ``results.jsonl``, ``runs/``, the report's files, the study's
-  own folders such as ``features/``). ``--overwrite`` deletes exactly those and
-  refuses, listing them, when anything else is in the directory (a user's notes, a
-  thesis, a ``config.json`` of their own): nothing the tool did not write is ever
-  deleted. A directory made before markers existed is recognised by its
-  ``config.json`` naming a study; its report files are the ``.md``, ``.csv`` and
-  ``.png`` files beside it.
+- **Ownership.** The first write leaves a marker, ``.transfer_tf.json``, naming
+  the study and **every file and folder the tool wrote there, at any depth**
+  (``paths``), plus the folders it is writing into right now (``open``: a run
+  in flight; a run killed there leaves its folder open, and what is in it is the
+  tool's). Paths are recorded before the file is written, or, for what a
+  training writes on its own (checkpoints, TensorBoard events), by walking the
+  run's folder once it ended; a file that was already there when the command
+  started is never adopted. ``--overwrite`` deletes exactly the recorded paths
+  and refuses, naming them, when anything else is anywhere below (a user's
+  notes in ``runs/``, a thesis, a ``config.json`` of their own): nothing the tool
+  did not write is ever deleted. A directory made before markers recorded paths
+  (a marker without ``paths``, or none but a ``config.json`` naming a study) is
+  recognised by its top-level names, each owned with everything below it, as
+  then; its marker is upgraded at the next write.
 - **One writer.** A process that is about to write takes a lock file in the
   directory (``.lock``; a shard of a SLURM array takes ``.lock.shard-i-of-K``, so
   the shards of one array run side by side but a second copy of a shard, or an
@@ -25,7 +30,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import socket
 import sys
 import time
@@ -36,9 +40,11 @@ log = logging.getLogger(__name__)
 
 MARKER = ".transfer_tf.json"
 LOCK = ".lock"
-# What every study writes (besides its report and its declared folders).
-FIXED = (MARKER, "config.json", "results.jsonl", "runs")
+# Top-level files every writer owns (besides what its marker records).
+FIXED = (MARKER, "config.json", "results.jsonl")
 FIXED_PATTERNS = ("results.shard-*-of-*.jsonl", "results.shard-*-of-*.json", ".lock*")
+# Before markers recorded paths: these top-level names were the tool's, whole.
+LEGACY_FIXED = (*FIXED, "runs")
 LEGACY_REPORT_PATTERNS = ("*.md", "*.csv", "*.png")
 
 
@@ -63,44 +69,177 @@ def read_marker(workdir) -> dict | None:
     return marker if isinstance(marker, dict) and "study" in marker else None
 
 
-def record_written(workdir, study: str, names) -> None:
-    """Adds ``names`` (top-level entries the tool wrote) to the marker."""
+def _names_a_study(workdir) -> bool:
+    """Whether ``workdir/config.json`` is one the tool wrote (it names a study)."""
+    try:
+        config = results.read_json(pathlib.Path(workdir) / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "study" in config
+
+
+def _relative(name) -> str:
+    rel = pathlib.PurePosixPath(pathlib.PurePath(name).as_posix())
+    if rel.is_absolute() or ".." in rel.parts or str(rel) in ("", "."):
+        raise ValueError(f"{name!r} is not a path inside the work directory")
+    return str(rel)
+
+
+def _with_parents(rel: str) -> set[str]:
+    parts = pathlib.PurePosixPath(rel).parts
+    return {"/".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+class _Ownership:
+    """What the tool owns in one work directory (read from its marker)."""
+
+    def __init__(self, workdir, workspace=()):
+        self.workdir = pathlib.Path(workdir)
+        marker = read_marker(self.workdir)
+        self.legacy = (
+            "paths" not in marker if marker is not None else _names_a_study(workdir)
+        )
+        self.paths = set() if marker is None else set(marker.get("paths", ()))
+        self.open = set() if marker is None else set(marker.get("open", ()))
+        # Whole top-level trees owned the old way (legacy directories only).
+        self.whole = set()
+        if self.legacy:
+            self.whole = set(LEGACY_FIXED) | set(workspace)
+            if marker is not None:
+                self.whole |= set(marker.get("written", ()))
+        self.patterns = FIXED_PATTERNS + (
+            LEGACY_REPORT_PATTERNS if self.legacy and marker is None else ()
+        )
+
+    def owns_all_of(self, rel: str) -> bool:
+        """``rel`` and everything below it are the tool's."""
+        parts = pathlib.PurePosixPath(rel).parts
+        if len(parts) == 1 and (
+            rel in FIXED
+            or rel in self.whole
+            or any(pathlib.PurePath(rel).match(p) for p in self.patterns)
+        ):
+            return True
+        return any("/".join(parts[:i]) in self.open for i in range(1, len(parts) + 1))
+
+    def scan(self, directory=None, prefix="", whole=True) -> tuple[list[str], bool]:
+        """``(foreign paths, whether anything below is the tool's)``: a folder
+        holding nothing of the tool's is named as a whole (``whole``), or by
+        every file in it."""
+        directory = directory or self.workdir
+        foreign, any_owned = [], False
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return [], False
+        for entry in entries:
+            rel = f"{prefix}{entry.name}"
+            if self.owns_all_of(rel):
+                any_owned = True
+            elif entry.is_dir(follow_symlinks=False):
+                below, owned_below = self.scan(entry.path, rel + "/", whole)
+                if owned_below or rel in self.paths or (below and not whole):
+                    foreign += below
+                    any_owned = True
+                else:
+                    foreign.append(rel)
+            elif rel in self.paths:
+                any_owned = True
+            else:
+                foreign.append(rel)
+        return foreign, any_owned
+
+
+def record_written(
+    workdir, study: str, names=(), opened=(), closed=(), exclude=(), workspace=()
+) -> None:
+    """Adds to the marker what the tool wrote (or is about to write).
+
+    Args:
+      workdir: the work directory.
+      study: the study's name (kept in the marker).
+      names: paths relative to ``workdir``: a file (or one about to be
+        written) is recorded as it is; a folder with every file and folder in
+        it now, but those in ``exclude``.
+      opened: folders the tool is about to write into (a run's folder): all
+        their content is the tool's until they are closed.
+      closed: open folders that are finished (walk them with ``names``).
+      exclude: paths never to adopt (what was there before this command).
+      workspace: the study's own folders (owned whole in a directory made
+        before markers recorded paths).
+    """
     workdir = pathlib.Path(workdir)
-    marker = read_marker(workdir) or {"study": study, "written": []}
-    written = sorted(set(marker.get("written", [])) | set(FIXED) | set(names))
-    if written != marker.get("written"):
-        marker["written"] = written
-        results.write_if_changed(workdir / MARKER, results.dumps_pretty(marker))
+    marker = read_marker(workdir) or {"study": study}
+    ownership = _Ownership(workdir)
+    paths, open_dirs = set(ownership.paths), set(ownership.open)
+    exclude = {_relative(e) for e in exclude}
+    if ownership.legacy and workdir.is_dir():
+        # Upgrade: what the old rule owned is recorded path by path.
+        legacy = _Ownership(workdir, workspace)
+        for entry in workdir.iterdir():
+            if legacy.owns_all_of(entry.name) and not entry.name.startswith(LOCK):
+                paths |= _walk(workdir, entry.name, exclude)
+    for name in names:
+        paths |= _walk(workdir, _relative(name), exclude)
+    for name in opened:
+        rel = _relative(name)
+        open_dirs.add(rel)
+        paths |= _with_parents(rel)
+    open_dirs -= {_relative(name) for name in closed}
+    updated = {
+        **marker,
+        "study": marker.get("study", study),
+        "written": sorted({p.split("/", 1)[0] for p in paths | open_dirs}),
+        "paths": sorted(paths),
+        "open": sorted(open_dirs),
+    }
+    if updated != marker:
+        results.write_if_changed(workdir / MARKER, results.dumps_pretty(updated))
+
+
+def _walk(workdir, rel: str, exclude: set) -> set[str]:
+    """``rel`` with its parents and, for a folder, everything in it (but
+    ``exclude`` and what is below an excluded folder)."""
+    found = _with_parents(rel)
+    top = workdir / rel
+    if top.is_dir() and not top.is_symlink():
+        for root, dirs, files in os.walk(top):
+            base = pathlib.Path(root).relative_to(workdir).as_posix()
+            dirs[:] = [d for d in dirs if f"{base}/{d}" not in exclude]
+            found |= {f"{base}/{n}" for n in dirs + files} - exclude
+    return found
 
 
 def owned(workdir, workspace=()) -> set[str]:
-    """The top-level names in ``workdir`` that the tool wrote."""
+    """The paths in ``workdir`` (relative, at any depth) that the tool wrote."""
     workdir = pathlib.Path(workdir)
-    marker = read_marker(workdir)
-    names = set(FIXED) | set(workspace)
-    if marker is not None:
-        names |= set(marker.get("written", []))
-    patterns = FIXED_PATTERNS + (() if marker else LEGACY_REPORT_PATTERNS)
-    present = {p.name for p in workdir.iterdir()} if workdir.is_dir() else set()
-    return {
-        name
-        for name in present
-        if name in names or any(pathlib.PurePath(name).match(p) for p in patterns)
-    }
+    if not workdir.is_dir():
+        return set()
+    ownership = _Ownership(workdir, workspace)
+    found = set()
+    for root, dirs, files in os.walk(workdir):
+        base = pathlib.Path(root).relative_to(workdir).as_posix()
+        prefix = "" if base == "." else base + "/"
+        for name in dirs + files:
+            rel = prefix + name
+            if ownership.owns_all_of(rel) or rel in ownership.paths:
+                found.add(rel)
+    return found
 
 
-def foreign(workdir, workspace=()) -> list[str]:
-    """The top-level names in ``workdir`` that the tool did not write."""
+def foreign(workdir, workspace=(), whole=True) -> list[str]:
+    """The paths in ``workdir`` that the tool did not write: a folder holding
+    nothing of the tool's is named as a whole (``whole``), or by every file in
+    it (and itself when empty)."""
     workdir = pathlib.Path(workdir)
     if not workdir.is_dir():
         return []
-    mine = owned(workdir, workspace)
-    return sorted(p.name for p in workdir.iterdir() if p.name not in mine)
+    return _Ownership(workdir, workspace).scan(whole=whole)[0]
 
 
 def check_clearable(workdir, workspace=()):
     """Raises :class:`ForeignFiles` (listing them) when ``workdir`` holds anything
-    the tool did not write."""
+    the tool did not write, at any depth."""
     others = foreign(workdir, workspace)
     if others:
         raise ForeignFiles(
@@ -111,18 +250,36 @@ def check_clearable(workdir, workspace=()):
 
 def clear(workdir, workspace=(), keep=()) -> list[str]:
     """Deletes what the tool wrote in ``workdir`` (but ``keep``, e.g. the lock
-    this process holds); refuses when anything else is there. Returns the names
-    deleted."""
+    this process holds); refuses when anything else is there. Returns the
+    top-level names deleted."""
     workdir = pathlib.Path(workdir)
     check_clearable(workdir, workspace)
-    deleted = sorted(owned(workdir, workspace) - set(keep))
-    for name in deleted:
-        path = workdir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    return deleted
+    ownership = _Ownership(workdir, workspace)
+    keep = set(keep)
+    deleted = set()
+    # Deepest first: files, then the folders they leave empty.
+    for root, dirs, files in os.walk(workdir, topdown=False):
+        base = pathlib.Path(root).relative_to(workdir).as_posix()
+        prefix = "" if base == "." else base + "/"
+        for name in files + [d for d in dirs if (pathlib.Path(root) / d).is_symlink()]:
+            rel = prefix + name
+            if rel in keep:
+                continue
+            if ownership.owns_all_of(rel) or rel in ownership.paths:
+                (workdir / rel).unlink(missing_ok=True)
+                deleted.add(rel.split("/", 1)[0])
+        for name in dirs:
+            rel = prefix + name
+            path = workdir / rel
+            if path.is_symlink():
+                continue
+            if ownership.owns_all_of(rel) or rel in ownership.paths:
+                try:
+                    path.rmdir()
+                except OSError:  # something arrived meanwhile: it stays
+                    continue
+                deleted.add(rel.split("/", 1)[0])
+    return sorted(deleted)
 
 
 def _listed(names, at_most=8) -> str:
