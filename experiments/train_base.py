@@ -26,6 +26,7 @@ from absl import app, flags
 
 import common
 from transfer_tf import autotune, data, export, models, precision, results, training
+from transfer_tf.studies import workdirs
 
 FLAGS = flags.FLAGS
 
@@ -56,7 +57,21 @@ flags.DEFINE_bool(
     "overwrite",
     False,
     "Delete the work directory's earlier results when its configuration differs "
-    "(without it, such a rerun is refused).",
+    "(without it, such a rerun is refused): only what transfer_tf wrote there, "
+    "refused when anything else is anywhere below.",
+)
+
+
+# What a run writes into its work directory (besides config.json).
+WRITES = (
+    "metrics.jsonl",
+    "tensorboard",
+    "backup",
+    "early_stopping.json",
+    "best_weights.npz",
+    "model.keras",
+    "saved_model",
+    "result.json",
 )
 
 
@@ -69,7 +84,14 @@ def run(workdir, config: Config, overwrite=False) -> dict:
     # The data first: a bad dataset fails before the work directory is claimed,
     # so the corrected command is not refused as another configuration.
     task = data.load_task(config.data)
-    workdir = results.claim_workdir(workdir, common.as_dict(config), overwrite)
+    claim = workdirs.Claim(
+        workdir, "train_base", common.as_dict(config), WRITES, overwrite
+    )
+    with claim as workdir:
+        return _train(workdir, config, task, started)
+
+
+def _train(workdir, config: Config, task, started) -> dict:
     if (workdir / "result.json").exists():
         result = results.read_json(workdir / "result.json")
         common.log.info(

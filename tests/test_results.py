@@ -44,24 +44,6 @@ def test_write_json_is_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["c.json"]
 
 
-def test_claim_workdir(tmp_path):
-    work = tmp_path / "w"
-    results.claim_workdir(work, {"lr": 0.1, "seeds": [0]})
-    (work / "keep.txt").write_text("x")
-    results.claim_workdir(work, {"lr": 0.1, "seeds": [0]})  # same config: fine
-    with pytest.raises(
-        results.ConfigMismatchError, match=r"lr: 0.1 -> 0.2.*--overwrite"
-    ):
-        results.claim_workdir(work, {"lr": 0.2, "seeds": [0]})
-    assert (work / "keep.txt").exists()  # refusal loses nothing
-    # Only the compared keys matter (a grid may grow its seeds).
-    results.claim_workdir(work, {"lr": 0.1, "seeds": [0, 1]}, compare=["lr"])
-    assert (work / "keep.txt").exists()
-    results.claim_workdir(work, {"lr": 0.3}, overwrite=True)
-    assert not (work / "keep.txt").exists()
-    assert results.read_json(work / "config.json") == {"lr": 0.3}
-
-
 def test_atomic_path_replaces_only_on_success(tmp_path):
     target = tmp_path / "sub" / "model.npy"
     with results.atomic_path(target) as tmp:

@@ -64,3 +64,50 @@ def test_train_base_bad_dataset_is_a_clear_error(tmp_path):
     assert proc.returncode == 1
     assert "unknown dataset 'cifar11'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_train_base_overwrite_deletes_only_what_it_wrote(tmp_path):
+    work = tmp_path / "base"
+    tiny = [
+        f"--workdir={work}",
+        "--width=0.05",
+        "--epochs=1",
+        "--train_per_class=8",
+        "--batch_size=16",
+    ]
+    run_main("train_base", *tiny, "--learning_rate=0.05")
+    marker = json.loads((work / ".transfer_tf.json").read_text())
+    assert "saved_model/saved_model.pb" in marker["paths"] and not marker["open"]
+    # A user's files, at the top and inside a folder the tool wrote.
+    (work / "notes.txt").write_text("mine")
+    (work / "tensorboard" / "mine.txt").write_text("mine")
+    before = _listing(work)
+    refused = run_main(
+        "train_base", *tiny, "--learning_rate=0.1", "--overwrite", check=False
+    )
+    assert refused.returncode == 1
+    assert "'notes.txt'" in refused.stderr and "tensorboard/mine.txt" in refused.stderr
+    assert _listing(work) == before  # nothing deleted
+    (work / "notes.txt").unlink()
+    (work / "tensorboard" / "mine.txt").unlink()
+    run_main("train_base", *tiny, "--learning_rate=0.1", "--overwrite")
+    config = json.loads((work / "config.json").read_text())
+    assert config["training"]["learning_rate"] == 0.1
+    assert config["study"] == "train_base"
+    assert (work / "result.json").is_file() and not list(work.glob(".lock*"))
+
+
+def test_train_base_refuses_to_write_over_a_users_file(tmp_path):
+    work = tmp_path / "base"
+    (work / "saved_model").mkdir(parents=True)
+    (work / "saved_model" / "thesis.tex").write_text("mine")
+    refused = run_main(
+        "train_base", f"--workdir={work}", "--width=0.05", "--epochs=1", check=False
+    )
+    assert refused.returncode == 1
+    assert "saved_model/thesis.tex" in refused.stderr
+    assert _listing(work) == ["saved_model", "saved_model/thesis.tex"]

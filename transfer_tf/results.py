@@ -210,44 +210,6 @@ def config_diff(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
-def claim_workdir(workdir, config: dict, overwrite=False, compare=None) -> pathlib.Path:
-    """Creates ``workdir`` and records ``config.json``; refuses a different config.
-
-    Args:
-      workdir: the output directory.
-      config: the JSON-ready configuration of what will be written there.
-      overwrite: when the recorded configuration differs, delete the directory's
-        contents instead of refusing.
-      compare: the top-level keys whose values must match (default: all). A study
-        compares only what changes its runs' results, so that growing a grid
-        (more seeds or layers) reuses the finished runs.
-
-    Raises:
-      ConfigMismatchError: the directory holds a different configuration, naming
-        the differing fields.
-    """
-    workdir = pathlib.Path(workdir).expanduser()
-    path = workdir / "config.json"
-    if path.exists():
-        old = read_json(path)
-        keys = compare if compare is not None else sorted(set(old) | set(config))
-        diff = config_diff(
-            {k: old.get(k) for k in keys}, {k: config.get(k) for k in keys}
-        )
-        if diff:
-            if not overwrite:
-                raise ConfigMismatchError(
-                    f"{workdir} holds results of a different configuration "
-                    f"(differs in {'; '.join(diff)}). Use another --workdir, or pass "
-                    "--overwrite to delete the old results."
-                )
-            log.warning("--overwrite: deleting the old contents of %s", workdir)
-            shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_if_changed(path, dumps_pretty(config))
-    return workdir
-
-
 # ------------------------------------------------------------------ bit masks
 
 

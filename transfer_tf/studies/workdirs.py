@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -406,3 +407,138 @@ class Lock:
             if holder is not None and holder.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+
+
+# ------------------------------------------------------- a one-run work directory
+
+
+class Claim:
+    """The work-directory rules for a script that is one run (``train_base.py``):
+    its ``config.json`` names it and its configuration; a different one is
+    refused (naming the differing fields) unless ``overwrite``, which deletes
+    only what the tool wrote and refuses, before any write, when anything else
+    is anywhere below; one writer at a time; what the run writes (``writes``,
+    top-level names) is the tool's while it runs and is recorded when it ends.
+
+    Use as a context manager: every check happens on entry, before the first
+    write; the lock is released on exit, whatever happened.
+
+    Args:
+      workdir: the work directory.
+      name: what writes there (recorded as the marker's and config's ``study``).
+      config: the JSON-ready configuration.
+      writes: the top-level files and folders the run writes.
+      overwrite: clear a directory of another configuration (only the tool's).
+    """
+
+    def __init__(self, workdir, name: str, config: dict, writes=(), overwrite=False):
+        self.workdir = pathlib.Path(workdir).expanduser()
+        self.name = name
+        self.config = {**config, "study": name}
+        self.writes = tuple(writes)
+        self.overwrite = overwrite
+        self.lock = None
+
+    def _recorded(self) -> dict | None:
+        path = self.workdir / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            recorded = results.read_json(path)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); move it away") from e
+        if not isinstance(recorded, dict) or "study" not in recorded:
+            raise ValueError(
+                f"{self.workdir} holds a config.json that transfer_tf did not write "
+                "(or one made before work directories named their writer): use "
+                "another --workdir (--overwrite never deletes files the tool did "
+                "not write)"
+            )
+        return recorded
+
+    def _differs(self) -> list[str]:
+        recorded = self._recorded()
+        if recorded is None:
+            return []
+        return results.config_diff(recorded, self.config)
+
+    def __enter__(self) -> pathlib.Path:
+        diff = self._differs()
+        if diff and not self.overwrite:
+            raise results.ConfigMismatchError(
+                f"{self.workdir} holds results of a different configuration "
+                f"(differs in {'; '.join(diff[:6])}). Use another --workdir, or "
+                "pass --overwrite to delete the old results (only what transfer_tf "
+                "wrote there)."
+            )
+        if diff:
+            check_clearable(self.workdir)
+        taken = [
+            w for w in foreign(self.workdir, whole=False) if _below(w, self.writes)
+        ]
+        if taken and not diff:
+            raise ForeignFiles(
+                f"{self.workdir} holds {_listed(taken)}, which transfer_tf did not "
+                "write but would write over: move them away or use another --workdir"
+            )
+        existed = self.workdir.exists()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        lock = Lock(self.workdir)
+        try:
+            lock.acquire()
+        except WorkdirInUse:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    self.workdir.rmdir()
+            raise
+        self.lock = lock
+        try:
+            # Under the lock: another writer may have changed it meanwhile.
+            if self._differs():
+                if not self.overwrite:
+                    raise results.ConfigMismatchError(
+                        f"{self.workdir} was claimed by another configuration "
+                        "meanwhile: use another --workdir"
+                    )
+                deleted = clear(self.workdir, keep={lock.path.name})
+                log.warning(
+                    "--overwrite: deleted the old results in %s (%s)",
+                    self.workdir,
+                    ", ".join(deleted),
+                )
+            self._foreign = set(foreign(self.workdir, whole=False))
+            record_written(
+                self.workdir,
+                self.name,
+                names=["config.json"],
+                opened=self.writes,
+                exclude=self._foreign,
+            )
+            results.write_if_changed(
+                self.workdir / "config.json", results.dumps_pretty(self.config)
+            )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.workdir
+
+    def __exit__(self, *exc):
+        if self.lock is None:
+            return False
+        try:
+            with contextlib.suppress(OSError):
+                record_written(
+                    self.workdir,
+                    self.name,
+                    names=[w for w in self.writes if (self.workdir / w).exists()],
+                    closed=self.writes,
+                    exclude=self._foreign if hasattr(self, "_foreign") else (),
+                )
+        finally:
+            self.lock.release()
+            self.lock = None
+        return False
+
+
+def _below(path: str, names) -> bool:
+    return any(path == n or path.startswith(n + "/") for n in names)
