@@ -13,12 +13,14 @@ value. Library code never reads flags.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import logging
 import os
 import pathlib
 import re
+import shutil
 import sys
 
 # Before TensorFlow is first imported: keep its warnings and errors, drop its INFO
@@ -369,6 +371,35 @@ def _preset_doc(study, name) -> str:
     )
 
 
+def interrupted(workdir):
+    """Ctrl-C: one line, not a traceback; the work directory resumes."""
+    print(
+        f"interrupted; rerun the same command to resume (finished runs are kept "
+        f"in {workdir})",
+        file=sys.stderr,
+    )
+    sys.exit(130)
+
+
+def os_error(error: OSError, workdir) -> str:
+    """An OSError as a line a user can act on: a full disk names the
+    directory, the space left and the way on."""
+    if error.errno != errno.ENOSPC:
+        return str(error)
+    existing = pathlib.Path(workdir).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free / 2**20
+    where = f" writing {error.filename}" if error.filename else ""
+    more = error.strerror.split("; ", 1)[1:] if error.strerror else []
+    return (
+        f"no space left on the disk of {workdir}{where} ({free:.0f} MiB free"
+        f"{''.join('; ' + m for m in more)}): "
+        "free some space or use another --workdir, then rerun the same command "
+        "to resume (finished runs are kept)"
+    )
+
+
 def study_main(study: runner.Study, table: dict[str, str]):
     """The ``main`` of a study script: builds the configuration from
     ``--preset`` and the flags given, runs (or with ``--dry_run`` lists) the study
@@ -409,10 +440,13 @@ def study_main(study: runner.Study, table: dict[str, str]):
                     shard,
                     FLAGS.strategy,
                 )
+        except KeyboardInterrupt:
+            interrupted(workdir)
+        except OSError as e:
+            sys.exit(f"error: {os_error(e, workdir)}")
         except (
             ValueError,
             training.NonFiniteLossError,
-            OSError,
             executors.IncompleteStudy,
         ) as e:
             sys.exit(f"error: {e}")  # incl. ConfigMismatchError

@@ -137,7 +137,11 @@ def main(argv):
             Config(), common.overrides(Config(), FLAG_TABLE)
         )
         result = run(FLAGS.workdir, config, FLAGS.overwrite)
-    except (ValueError, training.NonFiniteLossError, OSError) as e:
+    except KeyboardInterrupt:
+        common.interrupted(FLAGS.workdir)
+    except OSError as e:
+        sys.exit(f"error: {common.os_error(e, FLAGS.workdir)}")
+    except (ValueError, training.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")  # incl. ConfigMismatchError
     print(
         f"test top-1 {result['test_accuracy']:.4f} after {result['epochs_run']} epochs "

@@ -6,6 +6,7 @@ runs it (resume, refusal, the vectors readable by other tools)."""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import numpy as np
 import pytest
@@ -159,6 +160,15 @@ def test_bad_text_inputs_are_clear_errors(tmp_path):
         ["a", "b", "c"],
         ["d"],
     ]
+
+
+def test_a_class_file_of_one_long_line_is_a_clear_error(tmp_path):
+    config = smoke_config(tmp_path)
+    task = pathlib.Path(config.data.task_dir)
+    (task / "tiny.pos").write_text(" ".join(["good"] * 20_000) + "\n")
+    with pytest.raises(ValueError, match=r"class 'pos' .* holds 1 sentence") as e:
+        execution.Corpus.read(config.data)
+    assert "20,000 tokens: put one sentence per line" in str(e.value)
 
 
 def test_pretrained_rows_are_copied_scaled_and_unknown_words_start_at_zero(tmp_path):

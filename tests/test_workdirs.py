@@ -6,6 +6,7 @@ the scripts' own checks through their ``main``."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import run_main
+from conftest import load_script, run_main
 from toy_study import TOY, ToyConfig
 from transfer_tf import results
 from transfer_tf.studies import executors, runner, workdirs
@@ -380,3 +381,53 @@ def test_a_study_without_strategies_says_part_1_was_not_run(tmp_path):
     assert "**Not run: no strategy was given" in proc.stdout
     records = results.read_jsonl(work / "results.jsonl")
     assert records and not [r for r in records if r["kind"] == "strategy"]
+
+
+# ------------------------------------------------ a full disk, Ctrl-C
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_before_the_first_result_leaves_nothing(tmp_path, monkeypatch):
+    work = tmp_path / "study"
+    monkeypatch.setattr(runner.results, "append_jsonl", _disk_full)
+    with pytest.raises(OSError) as error:
+        runner.run_study(TOY, ToyConfig(), work)
+    assert error.value.errno == errno.ENOSPC
+    assert not work.exists()  # no partial runs/ left behind
+
+
+def test_a_full_disk_during_the_report_names_what_was_not_written(
+    tmp_path, monkeypatch
+):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    (tmp_path / "summary.md").unlink()
+    monkeypatch.setattr(runner.results, "write_if_changed", _disk_full)
+    with pytest.raises(OSError) as error:
+        runner.Runner(TOY, ToyConfig(), tmp_path).write_report()
+    assert error.value.filename == "summary.md"
+    load_script("transferability")  # and with it experiments/common.py
+    message = sys.modules["common"].os_error(error.value, tmp_path)
+    assert message.startswith(f"no space left on the disk of {tmp_path} writing ")
+    assert "the report's summary.md not written" in message
+    assert "rerun the same command" in message
+
+
+def test_ctrl_c_is_one_line_and_the_study_resumes(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    load_script("transferability")
+    monkeypatch.setattr(runner, "run_study", interrupt)
+    work = tmp_path / "study"
+    proc = run_main(
+        "transferability", "--preset=smoke", f"--workdir={work}", check=False
+    )
+    assert proc.returncode == 130
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"interrupted; rerun the same command to resume (finished runs are kept "
+        f"in {work})"
+    )
+    assert "Traceback" not in proc.stderr

@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -882,12 +883,14 @@ class Runner:
         appended = []
         try:
             return self._run(clear, executor, shard, appended)
-        except (ValueError, training.NonFiniteLossError):
-            # The command was wrong (bad data, settings that diverge): undo its
-            # claim. Other failures (a full disk, Ctrl-C) keep what a rerun
-            # resumes from.
-            if not appended:
-                self._unclaim()
+        except (ValueError, training.NonFiniteLossError, OSError) as e:
+            # The command was wrong (bad data, settings that diverge) or the
+            # disk is full before the first result: undo its claim. Other
+            # failures (Ctrl-C, a later full disk) keep what a rerun resumes
+            # from.
+            if not appended and (not isinstance(e, OSError) or e.errno == errno.ENOSPC):
+                with contextlib.suppress(OSError):
+                    self._unclaim()
             raise
         finally:
             self.release()
@@ -1010,8 +1013,14 @@ class Runner:
         if changed:
             self._take()
             self.record(names=list(outputs))
-        for name in changed:
-            results.write_if_changed(self.workdir / name, outputs[name])
+        for i, name in enumerate(changed):
+            try:
+                results.write_if_changed(self.workdir / name, outputs[name])
+            except OSError as e:
+                left = ", ".join(changed[i:])
+                raise OSError(
+                    e.errno, f"{e.strerror}; the report's {left} not written", name
+                ) from e
         return {name: self.workdir / name for name in outputs}
 
 

@@ -67,6 +67,28 @@ def read_task(task_dir) -> tuple[tuple[str, ...], list[list[str]], np.ndarray]:
     return tuple(names), sentences, np.asarray(labels, dtype=np.int64)
 
 
+def _check_parts(task_dir, classes, sentences, labels, split):
+    """Every class has sentences to train on, choose by and test on."""
+    for label, name in enumerate(classes):
+        mine = labels == label
+        empty = [
+            p for p in ("train", "validation", "test") if not (split[mine] == p).any()
+        ]
+        if not empty:
+            continue
+        longest = max(len(s) for s, m in zip(sentences, mine, strict=True) if m)
+        hint = (
+            f"; its longest line holds {longest:,} tokens: put one sentence per line"
+            if longest > text.MAX_SENTENCE
+            else ""
+        )
+        raise ValueError(
+            f"class {name!r} of {str(task_dir)!r} holds {int(mine.sum())} "
+            f"sentence(s), too few for a {'/'.join(empty)} part (each class needs "
+            f"sentences to train, validate and test on){hint}"
+        )
+
+
 @dataclasses.dataclass
 class Corpus:
     """The labelled task, split, with the classifiers' vocabulary.
@@ -100,6 +122,7 @@ class Corpus:
             labels[rest], config.validation_fraction, [seed, 2]
         )
         split = np.where(test, "test", np.where(validation, "validation", "train"))
+        _check_parts(config.task_dir, classes, sentences, labels, split)
         name = pathlib.Path(config.task_dir).expanduser().resolve().name
         corpus = cls(name, classes, sentences, labels, split, None)
         corpus.vocabulary = text.Vocabulary.build(corpus.unlabelled(), min_count=1)
