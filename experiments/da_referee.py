@@ -199,29 +199,88 @@ def main(argv):
             "error: --workdir (a domain-adaptation study's work directory) is required"
         )
     workdir = pathlib.Path(FLAGS.workdir)
-    if not (workdir / "config.json").exists():
-        sys.exit(f"error: {workdir} has no config.json: not a study's work directory")
+    try:
+        refereed = _study_config(workdir)
+        _check_out(FLAGS.out)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not adapt_available():
         sys.exit("error: ADAPT is not installed: pip install '.[referee]'")
+    try:
+        _referee(workdir, refereed)
+    except KeyboardInterrupt:
+        print("interrupted (the referee writes nothing until it ends)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _study_config(workdir: pathlib.Path) -> dict:
+    """The domain-adaptation study's recorded configuration in ``workdir``, or a
+    ValueError saying what the folder is instead."""
+    path = workdir / "config.json"
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir={str(workdir)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(
+            f"{workdir} has no config.json: not a study's work directory (give the "
+            "--workdir of a domain_adaptation.py run)"
+        )
+    try:
+        recorded = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+    study = recorded.get("study") if isinstance(recorded, dict) else None
+    if study != "domain_adaptation":
+        raise ValueError(
+            f"{workdir} is not a domain-adaptation study's work directory (its "
+            f"config.json names study {study!r}); the referee reruns DANN of a "
+            "domain_adaptation.py run: give that run's --workdir"
+        )
+    if not (workdir / "results.jsonl").is_file():
+        raise ValueError(
+            f"{workdir} holds no results.jsonl yet: run the study first (the "
+            "referee compares against its finished source only and DANN runs)"
+        )
+    return recorded
+
+
+def _check_out(out):
+    """``--out`` is a new file or an earlier referee table (never a user's file)."""
+    if not out:
+        return
+    path = pathlib.Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out={out!r} is a directory: give a file name")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (ValueError, OSError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"pair", "rows"} <= set(earlier)):
+            raise ValueError(
+                f"--out={out!r} exists and is not an earlier referee table: give "
+                "another file (the referee never writes over a file it did not write)"
+            )
+
+
+def _referee(workdir: pathlib.Path, recorded: dict):
     from transfer_tf.studies import domain_adaptation
 
-    config = saved_config(
-        domain_adaptation.STUDY.config_class(),
-        json.loads((workdir / "config.json").read_text()),
-    )
+    config = saved_config(domain_adaptation.STUDY.config_class(), recorded)
     records = results.read_jsonl(workdir / "results.jsonl")
     names = {domains.pair_name(s, t): (s, t) for s, t in config.pairs}
     pair_name = FLAGS.pair or next(iter(names))
     if pair_name not in names:
-        sys.exit(f"error: --pair={pair_name!r} is not one of {sorted(names)}")
+        raise ValueError(f"--pair={pair_name!r} is not one of {sorted(names)}")
     ours = study_choices(records, pair_name, FLAGS.weight)
     seeds = [int(s) for s in FLAGS.seeds] or sorted(
         s for s, arms in ours.items() if {"source_only", "dann"} <= set(arms)
     )
     missing = [s for s in seeds if {"source_only", "dann"} - set(ours.get(s, {}))]
     if not seeds or missing:
-        sys.exit(
-            f"error: the study has no finished source only and DANN at weight "
+        raise ValueError(
+            f"the study has no finished source only and DANN at weight "
             f"{FLAGS.weight:g} on {pair_name} for seeds {missing or 'any'}"
         )
     pair = domains.load_pair(*names[pair_name], config.data)

@@ -704,6 +704,37 @@ def test_the_referee_trains_adapts_dann_beside_the_studys(
     )
 
 
+def test_the_referee_refuses_what_is_not_a_finished_da_study(tmp_path):
+    cases = {
+        "missing": (None, "does not exist"),
+        "empty": ({}, "has no config.json"),
+        "broken": ("{not json", "is not readable JSON"),
+        "grid": ({"study": "transferability"}, "names study 'transferability'"),
+        "fresh": ({"study": "domain_adaptation"}, "holds no results.jsonl yet"),
+    }
+    for name, (config, message) in cases.items():
+        work = tmp_path / name
+        if config is not None:
+            work.mkdir()
+            if config:
+                text = config if isinstance(config, str) else json.dumps(config)
+                (work / "config.json").write_text(text)
+        proc = run_main("da_referee", f"--workdir={work}", check=False)
+        assert proc.returncode == 1, name
+        assert message in proc.stderr and "Traceback" not in proc.stderr, name
+    # --out never writes over a file the referee did not write.
+    (tmp_path / "fresh" / "results.jsonl").write_text("")
+    (tmp_path / "mine.json").write_text('{"thesis": 1}')
+    proc = run_main(
+        "da_referee",
+        f"--workdir={tmp_path / 'fresh'}",
+        f"--out={tmp_path / 'mine.json'}",
+        check=False,
+    )
+    assert proc.returncode == 1 and "is not an earlier referee table" in proc.stderr
+    assert (tmp_path / "mine.json").read_text() == '{"thesis": 1}'
+
+
 def test_a_run_that_learnt_then_fell_to_chance_is_named_collapsed():
     rows = [
         {"epoch": 1, "source_val_accuracy": 0.12},  # not yet learnt
