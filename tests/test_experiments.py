@@ -19,6 +19,7 @@ SCRIPTS = (
     "what_transfers",
     "domain_adaptation",
     "word_embeddings",
+    "self_supervised",
 )
 
 

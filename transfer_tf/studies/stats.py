@@ -321,3 +321,31 @@ def difference_interval(a, b, confidence: float = 0.95) -> dict | None:
         "high": mean + half,
         "count": count,
     }
+
+
+def signed_contrast(cells: list[dict], signs) -> tuple[dict, dict | None]:
+    """A signed sum of cells (``{replicate: record}`` each) paired by
+    replicate, e.g. ``a - b`` or the contrast of contrasts ``(a - b) - (c - d)``.
+
+    Returns ``({replicate: value in test top-1}, interval)``: the interval
+    counts the replicates and the finite test set (:func:`contrast_interval`)
+    when every run recorded its hits on one test set, else it is the
+    t-interval over replicates; ``({}, None)`` when a cell is missing or the
+    cells share no replicate."""
+    if not cells or any(not c for c in cells):
+        return {}, None
+    keys = sorted(set.intersection(*(set(c) for c in cells)), key=str)
+    if not keys:
+        return {}, None
+    values = {
+        k: sum(s * c[k]["test_accuracy"] for s, c in zip(signs, cells, strict=True))
+        for k in keys
+    }
+    contrasts = {}
+    for k in keys:
+        found = [hits(c[k]) for c in cells]
+        if any(h is None for h in found) or len({h[1] for h in found}) != 1:
+            return values, interval([values[k] for k in keys])
+        x = sum(s * h[0].astype(np.float64) for s, h in zip(signs, found, strict=True))
+        contrasts[k] = (x, found[0][1])
+    return values, contrast_interval(contrasts)
