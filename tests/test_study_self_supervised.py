@@ -213,7 +213,6 @@ def test_the_smoke_run_writes_its_report_and_trains_pretexts_on_images_alone(
     rotation = next(r for r in pretexts if r["arm"] == "rotation")
     assert rotation["pretext_chance"] == 0.25
     assert (smoke.workdir / "runs/pretrain/rotation/seed0/pretext.keras").is_file()
-    assert (smoke.workdir / "runs/supervised/seed0/saved_model").is_dir()
     text = (smoke.workdir / "summary.md").read_text()
     assert "Each pretext on its own task" in text
     assert "Claim 4: the benefit of pretraining shrinks" in text
@@ -242,3 +241,34 @@ def test_run_keys_are_stable():
     assert dataclasses.replace(run, kind="pretrain", arm="exemplar").key == (
         "pretrain/exemplar/seed1"
     )
+
+
+@pytest.mark.slow
+def test_the_supervised_source_is_trained_probed_and_fine_tuned(tmp_path):
+    config = config_lib.override(
+        STUDY.preset("smoke"),
+        {
+            "methods": ("rotation",),
+            "references": ("supervised",),
+            "budgets": (None,),
+            "probe_layers": ("code",),
+        },
+    )
+    records = runner.run_study(STUDY, config, tmp_path)
+    by_key = {r["key"]: r for r in records}
+    assert set(by_key) == {
+        "pretrain/rotation/seed0",
+        "supervised/seed0",
+        "seed0/probe_rotation/code/none/kall",
+        "seed0/probe_supervised/fc6/none/kall",
+        "seed0/probe_supervised/fc7/none/kall",
+        "seed0/rotation/kall",
+        "seed0/supervised/kall",
+    }
+    source = by_key["supervised/seed0"]
+    assert source["half"] == "A" and source["test_accuracy"] > 0.2  # 5 classes
+    assert (tmp_path / "runs/supervised/seed0/saved_model/saved_model.pb").is_file()
+    # Fine-tuned from the source: conv1..conv5 copied, then trained.
+    assert by_key["seed0/supervised/kall"]["line"] == "tune:supervised"
+    text = (tmp_path / "summary.md").read_text()
+    assert "fine-tuned from supervised (other half)" in text

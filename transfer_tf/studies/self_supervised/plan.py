@@ -347,6 +347,8 @@ PRESETS = {
             "supervised.steps_per_epoch": 8,
             "budgets": (2, None),
             "probe_layers": ("conv5", "code"),
+            # the supervised source is exercised by the unit tests
+            "references": ("random", "scratch"),
             "probe.epochs": 10,
             "probe.l2_grid": (0.0, 1e-2),
             "probe.min_epoch_steps": 2,
