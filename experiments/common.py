@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from transfer_tf import data, models, results, training  # noqa: E402
+from transfer_tf import data, models, results, settings, training  # noqa: E402
 from transfer_tf.studies import config as config_lib  # noqa: E402
 from transfer_tf.studies import executors, runner  # noqa: E402
 
@@ -253,6 +253,14 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
         "differs (without it, such a rerun is refused).",
     )
     flags.DEFINE_bool("dry_run", False, "List the study's runs (done or pending).")
+    flags.DEFINE_bool(
+        "remeasure",
+        False,
+        "Decide the speed settings (oneDNN, precision, XLA) of the study's nets "
+        "again, on a quiet machine, instead of using the stored ones (see them: "
+        "python -m transfer_tf.settings --list). A work directory keeps the "
+        "settings its runs were made with.",
+    )
     flags.DEFINE_enum(
         "executor",
         "local",
@@ -410,7 +418,9 @@ def study_main(study: runner.Study, table: dict[str, str]):
         if len(argv) > 1:
             sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
         setup_logging()
-        runner.autotune.allow_restart()  # for the oneDNN state measured best
+        settings.allow_restart()  # into the oneDNN state chosen for the net
+        if FLAGS.remeasure:
+            settings.remeasure()
         workdir = pathlib.Path(FLAGS.workdir or f"runs/{study.name}_{FLAGS.preset}")
         try:
             config = config_from_flags(study, table)

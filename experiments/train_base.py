@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 
 import common
-from transfer_tf import autotune, data, export, models, precision, results, training
+from transfer_tf import data, export, models, precision, results, settings, training
 from transfer_tf.studies import workdirs
 
 FLAGS = flags.FLAGS
@@ -78,7 +78,7 @@ WRITES = (
 def run(workdir, config: Config, overwrite=False) -> dict:
     """Trains, evaluates and exports one base net; returns the result record."""
     config = dataclasses.replace(
-        config, training=autotune.resolve_config(config.training)
+        config, training=settings.resolve_config(config.training)
     )
     started = time.time()
     # The data first: a bad dataset fails before the work directory is claimed,
@@ -131,7 +131,7 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]} (flags start with --)")
     common.setup_logging()
-    autotune.allow_restart()  # for the oneDNN state measured best
+    settings.allow_restart()  # into the oneDNN state chosen for the net
     try:
         config = common.config_lib.override(
             Config(), common.overrides(Config(), FLAG_TABLE)

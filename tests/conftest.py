@@ -145,7 +145,7 @@ def run_main(name, *args, check=True) -> Finished:
     """
     from absl import flags
 
-    from transfer_tf import autotune
+    from transfer_tf import settings
 
     stdout, stderr = io.StringIO(), io.StringIO()
     root = logging.getLogger()
@@ -171,7 +171,7 @@ def run_main(name, *args, check=True) -> Finished:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-        autotune._restart["allowed"] = False  # a script may restart; tests not
+        settings._restart["allowed"] = False  # a script may restart; tests not
     return _fail_unless_ok(
         name, Finished(code, stdout.getvalue(), stderr.getvalue()), check
     )

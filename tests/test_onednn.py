@@ -270,37 +270,3 @@ def test_store_keeps_other_entries(tmp_path):
         cwd=ROOT,
     )
     assert out.stdout.strip() == "False"
-
-
-@pytest.mark.slow
-def test_both_states_are_measured_in_fresh_processes(tmp_path, monkeypatch):
-    """The real probe: child processes alternating oneDNN off and on, each
-    reporting the state TensorFlow ran; the speeds of the first round stored
-    under the reported state, the verdict and its figures under the signature."""
-    from transfer_tf import autotune, precision
-
-    monkeypatch.setenv(onednn.AUTO_MODE_ENV, "measure")
-    monkeypatch.setenv(onednn.AUTO_FILE_ENV, str(tmp_path / "auto.json"))
-    monkeypatch.setattr(autotune, "_measured", {})
-    monkeypatch.setattr(autotune, "_settled", {"signature": None})
-    monkeypatch.setattr(autotune, "_restart", {"allowed": False})
-    monkeypatch.setattr(onednn, "_decision", dict(onednn.decision()))
-    tiny = precision.Signature(input_shape=(28, 28, 1), width=0.05, batch_size=16)
-    choice = autotune.decide_onednn(tiny, ["float32:off"], 100)
-    stored = onednn.read_store(tmp_path / "auto.json")
-    assert stored[onednn.store_key(tiny.key())] == choice
-    for state in (False, True):
-        entry = stored[precision.settings_key(tiny, state)]
-        assert entry["onednn"] is state
-        assert entry["images_per_second"]["float32:off"] > 0
-    assert choice["onednn"] in (True, False, None)
-    assert 1 <= len(choice["rounds"]) <= precision.ONEDNN_ROUNDS
-    assert all(row["off"] > 0 and row["on"] > 0 for row in choice["rounds"])
-    assert choice["settings"] == {"off": "float32:off", "on": "float32:off"}
-    assert "round 1: off" in choice["reason"]
-
-    def never(*args, **kwargs):
-        raise AssertionError("measured twice")
-
-    monkeypatch.setattr(autotune, "_StateProcess", never)
-    assert autotune.decide_onednn(tiny, ["float32:off"], 100) == choice  # once

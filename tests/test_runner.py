@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from toy_study import EXECUTED, TOY, ToyConfig, ToyRun
-from transfer_tf import autotune, data, results, training
+from transfer_tf import data, results, settings, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import runner
 
@@ -237,10 +237,23 @@ class WithTraining(config_lib.StudyConfig):
     training: training.TrainConfig = training.TrainConfig()
 
 
+def _decided(precision, xla):
+    """A stand-in for settings.decide: ``auto`` stands for these settings."""
+
+    def decide(signature=None, run_steps=None, precision_=None, xla_=None):
+        return settings.Decision(
+            precision if precision_ == "auto" else precision_,
+            xla if xla_ == "auto" else xla_,
+            None,
+            "measured",
+            "a test",
+        )
+
+    return decide
+
+
 def test_auto_precision_is_resolved_before_hashing(monkeypatch):
-    monkeypatch.setattr(
-        autotune, "auto_settings", lambda: {"precision": "float32", "xla": "on"}
-    )
+    monkeypatch.setattr(settings, "decide", _decided("float32", "on"))
     resolved = runner.resolve_auto(WithTraining())
     assert resolved.training.precision == "float32" and resolved.training.xla == "on"
     explicit = WithTraining(training.TrainConfig(precision="float32", xla="on"))
@@ -249,9 +262,7 @@ def test_auto_precision_is_resolved_before_hashing(monkeypatch):
 
 def test_auto_keeps_the_settings_a_work_directory_was_made_with(tmp_path, monkeypatch):
     # This machine's probe would now say bfloat16 with XLA (another net, noise).
-    monkeypatch.setattr(
-        autotune, "auto_settings", lambda: {"precision": "mixed_bfloat16", "xla": "on"}
-    )
+    monkeypatch.setattr(settings, "decide", _decided("mixed_bfloat16", "on"))
     recorded = {"training": {"precision": "float32", "xla": "off"}}
     kept = runner.resolve_auto(WithTraining(), recorded=recorded)
     assert (kept.training.precision, kept.training.xla) == ("float32", "off")

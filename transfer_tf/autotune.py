@@ -1,39 +1,15 @@
-"""Measuring which precision, XLA and oneDNN setting trains a net fastest here, and
-resolving ``auto`` choices to what was measured (see ``transfer_tf.precision`` for
-the choices, the rule and the cache file).
+"""Timing nets in candidate settings: the measuring half of ``transfer_tf.settings``.
 
-:func:`measure_settings` builds the net of a ``precision.Signature`` in every
-candidate setting and times it; :func:`settings_for` and :func:`resolve_config` pick
-the setting that finishes a run first. This module builds and compiles nets
-(``models``, ``autoencoder``, ``training``); the lower ``precision`` module only
-lists choices and compares measurements.
-
-oneDNN is decided per signature (:func:`decide_onednn`), as the state that is
-fastest depends on the net: the first time a signature is resolved on a machine,
-:func:`probe_onednn` times its net with oneDNN off and on in interleaved rounds
-(off, on, off, on, ...; each state in a fresh process of its own, as TensorFlow
-reads the state at import) and chooses a state only when it finishes the study's run at
-least ``precision.ONEDNN_MARGIN`` sooner in every round; otherwise TensorFlow's
-default is kept, so that a shared machine's load cannot decide. The verdict, its
-reason and the per-round seconds are logged and stored under
-``onednn.store_key(signature)``.
-
-A process imports TensorFlow before it knows its net, in TensorFlow's default
-state (``onednn.bootstrap``). The first signature it resolves settles its state:
-when that signature's choice differs and the script allowed it
-(:func:`allow_restart`), the process restarts itself into it (before anything is
-written; the restarted process keeps its process id, by which
-``precision.RESTARTED_ENV`` forbids a second restart); otherwise it runs on and
-its records say ``not applied``. Records carry the state TensorFlow ran, its
-source and the signature it was measured for (``precision.runtime``). A user's
-``TF_ENABLE_ONEDNN_OPTS``, ``TRANSFER_TF_AUTO=rule``/``float32`` and the
-measuring processes themselves decide nothing.
+:class:`TimedNet` builds the net of a ``precision.Signature`` in one precision and
+XLA setting and times its training steps; :class:`CandidateProcess` does so in a
+fresh process of its own with a given oneDNN state (TensorFlow reads the state at
+import), driven one round at a time so that the candidates' rounds interleave.
+This module decides nothing: ``transfer_tf.settings`` compares the figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -197,108 +173,53 @@ def _timed(nets: dict, steps=12, rounds=3) -> dict:
     }
 
 
-def measure_best_settings(steps=10, rounds=2, width=0.25) -> dict:
-    """Measures every candidate precision x XLA setting of the old fixed net
-    (the base net of ``width``, 32x32x3, batch 128) and picks the one that
-    trains a typical run fastest (see ``precision.choose``)."""
-    settings = [
-        f"{p}:{x}" for p in precision_lib.candidate_precisions() for x in ("off", "on")
-    ]
-    measured = measure_settings(
-        settings, steps, rounds, signature=precision_lib.Signature(width=width)
-    )
-    chosen = precision_lib.choose(measured, settings)
-    return {
-        "precision": chosen["precision"],
-        "xla": chosen["xla"],
-        **measured,
-        "typical_run_seconds": chosen["run_seconds"],
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": "measured",
-    }
+# ----------------------------------------------------------- candidate processes
+
+# Environment variable set in a candidate process (it decides nothing itself).
+CHILD_ENV = precision_lib.CHILD_ENV
+# Steps a candidate process times its net for in each round (best of two).
+PROBE_STEPS = 12
+# A candidate process that does not answer within this many seconds is killed.
+CHILD_DEADLINE = 1800
 
 
-# ------------------------------------------------------------ per-signature store
+class CandidateProcess:
+    """A fresh process timing ``signature``'s net in one setting: oneDNN
+    ``onednn`` (None: TensorFlow's default, the variable unset), ``precision`` and
+    ``xla``. Starting it builds the net (:attr:`setup_seconds`, what every run
+    pays again, and :attr:`onednn`, the state TensorFlow runs there);
+    :meth:`time` times :data:`PROBE_STEPS` steps (best of two) each call.
 
-# Measurements read or made in this process, by precision_lib.settings_key().
-_measured: dict = {}
-
-
-def measured_speeds(
-    signature: precision_lib.Signature, settings, steps=12, rounds=3
-) -> dict:
-    """The measured speed and setup of ``signature``'s net in each of
-    ``settings`` in this process's oneDNN state: read from the auto-settings
-    file, or measured (only the settings it lacks) and stored there."""
-    key = precision_lib.settings_key(signature)
-    entry = _measured.get(key) or onednn.read_store().get(key)
-    missing = [
-        s for s in settings if s not in (entry or {}).get("images_per_second", {})
-    ]
-    if missing:
-        log.info(
-            "measuring %s on this machine (oneDNN %s): %s ...",
-            signature.key(),
-            "on" if precision_lib.onednn_enabled() else "off",
-            ", ".join(missing),
-        )
-        new = measure_settings(missing, steps, rounds, signature=signature)
-        entry = entry or {"images_per_second": {}, "setup_seconds": {}}
-        entry = {
-            "images_per_second": {
-                **entry["images_per_second"],
-                **new["images_per_second"],
-            },
-            "setup_seconds": {**entry["setup_seconds"], **new["setup_seconds"]},
-            "signature": dataclasses.asdict(signature),
-            "onednn": precision_lib.onednn_enabled(),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        onednn.update_store(key, entry)
-    _measured[key] = entry
-    return entry
-
-
-# ------------------------------------------------------------------------ oneDNN
-
-_restart = {"allowed": False}
-# The signature whose oneDNN choice this process settled on (the first it
-# resolved): later signatures neither restart it nor change what it records.
-_settled: dict = {"signature": None}
-
-
-def allow_restart():
-    """Lets a script restart itself when the oneDNN state measured fastest for
-    its signature is not the one TensorFlow was imported with (call it first in
-    ``main``). Library code never restarts: it logs the choice."""
-    _restart["allowed"] = True
-
-
-class _StateProcess:
-    """A fresh process timing ``signature``'s net with oneDNN ``state``, driven
-    one round at a time (so that the two states' rounds interleave).
-
-    Starting it builds a net per setting and measures them all
-    (:func:`measure_settings`: ``first``); :meth:`time` then times one of those
-    nets again (``PROBE_STEPS`` steps, best of two) each time it is called.
-    TensorFlow starts and each net is built once per state, so a later round
-    costs only its steps.
+    ``env`` is the environment to start from (default ``os.environ``); a
+    oneDNN variable in it is kept when ``onednn`` is None and ``keep_env``
+    (the user's choice), else replaced.
     """
 
-    def __init__(self, signature: precision_lib.Signature, settings, state: bool):
-        env = dict(
-            os.environ,
-            **{onednn.ONEDNN_ENV: "1" if state else "0", precision_lib.CHILD_ENV: "1"},
-            TF_CPP_MIN_LOG_LEVEL="3",
-        )
+    def __init__(
+        self,
+        signature: precision_lib.Signature,
+        onednn_state: bool | None,
+        precision: str,
+        xla: str,
+        keep_env: bool = False,
+    ):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **{CHILD_ENV: "1"})
         env.pop(onednn.MARK_ENV, None)  # the state given here is the child's own
+        if onednn_state is not None:
+            env[onednn.ONEDNN_ENV] = "1" if onednn_state else "0"
+        elif not keep_env:
+            env.pop(onednn.ONEDNN_ENV, None)
         request = json.dumps(
-            {"signature": dataclasses.asdict(signature), "settings": list(settings)}
+            {
+                "signature": dataclasses.asdict(signature),
+                "precision": precision,
+                "xla": xla,
+            }
         )
         code = (
             "import sys; from transfer_tf import autotune; autotune._child(sys.argv[1])"
         )
-        self.name = "on" if state else "off"
+        self.name = f"{precision}:{xla}"
         self._stderr = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-c", code, request],
@@ -308,11 +229,18 @@ class _StateProcess:
             stderr=self._stderr,
             text=True,
         )
-        # A hung child must not hang the study.
-        self._timer = threading.Timer(3600, self._proc.kill)
+        # A hung child must not hang the study: killed at its deadline, its
+        # output ends and _read fails.
+        self._timer = threading.Timer(CHILD_DEADLINE, self._proc.kill)
         self._timer.daemon = True
         self._timer.start()
-        self.first = self._read()
+        first = self._read()
+        self.onednn = bool(first["onednn"])
+        self.setup_seconds = float(first["setup_seconds"])
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def _read(self) -> dict:
         for line in self._proc.stdout:
@@ -320,14 +248,15 @@ class _StateProcess:
                 return json.loads(line)
         self._stderr.seek(0)
         raise RuntimeError(
-            f"measuring with oneDNN {self.name} failed:\n{self._stderr.read()[-2000:]}"
+            f"timing {self.name} in a fresh process failed:\n"
+            f"{self._stderr.read()[-2000:]}"
         )
 
-    def time(self, setting: str) -> float:
-        """Images/s of ``setting``'s net, timed now."""
-        self._proc.stdin.write(setting + "\n")
+    def time(self) -> float:
+        """Images/s of the net, timed now."""
+        self._proc.stdin.write("time\n")
         self._proc.stdin.flush()
-        return self._read()["images_per_second"][setting]
+        return float(self._read()["images_per_second"])
 
     def close(self):
         self._timer.cancel()
@@ -336,364 +265,30 @@ class _StateProcess:
             self._proc.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             self._proc.kill()
+            self._proc.wait(timeout=60)
         self._stderr.close()
 
 
-# Steps a probe child times a net for in each round after its first.
-PROBE_STEPS = 12
-
-
 def _child(request: str):
-    """The body of a :class:`_StateProcess`: measures every setting, then one
-    setting per line read; prints each result as one JSON line and stores
-    nothing (the parent keeps what it needs)."""
+    """The body of a :class:`CandidateProcess`: builds the net, prints its
+    oneDNN state and setup seconds, then times it once per ``time`` line read;
+    each answer is one JSON line."""
     request = json.loads(request)
     signature = precision_lib.Signature(**request["signature"])
-    nets = _build_nets(request["settings"], signature)
-    measured = _timed(nets)
-    print(json.dumps({"onednn": precision_lib.onednn_enabled(), **measured}))
+    setting = f"{request['precision']}:{request['xla']}"
+    net = _build_nets([setting], signature)[setting]
+    print(
+        json.dumps(
+            {
+                "onednn": precision_lib.onednn_enabled(),
+                "setup_seconds": round(net.setup_seconds, 3),
+            }
+        )
+    )
     sys.stdout.flush()
     for line in sys.stdin:
-        setting = line.strip()
-        if setting not in nets:
+        if line.strip() != "time":
             break
-        rate = max(nets[setting].run(PROBE_STEPS) for _ in range(2))
-        print(json.dumps({"images_per_second": {setting: round(rate, 1)}}))
+        rate = max(net.run(PROBE_STEPS) for _ in range(2))
+        print(json.dumps({"images_per_second": round(rate, 1)}))
         sys.stdout.flush()
-
-
-def _keep_speeds(signature, state: bool, measured: dict) -> dict:
-    """Stores a child's measurement as ``signature``'s speeds in oneDNN
-    ``state`` (what :func:`measured_speeds` reads), merged with earlier ones."""
-    key = precision_lib.settings_key(signature, state)
-    entry = onednn.read_store().get(key) or {}
-    entry = {
-        "images_per_second": {
-            **entry.get("images_per_second", {}),
-            **measured["images_per_second"],
-        },
-        "setup_seconds": {
-            **entry.get("setup_seconds", {}),
-            **measured["setup_seconds"],
-        },
-        "signature": dataclasses.asdict(signature),
-        "onednn": state,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    onednn.update_store(key, entry)
-    _measured[key] = entry
-    return entry
-
-
-def probe_onednn(
-    signature: precision_lib.Signature,
-    settings,
-    run_steps: int,
-    rounds: int = precision_lib.ONEDNN_ROUNDS,
-) -> dict:
-    """Times ``signature``'s net with oneDNN off and on in interleaved rounds
-    (off, on, off, on, ...), each state in a fresh process of its own
-    (:class:`_StateProcess`), and gives the verdict of
-    ``precision.onednn_verdict``.
-
-    The first round measures every one of ``settings`` in each state (kept as
-    the signature's speeds in that state, for choosing precision and XLA); the
-    later rounds time again only the setting each state would run, with the
-    other state's process idle meanwhile. A state's figure in a round is the
-    predicted seconds of a ``run_steps``-step run in that setting: the setup its
-    process measured when building the net plus the steps at the round's speed.
-    The probe stops as soon as no state can win every round.
-
-    Returns:
-      The entry stored for the signature: ``onednn`` (True, False or None:
-      TensorFlow's default), ``reason``, per-round ``rounds`` seconds, the
-      ``settings`` timed per state, ``margin``, ``run_steps``, ``signature``.
-    """
-    batch = signature.batch_size
-    children, reported, first, timed, figures = {}, {}, {}, {}, []
-    state, reason = None, ""
-    try:
-        for on in (False, True):
-            name = "on" if on else "off"
-            children[on] = _StateProcess(signature, settings, on)
-            first[name] = children[on].first
-            reported[on] = bool(first[name]["onednn"])
-            _keep_speeds(signature, reported[on], first[name])
-            chosen = precision_lib.choose(first[name], settings, run_steps, batch)
-            timed[name] = f"{chosen['precision']}:{chosen['xla']}"
-        for i in range(max(1, int(rounds))):
-            row = {}
-            for on in (False, True):
-                name = "on" if on else "off"
-                measured = {
-                    "images_per_second": {
-                        timed[name]: first[name]["images_per_second"][timed[name]]
-                        if i == 0
-                        else children[on].time(timed[name])
-                    },
-                    "setup_seconds": first[name]["setup_seconds"],
-                }
-                seconds = precision_lib.run_seconds(measured, run_steps, batch)
-                row[name] = round(seconds[timed[name]], 2)
-            figures.append(row)
-            if reported[True] == reported[False]:
-                state = None
-                reason = (
-                    f"TensorFlow ran oneDNN {'on' if reported[True] else 'off'} "
-                    f"in both processes (it ignores {onednn.ONEDNN_ENV} here); "
-                    "its default kept"
-                )
-                break
-            state, reason = precision_lib.onednn_verdict(figures)
-            if state is None:
-                if i + 1 < rounds:
-                    reason += f" (stopped after round {i + 1} of {rounds})"
-                break
-    finally:
-        for child in children.values():
-            child.close()
-    return {
-        "onednn": state,
-        "reason": reason,
-        "rounds": figures,
-        "settings": timed,
-        "margin": precision_lib.ONEDNN_MARGIN,
-        "signature": signature.key(),
-        "run_steps": int(run_steps),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _state_name(state: bool | None) -> str:
-    return "TensorFlow's default" if state is None else ("on" if state else "off")
-
-
-def _runs_state(state: bool | None) -> bool:
-    """Whether this process runs oneDNN ``state`` (None: TensorFlow's default,
-    the variable unset; an inherited explicit value might differ from it)."""
-    if state is None:
-        return onednn.requested_state() is None
-    return precision_lib.onednn_enabled() is state
-
-
-def decide_onednn(
-    signature: precision_lib.Signature, settings, run_steps: int
-) -> dict | None:
-    """The oneDNN state for ``signature``, looked up or measured
-    (:func:`probe_onednn`, once per machine and signature) and applied.
-
-    When this process runs another state and has not settled on an earlier
-    signature's, a script that allowed it (:func:`allow_restart`) restarts into
-    the signature's state, once (``precision.RESTARTED_ENV``); else a warning
-    says so and the record says ``not applied``. What the process runs is noted
-    for its records (``onednn.settle``).
-
-    Returns:
-      The signature's stored choice, or None when the choice is not this
-      function's: rule mode, set by the user, a measuring child.
-    """
-    if (
-        onednn.rule_mode()
-        or onednn.decision().get("source") == "user"
-        or os.environ.get(precision_lib.CHILD_ENV)
-    ):
-        return None
-    key = signature.key()
-    choice = onednn.stored_choice(signature=key)
-    if choice is None or choice.get("onednn") not in (True, False, None):
-        log.info(
-            "measuring %s with TensorFlow's oneDNN kernels off and on, each in a "
-            "fresh process, in up to %d interleaved rounds (once per machine and "
-            "signature) ...",
-            key,
-            precision_lib.ONEDNN_ROUNDS,
-        )
-        choice = probe_onednn(signature, settings, run_steps)
-        onednn.store_choice(choice, signature=key)
-        log.info(
-            "oneDNN for %s, runs of %d steps: %s", key, run_steps, choice["reason"]
-        )
-    target = choice["onednn"]
-    settled = _settled["signature"]
-    if _runs_state(target):
-        if settled is None:
-            _settled["signature"] = key
-            onednn.settle(key, "measured" if target is not None else "no clear winner")
-        return choice
-    if settled is not None:
-        log.info(
-            "oneDNN %s was measured for %s; this process keeps the state of %s, "
-            "the net it resolved first",
-            _state_name(target),
-            key,
-            settled,
-        )
-        return choice
-    if not _restart["allowed"]:
-        why = (
-            f"a library call does not restart; set {onednn.ONEDNN_ENV} before "
-            "importing TensorFlow, or call autotune.allow_restart() in a script"
-        )
-    elif os.environ.get(precision_lib.RESTARTED_ENV) == str(os.getpid()):
-        why = "this process was restarted once already"
-    else:
-        log.info(
-            "restarting with oneDNN %s, measured for %s (TensorFlow reads it at "
-            "import)",
-            _state_name(target),
-            key,
-        )
-        restart(target, key)
-        return choice  # only when the restart is a stand-in (tests)
-    log.warning(
-        "oneDNN %s was measured for %s, but this process runs it %s: %s",
-        _state_name(target),
-        key,
-        "on" if precision_lib.onednn_enabled() else "off",
-        why,
-    )
-    _settled["signature"] = key
-    onednn.settle(key, "not applied")
-    return choice
-
-
-def restart(state: bool | None, signature: str):
-    """Replaces this process by a fresh run of the same command line, with
-    oneDNN ``state`` (None: TensorFlow's default) marked as chosen for
-    ``signature`` (``onednn.request_state``)."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    onednn.request_state(state, signature)
-    os.environ[precision_lib.RESTARTED_ENV] = str(os.getpid())
-    argv = getattr(sys, "orig_argv", [sys.executable, *sys.argv])
-    _exec([sys.executable, *argv[1:]])
-
-
-def _exec(argv):
-    os.execv(argv[0], argv)
-
-
-# ---------------------------------------------------------------------- resolving
-
-
-def settings_for(
-    signature: precision_lib.Signature | None = None,
-    run_steps: int | None = None,
-    precision: str = "auto",
-    xla: str = "auto",
-) -> dict:
-    """The precision and XLA setting that trains ``signature``'s net fastest in
-    a run of ``run_steps`` steps, among the candidates that ``precision`` and
-    ``xla`` leave (``auto``: all). Measured once per machine, oneDNN state and
-    signature; rule mode and failed measurements use ``precision.rule_settings``.
-    With a signature, its oneDNN state is decided first (:func:`decide_onednn`,
-    which may restart a script), explicit settings included.
-
-    Returns:
-      ``{"precision", "xla", "source", ...}``: ``source`` is ``measured``,
-      ``explicit`` (nothing left to choose) or ``rule ...``.
-    """
-    precision_lib.check_choice("precision", precision, precision_lib.PRECISIONS)
-    precision_lib.check_choice("xla", xla, precision_lib.XLA_CHOICES)
-    explicit = precision != "auto" and xla != "auto"
-    if explicit and (signature is None or onednn.rule_mode()):
-        return {"precision": precision, "xla": xla, "source": "explicit"}
-    if onednn.rule_mode():
-        rule = precision_lib.rule_settings()
-        return {
-            **rule,
-            "precision": rule["precision"] if precision == "auto" else precision,
-            "xla": rule["xla"] if xla == "auto" else xla,
-        }
-    signature = signature or precision_lib.Signature()
-    run_steps = (
-        precision_lib.TYPICAL_RUN_STEPS if run_steps is None else max(1, int(run_steps))
-    )
-    precisions = (
-        precision_lib.candidate_precisions() if precision == "auto" else [precision]
-    )
-    xlas = ["off", "on"] if xla == "auto" else [xla]
-    settings = [f"{p}:{x}" for p in precisions for x in xlas]
-    try:
-        # The oneDNN state is the signature's whatever the precision and XLA:
-        # an explicit setting is timed in it alone.
-        decide_onednn(signature, settings, run_steps)
-        if explicit:
-            return {"precision": precision, "xla": xla, "source": "explicit"}
-        measured = measured_speeds(signature, settings)
-    except Exception as e:  # any failure of the measurement falls back
-        log.warning("measuring the settings failed (%s); using the rule", e)
-        rule = precision_lib.rule_settings()
-        return {
-            "precision": rule["precision"] if precision == "auto" else precision,
-            "xla": rule["xla"] if xla == "auto" else xla,
-            "source": "explicit" if explicit else f"rule (measurement failed: {e})",
-        }
-    chosen = precision_lib.choose(measured, settings, run_steps, signature.batch_size)
-    log.info(
-        "auto settings for %s, runs of %d steps: precision=%s, xla=%s (oneDNN %s; "
-        "measured images/s %s, setup s %s; kept in %s)",
-        signature.key(),
-        run_steps,
-        chosen["precision"],
-        chosen["xla"],
-        "on" if precision_lib.onednn_enabled() else "off",
-        {s: measured["images_per_second"][s] for s in settings},
-        {s: measured["setup_seconds"][s] for s in settings},
-        precision_lib.auto_file(),
-    )
-    return {
-        **chosen,
-        "images_per_second": {s: measured["images_per_second"][s] for s in settings},
-        "setup_seconds": {s: measured["setup_seconds"][s] for s in settings},
-        "signature": signature.key(),
-        "onednn": precision_lib.onednn_enabled(),
-        "source": "measured",
-    }
-
-
-@functools.lru_cache(maxsize=1)
-def auto_settings() -> dict:
-    """What ``auto`` stands for where no signature is known: the old fixed net
-    (``precision.Signature()``) and a typical run of
-    ``precision.TYPICAL_RUN_STEPS`` steps."""
-    return settings_for(precision_lib.Signature(), precision_lib.TYPICAL_RUN_STEPS)
-
-
-def resolve_precision(precision: str) -> str:
-    """The dtype policy name for a precision choice (``auto``: measured on the
-    default signature; prefer :func:`resolve_config` with the run's)."""
-    precision_lib.check_choice("precision", precision, precision_lib.PRECISIONS)
-    return auto_settings()["precision"] if precision == "auto" else precision
-
-
-def resolve_xla(xla: str) -> str:
-    """``on`` or ``off`` for an XLA choice (``auto``: as :func:`resolve_precision`)."""
-    precision_lib.check_choice("xla", xla, precision_lib.XLA_CHOICES)
-    return auto_settings()["xla"] if xla == "auto" else xla
-
-
-def resolve_config(
-    config, signature: precision_lib.Signature | None = None, run_steps=None
-):
-    """A training configuration (any dataclass with ``precision`` and ``xla``
-    fields) with ``auto`` replaced by the setting it stands for here.
-
-    Args:
-      config: e.g. a ``training.TrainConfig``.
-      signature: the net the configuration trains; ``None``: the old fixed net
-        and run length (:func:`auto_settings`).
-      run_steps: epochs x steps per epoch of a typical run of the study, by
-        which each setting's setup is weighed (default
-        ``precision.TYPICAL_RUN_STEPS``).
-    """
-    if signature is None and run_steps is None:
-        return dataclasses.replace(
-            config,
-            precision=resolve_precision(config.precision),
-            xla=resolve_xla(config.xla),
-        )
-    chosen = settings_for(signature, run_steps, config.precision, config.xla)
-    return dataclasses.replace(config, precision=chosen["precision"], xla=chosen["xla"])

@@ -10,11 +10,10 @@ module imports no TensorFlow, and ``transfer_tf/__init__.py`` calls
 
 Which oneDNN state is fastest depends on the net, not only on the machine, so it
 is decided per net *signature* (``precision.Signature``: model, input shape,
-width, batch norm, batch size, classes) and kept under
-``runtime | <machine key> | <signature key>`` (:func:`store_key`). A process
-does not know its net when it imports the package, so :func:`bootstrap` sets
-oneDNN only when the state was chosen for a signature already; what it sets, in
-order:
+width, batch norm, batch size, classes) by ``transfer_tf.settings``, with the
+precision and XLA. A process does not know its net when it imports the package,
+so :func:`bootstrap` sets oneDNN only when the state was chosen for a signature
+already (by a parent process); what it sets, in order:
 
 1. anything the user set in the environment is kept (``source="user"``);
 2. when TensorFlow was already imported, nothing can change (a log line says so);
@@ -24,19 +23,19 @@ order:
    environment (a script restarted into its signature's state, a Ray worker of
    that study), kept (``source="measured"``, ``signature``);
 5. else TensorFlow's default (``source="default"``): no signature is resolved
-   yet. ``transfer_tf.autotune.decide_onednn`` then looks up (or measures) the
+   yet. ``transfer_tf.settings.decide`` then looks up (or measures) the
    state of the study's signature, notes it here (:func:`settle`) and, in a
    script, restarts the process into it when it differs.
 
 The thread pools come from the machine-level entry ``runtime | <machine key>``
-(written by hand; nothing measures them), in measure mode only. That entry's
-``onednn`` field, written before oneDNN was decided per signature, is ignored:
-it was measured on whichever net a machine measured first.
+(written by hand; nothing measures them), in measure mode only. Its ``onednn``
+field, and the per-signature ``runtime | ...`` entries of earlier versions, are
+ignored.
 
 What this module sets in the environment is marked (:data:`MARK_ENV`), so that a
 child process, which inherits the variables, does not take them for the user's.
-The measurement itself is ``transfer_tf.autotune``'s; this module only reads
-and writes its verdicts (:func:`store_choice`).
+The decision is ``transfer_tf.settings``'s; this module only keeps the file and
+the process's state.
 """
 
 from __future__ import annotations
@@ -118,15 +117,24 @@ def _locked(path: pathlib.Path):
         yield
 
 
-def update_store(key: str, value: dict, path=None):
-    """Sets one entry of the auto-settings file (read, change, atomic rename)."""
+def update_store(key: str, value: dict | None, path=None):
+    """Sets one entry of the auto-settings file (``None``: removes it; read,
+    change, atomic rename)."""
     path = pathlib.Path(path or auto_file())
     with _locked(path):
         store = read_store(path)
-        store[key] = value
+        if value is None:
+            store.pop(key, None)
+        else:
+            store[key] = value
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
         tmp.replace(path)
+
+
+def remove_from_store(key: str, path=None):
+    """Drops one entry of the auto-settings file."""
+    update_store(key, None, path)
 
 
 # ---------------------------------------------------------------------- machine
@@ -176,10 +184,9 @@ def stored_choice(path=None, *, signature: str | None = None) -> dict | None:
 
 
 def store_choice(choice: dict, path=None, *, signature: str | None = None):
-    """Keeps a choice. A signature's (``transfer_tf.autotune.decide_onednn``):
-    ``{"onednn": True, False or None (TensorFlow's default), ...evidence}``; the
-    machine-level one: ``{"intra_op_threads": int, "inter_op_threads": int}``
-    (0: TensorFlow's default)."""
+    """Keeps a choice: the machine-level one (``signature`` None):
+    ``{"intra_op_threads": int, "inter_op_threads": int}`` (0: TensorFlow's
+    default)."""
     update_store(store_key(signature), choice, path)
 
 
@@ -288,7 +295,7 @@ def bootstrap() -> dict:
 def decision() -> dict:
     """What this process runs: ``onednn`` as requested (True, False or None for
     TensorFlow's default), its ``source`` (``user``, ``rule``, ``default``,
-    ``measured``, ``no clear winner``, ``not applied``, ``tensorflow already
+    ``measured``, ``rule (machine busy)``, ``not applied``, ``tensorflow already
     imported``), the ``signature`` key it was chosen for (if any) and the
     ``threads`` set or found."""
     return dict(_decision)
@@ -296,10 +303,9 @@ def decision() -> dict:
 
 def settle(signature: str, source: str):
     """Notes that this process runs its oneDNN state for ``signature``:
-    ``measured`` (the state measured fastest for it), ``no clear winner``
-    (TensorFlow's default, as the measurement found no faster state) or ``not
-    applied`` (another state was measured fastest but this process cannot
-    restart into it)."""
+    ``measured`` (the state chosen for it), ``rule (machine busy)`` (not
+    measured: TensorFlow's default) or ``not applied`` (another state was
+    chosen but this process cannot restart into it)."""
     _decision.update(onednn=requested_state(), source=source, signature=signature)
 
 

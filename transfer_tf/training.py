@@ -12,7 +12,7 @@ per-epoch validation and the rest (:class:`TrainResult`).
 
 Precision and XLA choices live in ``transfer_tf.precision``; the precision is a
 property of the model (its dtype policy), XLA a property of its compilation.
-``auto`` is measured per machine by ``transfer_tf.autotune.resolve_config``,
+``auto`` is decided per machine and net by ``transfer_tf.settings.decide``,
 which studies and scripts call before training; a configuration that reaches
 :func:`compile_model` still saying ``xla="auto"`` gets the rule's setting
 (``precision.rule_settings``), never a measurement.

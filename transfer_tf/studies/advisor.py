@@ -51,7 +51,6 @@ import numpy as np
 from keras import layers
 
 from transfer_tf import (
-    autotune,
     backbones,
     data,
     export,
@@ -60,6 +59,7 @@ from transfer_tf import (
     models,
     plots,
     results,
+    settings,
     strategies,
     training,
 )
@@ -1124,7 +1124,7 @@ def advise(config: Config, workdir, now=time.monotonic) -> dict:
       ValueError: bad data or sources (see :func:`load_sources`).
     """
     clock = Clock(config.time_budget, now)
-    train_config = autotune.resolve_config(config.training)
+    train_config = settings.resolve_config(config.training)
     config = dataclasses.replace(config, training=train_config)
     dtype = train_config.precision
     full = load_target(config)

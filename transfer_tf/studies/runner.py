@@ -58,7 +58,7 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from transfer_tf import autotune, data, precision, results, training
+from transfer_tf import data, precision, results, settings, training
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import executors, report, workdirs
 
@@ -224,7 +224,7 @@ class Context:
     @property
     def dtype(self) -> str:
         """The dtype policy of the study's classifiers."""
-        return autotune.resolve_precision(self.config.training.precision)
+        return settings.resolve_precision(self.config.training.precision)
 
     def prepare(self):
         """Loads the data (a bad dataset fails here, before anything is written)."""
@@ -324,7 +324,7 @@ def resolve_auto(config, signatures: dict | None = None, recorded: dict | None =
                 )
                 value = dataclasses.replace(value, **kept)
             signature, steps = signatures.get(field.name, (None, None))
-            changes[field.name] = autotune.resolve_config(value, signature, steps)
+            changes[field.name] = settings.resolve_config(value, signature, steps)
     return dataclasses.replace(config, **changes) if changes else config
 
 
