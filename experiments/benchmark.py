@@ -64,17 +64,51 @@ import tensorflow as tf
 from absl import app, flags
 
 import common
-from transfer_tf import autotune, data, models, onednn, precision, results, training
+from transfer_tf import (
+    autotune,
+    data,
+    models,
+    onednn,
+    precision,
+    results,
+    settings,
+    training,
+)
 
 FLAGS = flags.FLAGS
 ROOT = common.ROOT
-# ``embeddings`` (SGNS against gensim's Word2Vec) runs only when named.
-SECTIONS = ("throughput", "flops", "grid", "cache", "embeddings")
+# ``embeddings`` (SGNS against gensim's Word2Vec), ``precision`` (a study in
+# float32 and bfloat16) and ``workers`` (one local worker vs two) run only when
+# named.
+SECTIONS = (
+    "throughput",
+    "flops",
+    "grid",
+    "cache",
+    "embeddings",
+    "precision",
+    "workers",
+)
 DEFAULT_SECTIONS = ("throughput", "flops", "grid", "cache")
 flags.DEFINE_list(
     "sections",
     list(DEFAULT_SECTIONS),
-    f"Parts to run, of {list(SECTIONS)} (embeddings only when named).",
+    f"Parts to run, of {list(SECTIONS)} (embeddings, precision and workers only "
+    "when named).",
+)
+flags.DEFINE_string(
+    "check_preset", "digits", "Precision section: the transferability preset."
+)
+flags.DEFINE_list("check_seeds", ["0", "1", "2"], "Precision section: seeds.")
+flags.DEFINE_multi_string(
+    "check_flag",
+    [],
+    "Precision section: a further transferability.py flag (repeatable, e.g. "
+    "--check_flag=--layers=3).",
+)
+flags.DEFINE_list("workers_seeds", ["0"], "Workers section: seeds of the study.")
+flags.DEFINE_integer(
+    "workers_rounds", 2, "Workers section: interleaved rounds (1, 2, then 2, 1, ...)."
 )
 flags.DEFINE_string(
     "embedding_corpus",
@@ -100,6 +134,14 @@ flags.DEFINE_integer("steps", 30, "Timed training steps per throughput round.")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds of the throughput.")
 flags.DEFINE_list(
     "widths", ["0.125", "0.25"], "Base-net widths of the throughput section."
+)
+flags.DEFINE_enum(
+    "bfloat16",
+    "auto",
+    ["auto", "on", "off"],
+    "Throughput: also time transfer_tf in mixed_bfloat16 and PyTorch with "
+    "bfloat16 autocast (auto: on a GPU or a CPU with bf16 instructions, where it "
+    "is not emulated).",
 )
 flags.DEFINE_list(
     "grid_layers",
@@ -222,10 +264,12 @@ class NaiveKeras:
 
 
 class TorchNet:
-    """The base net in PyTorch (NCHW or channels-last), float32, SGD with
-    momentum, timed like :class:`autotune.TimedNet`."""
+    """The base net in PyTorch (NCHW or channels-last), SGD with momentum, timed
+    like :class:`autotune.TimedNet`: float32, or with ``autocast`` the forward
+    pass in bfloat16 (``torch.autocast("cpu", dtype=torch.bfloat16)``, weights
+    and optimizer in float32: what Keras' ``mixed_bfloat16`` does)."""
 
-    def __init__(self, width, batch_size, layout):
+    def __init__(self, width, batch_size, layout, autocast=False):
         import torch
         from torch import nn
 
@@ -260,16 +304,21 @@ class TorchNet:
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
         self.loss = nn.CrossEntropyLoss()
         self.batch_size = batch_size
+        self.autocast = autocast
         self.run(2)  # warm up
 
     def run(self, steps) -> float:
+        import torch
+
         started = time.perf_counter()
         for i in range(steps):
             start = (i % 8) * self.batch_size
             batch = self.images[start : start + self.batch_size].float() / 255.0
             labels = self.labels[start : start + self.batch_size]
             self.optimizer.zero_grad(set_to_none=True)
-            self.loss(self.net(batch), labels).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.loss(self.net(batch), labels)
+            loss.backward()
             self.optimizer.step()
         return steps * self.batch_size / (time.perf_counter() - started)
 
@@ -283,31 +332,49 @@ def torch_version() -> str | None:
     return torch.__version__
 
 
+def time_bfloat16() -> bool:
+    """Whether the throughput section times bfloat16 rows (``--bfloat16``;
+    ``auto``: where it is not emulated: a GPU, or a CPU with bf16 instructions)."""
+    if FLAGS.bfloat16 != "auto":
+        return FLAGS.bfloat16 == "on"
+    hw = precision.hardware()
+    return bool(hw["gpu"] or hw["cpu_bf16"])
+
+
+BF16 = "mixed_bfloat16:off"
+F32 = "float32:off"
+TORCH_KIND = {"float32": "float32", "mixed_bfloat16": "bfloat16 autocast"}
+
+
 def throughput_section(report):
     batch, steps = FLAGS.batch_size, FLAGS.steps
     signatures = {
         w: precision.Signature(input_shape=SHAPE, width=w, batch_size=batch)
         for w in widths()
     }
-    # First, as it may restart this process with the oneDNN state measured best.
+    # First, as it may restart this process with the oneDNN state chosen.
     auto = {
-        w: autotune.settings_for(signature, precision.TYPICAL_RUN_STEPS)
+        w: settings.decide(signature, precision.TYPICAL_RUN_STEPS)
         for w, signature in signatures.items()
     }
+    bf16 = time_bfloat16()
     naive = NaiveKeras()
-    # transfer_tf's row is the setting measured best for the net (the others'
-    # figures, from that measurement, are printed beside it).
-    tuned = {w: f"{a['precision']}:{a['xla']}" for w, a in auto.items()}
-    ours = {
-        (w, tuned[w]): autotune.TimedNet(*tuned[w].split(":"), signature=signature)
-        for w, signature in signatures.items()
-    }
+    # transfer_tf in float32 (PyTorch float32's arithmetic), in its auto choice
+    # and, where bfloat16 is timed, in mixed_bfloat16 (PyTorch autocast's).
+    tuned = {w: f"{a.precision}:{a.xla}" for w, a in auto.items()}
+    ours = {}
+    for w, signature in signatures.items():
+        for setting in dict.fromkeys([F32, tuned[w], *([BF16] if bf16 else [])]):
+            ours[(w, setting)] = autotune.TimedNet(
+                *setting.split(":"), signature=signature
+            )
     version = torch_version()
     torch_nets = {}
     if version:
         for w in widths():
             for layout in ("nchw", "channels_last"):
-                torch_nets[(w, layout)] = TorchNet(w, batch, layout)
+                for cast in (False, True) if bf16 else (False,):
+                    torch_nets[(w, layout, cast)] = TorchNet(w, batch, layout, cast)
     # Every row in the same interleaved rounds, so that load from other processes
     # hits them alike; each keeps its best round.
     best = collections.defaultdict(float)
@@ -316,16 +383,22 @@ def throughput_section(report):
         peak.run()
         for w, rate in naive.round().items():
             best[("naive", w)] = max(best[("naive", w)], rate)
-        for (w, setting), net in ours.items():
-            best[(w, setting)] = max(best[(w, setting)], net.run(steps))
-        for (w, layout), net in torch_nets.items():
-            best[(w, layout)] = max(best[(w, layout)], net.run(steps))
+        for key, net in ours.items():
+            best[key] = max(best[key], net.run(steps))
+        for key, net in torch_nets.items():
+            best[key] = max(best[key], net.run(steps))
     naive.close()
     naive_state = "on" if naive.onednn else "off"
+    state = "on" if precision.onednn_enabled() else "off"
     print(
         f"\n[throughput] base net, input {SHAPE}, batch {batch}, images/s (best of "
         f"{FLAGS.rounds} interleaved rounds of {steps} steps)"
     )
+    if not bf16:
+        print(
+            "  bfloat16 not timed: emulated on this CPU (no avx512_bf16/amx_bf16; "
+            "--bfloat16=on times it anyway)"
+        )
     out = {}
     for w in widths():
         rows = {
@@ -333,46 +406,53 @@ def throughput_section(report):
                 ("naive", w)
             ]
         }
-        rows[f"transfer_tf {tuned[w]} (auto)"] = best[(w, tuned[w])]
-        layouts = {k[1]: best[k] for k in torch_nets if k[0] == w}
-        if layouts:
-            layout = max(layouts, key=layouts.get)
-            rows[f"PyTorch {version} float32 ({layout})"] = layouts[layout]
+        mine = {setting: best[(w, setting)] for (v, setting) in ours if v == w}
+        for setting, rate in mine.items():
+            label = f"transfer_tf {setting} (oneDNN {state})"
+            if setting == tuned[w]:
+                label += " (auto)"
+            rows[label] = rate
+        pytorch = {}
+        for cast in (False, True) if bf16 else (False,):
+            layouts = {k[1]: best[k] for k in torch_nets if k[0] == w and k[2] == cast}
+            if layouts:
+                layout = max(layouts, key=layouts.get)
+                kind = "bfloat16 autocast" if cast else "float32"
+                rows[f"PyTorch {version} {kind} ({layout})"] = layouts[layout]
+                pytorch["mixed_bfloat16" if cast else "float32"] = layouts[layout]
         naive_rate = best[("naive", w)]
         print(f"  width {w:g}:")
         for name, rate in rows.items():
-            print(f"    {name:58s} {rate:7.0f}   x{rate / naive_rate:.2f} vs naive")
-        summary = {
+            print(f"    {name:66s} {rate:7.0f}   x{rate / naive_rate:.2f} vs naive")
+        ratios = {}
+        for setting, rate in mine.items():
+            kind = setting.split(":")[0]
+            if kind in pytorch:
+                auto_mark = " (auto)" if setting == tuned[w] else ""
+                name = f"transfer_tf {setting}{auto_mark} / PyTorch {TORCH_KIND[kind]}"
+                ratios[name] = rate / pytorch[kind]
+        for name, ratio in ratios.items():
+            print(f"    same precision: {name:58s} x{ratio:.2f}")
+        if not ratios and not version:
+            print("    PyTorch: not installed (pip install '.[bench]'), skipped")
+        print(f"    auto ({auto[w].source}): {auto[w].why}")
+        out[str(w)] = {
             "rows": rows,
             "naive": naive_rate,
             "auto": {
-                k: auto[w].get(k) for k in ("precision", "xla", "source", "run_steps")
+                "precision": auto[w].precision,
+                "xla": auto[w].xla,
+                "onednn": auto[w].onednn,
+                "source": auto[w].source,
+                "why": auto[w].why,
             },
-            "auto_rate": best[(w, tuned[w])],
-            "torch": max(layouts.values()) if layouts else None,
+            "auto_rate": mine[tuned[w]],
+            "float32_rate": mine[F32],
+            "bfloat16_rate": mine.get(BF16),
+            "torch": pytorch.get("float32"),
+            "torch_bfloat16": pytorch.get("mixed_bfloat16"),
+            "same_precision": ratios,
         }
-        if summary["torch"]:
-            print(
-                f"    transfer_tf (auto) / PyTorch: "
-                f"x{summary['auto_rate'] / summary['torch']:.2f}   "
-                f"transfer_tf (auto) / naive Keras: "
-                f"x{summary['auto_rate'] / naive_rate:.2f}"
-            )
-        else:
-            print("    PyTorch: not installed (pip install '.[bench]'), skipped")
-        if auto[w].get("images_per_second"):
-            print(
-                "    (the measurement behind auto, images/s / setup s: "
-                + ", ".join(
-                    f"{k} {r:.0f} / {auto[w]['setup_seconds'][k]:.1f}"
-                    for k, r in auto[w]["images_per_second"].items()
-                )
-                + ")"
-            )
-            summary["measured"] = {
-                k: auto[w][k] for k in ("images_per_second", "setup_seconds")
-            }
-        out[str(w)] = summary
     report["throughput"] = out
     report["matmul_peak"] = dict(peak.best)
 
@@ -462,27 +542,36 @@ def flops_section(report):
 
 def run_grid(workdir, extra, env) -> dict:
     """Runs the transfer grid in a child process; wall time and its peak RSS."""
+    layers = [f"--layers={','.join(FLAGS.grid_layers)}"]
+    return run_study(workdir, ["--preset=digits", "--seeds=0", *layers, *extra], env)
+
+
+def run_study(workdir, flags_, env=None, overwrite=True) -> dict:
+    """Runs ``transferability.py FLAGS`` into ``workdir`` in a child process
+    (``overwrite``: from scratch; else resuming what is there): its wall time,
+    peak RSS (the largest of its processes), records and settings."""
     args = [
         sys.executable,
         str(ROOT / "experiments" / "transferability.py"),
-        "--preset=digits",
-        "--seeds=0",
-        f"--layers={','.join(FLAGS.grid_layers)}",
+        *flags_,
         f"--workdir={workdir}",
-        "--overwrite",
-        *extra,
+        *(["--overwrite"] if overwrite else []),
     ]
     started = time.time()
     with open(pathlib.Path(str(workdir) + ".log"), "w+") as log_file:
         proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=log_file, text=True, env=env
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            text=True,
+            env=dict(os.environ) if env is None else env,
         )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - started
         log_file.seek(0)
         stderr = log_file.read()
     if status != 0:
-        raise RuntimeError(f"grid {extra} failed:\n{stderr[-3000:]}")
+        raise RuntimeError(f"transferability.py {flags_} failed:\n{stderr[-3000:]}")
     records = results.read_jsonl(pathlib.Path(workdir) / "results.jsonl")
     return {
         "wall_time": wall,
@@ -644,6 +733,177 @@ def cache_section(report, workdir):
         "sizes": sizes,
         "runs": rows,
     }
+
+
+# ---------------------------------------------------------------------- precision
+
+# Fields that differ between two runs of the same command (timings).
+TIMING_FIELDS = ("wall_time", "finished_at", "train_time", "cache_seconds")
+
+
+def comparable(record: dict) -> dict:
+    """A record without its timings and runtime: what two runs of one command
+    on one machine must agree on."""
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in TIMING_FIELDS and not k.endswith(("_seconds", "_threads"))
+    }
+
+
+def precision_differences(by_precision: dict) -> list[dict]:
+    """Per finding of the transferability study, its value in each precision
+    and the difference float32 - bfloat16, paired by seed (a seed's split and
+    initialisation are the same in both), with its t-interval over seeds.
+
+    Args:
+      by_precision: ``{"float32": records, "mixed_bfloat16": records}``.
+    """
+    from transfer_tf.studies import stats
+    from transfer_tf.studies.transferability import summary
+
+    found = {
+        p: {f.key: f for f in summary.aggregate(summary.study_records(r))["findings"]}
+        for p, r in by_precision.items()
+    }
+    f32, bf16 = found["float32"], found["mixed_bfloat16"]
+    rows = []
+    for key in [k for k in f32 if k in bf16]:
+        a, b = f32[key], bf16[key]
+        rows.append(
+            {
+                "finding": key,
+                "float32": a.interval,
+                "float32_verdict": a.outcome,
+                "bfloat16": b.interval,
+                "bfloat16_verdict": b.outcome,
+                "difference": stats.interval(stats.paired(a.values, b.values)),
+                "verdict_moves": a.outcome != b.outcome,
+            }
+        )
+    return rows
+
+
+def precision_section(report, workdir):
+    """The transferability study (``--check_preset``, ``--check_seeds``) in
+    float32 and in mixed_bfloat16, XLA off both, each into its own work
+    directory (resumed when rerun): per finding, both verdicts and the
+    difference float32 - bfloat16."""
+    from transfer_tf.studies import stats
+
+    base = [
+        f"--preset={FLAGS.check_preset}",
+        f"--seeds={','.join(FLAGS.check_seeds)}",
+        *FLAGS.check_flag,
+    ]
+    runs = {}
+    for p in ("float32", "mixed_bfloat16"):
+        runs[p] = run_study(
+            workdir / f"precision_{p}",
+            [*base, f"--precision={p}", "--xla=off"],
+            overwrite=False,
+        )
+    rows = precision_differences({p: r["records"] for p, r in runs.items()})
+    print(
+        f"\n[precision] transferability {' '.join(base)}: float32 vs mixed_bfloat16 "
+        "(XLA off), per finding: mean [95% CI] over seeds"
+    )
+    for p, r in runs.items():
+        print(f"  {p:15s} {len(r['records'])} runs, {r['wall_time']:.0f} s")
+
+    def shown(iv):
+        return stats.format_interval(iv, scale=100.0, digits=2) if iv else "-"
+
+    print(f"  {'finding':15s} {'float32':>28s} {'bfloat16':>28s} {'f32 - bf16':>28s}")
+    for row in rows:
+        print(
+            f"  {row['finding']:15s} {shown(row['float32']):>28s} "
+            f"{shown(row['bfloat16']):>28s} {shown(row['difference']):>28s}"
+        )
+        print(
+            f"  {'':15s} {row['float32_verdict']:>28s} {row['bfloat16_verdict']:>28s}"
+            f" {'VERDICT MOVES' if row['verdict_moves'] else 'same verdict':>28s}"
+        )
+    report["precision"] = {
+        "flags": base,
+        "findings": rows,
+        "wall_time": {p: r["wall_time"] for p, r in runs.items()},
+    }
+
+
+# ------------------------------------------------------------------------ workers
+
+
+def local_workers_verdict(seconds: dict, margin: float = settings.MARGIN) -> int:
+    """2 when two workers finished the study sooner than one by ``margin`` in
+    every round, else 1 (``seconds``: ``{1: [s, ...], 2: [s, ...]}``)."""
+    pairs = list(zip(seconds[1], seconds[2], strict=True))
+    return 2 if pairs and all(one >= margin * two for one, two in pairs) else 1
+
+
+def workers_section(report, workdir):
+    """The default digits study (``--workers_seeds``) with one and with two
+    local workers, alternating (1, 2, 2, 1, ...) for ``--workers_rounds``
+    rounds, each from scratch: wall times, their ratio per round, peak memory
+    and whether the records agree. Two workers become this machine's local
+    default (``settings.local_workers``) only when they won every round by
+    ``settings.MARGIN``, the machine was quiet and memory allows."""
+    base = ["--preset=digits", f"--seeds={','.join(FLAGS.workers_seeds)}"]
+    seconds, rss, records = {1: [], 2: []}, {1: 0.0, 2: 0.0}, {}
+    busy = []
+    for i in range(FLAGS.workers_rounds):
+        for count in (1, 2) if i % 2 == 0 else (2, 1):
+            try:
+                settings.check_quiet()
+            except settings.Busy as e:
+                busy.append(str(e))
+            run = run_study(workdir / f"workers_{count}", [*base, f"--workers={count}"])
+            seconds[count].append(run["wall_time"])
+            rss[count] = max(rss[count], run["max_rss_mib"])
+            records[count] = sorted(
+                (comparable(r) for r in run["records"]), key=lambda r: r["key"]
+            )
+    identical = records[1] == records[2]
+    chosen = local_workers_verdict(seconds)
+    ratios = [a / b for a, b in zip(seconds[1], seconds[2], strict=True)]
+    disagree = any(
+        max(v) > settings.DISAGREE * min(v) for v in seconds.values() if len(v) > 1
+    )
+    print(
+        f"\n[workers] transferability {' '.join(base)}: one local worker vs two, "
+        f"{FLAGS.workers_rounds} interleaved rounds"
+    )
+    for count in (1, 2):
+        shown = ", ".join(f"{t:.0f} s" for t in seconds[count])
+        peak = f"peak RSS of a process {rss[count]:.0f} MiB"
+        print(f"  --workers={count}: {shown}  ({peak})")
+    print(
+        "  one / two per round: "
+        + ", ".join(f"x{r:.2f}" for r in ratios)
+        + f"; records {'identical' if identical else 'DIFFER'} (timings aside)"
+    )
+    out = {
+        "seconds": seconds,
+        "ratios": ratios,
+        "peak_rss_mib": rss,
+        "identical": identical,
+        "chosen": chosen,
+    }
+    if busy or disagree:
+        why = "; ".join(busy) or "the rounds disagree"
+        print(f"  not stored: the machine was busy ({why}); rerun on a quiet machine")
+        out["stored"] = False
+    elif not identical:
+        print("  not stored: the records differ between one and two workers")
+        out["stored"] = False
+    else:
+        settings.store_workers(chosen, seconds, rss[2])
+        print(
+            f"  stored: --workers={chosen} is this machine's local default "
+            f"({settings.workers_key()})"
+        )
+        out["stored"] = True
+    report["workers"] = out
 
 
 # ------------------------------------------------------------------------- split
@@ -892,7 +1152,7 @@ def main(argv):
     del argv
     if FLAGS.naive_child:
         return naive_child_main()
-    autotune.allow_restart()
+    settings.allow_restart()
     common.setup_logging()
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     if unknown:
@@ -924,6 +1184,8 @@ def main(argv):
             "grid": lambda: grid_section(report, workdir),
             "cache": lambda: cache_section(report, workdir),
             "embeddings": lambda: embeddings_section(report),
+            "precision": lambda: precision_section(report, workdir),
+            "workers": lambda: workers_section(report, workdir),
         }[section]()
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     if FLAGS.output:

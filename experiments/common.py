@@ -280,7 +280,9 @@ def define_study_flags(study: runner.Study, table: dict[str, str]):
         "workers",
         None,
         "Runs at a time on this machine: --executor=local in as many worker "
-        "processes (default 1: one after the other in this process); "
+        "processes (default: the count measured faster on this machine by "
+        "experiments/benchmark.py --sections=workers, memory permitting, else 1: "
+        "one after the other in this process); "
         "--executor=ray without --ray_address, a local Ray's (default 2).",
     )
     flags.DEFINE_float("cpus_per_run", 1.0, "--executor=ray: CPUs each run asks for.")
@@ -354,8 +356,8 @@ def execution_options():
         ]
         if ray_flags:
             raise ValueError(f"--{ray_flags[0]} needs --executor=ray")
-        workers = {} if FLAGS.workers is None else {"workers": FLAGS.workers}
-        return executors.LocalExecutor(**workers), shard
+        workers = settings.local_workers() if FLAGS.workers is None else FLAGS.workers
+        return executors.LocalExecutor(workers), shard
     workers = {} if FLAGS.workers is None else {"workers": FLAGS.workers}
     return (
         executors.RayExecutor(

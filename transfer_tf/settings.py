@@ -165,6 +165,8 @@ def forget(match: str = "", path=None) -> list[str]:
     """Drops the stored measurements whose key contains ``match``; returns
     their keys."""
     keys = [k for k in stored_entries(path) if match in k]
+    if workers_key() in onednn.read_store(path) and match in workers_key():
+        keys.append(workers_key())
     for key in keys:
         onednn.remove_from_store(key, path)
     return keys
@@ -655,6 +657,71 @@ def resolve_precision(precision: str) -> str:
     return decide(precision=precision).precision if precision == "auto" else precision
 
 
+# ------------------------------------------------------------------ local workers
+
+WORKERS_PREFIX = "workers | "
+# Memory a second worker may use, as a multiple of the measured peak.
+MEMORY_HEADROOM = 1.5
+
+
+def workers_key() -> str:
+    return f"{WORKERS_PREFIX}{onednn.machine_key()}"
+
+
+def store_workers(workers: int, seconds: dict, peak_rss_mib: float, path=None):
+    """Keeps the measured local worker count of this machine (the benchmark's
+    ``workers`` section: one worker vs two on the default study)."""
+    onednn.update_store(
+        workers_key(),
+        {
+            "workers": int(workers),
+            "seconds": {str(k): v for k, v in seconds.items()},
+            "peak_rss_mib": float(peak_rss_mib),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+        path,
+    )
+
+
+def available_mib() -> float | None:
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def local_workers(path=None) -> int:
+    """How many runs at a time a study runs on this machine by default: the
+    count measured faster here (:func:`store_workers`), when the memory
+    available holds that many workers of the measured size; else 1."""
+    entry = onednn.read_store(path).get(workers_key())
+    if not isinstance(entry, dict) or not isinstance(entry.get("workers"), int):
+        return 1
+    workers = max(1, entry["workers"])
+    if workers > 1:
+        free, peak = available_mib(), float(entry.get("peak_rss_mib") or 0)
+        if free is not None and free < workers * peak * MEMORY_HEADROOM:
+            log.info(
+                "%d local workers were measured faster here, but %.0f MiB are "
+                "available for %d of %.0f MiB each: one at a time",
+                workers,
+                free,
+                workers,
+                peak,
+            )
+            return 1
+        log.info(
+            "%d runs at a time: measured faster on this machine (%s); "
+            "--workers=1 runs one",
+            workers,
+            entry.get("measured_at", "?"),
+        )
+    return workers
+
+
 # ------------------------------------------------------------------------ listing
 
 
@@ -707,6 +774,12 @@ def main(argv=None) -> int:
         return 0
     entries = stored_entries()
     print(f"{len(entries)} stored measurement(s) in {onednn.auto_file()}")
+    workers = onednn.read_store().get(workers_key())
+    if isinstance(workers, dict):
+        print(
+            f"local workers: {workers.get('workers')} (seconds of the default study "
+            f"{workers.get('seconds')}, measured {workers.get('measured_at', '?')})"
+        )
     for key, entry in sorted(entries.items()):
         print(f"\n{key.split(' | ', 1)[1].rsplit(' | ', 1)[0]}")
         print(describe(entry, args.run_steps))
