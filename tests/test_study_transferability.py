@@ -550,3 +550,53 @@ def test_every_run_is_browsable_in_the_hparams_tab(tmp_path):
 
     [value] = events.Tensors("test_accuracy")
     assert tf.make_ndarray(value.tensor_proto) == pytest.approx(0.91)
+
+
+# What two runs of one command may differ in: when and how long they took.
+TIMINGS = ("wall_time", "finished_at", "train_time")
+
+
+def _without_timings(record: dict) -> dict:
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in TIMINGS and not k.endswith("_seconds")
+    }
+
+
+@pytest.mark.slow
+def test_the_same_command_twice_gives_the_same_records(tmp_path):
+    """Two fresh processes of one command, with ``auto`` as a machine runs it
+    with nothing measured (``TRANSFER_TF_AUTO=rule``: the rule's default, which
+    a busy machine runs too): identical records, timings aside. The rule and
+    every measured choice are float32 on a CPU (``precision.candidate_precisions``):
+    bfloat16, whose native oneDNN kernels gave different records in fresh
+    processes, is never ``auto`` on a CPU."""
+    env = dict(
+        os.environ,
+        TRANSFER_TF_AUTO="rule",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=str(ROOT),
+    )
+    records = []
+    for name in ("first", "second"):
+        subprocess.run(
+            [
+                sys.executable,
+                str(EXPERIMENTS / "transferability.py"),
+                "--preset=smoke",
+                "--layers=2",
+                "--treatments=BnB,AnB",
+                "--reduced_per_class=",
+                f"--workdir={tmp_path / name}",
+            ],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        records.append(results.read_jsonl(tmp_path / name / "results.jsonl"))
+    first, second = ([_without_timings(r) for r in rs] for rs in records)
+    assert len(first) == 4 and first == second
+    assert {r["precision"] for r in records[0]} == {"float32"}
