@@ -61,6 +61,7 @@ def test_benchmark_smoke(tmp_path):
         "--rounds=1",
         "--widths=0.05",
         "--batch_size=16",
+        "--bfloat16=on",
         "--cache_dataset=digits",
         "--cache_epochs=1",
         "--cache_width=0.05",
@@ -74,8 +75,24 @@ def test_benchmark_smoke(tmp_path):
     row = report["throughput"]["0.05"]
     assert row["naive"] > 0 and row["auto_rate"] > 0
     assert any(k.startswith("naive Keras (TF defaults") for k in row["rows"])
-    # The tests' auto setting (TRANSFER_TF_AUTO=float32): float32 without XLA.
-    assert "transfer_tf float32:off (auto)" in row["rows"]
+    # The tests' auto setting (TRANSFER_TF_AUTO=float32): float32 without XLA,
+    # and mixed_bfloat16 beside it (--bfloat16=on).
+    ours = [k for k in row["rows"] if k.startswith("transfer_tf ")]
+    assert len(ours) == 2 and ours[0].startswith("transfer_tf float32:off (oneDNN")
+    assert ours[0].endswith("(auto)") and ours[1].startswith(
+        "transfer_tf mixed_bfloat16"
+    )
+    assert row["auto"]["precision"] == "float32" and row["auto"]["source"] == "rule"
+    assert row["float32_rate"] == row["auto_rate"] and row["bfloat16_rate"] > 0
+    if row["torch"]:  # PyTorch installed (the bench extra): same-precision ratios
+        assert row["torch_bfloat16"] > 0
+        assert sorted(row["same_precision"]) == [
+            "transfer_tf float32:off (auto) / PyTorch float32",
+            "transfer_tf mixed_bfloat16:off / PyTorch bfloat16 autocast",
+        ]
+        assert "same precision: transfer_tf float32:off (auto) / PyTorch" in proc.stdout
+    else:
+        assert "PyTorch: not installed" in proc.stdout
     assert report["flops"]["peak_matmul"] > 1e9
     assert 0 < report["flops"]["0.05"]["transfer_tf (auto)"] < 10 * 1e12
     assert report["flops"]["0.05"]["per_image"] > 0
@@ -197,3 +214,144 @@ def test_the_embeddings_section_scores_ours_and_gensims_alike(tmp_path):
         f"--workdir={tmp_path / 'w'}",
     )
     assert "[embeddings] skipped: no corpus file matches" in missing.stdout
+
+
+# ------------------------------------------------------------------ precision
+
+
+def _grid(seeds=(0, 1, 2), shift=0.0):
+    """Records of a transfer grid (random split, target B, n = 3 and 5) whose
+    BnB nets are ``shift`` lower than otherwise."""
+    out = []
+    for seed in seeds:
+        base = 0.80 + 0.01 * seed
+        noise = 0.003 * ((seed * 7) % 3)
+        cells = [("baseB", 0, base)]
+        for n in (3, 5):
+            cells += [
+                ("BnB", n, base - 0.004 * n - noise - shift),
+                ("AnB", n, base - 0.01 * n + noise),
+                ("AnB+", n, base + 0.01 + noise),
+                ("BnB+", n, base - noise),
+            ]
+        for treatment, n, accuracy in cells:
+            out.append(
+                {
+                    "key": f"random/seed{seed}/{treatment}/n{n}",
+                    "split": "random",
+                    "kind": "base" if treatment == "baseB" else "transfer",
+                    "treatment": treatment,
+                    "n": n,
+                    "seed": seed,
+                    "target": "B",
+                    "test_accuracy": accuracy,
+                    "test_examples": 500,
+                    "stop_reason": "converged",
+                }
+            )
+    return out
+
+
+def test_precision_differences_pair_each_finding_by_seed(benchmark):
+    rows = benchmark.precision_differences(
+        {"float32": _grid(), "mixed_bfloat16": _grid(shift=0.01)}
+    )
+    found = {row["finding"]: row for row in rows}
+    assert {"specificity", "co_adaptation", "boost_base"} <= set(found)
+    # BnB - baseB is 1 point lower in bfloat16 in every seed: +0.01 exactly.
+    co = found["co_adaptation"]
+    assert co["difference"]["mean"] == pytest.approx(0.01)
+    assert co["difference"]["count"] == 3
+    assert co["float32"]["mean"] - co["bfloat16"]["mean"] == pytest.approx(0.01)
+    # Findings that do not involve BnB do not move.
+    assert found["boost_base"]["difference"]["mean"] == pytest.approx(0.0)
+    assert not found["boost_base"]["verdict_moves"]
+    assert co["verdict_moves"] == (co["float32_verdict"] != co["bfloat16_verdict"])
+
+
+@pytest.mark.slow
+def test_the_precision_section_runs_the_study_in_both_precisions(tmp_path):
+    out = tmp_path / "report.json"
+    proc = run_main(
+        "benchmark",
+        "--sections=precision",
+        "--check_preset=smoke",
+        "--check_seeds=0,1",
+        "--check_flag=--layers=2",
+        "--check_flag=--treatments=BnB,AnB",
+        "--check_flag=--reduced_per_class=",
+        "--check_flag=--epochs=2",
+        f"--workdir={tmp_path}",
+        f"--output={out}",
+    )
+    assert "float32 vs mixed_bfloat16" in proc.stdout
+    found = json.loads(out.read_text())["precision"]
+    for precision in ("float32", "mixed_bfloat16"):
+        records = [
+            json.loads(line)
+            for line in (tmp_path / f"precision_{precision}" / "results.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        assert {r["precision"] for r in records} == {precision} and len(records) == 8
+    assert [row["finding"] for row in found["findings"]] == ["co_adaptation"]
+    assert found["findings"][0]["difference"]["count"] == 2
+
+
+# -------------------------------------------------------------------- workers
+
+
+def test_local_workers_verdict_needs_every_round():
+    assert benchmark_module().local_workers_verdict({1: [100, 100], 2: [80, 90]}) == 2
+    assert benchmark_module().local_workers_verdict({1: [100, 100], 2: [80, 99]}) == 1
+
+
+def benchmark_module():
+    return load_script("benchmark")
+
+
+def test_the_workers_section_stores_the_faster_count_only_when_it_may(
+    tmp_path, monkeypatch
+):
+    from absl import flags
+
+    from transfer_tf import settings
+
+    monkeypatch.setenv("TRANSFER_TF_AUTO_FILE", str(tmp_path / "auto.json"))
+    module = benchmark_module()
+    flags.FLAGS(["benchmark.py", "--workers_rounds=2"])
+    monkeypatch.setattr(settings, "load_average", lambda: 0.1)
+    seconds = {1: [100.0, 101.0], 2: [80.0, 82.0]}
+    calls = []
+
+    def fake_study(workdir, flags_, env=None, overwrite=True):
+        count = int(flags_[-1].split("=")[1])
+        calls.append(count)
+        record = {"key": "a", "test_accuracy": 0.9, "wall_time": len(calls)}
+        return {
+            "wall_time": seconds[count][len([c for c in calls if c == count]) - 1],
+            "max_rss_mib": 900.0,
+            "records": [record],
+        }
+
+    monkeypatch.setattr(module, "run_study", fake_study)
+    try:
+        report = {}
+        module.workers_section(report, tmp_path)
+        assert calls == [1, 2, 2, 1]  # interleaved
+        assert report["workers"]["chosen"] == 2 and report["workers"]["stored"]
+        assert report["workers"]["identical"]
+        # The local default follows, memory permitting.
+        monkeypatch.setattr(settings, "available_mib", lambda: 8000.0)
+        assert settings.local_workers() == 2
+        monkeypatch.setattr(settings, "available_mib", lambda: 2000.0)
+        assert settings.local_workers() == 1
+        # A busy machine stores nothing.
+        settings.forget("workers")
+        monkeypatch.setattr(settings, "load_average", lambda: 5.0)
+        calls.clear()
+        report = {}
+        module.workers_section(report, tmp_path)
+        assert not report["workers"]["stored"] and settings.local_workers() == 1
+    finally:
+        flags.FLAGS.unparse_flags()
