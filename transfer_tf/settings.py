@@ -519,6 +519,7 @@ def decide(
         if key in _refused:
             return _rule(precision, xla, *_refused[key], key)
         try:
+            check_quiet()
             log.info(
                 "measuring %s: %d setting(s) x oneDNN %s, each in a fresh process, "
                 "in up to %d interleaved rounds ...",
