@@ -271,6 +271,9 @@ def test_precision_differences_pair_each_finding_by_seed(benchmark):
 
 @pytest.mark.slow
 def test_the_precision_section_runs_the_study_in_both_precisions(tmp_path):
+    """The section's two studies, each a fresh process into its own work
+    directory, read back per finding (which findings exist depends on which
+    tiny nets left chance: the pairing itself is tested above)."""
     out = tmp_path / "report.json"
     proc = run_main(
         "benchmark",
@@ -278,24 +281,21 @@ def test_the_precision_section_runs_the_study_in_both_precisions(tmp_path):
         "--check_preset=smoke",
         "--check_seeds=0,1",
         "--check_flag=--layers=2",
-        "--check_flag=--treatments=BnB,AnB",
+        "--check_flag=--treatments=BnB",
         "--check_flag=--reduced_per_class=",
-        "--check_flag=--epochs=2",
         f"--workdir={tmp_path}",
         f"--output={out}",
     )
     assert "float32 vs mixed_bfloat16" in proc.stdout
     found = json.loads(out.read_text())["precision"]
     for precision in ("float32", "mixed_bfloat16"):
-        records = [
-            json.loads(line)
-            for line in (tmp_path / f"precision_{precision}" / "results.jsonl")
-            .read_text()
-            .splitlines()
-        ]
-        assert {r["precision"] for r in records} == {precision} and len(records) == 8
-    assert [row["finding"] for row in found["findings"]] == ["co_adaptation"]
-    assert found["findings"][0]["difference"]["count"] == 2
+        lines = (tmp_path / f"precision_{precision}" / "results.jsonl").read_text()
+        records = [json.loads(line) for line in lines.splitlines()]
+        assert {r["precision"] for r in records} == {precision} and len(records) == 4
+        assert found["wall_time"][precision] > 0
+    for row in found["findings"]:
+        assert row["finding"] in proc.stdout
+        assert {"float32", "bfloat16", "difference", "verdict_moves"} <= set(row)
 
 
 # -------------------------------------------------------------------- workers
