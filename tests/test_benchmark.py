@@ -270,6 +270,7 @@ def test_precision_differences_pair_each_finding_by_seed(benchmark):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # two studies in fresh processes
 def test_the_precision_section_runs_the_study_in_both_precisions(tmp_path):
     """The section's two studies, each a fresh process into its own work
     directory, read back per finding (which findings exist depends on which

@@ -565,6 +565,7 @@ def _without_timings(record: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # two studies in fresh processes
 def test_the_same_command_twice_gives_the_same_records(tmp_path):
     """Two fresh processes of one command, with ``auto`` as a machine runs it
     with nothing measured (``TRANSFER_TF_AUTO=rule``: the rule's default, which
