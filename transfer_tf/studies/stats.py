@@ -245,6 +245,31 @@ def p_value(iv: dict | None, shift: float = 0.0) -> float | None:
     return float(2.0 * special.stdtr(df, -t))
 
 
+# An equivalence test (TOST: two one-sided tests) at this error per side is a
+# (1 - 2 alpha) interval wholly inside the margin.
+EQUIVALENCE_ALPHA = 0.05
+
+
+def equivalence_power(
+    margin: float, se: float, df: float, alpha: float = EQUIVALENCE_ALPHA
+) -> float:
+    """The power of TOST at ``alpha`` per side: the chance that a
+    ``1 - 2 alpha`` interval of a true difference of 0 lies inside
+    ``±margin``, when the difference's estimate has standard error ``se``
+    estimated with ``df`` degrees of freedom (``se`` scaled by ``χ²_df / df``)
+    -- the design's power at the noise it shows."""
+    if not se:
+        return 1.0
+    t = t_quantile(1.0 - 2.0 * alpha, df)
+    if math.isinf(df):
+        scales = np.ones(1)
+    else:  # the estimated standard error over the chi-square's quantiles
+        grid = (np.arange(2000) + 0.5) / 2000
+        scales = np.sqrt(special.chdtri(df, 1.0 - grid) / df)
+    room = np.maximum(margin - t * se * scales, 0.0) / se
+    return float(np.mean(special.ndtr(room) - special.ndtr(-room)))
+
+
 def holm(p_values, alpha: float = 0.05) -> list[bool]:
     """Holm's (1979) step-down correction: which of a family's hypotheses are
     rejected at family-wise error ``alpha`` (a p-value of None is a test that
