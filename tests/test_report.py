@@ -149,8 +149,8 @@ def test_caveats_name_failed_capped_and_diverged_runs_and_a_single_seed():
         "1 run(s) never rose significantly above chance on validation (kept in "
         "every mean and choice): a"
     ]
-    # Stopped by the rule while short of leaving chance, yet significantly
-    # above it: named as weak, not failed.
+    # Stopped `at chance` by the rule, yet its kept weights are not at chance:
+    # named as weak, not failed.
     weak = {"key": "e", "seed": 0, "stop_reason": "at chance", "at_chance": False}
     found = report.caveats([weak], seeds=(0, 1))
     assert len(found) == 1 and "weak, not failed" in found[0]
@@ -166,7 +166,8 @@ def test_the_stopping_rule_paragraph_states_the_rules_numbers_in_steps():
     assert "at most 10 epochs = 500 steps, then a net still at chance" in text
     assert "fewer than 13 batches an epoch is 4 passes" in text
     initial = report.stopping_rule(training.plateau(select_initial=True))
-    assert "unless they are at chance" in initial
+    assert "unless they are an untrained head" in initial
+    assert "significantly above 1/classes (a one-sided binomial test" in text
 
 
 def test_the_convergence_table_counts_epochs_and_stop_reasons_per_group():

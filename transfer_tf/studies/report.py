@@ -564,9 +564,9 @@ def caveats(
     ]
     if stuck:
         out.append(
-            f"{len(stuck)} run(s) stopped by the rule before their validation "
-            "accuracy came a fifth of the way from chance to perfect (the rule "
-            "waited --chance_epochs for it): weak, not failed; kept in: "
+            f"{len(stuck)} run(s) stopped `at chance` by the rule (it waited "
+            "--chance_epochs for a validation accuracy significantly above "
+            "chance), yet are not flagged at chance: weak, not failed; kept in: "
             f"{', '.join(stuck)}"
         )
     diverged = [f"{name(r)} ({r['diverged']})" for r in records if r.get("diverged")]
@@ -612,9 +612,11 @@ def stopping_rule(training) -> str:
         f"learning rate is multiplied by {t.plateau_factor} whenever the validation "
         f"loss has not fallen for {count(t.plateau_patience)}, and training stops "
         f"when it still has not after {t.plateau_reductions} such reduction(s); not "
-        "before the validation accuracy has left chance level (an initial plateau "
-        f"is not convergence; the rule waits for it at most "
-        f"{count(t.chance_epochs)}, then a net still at chance stops `at chance`), "
+        "before the validation accuracy has left chance, i.e. is significantly "
+        "above 1/classes (a one-sided binomial test at 1% over the validation "
+        "examples; an initial plateau is not convergence; the rule waits for it at "
+        f"most {count(t.chance_epochs)}, then a net still at chance stops `at "
+        "chance`), "
         f"at least {count(t.min_epochs)}, at most {count(t.epochs)} (the cap)"
         + (
             f"; on a training set of fewer than {-(-steps // t.round_passes)} "
@@ -624,7 +626,12 @@ def stopping_rule(training) -> str:
             else ""
         )
         + f". The weights of the lowest validation loss are kept{initial}"
-        + (" unless they are at chance (an untrained head)." if initial else ".")
+        + (
+            " unless they are an untrained head (less than a fifth of the way from "
+            "chance to perfect)."
+            if initial
+            else "."
+        )
     )
 
 
