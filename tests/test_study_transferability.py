@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from conftest import EXPERIMENTS, ROOT, assert_refused, run_main
+from conftest import EXPERIMENTS, ROOT, assert_refused, assert_verdicts_agree, run_main
 from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import runner, stats, transferability
 from transfer_tf.studies.transferability import summary as grid_summary
@@ -609,3 +609,10 @@ def test_every_run_is_browsable_in_the_hparams_tab(tmp_path):
 
     [value] = events.Tensors("test_accuracy")
     assert tf.make_ndarray(value.tensor_proto) == pytest.approx(0.91)
+
+
+@pytest.mark.slow
+def test_the_smoke_summarys_verdicts_agree_with_their_p_values(transferability_smoke):
+    smoke = transferability_smoke
+    summary_ = grid_summary.summarize(smoke.records, smoke.config)
+    assert assert_verdicts_agree(summary_) > 0

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import assert_refused, run_main, write_tiny_text
+from conftest import assert_refused, assert_verdicts_agree, run_main, write_tiny_text
 from transfer_tf import embeddings, results
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import report
@@ -426,3 +426,10 @@ def test_a_rerun_skips_finished_runs_and_another_setting_is_refused(
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_the_smoke_summarys_verdicts_agree_with_their_p_values(word_embeddings_smoke):
+    smoke = word_embeddings_smoke
+    summary_ = summary.summarize(smoke.records, smoke.config)
+    assert assert_verdicts_agree(summary_) > 0
