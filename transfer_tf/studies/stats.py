@@ -174,7 +174,7 @@ def degrees_of_freedom(parts, default: float) -> float:
     Welch–Satterthwaite's weights are the squared shares, which lets ``df``
     grow fast as the seeds' part shrinks by chance: at three seeds and a test
     set's part a tenth to a third of the seeds', its intervals cover 92-93% where
-    95% is asked (tests/test_coverage.py). With the shares themselves ``df``
+    95% is asked (on the model of tests/test_coverage.py). With the shares ``df``
     still runs from the seeds' ``k - 1`` (all their variance) to the test set's
     (none of it), and the intervals cover 94-97%."""
     parts = [(v, f) for v, f in parts if v > 0]
@@ -191,8 +191,9 @@ def _floored(variance, df, floor, floor_df, confidence) -> tuple[float, float]:
     variance, so ``df`` stays that of the estimate it floors. (Flooring the
     variance and keeping ``df`` would widen every floored interval by
     ``t(df) / t(floor_df)``, 4.30 / 1.96 at three seeds: 99% coverage where
-    95% is asked, checked in tests/test_coverage.py.) ``se`` is the half-width
-    over ``t(df)``, so that :func:`p_value` and the interval agree."""
+    95% is asked, on the model of tests/test_coverage.py.) ``se`` is the
+    half-width over ``t(df)``, so that :func:`p_value` and the interval
+    agree."""
     t = t_quantile(confidence, df)
     half = t * math.sqrt(variance)
     if floor > variance:  # (else the floor's interval, at more df, is narrower)
@@ -307,12 +308,12 @@ def correlation_interval(
     difference. When the replicates rank the same candidates (``shared``: the
     same (source, layer) slots in every seed), that variance is common to all
     of them and the seeds' spread cannot see it: the variance of the mean z is
-    ``s_z² / k + F / (m - 3)`` (as a test set shared by every seed). When each
-    replicate ranks its own candidates, the seeds' spread holds it, and it is
-    only a floor: ``max(s_z², F / (m - 3)) / k`` (replicates that all rank
-    perfectly do not make a zero-width interval). The degrees of freedom are
-    those of ``s_z²`` (``k - 1``; with the shared term, Welch–Satterthwaite's
-    with that term known), kept when the floor applies. A correlation of
+    ``s_z² / k + F / (m - 3)`` (as a test set shared by every seed), with
+    :func:`degrees_of_freedom` of ``s_z²``'s ``k - 1`` and the known term's
+    infinity. When each replicate ranks its own candidates, the seeds' spread
+    holds it, and ``F / (m - 3) / k`` only floors the interval's width
+    (replicates that all rank perfectly do not make a zero-width interval;
+    :func:`_floored`), at ``k - 1`` degrees of freedom. A correlation of
     exactly ±1 (infinite z) is taken as ``±(1 - 1 / (2 m²))`` over ``m =
     items`` candidates (else ±0.999): just beyond the largest imperfect rank
     correlation of ``m`` items."""
