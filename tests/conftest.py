@@ -340,3 +340,36 @@ fine_tuning_smoke = _smoke_fixture("fine_tuning")
 what_transfers_smoke = _smoke_fixture("what_transfers")
 domain_adaptation_smoke = _smoke_fixture("domain_adaptation")
 self_supervised_smoke = _smoke_fixture("self_supervised")
+
+
+def assert_verdicts_agree(summary) -> int:
+    """Every findings table of a study's summary (a table with ``verdict`` and
+    ``p`` columns) says one thing per row: a verdict resolves exactly when its
+    p-value is below 5% (none without a p-value), and the family-wise (Holm)
+    verdict is the row's own where Holm rejects over the table's p-values, else
+    ``not resolved``. Returns the rows checked."""
+    from transfer_tf.studies import stats
+
+    checked = 0
+    for table in summary.tables():
+        names = [c.name for c in table.columns]
+        if "verdict" not in names or "p" not in names:
+            continue
+        rows = table.records()
+        ps = [row["p"] for row in rows]
+        holm = stats.holm(ps)
+        for row, p, rejected in zip(rows, ps, holm, strict=True):
+            verdict = row["verdict"]
+            text = getattr(verdict, "value", verdict)
+            outcome = next(v for v in stats.VERDICTS if text.startswith(v))
+            where = f"{table.name}: {row.get('#', row)}"
+            assert (outcome != "not resolved") == (p is not None and p < 0.05), (
+                f"{where}: verdict {text!r} with p = {p}"
+            )
+            family = row.get("family-wise (Holm)")
+            if family is not None:
+                assert family == (outcome if rejected else "not resolved"), (
+                    f"{where}: family-wise {family!r}, Holm rejects: {rejected}"
+                )
+            checked += 1
+    return checked

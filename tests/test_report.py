@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 
+import numpy as np
 import pytest
 
+from conftest import assert_verdicts_agree
 from transfer_tf.studies import report, stats
 
 
@@ -129,6 +131,41 @@ def test_the_family_of_findings_is_judged_with_holm():
     assert "Holm" in table.text and "test set" in table.text
 
 
+def test_a_findings_verdict_and_its_p_value_agree_whatever_its_interval():
+    rng = np.random.default_rng(0)
+    found = []
+    for i in range(40):  # near the edge: some resolve, some do not
+        x = rng.normal(0.006 * (i % 4), 0.01, (3, 200))
+        shared = stats.contrast_interval({s: (x[s], "one") for s in range(3)})
+        own = stats.contrast_interval({s: (x[s], f"t{s}") for s in range(3)})
+        welch = stats.difference_interval(x[:, 0], rng.normal(0, 0.01 * i, 8))
+        rho = stats.correlation_interval(rng.uniform(-0.2, 0.9, 3), items=9)
+        for j, iv in enumerate((shared, own, welch, rho)):
+            found.append(report.Finding(f"{i}/{j}", "c", "m", interval=iv))
+    found.append(
+        report.Finding(
+            "shift", "c", "m", values={0: -0.01, 1: -0.012, 2: -0.011}, shift=0.02
+        )
+    )
+    summary = report.Summary("t").add(report.findings_table(found))
+    assert assert_verdicts_agree(summary) == len(found)
+    outcomes = {f.outcome for f in found}
+    assert "reproduced" in outcomes and "not resolved" in outcomes
+    assert "reproduced" in summary.table("findings").column("family-wise (Holm)")
+    # An interval whose degrees of freedom are lost (difference_interval before
+    # it returned them: p from min(n) - 1, the interval from Welch's) is caught.
+    a = [-0.05, -0.06, -0.04]
+    b = [0.05, -0.03, 0.06, -0.05, 0.02, 0.08, -0.06, 0.03, -0.02, 0.0]
+    lost = {k: v for k, v in stats.difference_interval(a, b).items() if k != "df"}
+    broken = report.Summary("t").add(
+        report.findings_table(
+            [report.Finding("x", "c", "m", interval=lost, expected="negative")]
+        )
+    )
+    with pytest.raises(AssertionError, match="verdict 'reproduced' with p = 0.0"):
+        assert_verdicts_agree(broken)
+
+
 def test_caveats_name_failed_capped_and_diverged_runs_and_a_single_seed():
     records = [
         {"key": "a", "seed": 0, "at_chance": True, "stop_reason": "converged"},
@@ -149,8 +186,8 @@ def test_caveats_name_failed_capped_and_diverged_runs_and_a_single_seed():
         "1 run(s) never rose significantly above chance on validation (kept in "
         "every mean and choice): a"
     ]
-    # Stopped by the rule while short of leaving chance, yet significantly
-    # above it: named as weak, not failed.
+    # Stopped `at chance` by the rule, yet its kept weights are not at chance:
+    # named as weak, not failed.
     weak = {"key": "e", "seed": 0, "stop_reason": "at chance", "at_chance": False}
     found = report.caveats([weak], seeds=(0, 1))
     assert len(found) == 1 and "weak, not failed" in found[0]
@@ -166,7 +203,8 @@ def test_the_stopping_rule_paragraph_states_the_rules_numbers_in_steps():
     assert "at most 10 epochs = 500 steps, then a net still at chance" in text
     assert "fewer than 13 batches an epoch is 4 passes" in text
     initial = report.stopping_rule(training.plateau(select_initial=True))
-    assert "unless they are at chance" in initial
+    assert "unless they are an untrained head" in initial
+    assert "significantly above 1/classes (a one-sided binomial test" in text
 
 
 def test_the_convergence_table_counts_epochs_and_stop_reasons_per_group():

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from conftest import TINY, assert_refused, run_main
+from conftest import TINY, assert_refused, assert_verdicts_agree, run_main
 from transfer_tf import adaptation, data, domains, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
 from transfer_tf.studies import report, runner
 from transfer_tf.studies.domain_adaptation import execution as da_execution
+from transfer_tf.studies.domain_adaptation import summary as da_summary
 
 STUDY = da.STUDY
 SMOKE = STUDY.preset("smoke")
@@ -760,3 +761,10 @@ def test_a_rerun_redraws_and_another_configuration_is_refused(domain_adaptation_
         "--adaptation_layer=fc6",
         because="layer: 'fc7' -> 'fc6'",
     )
+
+
+@pytest.mark.slow
+def test_the_smoke_summarys_verdicts_agree_with_their_p_values(domain_adaptation_smoke):
+    smoke = domain_adaptation_smoke
+    summary_ = da_summary.summarize(smoke.records, smoke.config)
+    assert assert_verdicts_agree(summary_) > 0

@@ -10,11 +10,12 @@ import types
 import numpy as np
 import pytest
 
-from conftest import TINY, assert_refused, run_main
+from conftest import TINY, assert_refused, assert_verdicts_agree, run_main
 from transfer_tf import backbones, data, export, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import fine_tuning
 from transfer_tf.studies import report as report_lib
+from transfer_tf.studies.fine_tuning import summary as ft_summary
 
 STUDY = fine_tuning.STUDY
 
@@ -745,3 +746,10 @@ def test_a_finished_study_is_listed_and_another_configuration_refused(
     assert_refused(
         fine_tuning_smoke, "--l2_sp_alpha=0.5", because="l2_sp_alpha: 0.1 -> 0.5"
     )
+
+
+@pytest.mark.slow
+def test_the_smoke_summarys_verdicts_agree_with_their_p_values(fine_tuning_smoke):
+    smoke = fine_tuning_smoke
+    summary_ = ft_summary.summarize(smoke.records, smoke.config)
+    assert assert_verdicts_agree(summary_) > 0

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import assert_verdicts_agree, run_main
 from transfer_tf import results
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import runner
@@ -272,3 +272,10 @@ def test_the_supervised_source_is_trained_probed_and_fine_tuned(tmp_path):
     assert by_key["seed0/supervised/kall"]["line"] == "tune:supervised"
     text = (tmp_path / "summary.md").read_text()
     assert "fine-tuned from supervised (other half)" in text
+
+
+@pytest.mark.slow
+def test_the_smoke_summarys_verdicts_agree_with_their_p_values(self_supervised_smoke):
+    smoke = self_supervised_smoke
+    summary_ = summary.summarize(smoke.records, smoke.config)
+    assert assert_verdicts_agree(summary_) > 0

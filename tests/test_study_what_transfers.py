@@ -15,11 +15,12 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import assert_verdicts_agree, run_main
 from transfer_tf import data, domains, models, results
 from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner, stats
 from transfer_tf.studies import what_transfers as wt
+from transfer_tf.studies.what_transfers import summary as wt_summary
 
 STUDY = wt.STUDY
 T_975_2 = 4.302653  # t quantile, 2 degrees of freedom (tables)
@@ -537,3 +538,10 @@ def test_a_changed_analysis_setting_reruns_only_that_analysis(
         "--criticality_tolerance=0.05",
     )
     assert "10 already finished, 2 to run" in again.stderr
+
+
+@pytest.mark.slow
+def test_the_smoke_summarys_verdicts_agree_with_their_p_values(what_transfers_smoke):
+    smoke = what_transfers_smoke
+    summary_ = wt_summary.summarize(smoke.records, smoke.config)
+    assert assert_verdicts_agree(summary_) > 0

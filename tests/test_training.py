@@ -356,8 +356,12 @@ def test_select_initial_never_keeps_an_untrained_head(task, tmp_path):
     )
     assert outcome.best_val_loss > start  # the start had the lowest loss ...
     assert outcome.best_epoch >= 1  # ... yet it was not kept
-    assert not training.left_chance(0.30, 100, 4)  # 5 points above a guess
-    assert training.left_chance(0.60, 100, 4)
+    # 38 of 100 among 4 classes: above chance, yet no trained head (0.40 is a
+    # fifth of the way to perfect).
+    assert training.left_chance(0.38, 100, 4)
+    assert not training.trained_head(0.38, 100, 4)
+    assert training.trained_head(0.60, 100, 4)
+    assert not training.trained_head(0.30, 100, 4)  # not even above chance
 
 
 def test_at_chance_is_a_binomial_test_over_the_validation_examples():
@@ -412,19 +416,44 @@ def test_a_resumed_training_splits_the_time_of_its_own_epochs(
     assert sum(split.values()) <= outcome.wall_time + 1e-6
 
 
-def test_the_plateau_rule_waits_until_the_net_has_come_away_from_chance(tmp_path):
-    # 6 classes, 3,000 validation images: 0.25 is significantly above chance
-    # (1/6), yet short of 1/6 + 0.2 x 5/6 = 0.333: still the initial plateau.
-    model, callback = _plateau_callback(tmp_path, chance=(3000, 6))
-    assert not training.at_chance(0.25, 3000, 6)
-    for epoch in range(8):
-        callback.on_epoch_end(epoch, {"val_loss": 1.7, "val_accuracy": 0.25})
+def test_the_plateau_rule_waits_while_the_net_is_indistinguishable_from_chance(
+    tmp_path,
+):
+    # 10 classes, 100 validation images (a held-out photo set with 10 labels
+    # per class): 0.14 is chance (p = 0.12), 0.22 is not (p < 0.001) though it
+    # is short of a fifth of the way to perfect (0.28), the bar this rule had.
+    assert training.at_chance(0.14, 100, 10) and not training.at_chance(0.22, 100, 10)
+    model, callback = _plateau_callback(tmp_path, chance=(100, 10))
+    for epoch in range(6):
+        callback.on_epoch_end(epoch, {"val_loss": 2.3, "val_accuracy": 0.14})
     assert not model.stop_training and callback.state["reductions"] == 0
-    callback.on_epoch_end(8, {"val_loss": 1.2, "val_accuracy": 0.34})
-    for epoch in range(9, 17):
-        callback.on_epoch_end(epoch, {"val_loss": 1.3, "val_accuracy": 0.34})
+    callback.on_epoch_end(6, {"val_loss": 2.2, "val_accuracy": 0.22})
+    for epoch in range(7, 13):
+        callback.on_epoch_end(epoch, {"val_loss": 2.25, "val_accuracy": 0.21})
+    # learning, not at chance: the rule ran and stopped it as converged
     assert model.stop_training and callback.state["stop_reason"] == "converged"
-    assert callback.state["best_epoch"] == 9
+    assert callback.state["best_epoch"] == 7
+
+
+def test_leaving_chance_is_a_binomial_test_at_the_validation_sets_size():
+    # Two classes and 20 validation sentences: 0.6 (the old bar) is 12 of 20,
+    # no evidence of learning; 16 of 20 is.
+    assert not training.left_chance(0.60, 20, 2)
+    assert training.left_chance(0.80, 20, 2)
+    # The digits default (5 classes, 200 validation images): from 55 of 200,
+    # where the old bar asked for 0.36; its nets pass both in the same round.
+    assert training.left_chance(0.275, 200, 5)
+    assert not training.left_chance(0.27, 200, 5)
+    # Wherever the old rule (significant and a fifth of the way) said "left",
+    # this one does: it can only release the hold earlier, never later.
+    for classes in (2, 5, 10):
+        for examples in (20, 200, 2000):
+            for accuracy in np.linspace(0, 1, 101):
+                guess = 1 / classes
+                old = not training.at_chance(accuracy, examples, classes) and (
+                    accuracy >= guess + 0.2 * (1 - guess)
+                )
+                assert training.left_chance(accuracy, examples, classes) or not old
 
 
 def test_several_steps_per_execution_train_the_same_weights(task, tmp_path):

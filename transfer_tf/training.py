@@ -85,16 +85,18 @@ class TrainConfig:
       plateau_reductions: reductions before the ``plateau`` schedule may stop.
       min_epochs: never stop before this many epochs. Nor does the
         ``plateau`` rule run (reduce or stop) while the best validation accuracy
-        is still at chance (a binomial test, or less than :data:`LEFT_CHANCE`
-        of the way to perfect): an initial plateau is not convergence.
+        is still indistinguishable from chance (:func:`left_chance`: not
+        significantly above ``1 / classes``, a one-sided binomial test at 1%
+        over the validation examples): an initial plateau is not convergence.
       chance_epochs: the ``plateau`` rule waits at most this many epochs for
         the net to leave chance; then it runs anyway (a net that cannot learn,
         such as a linear head on random features, is not trained to the cap),
         and a stop while still at chance has the reason ``at chance``.
       select_initial: the starting weights compete with every epoch's as epoch
         0 (a fine-tuned net that training only makes worse keeps its copied
-        weights; ``best_epoch`` 0 says so) -- unless they are at chance (an
-        untrained head on copied layers is never kept).
+        weights; ``best_epoch`` 0 says so) -- unless they are an untrained head
+        (:func:`trained_head`: an untrained head on copied layers is never
+        kept).
       precision: see the module docstring.
       xla: see the module docstring.
       seed: seeds Python, NumPy, TensorFlow and Keras (dropout) before training.
@@ -230,8 +232,9 @@ def plateau(**changes) -> TrainConfig:
     An epoch of the rule is a round of :data:`ROUND_STEPS` optimizer steps
     (``steps_per_epoch``), so that the patience, the minimum and the cap mean
     the same number of steps on a dataset of any size; and the rule does not
-    start (reduce or stop) while the net's validation accuracy is still at
-    chance, so an initial plateau is not taken for convergence (for at most
+    start (reduce or stop) while the net's validation accuracy is still
+    indistinguishable from chance (:func:`left_chance`), so an initial plateau
+    is not taken for convergence (for at most
     ``chance_epochs`` rounds: a net that cannot learn stops ``at chance``, not
     at the cap). On a training set so small that a round would be more than
     :data:`ROUND_PASSES` passes over it, a round is that many passes (at least
@@ -246,9 +249,11 @@ def plateau(**changes) -> TrainConfig:
     return TrainConfig(**{**rule, **changes})
 
 
-# The plateau rule starts once the validation accuracy has come this fraction of
-# the way from chance to perfect (5 classes: 0.36; 10 classes: 0.28).
-LEFT_CHANCE = 0.2
+# Starting weights compete as epoch 0 (select_initial) only when their
+# validation accuracy is this fraction of the way from chance to perfect (5
+# classes: 0.36; 10 classes: 0.28): an untrained head on good copied features is
+# often "significantly" above chance (0.16-0.20 on ten classes), yet untrained.
+TRAINED_HEAD = 0.2
 
 # An epoch of the convergence rule: a round of this many optimizer steps between
 # two validations, whatever the dataset's size (a pass over 500 images per class
@@ -275,16 +280,25 @@ def round_steps(config: TrainConfig, steps_per_pass: int) -> int | None:
 
 
 def left_chance(accuracy, examples: int, num_classes: int) -> bool:
-    """Whether a validation ``accuracy`` shows a net that has started learning:
-    significantly above chance (:func:`at_chance`) and at least
-    :data:`LEFT_CHANCE` of the way from chance to perfect (on thousands of
-    validation images a net one point above chance is "significant", yet still
-    on its initial plateau)."""
+    """Whether a validation ``accuracy`` is distinguishable from chance:
+    significantly above ``1 / num_classes`` (:func:`at_chance`: a one-sided
+    binomial test at 1% over the ``examples``). The plateau rule waits for it
+    (an initial plateau is not convergence) and a net that never gets there
+    stops ``at chance``. (A fixed fraction of the way to perfect was no test:
+    on ten classes it held nets at 0.17-0.22 that were learning; on two it asked
+    for 0.6.)"""
     if accuracy is None or not math.isfinite(accuracy):
         return False
+    return not at_chance(accuracy, examples, num_classes)
+
+
+def trained_head(accuracy, examples: int, num_classes: int) -> bool:
+    """Whether starting weights may compete as epoch 0: their validation
+    accuracy has :func:`left_chance` and is at least :data:`TRAINED_HEAD` of
+    the way from chance to perfect."""
     guess = 1.0 / num_classes
-    return not at_chance(accuracy, examples, num_classes) and accuracy >= guess + (
-        LEFT_CHANCE * (1.0 - guess)
+    return left_chance(accuracy, examples, num_classes) and accuracy >= guess + (
+        TRAINED_HEAD * (1.0 - guess)
     )
 
 
@@ -620,7 +634,7 @@ def train(
         out = model.evaluate(val_ds, return_dict=True, verbose=0)
         initial = (float(out["loss"]), float(out.get("accuracy", math.nan)))
         initial += (model.get_weights(),)
-        if classes and not left_chance(initial[1], validation_examples, classes):
+        if classes and not trained_head(initial[1], validation_examples, classes):
             # an untrained head on copied layers: never kept, however low
             # its loss against an overfitting net's
             initial = None

@@ -500,9 +500,13 @@ VERDICT_RULE = (
     "and data); ours is its mean with its 95% interval over replicates (n = how "
     "many). Where the runs recorded which test images they got right, the "
     "interval counts the finite test set too (replicates' spread plus the "
-    "test-sampling variance they share, never below the test-sampling variance "
-    "alone; Welch–Satterthwaite degrees of freedom), else it is the t-interval "
-    "over replicates. The verdict is computed from the interval: `reproduced` "
+    "test-sampling variance they share when they share a test set, each image's "
+    "seed-to-seed disagreement counted once; never narrower than the "
+    "test-sampling variance alone makes it; degrees of freedom those of the "
+    "seeds and of the test set, weighted by their shares of the variance), else "
+    "it is the t-interval over replicates. The p-value is that interval's test "
+    "of zero, so p < 0.05 exactly when the interval excludes zero. The verdict "
+    "is computed from the interval: `reproduced` "
     "when it lies wholly on the paper's side of zero, `contradicted` when wholly "
     "on the other side, `not resolved` when it spans zero, has zero width or "
     "there is one replicate. The last column judges the table's findings as one "
@@ -560,9 +564,9 @@ def caveats(
     ]
     if stuck:
         out.append(
-            f"{len(stuck)} run(s) stopped by the rule before their validation "
-            "accuracy came a fifth of the way from chance to perfect (the rule "
-            "waited --chance_epochs for it): weak, not failed; kept in: "
+            f"{len(stuck)} run(s) stopped `at chance` by the rule (it waited "
+            "--chance_epochs for a validation accuracy significantly above "
+            "chance), yet are not flagged at chance: weak, not failed; kept in: "
             f"{', '.join(stuck)}"
         )
     diverged = [f"{name(r)} ({r['diverged']})" for r in records if r.get("diverged")]
@@ -608,9 +612,11 @@ def stopping_rule(training) -> str:
         f"learning rate is multiplied by {t.plateau_factor} whenever the validation "
         f"loss has not fallen for {count(t.plateau_patience)}, and training stops "
         f"when it still has not after {t.plateau_reductions} such reduction(s); not "
-        "before the validation accuracy has left chance level (an initial plateau "
-        f"is not convergence; the rule waits for it at most "
-        f"{count(t.chance_epochs)}, then a net still at chance stops `at chance`), "
+        "before the validation accuracy has left chance, i.e. is significantly "
+        "above 1/classes (a one-sided binomial test at 1% over the validation "
+        "examples; an initial plateau is not convergence; the rule waits for it at "
+        f"most {count(t.chance_epochs)}, then a net still at chance stops `at "
+        "chance`), "
         f"at least {count(t.min_epochs)}, at most {count(t.epochs)} (the cap)"
         + (
             f"; on a training set of fewer than {-(-steps // t.round_passes)} "
@@ -620,7 +626,12 @@ def stopping_rule(training) -> str:
             else ""
         )
         + f". The weights of the lowest validation loss are kept{initial}"
-        + (" unless they are at chance (an untrained head)." if initial else ".")
+        + (
+            " unless they are an untrained head (less than a fifth of the way from "
+            "chance to perfect)."
+            if initial
+            else "."
+        )
     )
 
 

@@ -163,8 +163,10 @@ def _correlate(pairs) -> dict | None:
 def _correlation_row(name, level, kind, budget, per_seed) -> dict:
     done = [c for c in per_seed if c is not None]
     items = min((c["candidates"] for c in done), default=0)
+    # Every seed ranks the same (source, layer) slots: the candidates' sampling
+    # variance is common to the seeds, as a test set shared by them.
     spearman = stats.correlation_interval(
-        [c["spearman"] for c in done], items=items, kind="spearman"
+        [c["spearman"] for c in done], items=items, kind="spearman", shared=True
     )
     return {
         "estimator": name,
@@ -175,7 +177,7 @@ def _correlation_row(name, level, kind, budget, per_seed) -> dict:
         "candidates": max((c["candidates"] for c in done), default=0),
         "spearman": spearman,
         "kendall": stats.correlation_interval(
-            [c["kendall"] for c in done], items=items, kind="kendall"
+            [c["kendall"] for c in done], items=items, kind="kendall", shared=True
         ),
         "verdict": stats.verdict(spearman, "positive"),
     }
@@ -366,7 +368,10 @@ def correlations_table(rows) -> report_lib.Table:
         ],
         title="Rank correlations with measured transfer",
         text="Spearman's rho and Kendall's tau per seed, over the candidates both "
-        "cover; mean [95% t-interval] (seeds). Measured: `probe` = a linear probe on "
+        "cover; mean [95% interval] (seeds) through Fisher's z: the seeds' spread "
+        "plus the sampling variance of m ranked candidates (1.06 / (m - 3) for "
+        "rho), which every seed shares as it ranks the same candidates. "
+        "Measured: `probe` = a linear probe on "
         "the layer (same k), `frozen` = part 1's transfer net frozen at n (same k), "
         "`grid frozen`/`grid fine-tuned` = the grid's AnB/BnB/random and AnB+/BnB+ "
         "at n (all labels), `best probe` = a source's validation-best probe. "

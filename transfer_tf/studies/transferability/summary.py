@@ -70,12 +70,14 @@ def _cells(measured: list[dict]):
     return dict(values), dict(hits)
 
 
-def contrast(split: dict, weights: dict) -> tuple[dict, dict | None]:
+def contrast(
+    split: dict, weights: dict, confidence: float = 0.95
+) -> tuple[dict, dict | None]:
     """A comparison of cells, ``Σ weight × accuracy`` (``weights``:
     ``{(treatment, n): weight}``), per replicate that ran every cell, and its
-    interval: over replicates and test images (:func:`stats.contrast_interval`)
-    where the runs recorded their hits on the same test images, else the
-    t-interval over replicates."""
+    ``confidence`` interval: over replicates and test images
+    (:func:`stats.contrast_interval`) where the runs recorded their hits on the
+    same test images, else the t-interval over replicates."""
     values, hits = split["values"], split.get("hits", {})
     cells = [c for c, w in weights.items() if w]
     if not cells or any(c not in values for c in cells):
@@ -96,8 +98,8 @@ def contrast(split: dict, weights: dict) -> tuple[dict, dict | None]:
         paired[r] = (x, parts[0][1])
     else:
         if paired:
-            return per, stats.contrast_interval(paired)
-    return per, stats.interval(list(per.values()))
+            return per, stats.contrast_interval(paired, confidence)
+    return per, stats.interval(list(per.values()), confidence)
 
 
 def _mean_difference(treatment: str, reference: str, ns) -> dict:
@@ -197,10 +199,14 @@ def aggregate(records: list[dict], gate_tolerance: float = 0.02) -> dict:
     return {"splits": out, "findings": findings(out)}
 
 
+GATE_CONFIDENCE = 1.0 - 2.0 * stats.EQUIVALENCE_ALPHA  # TOST at 5% per side
+
+
 def gate(split: dict, tolerance: float, records=()) -> dict:
-    """The convergence gate, an equivalence test: BnB and BnB+ minus baseB,
+    """The convergence gate, an equivalence test (TOST at
+    :data:`stats.EQUIVALENCE_ALPHA` per side): BnB and BnB+ minus baseB,
     paired within a replicate, at the lowest and the highest cut layer run,
-    must each have their 95% interval (:func:`contrast`: replicates and test
+    must each have their 90% interval (:func:`contrast`: replicates and test
     images) inside ``±tolerance``.
 
     A net whose layers 1..n are copied from its converged base, the rest
@@ -215,7 +221,10 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
 
     Returns:
       ``{"passed": True | False | None, "checks": {(treatment, n): {"interval",
-      "state"}}, "why": [reasons, each with the flag to change]}``: passed when
+      "state", "power"}}, "alpha", "why": [reasons, each with the flag to
+      change]}``; ``power``: the chance that a check of this design (its seeds
+      and test images, at the noise its interval shows) passes when the true
+      difference is 0 (:func:`stats.equivalence_power`). Passed when
       every check is ``equivalent``; failed when one is ``different`` (its
       interval wholly outside the margin) or a base net did not converge by the
       rule (it stopped at the epoch cap, or never left chance); ``None`` (not
@@ -223,16 +232,19 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
       could be checked.
     """
     layers = sorted({n for (t, n) in split["values"] if t in ("BnB", "BnB+")})
+    alpha = stats.EQUIVALENCE_ALPHA
     if not layers or ("baseB", 0) not in split["values"]:
         return {
             "passed": None,
             "checks": {},
+            "alpha": alpha,
             "why": ["no BnB/BnB+ run paired with a baseB: nothing to check"],
         }
     checks = {}
     for n in sorted({layers[0], layers[-1]}):
         for t in ("BnB", "BnB+"):
-            _, iv = contrast(split, {(t, n): 1.0, ("baseB", 0): -1.0})
+            weights = {(t, n): 1.0, ("baseB", 0): -1.0}
+            _, iv = contrast(split, weights, GATE_CONFIDENCE)
             if iv is None:
                 continue
             # A zero-width interval (tied replicates without per-image hits)
@@ -244,7 +256,11 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
                 state = "different"
             else:
                 state = "not shown"
-            checks[(t, n)] = {"interval": iv, "state": state}
+            power = None
+            if iv["se"]:
+                df = iv.get("df", iv["count"] - 1)
+                power = stats.equivalence_power(tolerance, iv["se"], df, alpha)
+            checks[(t, n)] = {"interval": iv, "state": state, "power": power}
     states = {c["state"] for c in checks.values()}
     bases = [r for r in records if r.get("kind") == "base"]
     unconverged = any(
@@ -263,6 +279,7 @@ def gate(split: dict, tolerance: float, records=()) -> dict:
     return {
         "passed": passed,
         "checks": checks,
+        "alpha": alpha,
         "why": [] if passed else diagnose(checks, records, tolerance),
     }
 
@@ -319,6 +336,23 @@ def diagnose(checks: dict, records, tolerance: float) -> list[str]:
             )
             why.append(f"{shown}: {how}: add seeds (--seeds)")
     return why
+
+
+def power_text(g: dict) -> str:
+    """The gate's power in words: the range over its checks."""
+    powers = sorted(c["power"] for c in g["checks"].values() if c["power"] is not None)
+    if not powers:
+        return "power: not estimable (no interval)"
+    seeds = sorted({c["interval"]["count"] for c in g["checks"].values()})
+    span = (
+        f"{powers[0]:.0%}"
+        if f"{powers[0]:.0%}" == f"{powers[-1]:.0%}"
+        else f"{powers[0]:.0%}-{powers[-1]:.0%}"
+    )
+    return (
+        f"power {span} per check at {'/'.join(map(str, seeds))} seed(s) "
+        "(the chance to pass if the true difference is 0, at the noise measured)"
+    )
 
 
 # The paper's findings, what each is measured as here, and the paper's number
@@ -467,8 +501,11 @@ def gate_lines(splits: dict) -> list[str]:
             f"({c['state']})"
             for (t, n), c in sorted(g["checks"].items())
         )
+        if shown:
+            shown = f"{GATE_CONFIDENCE:.0%} intervals: {shown}"
+        power = power_text(g)
         if g["passed"]:
-            lines.append(f"{split}: passed ({shown}).")
+            lines.append(f"{split}: passed ({shown}; {power}).")
             continue
         head = (
             f"**{split}: FAILED**: the findings resting on this split are confounded"
@@ -476,18 +513,27 @@ def gate_lines(splits: dict) -> list[str]:
             else f"**{split}: not shown**: convergence is not established"
         )
         lines.append(
-            f"{head} ({shown or 'no check'}). Why: " + "; ".join(g["why"]) + "."
+            f"{head} ({shown or 'no check'}; {power}). Why: "
+            + "; ".join(g["why"])
+            + "."
         )
     return lines
 
 
 def gate_test(tolerance: float) -> str:
-    """The paragraph that states the gate's test."""
+    """The paragraph that states the gate's test, its error and its power."""
+    alpha = stats.EQUIVALENCE_ALPHA
     return (
-        "Test (equivalence): BnB and BnB+ minus baseB, paired within a replicate, "
-        "at the lowest and the highest cut layer, must each have their 95% "
-        f"interval (replicates and test images) inside ±{100 * tolerance:g} points "
-        "(`--gate_tolerance`). A net retrained on top of baseB's own layers can do "
+        "Test (equivalence, TOST at α = "
+        f"{alpha:.0%} per side): BnB and BnB+ minus baseB, paired within a "
+        "replicate, at the lowest and the highest cut layer, must each have their "
+        f"{GATE_CONFIDENCE:.0%} interval (replicates and test images) inside "
+        f"±{100 * tolerance:g} points (`--gate_tolerance`): a check of a real "
+        f"difference of {100 * tolerance:g} points or more passes at most "
+        f"{alpha:.0%} of the time. Its power (above, per check) is the chance that "
+        "a check of a truly converged grid passes, at these seeds and the noise "
+        "these runs show; every check must pass, so the gate's power is lower. "
+        "A net retrained on top of baseB's own layers can do "
         "no better than baseB once baseB has converged. `FAILED`: an interval lies "
         "wholly outside the margin, or a base net stopped at the epoch cap or at "
         "chance (not converged by the rule); `not shown`: an interval is too wide "
