@@ -112,29 +112,7 @@ def contrast(aggregate, terms) -> tuple[dict, dict | None]:
     run recorded its hits on one test set, else it is the t-interval over seeds;
     empty values when a cell is missing."""
     cells_ = [aggregate["records"].get((line, budget)) for _, line, budget in terms]
-    if any(c is None for c in cells_):
-        return {}, None
-    seeds = sorted(set.intersection(*(set(c) for c in cells_)), key=str)
-    if not seeds:
-        return {}, None
-    values = {
-        s: sum(
-            sign * c[s]["test_accuracy"]
-            for (sign, *_), c in zip(terms, cells_, strict=True)
-        )
-        for s in seeds
-    }
-    contrasts = {}
-    for s in seeds:
-        hits = [stats.hits(c[s]) for c in cells_]
-        if any(h is None for h in hits) or len({h[1] for h in hits}) != 1:
-            return values, stats.interval([values[s] for s in seeds])
-        x = sum(
-            sign * h[0].astype(np.float64)
-            for (sign, *_), h in zip(terms, hits, strict=True)
-        )
-        contrasts[s] = (x, hits[0][1])
-    return values, stats.contrast_interval(contrasts)
+    return stats.signed_contrast(cells_, [sign for sign, *_ in terms])
 
 
 def _mean_over(budgets, terms) -> list[tuple]:
