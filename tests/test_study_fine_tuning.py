@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, assert_refused, assert_verdicts_agree, run_main
-from transfer_tf import backbones, data, export, models
+from transfer_tf import backbones, data, estimators, export, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import fine_tuning
 from transfer_tf.studies import report as report_lib
@@ -513,17 +513,13 @@ def test_the_untrained_candidate_is_the_grids_random_control():
 def test_scores_of_a_perfect_head_and_of_constant_features():
     labels = np.array([0, 1, 2, 0, 1, 2])
     logits = 50.0 * np.eye(3)[labels]
-    leep = fine_tuning.execution.score_features("leep", "fc8", logits, labels)
-    nce = fine_tuning.execution.score_features("nce", "fc8", logits, labels)
+    leep = estimators.score("leep", "fc8", logits, labels)
+    nce = estimators.score("nce", "fc8", logits, labels)
     assert leep["score"] == pytest.approx(0.0, abs=1e-9) and nce["score"] == 0.0
-    dead = fine_tuning.execution.score_features(
-        "logme", "conv5", np.zeros((6, 4)), labels
-    )
+    dead = estimators.score("logme", "conv5", np.zeros((6, 4)), labels)
     assert dead["score"] is None and "all zero" in dead["error"]
     rng = np.random.default_rng(0)
-    ok = fine_tuning.execution.score_features(
-        "logme", "fc6", rng.normal(size=(6, 4)), labels
-    )
+    ok = estimators.score("logme", "fc6", rng.normal(size=(6, 4)), labels)
     assert ok["converged"] and ok["seconds"] >= 0 and ok["dim"] == 4
 
 

@@ -48,11 +48,10 @@ import time
 
 import keras
 import numpy as np
-from keras import layers
 
 from transfer_tf import (
-    backbones,
     data,
+    estimators,
     export,
     features,
     heads,
@@ -65,9 +64,7 @@ from transfer_tf import (
 )
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import report as report_lib
-from transfer_tf.studies import runner, stats
-from transfer_tf.studies.fine_tuning import execution
-from transfer_tf.studies.fine_tuning import plan as fine_tuning_plan
+from transfer_tf.studies import runner, sources, stats
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +81,7 @@ STRATEGIES = ("freeze", "lp_ft", "fine_tune")
 # At most this many labels per class count as scarce (:func:`strategy_order`).
 SCARCE = 50
 
-NET_LAYERS = fine_tuning_plan.NET_LAYERS  # conv1..fc7
-
-# What a study's results.jsonl calls its base nets (transfer grid, fine-tuning).
-BASE_NET_KINDS = ("base", "source")
-
-# Layers put in front of a base net by adapt_input (not base-net layers: their
-# names belong to none of conv1..fc8).
-ADAPTER_LAYERS = ("adapt_float", "adapt_resize", "adapt_channels")
+NET_LAYERS = models.LAYER_NAMES[:-1]  # conv1..fc7
 
 REPORT_FILE = "advice.md"
 JSON_FILE = "advice.json"
@@ -175,7 +165,7 @@ class Config(config_lib.StudyConfig):
         )
         config_lib.check_values("layers", self.layers, NET_LAYERS)
         config_lib.check_values(
-            "estimators", self.estimators, fine_tuning_plan.LAYER_ESTIMATORS
+            "estimators", self.estimators, estimators.LAYER_ESTIMATORS
         )
         if not self.estimators:
             raise ValueError("estimators=() leaves stage 1 nothing to score with")
@@ -210,295 +200,25 @@ class Config(config_lib.StudyConfig):
 
 # --------------------------------------------------------------------- sources
 
-
-@dataclasses.dataclass
-class Source:
-    """A candidate net, ready to take the target's images.
-
-    Attributes:
-      name: how tables and files call it.
-      kind: ``base net`` (a transfer_tf net with layers conv1..fc8: every
-        layer is a candidate and every strategy applies), ``keras`` (another
-        Keras model: its final output), ``saved model`` (a SavedModel without
-        its ``.keras``: its serving output) or ``application`` (a Keras
-        Applications backbone: its final feature map).
-      origin: the file, directory or application name it came from.
-      model: a Keras model from the target's raw images.
-      layers: its candidate layers.
-      note: how its input was adapted to the target's images, if it was.
-    """
-
-    name: str
-    kind: str
-    origin: str
-    model: keras.Model
-    layers: tuple[str, ...]
-    note: str = ""
-
-    @property
-    def base_net(self) -> bool:
-        return self.kind == "base net"
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "origin": self.origin,
-            "layers": list(self.layers),
-            "note": self.note,
-        }
+Source = sources.Source
+adapt_input = sources.adapt_input
+copy_adapter = sources.copy_adapter
 
 
-def _channel_matrix(source_channels: int, channels: int) -> np.ndarray:
-    """The 1x1 map from the target's channels to the source's: grayscale to RGB
-    replicates, RGB to grayscale averages."""
-    if source_channels == channels:
-        return np.eye(channels, dtype=np.float32)
-    if channels == 1:
-        return np.ones((1, source_channels), np.float32)
-    return np.full((channels, source_channels), 1.0 / channels, np.float32)
-
-
-def _adapter(inputs, source_shape, image_shape):
-    """The target's images as the source's input: cast to float, resized
-    (bilinear) to the source's height and width, channels mapped (a frozen
-    1x1 convolution). Returns ``(tensor, note)``."""
-    height, width, source_channels = (int(d) for d in source_shape)
-    channels = int(image_shape[-1])
-    x = layers.Rescaling(1.0, name="adapt_float")(inputs)
-    notes = []
-    if tuple(image_shape[:2]) != (height, width):
-        x = layers.Resizing(height, width, name="adapt_resize")(x)
-        notes.append(f"resized {image_shape[0]}x{image_shape[1]} to {height}x{width}")
-    if channels != source_channels:
-        conv = layers.Conv2D(
-            source_channels, 1, use_bias=False, name="adapt_channels", trainable=False
-        )
-        x = conv(x)
-        conv.set_weights([_channel_matrix(source_channels, channels)[None, None]])
-        notes.append(f"{channels} channel(s) mapped to {source_channels}")
-    return x, "; ".join(notes)
-
-
-def adapt_input(net: keras.Model, image_shape) -> tuple[keras.Model, str]:
-    """A base net that takes images of ``image_shape``: the net itself when its
-    input has that shape, else the adapter (:func:`_adapter`) followed by copies
-    of the net's layers with its weights, so that its layer names stay at the
-    top level (features, ``models.transfer_net``, the activation cache read
-    them) and the original net is left as it was.
-
-    Returns:
-      ``(model, note)``: the note says what was adapted ("" for nothing).
-
-    Raises:
-      ValueError: the net is not a chain of layers (a base net is one).
-    """
-    source_shape = tuple(int(d) for d in net.input_shape[1:])
-    image_shape = tuple(int(d) for d in image_shape)
-    if source_shape == image_shape:
-        return net, ""
-    if len(source_shape) != 3 or len(image_shape) != 3:
-        raise ValueError(
-            f"net {net.name!r} takes input of shape {source_shape}, not images; the "
-            f"target's images are {image_shape}"
-        )
-    inputs = keras.Input(image_shape, dtype="uint8", name="image")
-    x, note = _adapter(inputs, source_shape, image_shape)
-    previous = net.layers[0]
-    for layer in net.layers[1:]:
-        if layer.input is not previous.output:
-            raise ValueError(
-                f"net {net.name!r} is not a chain of layers (layer {layer.name!r} "
-                f"does not take {previous.name!r}'s output); pass data of its input "
-                f"shape {source_shape} (--image_size)"
-            )
-        copy = layer.__class__.from_config(layer.get_config())
-        x = copy(x)
-        copy.set_weights(layer.get_weights())
-        previous = layer
-    size = "x".join(map(str, image_shape))
-    return keras.Model(inputs, x, name=f"{net.name}_from_{size}"), note
-
-
-def copy_adapter(source: keras.Model, model: keras.Model) -> None:
-    """The adapter's frozen weights of ``source`` into a net built from it
-    (``models.transfer_net`` initialises every layer but 1..n afresh)."""
-    names = {lay.name for lay in model.layers}
-    for name in ADAPTER_LAYERS:
-        if name in names and source.get_layer(name).weights:
-            model.get_layer(name).set_weights(source.get_layer(name).get_weights())
-
-
-def _wrapped(net, image_shape, name) -> tuple[keras.Model, str]:
-    """Any image model behind the adapter, nested as one layer (its final
-    output is the candidate)."""
-    source_shape = tuple(int(d) for d in net.input_shape[1:])
-    image_shape = tuple(int(d) for d in image_shape)
-    if source_shape == image_shape:
-        return net, ""
-    inputs = keras.Input(image_shape, dtype="uint8", name="image")
-    x, note = _adapter(inputs, source_shape, image_shape)
-    return keras.Model(inputs, net(x), name=features.safe_name(name)), note
-
-
-def _is_base_net(net: keras.Model) -> bool:
-    names = {lay.name for lay in net.layers}
-    return all(n in names for n in models.LAYER_NAMES)
-
-
-def _short_name(path) -> str:
-    """A source's name in tables: its file or directory name (with its parent's
-    for a ``model.keras``, which every work directory holds)."""
-    path = pathlib.Path(path)
-    if path.name == export.KERAS_FILE:
-        return f"{path.parent.name}/{path.name}"
-    return path.name
-
-
-def _keras_source(name, path, image_shape, config: Config) -> Source:
-    net = export.load_keras_model(path)
-    if _is_base_net(net):
-        model, note = adapt_input(net, image_shape)
-        return Source(name, "base net", str(path), model, config.layers, note)
-    model, note = _wrapped(net, image_shape, name)
-    return Source(name, "keras", str(path), model, (features.BACKBONE_OUTPUT,), note)
-
-
-def _saved_model_source(name, path, image_shape) -> Source:
-    """A SavedModel without its ``.keras``: only its serving output is
-    reachable (``keras.layers.TFSMLayer``), and only for images of its input
-    shape (its signature cannot be resized in front of)."""
-    endpoint = None
-    for candidate in ("serve", "serving_default"):
-        try:
-            layer = keras.layers.TFSMLayer(str(path), call_endpoint=candidate)
-        except ValueError:
-            continue
-        endpoint = candidate
-        break
-    if endpoint is None:
-        raise ValueError(
-            f"source {name!r}: SavedModel {str(path)!r} has no 'serve' or "
-            "'serving_default' endpoint; pass its .keras file instead"
-        )
-    loaded = layer._reloaded_obj
-    concrete = loaded.signatures.get(endpoint)
-    if concrete is None:
-        concrete = getattr(loaded, endpoint).concrete_functions[0]
-    args, kwargs = concrete.structured_input_signature
-    spec = [*args, *kwargs.values()][0]
-    shape = tuple(spec.shape[1:])
-    if shape != tuple(image_shape):
-        raise ValueError(
-            f"source {name!r}: SavedModel {str(path)!r} takes images of shape "
-            f"{shape} and the target's are {tuple(image_shape)}; a bare SavedModel "
-            "cannot be resized in front of: pass --image_size="
-            f"{shape[0]},{shape[1]} or the model.keras saved with it"
-        )
-    inputs = keras.Input(image_shape, dtype=spec.dtype.name, name="image")
-    outputs = layer(inputs)
-    if isinstance(outputs, dict):
-        outputs = next(iter(outputs.values()))
-    model = keras.Model(inputs, outputs, name=features.safe_name(name))
-    return Source(
-        name, "saved model", str(path), model, (features.BACKBONE_OUTPUT,), ""
+def _options(config: Config) -> sources.Options:
+    return sources.Options(
+        config.layers, config.backbone_weights, config.backbone_image_size
     )
-
-
-def _workdir_sources(path, image_shape, config: Config) -> list[Source]:
-    """The base nets of a study's work directory, from its ``results.jsonl``."""
-    records = results.read_jsonl(path / runner.RESULTS_FILE)
-    out = []
-    for r in records:
-        if r.get("kind") not in BASE_NET_KINDS:
-            continue
-        file = path / runner.RUNS_DIR / r["key"] / export.KERAS_FILE
-        if file.is_file():
-            out.append(
-                _keras_source(f"{path.name}/{r['key']}", file, image_shape, config)
-            )
-    if not out:
-        raise ValueError(
-            f"source {str(path)!r}: the work directory holds no finished base net "
-            f"(records of kind {list(BASE_NET_KINDS)} with a {export.KERAS_FILE}); "
-            "run its study first, or pass a .keras file"
-        )
-    return out
 
 
 def load_source(spec: str, image_shape, config: Config) -> list[Source]:
-    """The candidate net(s) a ``--sources`` entry names (a study's work
-    directory names several).
-
-    Raises:
-      ValueError: no such file, an unknown name, a file that holds no model,
-        a SavedModel of another input shape.
-      backbones.BackboneWeightsError: ImageNet weights that cannot be loaded
-        here (offline), saying how to provide them.
-    """
-    if spec in backbones.BACKBONES:
-        model = backbones.backbone(
-            spec, image_shape, config.backbone_weights, config.backbone_image_size
-        )
-        weights = config.backbone_weights or "random weights"
-        note = (
-            f"{weights}, images resized to {config.backbone_image_size or 'their'} px"
-        )
-        return [
-            Source(spec, "application", spec, model, (features.BACKBONE_OUTPUT,), note)
-        ]
-    path = pathlib.Path(spec).expanduser()
-    if not path.exists():
-        if "/" in spec or path.suffix:
-            raise ValueError(f"source {spec!r}: no such file or directory")
-        raise ValueError(
-            f"unknown source {spec!r}: not a file or directory, nor a Keras "
-            f"Applications name; choose one of {sorted(backbones.BACKBONES)} or pass "
-            "a .keras file, a SavedModel directory or a study's work directory"
-        )
-    if path.is_dir() and (path / runner.RESULTS_FILE).is_file():
-        return _workdir_sources(path, image_shape, config)
-    if path.is_dir() and (path / "saved_model.pb").is_file():
-        sibling = path.parent / export.KERAS_FILE
-        if sibling.is_file():  # its layers: every candidate and strategy
-            return [_keras_source(_short_name(path), sibling, image_shape, config)]
-        return [_saved_model_source(_short_name(path), path, image_shape)]
-    if path.is_dir() and (path / export.KERAS_FILE).is_file():
-        file = path / export.KERAS_FILE
-        return [_keras_source(_short_name(file), file, image_shape, config)]
-    if path.is_file() and path.suffix == ".keras":
-        return [_keras_source(_short_name(path), path, image_shape, config)]
-    raise ValueError(
-        f"source {spec!r} is neither a .keras file, a SavedModel directory, a "
-        "directory holding model.keras nor a study's work directory (results.jsonl)"
-    )
+    """The candidate net(s) a ``--sources`` entry names (``sources.load``)."""
+    return sources.load(spec, image_shape, _options(config))
 
 
 def load_sources(config: Config, image_shape) -> list[Source]:
-    """Every candidate net of ``config.sources``, in order.
-
-    Raises:
-      ValueError: no sources, or a source that cannot be loaded
-        (:func:`load_source`).
-    """
-    if not config.sources:
-        raise ValueError(
-            "sources=() names no candidate net; pass --sources=FILE_OR_NAME,... "
-            "(.keras files, SavedModels, study work directories or Keras "
-            f"Applications names: {sorted(backbones.BACKBONES)})"
-        )
-    out = []
-    for spec in config.sources:
-        out += load_source(spec, image_shape, config)
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):  # two files of one name: their paths
-        for source in out:
-            if names.count(source.name) > 1:
-                source.name = source.origin
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"sources {names} name one net twice")
-    return out
+    """Every candidate net of ``config.sources`` (``sources.load_all``)."""
+    return sources.load_all(config.sources, image_shape, _options(config))
 
 
 def load_target(config: Config) -> data.Task:
@@ -643,8 +363,7 @@ def score_candidates(sources, task: data.Task, config: Config) -> list[dict]:
         for layer in source.layers:
             x = arrays[keys[layer]]
             entries = [
-                execution.score_features(name, layer, x, labels)
-                for name in config.estimators
+                estimators.score(name, layer, x, labels) for name in config.estimators
             ]
             candidates.append(
                 {
@@ -797,7 +516,7 @@ class _Stage2:
             )
         option = option_name("strategy", source.name, layer, name)
         run_dir = self.workdir / RUNS_DIR / features.safe_name(option) / f"seed{seed}"
-        outcome, stages = execution.train_strategy(
+        outcome, stages = strategies.train_on_task(
             name,
             model,
             n,
@@ -809,7 +528,7 @@ class _Stage2:
             config.min_epoch_steps,
             options,
         )
-        record = execution.strategy_record(
+        record = strategies.task_record(
             outcome, stages, self.task, train_config.learning_rate
         )
         hits = training.correctness(

@@ -24,7 +24,7 @@ records.
 from __future__ import annotations
 
 from transfer_tf.studies import runner
-from transfer_tf.studies.transferability import execution, grid, plan, summary
+from transfer_tf.studies.transferability import execution, plan, summary
 
 # The study's public names (the modules above hold the rest).
 TREATMENTS = plan.TREATMENTS
@@ -38,10 +38,6 @@ Context = execution.Context
 build_model = execution.build_model
 execute = execution.execute
 write_hparams = execution.write_hparams
-grid_records = grid.grid_records
-grid_seed = grid.grid_seed
-grid_base_net = grid.grid_base_net
-grid_fingerprint = grid.grid_fingerprint
 study_records = summary.study_records
 aggregate = summary.aggregate
 gate = summary.gate
