@@ -426,7 +426,7 @@ def test_not_a_base_net_is_probed_and_the_reason_is_said(folder, tmp_path):
     assert source["note"] == "resized 32x32 to 16x16"
     assert [r["kind"] for r in made["stage2"]["runs"]] == ["probe"]
     probe, strategies = made["stage2"]["skipped"]
-    assert probe["why"] == "not applicable" and "1 candidate(s)" in probe["reason"]
+    assert probe["why"] == "not applicable" and "only 1 candidate(s)" in probe["reason"]
     assert strategies["what"] == "every strategy"
     assert "no probed candidate is a transfer_tf base net" in strategies["reason"]
     # Not "skipped for time": most of the budget is left, and the real reasons

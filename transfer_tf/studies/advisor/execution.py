@@ -224,8 +224,8 @@ def _probe(run: plan.Run, context: Context, run_dir, records) -> dict:
     if run.rank > len(ranked):
         return _skipped(
             plan.NOT_APPLICABLE,
-            f"stage 1 has {len(ranked)} candidate(s) (each source's --layers, or "
-            "its final output)",
+            f"stage 1 has only {len(ranked)} candidate(s): a base net gives one per "
+            "--layers, any other model its final output",
             what,
         )
     candidate = ranked[run.rank - 1]
