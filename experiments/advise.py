@@ -132,12 +132,12 @@ def main(argv):
         runner.run_study(
             advisor.STUDY, config, FLAGS.workdir, FLAGS.overwrite, FLAGS.dry_run
         )
-    except (ValueError, training.NonFiniteLossError, OSError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))
     except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: rerun the same command to resume (finished steps are kept)"
-        )
+        common.interrupted(FLAGS.workdir)
+    except OSError as e:
+        sys.exit(f"error: {common.os_error(e, FLAGS.workdir)}")
+    except (ValueError, training.NonFiniteLossError) as e:
+        sys.exit("error: " + " ".join(str(e).split()))
     if FLAGS.dry_run:
         return
     workdir = pathlib.Path(FLAGS.workdir)
