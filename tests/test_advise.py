@@ -31,8 +31,6 @@ from transfer_tf import data, export, heads, models, results, training
 from transfer_tf.studies import advisor, runner, sources, workdirs
 from transfer_tf.studies.advisor import execution, plan, summary
 
-pytestmark = pytest.mark.timeout(600)
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

@@ -15,8 +15,6 @@ from transfer_tf import backbones, data, export, models, results
 from transfer_tf.studies import sources
 from transfer_tf.studies.transferability import plan as grid_plan
 
-pytestmark = pytest.mark.timeout(300)
-
 OPTIONS = sources.Options(layers=("conv2", "fc6"))
 
 
