@@ -28,10 +28,27 @@ seed after seed while time allows. It writes into ``--workdir``:
 - ``stage1_vs_probes.png``: stage-1 scores against the probes' accuracy;
 - ``model/``: the recommended net as ``model.keras`` and ``saved_model/``,
   taking raw images of the target's size;
-- ``runs/``: each strategy training's metrics.
+- ``runs/``: one directory per step (``stage1``, ``probe/rank<i>``,
+  ``strategy/<arm>/seed<s>``, ``export``) with its record; results.jsonl.
 
+Every step is a run of the studies' runner: rerunning the same command resumes
+an advice that was killed (finished steps are kept) and reruns a finished one in
+seconds without training; a second advice into the same ``--workdir`` is
+refused while the first runs, and so is one with other flags (or other source
+files) unless ``--overwrite``, which deletes only what the advisor wrote there.
+
+Flags: ``--target``, ``--sources``, ``--labels_per_class``, ``--split``,
+``--workdir``, ``--overwrite``, ``--dry_run`` (below), and one flag per field
+of ``transfer_tf.studies.advisor.plan.Config`` with that field's documentation:
+the data flags (``--image_size``, ``--validation_fraction``, ``--batch_size``,
+``--class_split``, ``--split_seed``, ...), the training flags of the plateau
+rule (``--learning_rate``, ``--epochs``, ``--min_epochs``, ...), the probes'
+``--probe_*`` and the advisor's own (``--labels_seed``, ``--time_budget``,
+``--seeds``, ``--strategies``, ``--top_candidates``, ``--layers``,
+``--pooling``, ``--estimators``, ``--min_epoch_steps``, ``--backbone_weights``,
+``--backbone_image_size``); ``--helpfull`` lists each with its help.
 docs/advisor.md has the measured comparison with the fine-tuning study's
-exhaustive search. Every flag is listed by ``--helpfull``.
+exhaustive search.
 """
 
 from __future__ import annotations
@@ -42,17 +59,18 @@ import sys
 from absl import app, flags
 
 import common
-from transfer_tf import backbones, data, training
-from transfer_tf.studies import advisor
+from transfer_tf import data, training
+from transfer_tf.studies import advisor, runner
 from transfer_tf.studies import config as config_lib
+from transfer_tf.studies.advisor import plan
 
 FLAGS = flags.FLAGS
 FLAG_TABLE = common.flag_table(
-    advisor.Config(),
+    plan.Config(),
     renames={"data.dataset": "target"},
     exclude=("labels_per_class", "training.seed"),
 )
-common.define_config_flags(advisor.Config(), FLAG_TABLE)
+common.define_config_flags(plan.Config(), FLAG_TABLE)
 flags.DEFINE_string(
     "labels_per_class",
     "all",
@@ -69,17 +87,28 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "workdir",
     "runs/advice",
-    "Output directory: advice.md, advice.json, the figure, model/ and runs/ (an "
-    "existing directory must be empty or hold an earlier advice, which is replaced).",
+    "Output directory: advice.md, advice.json, the figure, model/ and runs/. "
+    "Rerunning the same command there resumes (or, finished, only rewrites what "
+    "changed); another advice there is refused unless --overwrite.",
+)
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Delete the work directory's earlier advice when its flags or source files "
+    "differ (only what the advisor wrote there; without it, such a rerun is "
+    "refused).",
+)
+flags.DEFINE_bool(
+    "dry_run", False, "List the advice's steps (done or pending); write nothing."
 )
 
 
-def config_from_flags() -> advisor.Config:
+def config_from_flags() -> plan.Config:
     """The advisor's configuration from the flags given (the rest: defaults)."""
-    changes = common.overrides(advisor.Config(), FLAG_TABLE)
+    changes = common.overrides(plan.Config(), FLAG_TABLE)
     changes["labels_per_class"] = labels_per_class(FLAGS.labels_per_class)
     changes["data.split"] = FLAGS.split
-    return config_lib.override(advisor.Config(), changes)
+    return config_lib.override(plan.Config(), changes)
 
 
 def labels_per_class(text: str) -> int | None:
@@ -100,19 +129,24 @@ def main(argv):
     common.setup_logging()
     try:
         config = config_from_flags()
-        advice = advisor.advise(config, pathlib.Path(FLAGS.workdir))
-        paths = advisor.write_report(advice, FLAGS.workdir)
-    except (
-        ValueError,
-        backbones.BackboneWeightsError,
-        training.NonFiniteLossError,
-        OSError,
-    ) as e:
+        runner.run_study(
+            advisor.STUDY, config, FLAGS.workdir, FLAGS.overwrite, FLAGS.dry_run
+        )
+    except KeyboardInterrupt:
+        common.interrupted(FLAGS.workdir)
+    except OSError as e:
+        sys.exit(f"error: {common.os_error(e, FLAGS.workdir)}")
+    except (ValueError, training.NonFiniteLossError) as e:
         sys.exit("error: " + " ".join(str(e).split()))
-    print(pathlib.Path(paths["report"]).read_text())
-    print(f"outputs in {FLAGS.workdir}/:")
-    for path in (*paths.values(), *advice["recommendation"]["exported"].values()):
-        print(f"  {path}")
+    if FLAGS.dry_run:
+        return
+    workdir = pathlib.Path(FLAGS.workdir)
+    print((workdir / plan.REPORT_FILE).read_text())
+    print(f"outputs in {workdir}/:")
+    for name in (plan.REPORT_FILE, plan.JSON_FILE, plan.FIGURE_FILE):
+        print(f"  {workdir / name}")
+    for name in advisor.STUDY.outputs:
+        print(f"  {workdir / name}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ work directory holding another pretraining is refused unless ``--overwrite``.
 study runs only the new ones.
 
 Every flag not given takes its value from ``--preset`` (the same presets are
-``transfer_tf.studies.autoencoder.PRESETS`` in Python): ``digits`` (the
+``transfer_tf.studies.autoencoder.plan.PRESETS`` in Python): ``digits`` (the
 default), ``smoke`` (seconds, for tests) and ``cifar10``
 (``../shared/data/cifar10``: pretraining on all 50,000 training images, 8 epochs;
 target half B of the random split, seed 0, with k = 1, 10, 100 and "all" capped

@@ -40,7 +40,7 @@ configuration is refused unless ``--overwrite``. ``--dry_run`` lists the runs.
 Every flag not given takes its value from ``--preset``: ``digits`` (the default),
 ``smoke`` (seconds, for tests) or ``cifar10`` (``../shared/data/cifar10``: natural
 target half B, man-made source half A); the same presets are
-``transfer_tf.studies.fine_tuning.PRESETS`` in Python. ``--grid_workdir=WORKDIR``
+``transfer_tf.studies.fine_tuning.plan.PRESETS`` in Python. ``--grid_workdir=WORKDIR``
 takes the source nets from a transfer grid run with this study's data and model
 flags (e.g. ``transferability.py --layers=1,3,5,7 --seeds=0`` for the digits
 preset) and checks the estimators against its frozen and fine-tuned nets too;

@@ -32,7 +32,7 @@ configuration is refused unless ``--overwrite``. ``--dry_run`` lists the runs.
 Every flag not given takes its value from ``--preset``: ``digits`` (the default),
 ``smoke`` (seconds, for tests) or ``cifar10`` (``../shared/data/cifar10``:
 man-made -> natural and natural -> man-made); the same presets are
-``transfer_tf.studies.off_the_shelf.PRESETS`` in Python. Use a
+``transfer_tf.studies.off_the_shelf.plan.PRESETS`` in Python. Use a
 trained base net as the transfer source with ``--source=WORKDIR`` (e.g. from
 ``train_base.py --split=A``), draw the transfer grid's AnB/AnB+ at the same layers
 with ``--grid_workdir=WORKDIR`` (a grid run with this study's model and data

@@ -24,7 +24,7 @@ Adding seeds, layers or treatments to a finished study runs only the new runs.
 Every flag not given takes its value from ``--preset``: ``digits`` (the default),
 ``smoke`` (seconds, for tests) or ``cifar10`` (``../shared/data/cifar10``, or
 ``tfds:cifar10`` with ``--download``: random and man-made/natural splits); the
-same presets are ``transfer_tf.studies.transferability.PRESETS`` in Python.
+same presets are ``transfer_tf.studies.transferability.plan.PRESETS`` in Python.
 """
 
 from __future__ import annotations

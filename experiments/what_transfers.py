@@ -28,7 +28,7 @@ configuration is refused unless ``--overwrite``.
 Every flag not given takes its value from ``--preset``: ``digits`` (the default),
 ``smoke`` (seconds, for tests) or ``cifar10`` (``../shared/data/cifar10``, or
 ``tfds:cifar10`` with ``--download``); the same presets are
-``transfer_tf.studies.what_transfers.PRESETS`` in Python.
+``transfer_tf.studies.what_transfers.plan.PRESETS`` in Python.
 """
 
 from __future__ import annotations

@@ -123,6 +123,6 @@ def test_each_study_script_starts_from_its_command_line(script, tmp_path):
         script, "--preset=smoke", "--dry_run", f"--workdir={work}", *extra
     )
     pending = [line for line in proc.stdout.splitlines() if " pending " in line]
-    runs = module.expand(module.STUDY.preset("smoke"))
+    runs = module.STUDY.expand(module.STUDY.preset("smoke"))
     assert [line.split()[-1] for line in pending] == [r.key for r in runs]
     assert not work.exists()

@@ -50,8 +50,16 @@ def test_load_errors(tmp_path):
         export.load_keras_model(tmp_path)
     with pytest.raises(ValueError, match="no SavedModel"):
         export.load_saved_model(tmp_path)
+    # A file of another kind says so (Keras itself says "File not found").
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"broken.keras' is not a .keras file \(a"):
+        export.load_keras_model(broken)
+    # A zip that is no Keras archive: Keras' own reason.
+    import zipfile
+
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("notes.txt", "x")
     with pytest.raises(ValueError, match="cannot load Keras model"):
         export.load_keras_model(broken)
 

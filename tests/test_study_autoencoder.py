@@ -17,6 +17,9 @@ from transfer_tf import autoencoder as ae
 from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import autoencoder as study_ae
 from transfer_tf.studies import report, runner, stats
+from transfer_tf.studies.autoencoder import execution as ae_execution
+from transfer_tf.studies.autoencoder import plan as ae_plan
+from transfer_tf.studies.autoencoder import summary as ae_summary
 
 STUDY = study_ae.STUDY
 FLOAT32 = dict(precision="float32", xla="off", verbose=0)
@@ -38,18 +41,18 @@ def tiny_study(**kw):
         training=training.TrainConfig(epochs=1, **FLOAT32),
     )
     values.update(kw)
-    return study_ae.Config(**values)
+    return ae_plan.Config(**values)
 
 
 def test_expand_orders_pretraining_first_and_needs_a_grid_for_supervised():
     config = tiny_study(seeds=(0, 1), budgets=(1, 10, None))
-    runs = study_ae.expand(config)
+    runs = ae_plan.expand(config)
     assert runs[0].key == "pretrain"
     assert len({r.key for r in runs}) == len(runs)
     # 2 sources x 6 layers x 2 seeds x 3 budgets, then 2 arms x 2 seeds x 3 budgets
     assert sum(r.kind == "probe" for r in runs) == 2 * 6 * 2 * 3
     assert {r.arm for r in runs if r.kind == "train"} == {"encoder_init", "scratch"}
-    with_grid = study_ae.expand(dataclasses.replace(config, grid_workdir="/nowhere"))
+    with_grid = ae_plan.expand(dataclasses.replace(config, grid_workdir="/nowhere"))
     supervised = [r for r in with_grid if "supervised" in (r.arm, r.source)]
     # The supervised net has no code: 5 conv layers probed, plus its classifiers.
     assert len(supervised) == 5 * 2 * 3 + 2 * 3
@@ -81,19 +84,19 @@ def test_study_config_errors_name_field_and_choices():
 def test_grid_source_explains_what_is_missing(tmp_path):
     config = tiny_study(grid_workdir=str(tmp_path))
     with pytest.raises(ValueError, match="not a transfer-grid work directory"):
-        study_ae.grid_source(config)
+        ae_plan.grid_source(config)
     model = dataclasses.asdict(models.ModelConfig(**TINY))
     grid = {"study": "transferability", "data": {"dataset": "uci_digits"}}
     results.write_json(tmp_path / "config.json", {**grid, "model": model})
     with pytest.raises(ValueError, match="data.dataset: 'uci_digits' -> 'digits'"):
-        study_ae.grid_source(config)
+        ae_plan.grid_source(config)
     grid["data"]["dataset"] = "digits"
     results.write_json(tmp_path / "config.json", {**grid, "model": {"width": 0.25}})
     with pytest.raises(ValueError, match=r"built its nets differently \(model.width"):
-        study_ae.grid_source(config)
+        ae_plan.grid_source(config)
     results.write_json(tmp_path / "config.json", {**grid, "model": model})
     with pytest.raises(ValueError, match=r"no finished base net random/seed0/baseA"):
-        study_ae.grid_source(config)
+        ae_plan.grid_source(config)
     # A study that does not use the grid's net does not read it at all.
     no_grid_arms = tiny_study(
         grid_workdir=str(tmp_path), arms=("scratch",), probe_sources=()
@@ -163,7 +166,7 @@ def _rows(summary, name, key="method") -> dict:
 
 
 def test_summary_rows_pair_seeds_keep_chance_in_and_mark_no_gain():
-    summary = study_ae.summarize(SUMMARY_RECORDS, tiny_study())
+    summary = ae_summary.summarize(SUMMARY_RECORDS, tiny_study())
     assert [t.name for t in summary.tables()] == [
         "pretraining",
         "lines",
@@ -240,9 +243,9 @@ def test_summary_rows_pair_seeds_keep_chance_in_and_mark_no_gain():
 
 def test_report_renders_the_rows_and_draws_their_intervals():
     config = tiny_study()
-    out = study_ae.report(SUMMARY_RECORDS, config)
+    out = ae_summary.report(SUMMARY_RECORDS, config)
     assert set(out) == {"summary.md", "summary.csv", "label_budget.png"}
-    summary = study_ae.summarize(SUMMARY_RECORDS, config)
+    summary = ae_summary.summarize(SUMMARY_RECORDS, config)
     assert out["summary.md"] == report.markdown(summary)
     assert "t-interval" in out["summary.md"] and "±" not in out["summary.md"]
     # summary.csv is the raw records, one row each.
@@ -285,7 +288,7 @@ def test_finished_runs_are_recognised_by_their_configuration(tmp_path):
     grown = dataclasses.replace(config, seeds=(0, 1, 2, 3), budgets=(2, 5, None))
     assert finished(grown) == set(hashes)
     # A downstream setting redoes exactly the runs it affects.
-    runs = study_ae.expand(config)
+    runs = ae_plan.expand(config)
     kept = {r.key for r in runs if r.kind != "train"}
     other = dataclasses.replace(
         config, training=dataclasses.replace(config.training, learning_rate=0.5)
@@ -327,20 +330,20 @@ def test_pretraining_never_reads_labels_and_exports_the_encoder(
     )
     with pytest.raises(AssertionError, match="read a label"):
         np.asarray(poisoned.y_train)  # the poison works
-    record = study_ae.run_pretraining(tiny_study(), poisoned, tmp_path)
+    record = ae_execution.run_pretraining(tiny_study(), poisoned, tmp_path)
     assert record["train_images"] + record["validation_images"] == 96
     assert 0 < record["test_mse"] < 1 and record["test_examples"] == 64
-    assert (tmp_path / study_ae.RECONSTRUCTIONS).stat().st_size > 1000
+    assert (tmp_path / ae_plan.RECONSTRUCTIONS).stat().st_size > 1000
 
     # The exported encoder: raw uint8 images in, the Keras encoder's codes out.
     images = digits_source.x_test[:16]
     autoencoder = export.load_keras_model(tmp_path / ae.AUTOENCODER_FILE)
     expected = ae.encoder_model(autoencoder)(images, training=False).numpy()
-    saved = export.load_saved_model(tmp_path / study_ae.ENCODER_DIR)
+    saved = export.load_saved_model(tmp_path / ae_plan.ENCODER_DIR)
     codes = saved.serve(tf.constant(images)).numpy()
     assert codes.shape == (16, 8) and codes.dtype == np.float32
     np.testing.assert_allclose(codes, expected, atol=1e-5)
-    keras_encoder = export.load_keras_model(tmp_path / study_ae.ENCODER_DIR)
+    keras_encoder = export.load_keras_model(tmp_path / ae_plan.ENCODER_DIR)
     np.testing.assert_allclose(keras_encoder(images).numpy(), expected, atol=1e-5)
 
 
@@ -396,7 +399,7 @@ def test_smoke_run_writes_every_output(autoencoder_smoke):
         "runs/pretrain/autoencoder.keras",
     ):
         assert (workdir / name).stat().st_size > 0, name
-    summary = study_ae.summarize(records, autoencoder_smoke.config)
+    summary = ae_summary.summarize(records, autoencoder_smoke.config)
     assert (workdir / "summary.md").read_text() == report.markdown(summary)
     lines = _rows(summary, "lines")
     label = study_ae.summary.LABELS

@@ -21,6 +21,8 @@ from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import domain_adaptation as da
 from transfer_tf.studies import report, runner
 from transfer_tf.studies.domain_adaptation import execution as da_execution
+from transfer_tf.studies.domain_adaptation import figures as da_figures
+from transfer_tf.studies.domain_adaptation import plan as da_plan
 from transfer_tf.studies.domain_adaptation import summary as da_summary
 
 STUDY = da.STUDY
@@ -32,8 +34,8 @@ EMBEDDED = {"sources": ("digits", "uci_digits"), "targets": ("uci_digits", "digi
 
 
 def test_expand_lists_every_arm_seed_by_seed():
-    config = config_lib.override(da.Config(), EMBEDDED)
-    runs = da.expand(config)
+    config = config_lib.override(da_plan.Config(), EMBEDDED)
+    runs = da_plan.expand(config)
     # per seed and pair: source only, DANN at 4 weights, CORAL and MMD at 3
     # (the published ranges: DANN 0.03-1, CORAL and MMD 1-100), the oracle
     assert len(runs) == 3 * 2 * (1 + 4 + 3 + 3 + 1)
@@ -48,15 +50,15 @@ def test_expand_lists_every_arm_seed_by_seed():
         "digits_to_uci_digits/seed0/dann/w0.1",
     ]
     assert "uci_digits_to_digits/seed2/coral/w10" in keys
-    assert {r.labels for r in runs if r.arm == da.ORACLE} == {"target"}
-    assert {r.labels for r in runs if r.arm != da.ORACLE} == {"source"}
+    assert {r.labels for r in runs if r.arm == da_plan.ORACLE} == {"target"}
+    assert {r.labels for r in runs if r.arm != da_plan.ORACLE} == {"source"}
     fewer = config_lib.override(config, {"methods": ("mmd",), "oracle": False})
-    assert {r.arm for r in da.expand(fewer)} == {"source_only", "mmd"}
+    assert {r.arm for r in da_plan.expand(fewer)} == {"source_only", "mmd"}
 
 
 def test_the_default_preset_covers_the_three_pairs_when_the_photos_are_there():
     config = STUDY.preset("digits")
-    assert config == da.Config()
+    assert config == da_plan.Config()
     pairs = [domains.pair_name(s, t) for s, t in config.pairs]
     assert pairs[:2] == ["digits_to_uci_digits", "uci_digits_to_digits"]
     if data.cifar10_spec().startswith("folder:"):
@@ -73,19 +75,19 @@ def test_config_hash_ignores_the_extent_and_a_run_hashes_its_domains():
     moved = config_lib.override(SMOKE, {"adaptation.layer": "fc6"})
     assert moved.config_hash() != SMOKE.config_hash()
     # Two MNIST-M folders make the same key but not the same run.
-    a = da.Run("digits", "mnist_m:/photos/a", 0, "coral", 1.0)
+    a = da_plan.Run("digits", "mnist_m:/photos/a", 0, "coral", 1.0)
     b = dataclasses.replace(a, target="mnist_m:/photos/b")
     assert a.key == b.key == "digits_to_mnist_m/seed0/coral/w1"
-    assert config_lib.hash_of(da.run_part(SMOKE, a)) != config_lib.hash_of(
-        da.run_part(SMOKE, b)
+    assert config_lib.hash_of(da_plan.run_part(SMOKE, a)) != config_lib.hash_of(
+        da_plan.run_part(SMOKE, b)
     )
 
 
 def test_auto_settings_are_measured_on_the_net_that_trains(tmp_path):
     # All of a pair's classes (not a half's), the largest image of the pairs.
     config = config_lib.override(SMOKE, {"seeds": (0,)})
-    context = da.Context(config, tmp_path, tmp_path / "runs")
-    (signature, steps) = da.signatures(config, context)["training"]
+    context = da_execution.Context(config, tmp_path, tmp_path / "runs")
+    (signature, steps) = da_execution.signatures(config, context)["training"]
     assert signature.model == "base_net" and signature.num_classes == 10
     assert signature.input_shape == (28, 28, 1)
     assert signature.batch_size == config.data.batch_size
@@ -225,10 +227,10 @@ def test_criteria_read_no_target_label():
     assert set(clean[1]) == set(adaptation.TARGET_LABELLED)
     assert clean[1]["target_val_loss"] != poisoned[1]["target_val_loss"]
     # Only the oracle's rule reads a target-labelled field.
-    for rule, order in da.RULES.items():
+    for rule, order in da_plan.RULES.items():
         labelled = any(field in adaptation.TARGET_LABELLED for field, _ in order)
         assert labelled == (rule == "oracle"), rule
-    assert set(da.UNSUPERVISED_RULES) == set(da.RULES) - {"oracle"}
+    assert set(da_plan.UNSUPERVISED_RULES) == set(da_plan.RULES) - {"oracle"}
 
 
 def _candidate(epoch, source_val, dev, test, iwv=None, target_val=None):
@@ -245,9 +247,9 @@ def _candidate(epoch, source_val, dev, test, iwv=None, target_val=None):
 
 
 def _record(seed, arm, weight, candidates, pair=("digits", "uci_digits")):
-    run = da.Run(*pair, seed, arm, weight)
+    run = da_plan.Run(*pair, seed, arm, weight)
     out = {**runner.header(run), "candidates": candidates, "wall_time": 10.0}
-    if arm == da.ORACLE:
+    if arm == da_plan.ORACLE:
         out = {**runner.header(run), "test_accuracy": candidates, "wall_time": 5.0}
     return out
 
@@ -299,12 +301,14 @@ def fake_records():
                 [_candidate(1, 0.5, 0.5, CORAL[seed]), _candidate(2, 0.6, 0.6, 0.9)],
             )
         )
-        records.append(_record(seed, da.ORACLE, 0.0, ORACLE_ACCURACY[seed]))
+        records.append(_record(seed, da_plan.ORACLE, 0.0, ORACLE_ACCURACY[seed]))
     return records
 
 
 def _picks(records, rule):
-    return {k: (c["weight"], c["epoch"]) for k, c in da.select(records, rule).items()}
+    return {
+        k: (c["weight"], c["epoch"]) for k, c in da_plan.select(records, rule).items()
+    }
 
 
 def test_selection_never_follows_target_labels():
@@ -326,12 +330,14 @@ def test_selection_never_follows_target_labels():
                 c["target_val_loss"] = float(rng.random())
                 c["target_val_accuracy"] = float(rng.random())
                 c["target_test_accuracy"] = 1.0 - c["target_test_accuracy"]
-        for rule in da.UNSUPERVISED_RULES:
+        for rule in da_plan.UNSUPERVISED_RULES:
             assert _picks(poisoned, rule) == _picks(records, rule), (rule, trial)
         assert _picks(poisoned, "oracle") != _picks(records, "oracle")
     # The oracle arm is never a candidate of any rule.
     assert not any(
-        arm == da.ORACLE for rule in da.RULES for _, arm, _ in _picks(records, rule)
+        arm == da_plan.ORACLE
+        for rule in da_plan.RULES
+        for _, arm, _ in _picks(records, rule)
     )
 
 
@@ -347,7 +353,7 @@ PAIR = "digits_to_uci_digits"
 
 def test_summary_rows_and_verdicts_recomputed_by_hand():
     records = fake_records()
-    summary = da.summarize(records, SMOKE)
+    summary = da_summary.summarize(records, SMOKE)
     (pair,) = summary.table("pairs").records()
     assert (pair["pair"], pair["source"], pair["target"]) == (
         PAIR,
@@ -381,8 +387,10 @@ def test_summary_rows_and_verdicts_recomputed_by_hand():
     )
 
     # Method - source only, paired within a seed and a rule, as findings.
-    found = da.comparisons(da.outcomes(records))
-    assert set(found) == {(PAIR, m, r) for m in ("dann", "coral") for r in da.RULES}
+    found = da_summary.comparisons(da_summary.outcomes(records))
+    assert set(found) == {
+        (PAIR, m, r) for m in ("dann", "coral") for r in da_plan.RULES
+    }
     for (method, rule), values, verdict in (
         (("dann", "dev"), np.subtract(DANN_DEV, SO), "reproduced"),
         (("dann", "iwv"), np.subtract(DANN_DEV, SO), "reproduced"),
@@ -400,7 +408,7 @@ def test_summary_rows_and_verdicts_recomputed_by_hand():
         0.10 - 4.3027 * 0.02 / np.sqrt(3), abs=1e-4
     )
     rows = {r["#"]: r for r in summary.table("findings").records()}
-    assert list(rows) == [f.key for f in da.findings(found)]
+    assert list(rows) == [f.key for f in da_summary.findings(found)]
     # target labels: no verdict for the oracle selection
     assert len(rows) == 6 and not any(key.endswith("/oracle") for key in rows)
     dev = rows[f"{PAIR}/dann/dev"]
@@ -427,21 +435,26 @@ def test_summary_rows_and_verdicts_recomputed_by_hand():
     assert choices["source only"]["DEV"] == "e2, e2, e2"
 
     selections = {tuple(row[:4]): row[4:] for row in summary.table("selections").rows}
-    assert len(selections) == 3 * (3 * len(da.RULES) + 1)
+    assert len(selections) == 3 * (3 * len(da_plan.RULES) + 1)
     assert selections[(PAIR, "dann", "dev", 0)] == pytest.approx([1.0, 2, 0.2, 0.5])
     assert selections[(PAIR, "source_only", "source_val", 2)] == pytest.approx(
         [None, 2, 0.5, SO[2]]
     )
-    assert selections[(PAIR, da.ORACLE, da.OWN, 1)] == [None, None, None, 0.97]
+    assert selections[(PAIR, da_plan.ORACLE, da_plan.OWN, 1)] == [
+        None,
+        None,
+        None,
+        0.97,
+    ]
 
     # The files: summary.md is the rows rendered; the CSVs are the tables.
-    out = da.report(records, SMOKE)
+    out = da_summary.report(records, SMOKE)
     assert out["summary.md"] == report.markdown(summary)
     rows = {
         (r["pair"], r["arm"], r["rule"]): r
         for r in csv.DictReader(io.StringIO(out["summary.csv"]))
     }
-    assert len(rows) == 3 * len(da.RULES) + 1
+    assert len(rows) == 3 * len(da_plan.RULES) + 1
     row = rows[(PAIR, "dann", "dev")]
     mean, low, high = _interval(np.subtract(DANN_DEV, SO))
     assert float(row["mean"]) == pytest.approx(np.mean(DANN_DEV), abs=1e-6)
@@ -452,8 +465,10 @@ def test_summary_rows_and_verdicts_recomputed_by_hand():
     assert float(rows[(PAIR, "dann", "oracle")]["difference"]) == pytest.approx(0.7)
     assert rows[(PAIR, "dann", "oracle")]["verdict"] == ""  # target labels
     assert rows[(PAIR, "source_only", "dev")]["difference"] == ""
-    assert rows[(PAIR, da.ORACLE, da.OWN)]["count"] == "3"
-    assert float(rows[(PAIR, da.ORACLE, da.OWN)]["mean"]) == pytest.approx(0.96)
+    assert rows[(PAIR, da_plan.ORACLE, da_plan.OWN)]["count"] == "3"
+    assert float(rows[(PAIR, da_plan.ORACLE, da_plan.OWN)]["mean"]) == pytest.approx(
+        0.96
+    )
     chosen = out["selections.csv"].splitlines()
     assert chosen[0] == (
         "pair,arm,rule,seed,weight,epoch,criterion,target_test_accuracy"
@@ -473,7 +488,7 @@ def test_a_diverged_run_keeps_its_finished_epochs_and_is_flagged():
     diverged.update(diverged="validation loss is nan after epoch 2", at_chance=False)
     empty = _record(1, "dann", 3.0, [])
     empty.update(diverged="training loss became nan at epoch 1, batch 3")
-    summary = da.summarize([*records, diverged, empty], SMOKE)
+    summary = da_summary.summarize([*records, diverged, empty], SMOKE)
     # The finished epoch of the diverged run is a candidate (and the best).
     choices = {r["arm"]: r for r in summary.table("choices").records()}
     assert choices["DANN"]["DEV"] == "w3@e1, w1@e2, w1@e2"
@@ -489,7 +504,7 @@ def test_runs_at_chance_stay_in_and_every_caveat_is_listed():
         r.update(stop_reason="no improvement", epochs_run=4, best_epoch=2)
     stuck = records[0]  # seed 0's source only
     stuck.update(at_chance=True, stop_reason="epoch cap", epochs_run=20)
-    summary = da.summarize(records, SMOKE)
+    summary = da_summary.summarize(records, SMOKE)
     chance, cap = _caveats(summary)
     assert chance.startswith("1 run(s) never rose significantly above chance")
     assert (
@@ -525,7 +540,7 @@ def test_runs_at_chance_stay_in_and_every_caveat_is_listed():
 
 def test_one_seed_is_a_caveat_and_resolves_nothing():
     records = [r for r in fake_records() if r["seed"] == 0]
-    summary = da.summarize(records, SMOKE)
+    summary = da_summary.summarize(records, SMOKE)
     (caveat,) = _caveats(summary)
     assert caveat.startswith("every result rests on 1 seed (0)")
     verdicts = summary.table("findings").column("verdict")
@@ -545,7 +560,7 @@ def test_report_draws_the_figures_from_the_records():
                 "domain": [0] * 10 + [1] * 10,
                 "label": list(range(10)) * 2,
             }
-    out = da.report(records, SMOKE)
+    out = da_summary.report(records, SMOKE)
     assert set(out) == {
         "summary.md",
         "summary.csv",
@@ -555,8 +570,8 @@ def test_report_draws_the_figures_from_the_records():
     }
     for name in ("accuracy.png", "features_digits_to_uci_digits.png"):
         assert out[name][:8] == b"\x89PNG\r\n\x1a\n" and len(out[name]) > 10_000
-    summary = da.summarize(records, SMOKE)
-    seed, panels = da.figure_panels(records, summary, PAIR)
+    summary = da_summary.summarize(records, SMOKE)
+    seed, panels = da_figures.figure_panels(records, summary, PAIR)
     assert seed == 0
     # Source only, DANN at the weight DEV chose (1), CORAL, the oracle.
     assert [title.split("\n")[0] for title, _ in panels] == [
@@ -587,7 +602,7 @@ def test_poisoned_target_labels_change_only_the_target_scores(digits_source, tmp
         )
     )
 
-    class Fixed(da.Context):
+    class Fixed(da_execution.Context):
         def __init__(self, pair, workdir):
             super().__init__(config, workdir, lambda run: workdir / run.key)
             self.fixed = pair
@@ -595,14 +610,14 @@ def test_poisoned_target_labels_change_only_the_target_scores(digits_source, tmp
         def pair(self, source, target):
             return self.fixed
 
-    run = da.Run("digits", "uci_digits", 0, "dann", 0.1)
+    run = da_plan.Run("digits", "uci_digits", 0, "dann", 0.1)
     pair = _tiny_pair(digits_source, per_class=20)
     outcomes = []
     for name, p in (("clean", pair), ("poisoned", _poisoned(pair))):
         context = Fixed(p, tmp_path / name)
         run_dir = context.run_dir(run)
         run_dir.mkdir(parents=True)
-        outcomes.append(da.execute(run, context, run_dir))
+        outcomes.append(da_execution.execute(run, context, run_dir))
     clean, poisoned = outcomes
     assert len(clean["candidates"]) == len(poisoned["candidates"]) == 2
     for a, b in zip(clean["candidates"], poisoned["candidates"], strict=True):
@@ -630,16 +645,16 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
         assert (workdir / name).is_file(), name
     records = domain_adaptation_smoke.records
     config = domain_adaptation_smoke.config
-    assert [r["key"] for r in records] == [r.key for r in da.expand(config)]
+    assert [r["key"] for r in records] == [r.key for r in da_plan.expand(config)]
     assert {r["config_hash"] for r in records} == {
-        config_lib.hash_of(da.run_part(config, da.expand(config)[0]))
+        config_lib.hash_of(da_plan.run_part(config, da_plan.expand(config)[0]))
     }
     target_test = len(data.load_source(data.DataConfig(dataset="uci_digits")).y_test)
     for r in records:
         assert r["precision"] == "float32", r["key"]
         # The feature figure shows every run that trained (one seed here).
         assert ("projection" in r) == (not r.get("diverged")), r["key"]
-        if r["arm"] == da.ORACLE:
+        if r["arm"] == da_plan.ORACLE:
             # Scored on the target's test images (a count of them), not the source's.
             assert r["test_examples"] == target_test, r["key"]
             # (Keras' accuracy metric is float32: a count to within 1e-3.)
@@ -652,12 +667,12 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
             assert r["epochs_run"] == config.training.epochs, r["key"]
             assert r["steps_run"] == r["epochs_run"] * r["steps_per_epoch"] > 0
         for c in r["candidates"]:
-            fields = {f for order in da.RULES.values() for f, _ in order}
+            fields = {f for order in da_plan.RULES.values() for f, _ in order}
             assert set(c) >= {"epoch", *fields, "target_test_accuracy"}
     source_only = next(r for r in records if r["arm"] == "source_only")
     assert source_only["val_accuracy"] > 0.2  # above chance (0.1) on the source
     # The summary is what the records say: recompute one cell.
-    dev = da.select(records, "dev")
+    dev = da_plan.select(records, "dev")
     expected = np.mean(
         [c["target_test_accuracy"] for (_, arm, _), c in dev.items() if arm == "mmd"]
     )
@@ -669,7 +684,7 @@ def test_smoke_run_of_the_script(domain_adaptation_smoke):
         expected, abs=1e-6
     )
     assert (workdir / "summary.md").read_text() == report.markdown(
-        da.summarize(records, config)
+        da_summary.summarize(records, config)
     )
     listed = json.loads((workdir / "config.json").read_text())
     assert listed["study"] == "domain_adaptation"
@@ -689,7 +704,7 @@ def test_the_referee_trains_adapts_dann_beside_the_studys(
     assert table["pair"] == PAIR and [r["seed"] for r in table["rows"]] == [0]
     row = table["rows"][0]
     ours = {
-        r["arm"]: da.choose(r["candidates"], "source_val")["target_test_accuracy"]
+        r["arm"]: da_plan.choose(r["candidates"], "source_val")["target_test_accuracy"]
         for r in domain_adaptation_smoke.records
         if r["arm"] in ("source_only", "dann")
     }

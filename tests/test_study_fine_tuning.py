@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY, assert_refused, assert_verdicts_agree, run_main
-from transfer_tf import backbones, data, export, models
+from transfer_tf import backbones, data, estimators, export, models
 from transfer_tf.studies import config as config_lib
 from transfer_tf.studies import fine_tuning
 from transfer_tf.studies import report as report_lib
+from transfer_tf.studies.fine_tuning import execution as ft_execution
+from transfer_tf.studies.fine_tuning import plan as ft_plan
+from transfer_tf.studies.fine_tuning import scores as ft_scores
 from transfer_tf.studies.fine_tuning import summary as ft_summary
 
 STUDY = fine_tuning.STUDY
@@ -24,8 +27,8 @@ STUDY = fine_tuning.STUDY
 
 
 def test_expand_orders_sources_first_and_cuts_each_strategy():
-    config = fine_tuning.Config()
-    runs = fine_tuning.expand(config)
+    config = ft_plan.Config()
+    runs = ft_plan.expand(config)
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys))
     position = {r.key: i for i, r in enumerate(runs)}
@@ -57,13 +60,13 @@ def test_expand_orders_sources_first_and_cuts_each_strategy():
     assert "seed1/freeze/n5/k10" in keys and "seed2/score_random/kall" in keys
     # A grid supplies the source nets: none are trained here.
     with_grid = dataclasses.replace(config, grid_workdir="/somewhere")
-    assert not [r for r in fine_tuning.expand(with_grid) if r.kind == "source"]
+    assert not [r for r in ft_plan.expand(with_grid) if r.kind == "source"]
 
 
 def test_presets_are_valid_and_the_digits_preset_is_the_defaults():
-    assert STUDY.preset("digits") == fine_tuning.Config()
+    assert STUDY.preset("digits") == ft_plan.Config()
     smoke = STUDY.preset("smoke")
-    assert set(smoke.strategies) == set(fine_tuning.STRATEGIES)
+    assert set(smoke.strategies) == set(ft_plan.STRATEGIES)
     cifar = STUDY.preset("cifar10")
     assert cifar.data.class_split == "man_made" and cifar.backbones == ()
     for name in STUDY.presets:
@@ -85,15 +88,15 @@ def test_presets_are_valid_and_the_digits_preset_is_the_defaults():
 )
 def test_config_errors_name_the_field(changes, match):
     with pytest.raises(ValueError, match=match):
-        config_lib.override(fine_tuning.Config(), changes)
+        config_lib.override(ft_plan.Config(), changes)
 
 
 def test_changing_an_option_redoes_only_the_runs_it_affects():
-    config = fine_tuning.Config(seeds=(0,))
-    runs = fine_tuning.expand(config)
+    config = ft_plan.Config(seeds=(0,))
+    runs = ft_plan.expand(config)
 
     def hashes(c):
-        return {r.key: config_lib.hash_of(fine_tuning.run_part(c, r)) for r in runs}
+        return {r.key: config_lib.hash_of(ft_plan.run_part(c, r)) for r in runs}
 
     before = hashes(config)
     for changes, redone in (
@@ -201,7 +204,7 @@ def part1_records():
 
 
 def test_freeze_takes_the_validation_best_cut_and_at_chance_runs_are_left_out():
-    cells = fine_tuning.strategy_cells(part1_records())
+    cells = ft_summary.strategy_cells(part1_records())
     chosen = cells[("freeze", "1")]
     assert {s: r["n"] for s, r in chosen.items()} == {0: 7, 1: 7, 2: 7}
     assert [r["test_accuracy"] for r in chosen.values()] == [0.60, 0.64, 0.62]
@@ -214,9 +217,9 @@ def test_freeze_takes_the_validation_best_cut_and_at_chance_runs_are_left_out():
 
 
 def test_recommendation_is_made_on_validation_with_a_paired_interval():
-    cells = fine_tuning.strategy_cells(part1_records())
+    cells = ft_summary.strategy_cells(part1_records())
     lines = ["freeze", "fine_tune", "scratch"]
-    few = fine_tuning.recommend(cells, "1", lines)
+    few = ft_summary.recommend(cells, "1", lines)
     # mean validation: freeze (n=7) 0.61 > fine_tune 0.533 > scratch 0.3
     assert few["strategy"] == "freeze" and few["runner_up"] == "fine_tune"
     assert few["val_accuracy"] == pytest.approx(0.61)
@@ -226,7 +229,7 @@ def test_recommendation_is_made_on_validation_with_a_paired_interval():
     half = 4.302652729911275 * np.std(diffs, ddof=1) / np.sqrt(3)  # t(0.975, 2)
     assert few["difference"]["low"] == pytest.approx(np.mean(diffs) - half)
     assert few["chosen"] == {0: "freeze", 1: "freeze", 2: "freeze"}
-    many = fine_tuning.recommend(cells, "all", lines)
+    many = ft_summary.recommend(cells, "all", lines)
     assert many["strategy"] == "fine_tune" and many["runner_up"] == "scratch"
 
 
@@ -239,10 +242,10 @@ def _claim(findings, a, b, budget):
 
 
 def test_the_lectures_claims_get_verdicts_from_paired_differences():
-    cells = fine_tuning.strategy_cells(part1_records())
-    out = fine_tuning.claims(cells, ["1", "all"])
+    cells = ft_summary.strategy_cells(part1_records())
+    out = ft_summary.claims(cells, ["1", "all"])
     scarce = _claim(out, "freeze", "fine_tune", "1")
-    assert scarce.key == "1/k1" and scarce.claim == fine_tuning.CLAIMS[0][3]
+    assert scarce.key == "1/k1" and scarce.claim == ft_plan.CLAIMS[0][3]
     assert scarce.values == pytest.approx({0: 0.10, 1: 0.06, 2: 0.08})
     assert scarce.interval["mean"] == pytest.approx(np.mean([0.10, 0.06, 0.08]))
     assert scarce.interval["count"] == 3 and scarce.interval["low"] > 0
@@ -256,13 +259,13 @@ def test_the_lectures_claims_get_verdicts_from_paired_differences():
     # the plentiful claim is not judged at a scarce budget
     assert _claim(out, "fine_tune", "freeze", "1") is None
     # scarce claims concern every budget but all, plentiful ones all only
-    more = fine_tuning.claims(cells, ["1", "10", "all"])
+    more = ft_summary.claims(cells, ["1", "10", "all"])
     assert {f.key for f in more} == {"1/k1", "2/kall", "5/k1"}  # no k=10 cells
     # claims about strategies that did not run are left out
     assert not [f for f in out if "discriminative" in f.measure]
     # One seed: no interval, no verdict.
-    one = fine_tuning.strategy_cells([r for r in part1_records() if r["seed"] == 0])
-    judged = fine_tuning.claims(one, ["1", "all"])
+    one = ft_summary.strategy_cells([r for r in part1_records() if r["seed"] == 0])
+    judged = ft_summary.claims(one, ["1", "all"])
     assert len(judged) == 3
     assert {f.outcome for f in judged} == {"not resolved"}
     assert all(f.interval["low"] is None and f.holds == (1, 1) for f in judged)
@@ -277,8 +280,8 @@ def test_a_claim_against_the_data_is_contradicted():
         )
         for arm, val, test in (("freeze", 0.5, freeze), ("fine_tune", 0.5, fine_tune))
     ]
-    cells = fine_tuning.strategy_cells(records)
-    plenty = _claim(fine_tuning.claims(cells, ["all"]), "fine_tune", "freeze", "all")
+    cells = ft_summary.strategy_cells(records)
+    plenty = _claim(ft_summary.claims(cells, ["all"]), "fine_tune", "freeze", "all")
     assert plenty.interval["high"] < 0 and plenty.holds == (0, 3)
     assert plenty.verdict == "contradicted"
 
@@ -358,7 +361,7 @@ def part2_records(seeds=(0, 1, 2)):
 
 
 def _config(**kw):
-    return fine_tuning.Config(
+    return ft_plan.Config(
         sources=("transfer", "random"),
         layers=("conv2", "fc6"),
         estimators=("logme", "h_score", "leep"),
@@ -367,7 +370,7 @@ def _config(**kw):
 
 
 def test_rank_correlations_per_seed_and_their_verdicts():
-    rows = fine_tuning.correlations(part2_records(), _config())
+    rows = ft_scores.correlations(part2_records(), _config())
     by = {(r["estimator"], r["level"], r["measured"]): r for r in rows}
     # Probe test accuracies: transfer/fc6 dropped to 0.70, so LogME's order
     # (0.6, 0.7, 0.8, 0.9 on validation) against test (0.6, 0.7, 0.8, 0.7):
@@ -381,7 +384,7 @@ def test_rank_correlations_per_seed_and_their_verdicts():
     assert h["spearman"]["mean"] == pytest.approx(-expected.statistic)
     # Sources: two candidates only, so no source-level correlation.
     assert ("leep", "source", "best probe") not in by
-    best = fine_tuning.best_estimator(rows)
+    best = ft_scores.best_estimator(rows)
     assert best["estimator"] == "logme"
 
 
@@ -392,7 +395,7 @@ def test_a_perfect_ranking_is_reproduced_and_a_reversed_one_contradicted():
             r["test_accuracy"] = r["val_accuracy"]
     by = {
         r["estimator"]: r
-        for r in fine_tuning.correlations(records, _config())
+        for r in ft_scores.correlations(records, _config())
         if r["level"] == "layer"
     }
     # rho = 1 in every seed: Fisher's z at the edge of 4 candidates, an interval
@@ -406,7 +409,7 @@ def test_a_perfect_ranking_is_reproduced_and_a_reversed_one_contradicted():
 
 
 def test_choosing_by_estimator_vs_by_validation_and_its_time():
-    entry = fine_tuning.choices(part2_records(), _config())[0]
+    entry = ft_scores.choices(part2_records(), _config())[0]
     assert entry["budget"] == "all" and entry["candidates"] == 4
     # validation picks transfer/fc6 (val 0.90+), whose test accuracy is 0.70+
     assert entry["validation"] == pytest.approx({0: 0.70, 1: 0.71, 2: 0.72})
@@ -479,9 +482,9 @@ def test_the_grid_measures_the_candidates_of_its_own_seed(tmp_path):
             "split": "random",
         },
     ]
-    config = fine_tuning.Config(seeds=(0, 1), grid_workdir=str(tmp_path))
+    config = ft_plan.Config(seeds=(0, 1), grid_workdir=str(tmp_path))
     tagged = fine_tuning.scores._grid_for_seeds(grid, config)
-    measured = fine_tuning.measured_table([], tagged)
+    measured = ft_scores.measured_table([], tagged)
     # Split seed 0: the grid's seed-0 nets are the sources of every study seed;
     # its random control matches only the study's seed 0 (same initialisation).
     assert measured["grid frozen"] == {
@@ -491,13 +494,13 @@ def test_the_grid_measures_the_candidates_of_its_own_seed(tmp_path):
     }
     assert measured["grid fine-tuned"][(1, "all", "transfer", "conv3")] == 0.95
     with pytest.raises(ValueError, match="not a transfer-grid work directory"):
-        fine_tuning.grid_records(config)
+        ft_plan.grid_records(config)
 
 
 def test_the_untrained_candidate_is_the_grids_random_control():
-    config = fine_tuning.Config(model=models.ModelConfig(**TINY))
+    config = ft_plan.Config(model=models.ModelConfig(**TINY))
     task = types.SimpleNamespace(image_shape=(28, 28, 1), num_classes=5)
-    ours = fine_tuning.random_net(config, task, 3, "float32")
+    ours = ft_execution.random_net(config, task, 3, "float32")
     # what the grid's random control of seed 3 at n = 4 is built from
     template = models.build_base_net(task.image_shape, task.num_classes, **TINY)
     grid = models.random_frozen_net(template, 4, task.num_classes, 3, "float32")
@@ -513,17 +516,13 @@ def test_the_untrained_candidate_is_the_grids_random_control():
 def test_scores_of_a_perfect_head_and_of_constant_features():
     labels = np.array([0, 1, 2, 0, 1, 2])
     logits = 50.0 * np.eye(3)[labels]
-    leep = fine_tuning.execution.score_features("leep", "fc8", logits, labels)
-    nce = fine_tuning.execution.score_features("nce", "fc8", logits, labels)
+    leep = estimators.score("leep", "fc8", logits, labels)
+    nce = estimators.score("nce", "fc8", logits, labels)
     assert leep["score"] == pytest.approx(0.0, abs=1e-9) and nce["score"] == 0.0
-    dead = fine_tuning.execution.score_features(
-        "logme", "conv5", np.zeros((6, 4)), labels
-    )
+    dead = estimators.score("logme", "conv5", np.zeros((6, 4)), labels)
     assert dead["score"] is None and "all zero" in dead["error"]
     rng = np.random.default_rng(0)
-    ok = fine_tuning.execution.score_features(
-        "logme", "fc6", rng.normal(size=(6, 4)), labels
-    )
+    ok = estimators.score("logme", "fc6", rng.normal(size=(6, 4)), labels)
     assert ok["converged"] and ok["seconds"] >= 0 and ok["dim"] == 4
 
 
@@ -549,7 +548,7 @@ def _task(count=30, classes=3, shape=(32, 32, 3), seed=0):
 
 
 def test_a_backbone_is_scored_on_its_output_without_a_head():
-    config = fine_tuning.Config(
+    config = ft_plan.Config(
         seeds=(0,),
         strategies=(),
         sources=(),
@@ -557,7 +556,7 @@ def test_a_backbone_is_scored_on_its_output_without_a_head():
         backbone_weights=None,
         backbone_image_size=32,
     )
-    runs = fine_tuning.expand(config)
+    runs = ft_plan.expand(config)
     assert [r.key for r in runs] == [
         "seed0/score_MobileNetV3Small/k10",
         "seed0/score_MobileNetV3Small/kall",
@@ -579,7 +578,7 @@ def test_a_backbone_is_scored_on_its_output_without_a_head():
 def test_summary_rows_quote_the_records():
     records = part1_records() + part2_records()
     config = _config(strategies=("freeze", "fine_tune", "scratch"), budgets=(1, None))
-    summary = fine_tuning.summarize(records, config)
+    summary = ft_summary.summarize(records, config)
     # the at-chance run is named among the caveats, and left out of the cells
     caveats = [b for b in summary.blocks if isinstance(b, report_lib.Bullets)]
     assert any("`x`" in item for b in caveats for item in b.items)
@@ -638,7 +637,7 @@ def test_summary_rows_quote_the_records():
 def test_report_renders_the_summary_and_the_records(tmp_path):
     records = part1_records() + part2_records()
     config = _config(strategies=("freeze", "fine_tune", "scratch"), budgets=(1, None))
-    out = fine_tuning.report(records, config)
+    out = ft_summary.report(records, config)
     assert set(out) == {
         "summary.md",
         "summary.csv",
@@ -647,7 +646,7 @@ def test_report_renders_the_summary_and_the_records(tmp_path):
         "estimators.png",
     }
     assert out["summary.md"] == report_lib.markdown(
-        fine_tuning.summarize(records, config)
+        ft_summary.summarize(records, config)
     )
     for name in ("strategies.png", "estimators.png"):
         assert out[name][:8] == b"\x89PNG\r\n\x1a\n", name
@@ -658,7 +657,7 @@ def test_report_renders_the_summary_and_the_records(tmp_path):
     first = dict(zip(header.split(","), rows[0].split(","), strict=True))
     assert first["test_accuracy"] == "0.700000" and first["at_chance"] == "False"
     # without strategies, part 1 says so and has no tables
-    part2 = fine_tuning.summarize(part2_records(), _config(strategies=()))
+    part2 = ft_summary.summarize(part2_records(), _config(strategies=()))
     assert "strategies" not in [t.name for t in part2.tables()]
     assert "correlations" in [t.name for t in part2.tables()]
 
@@ -685,7 +684,7 @@ def test_fine_tuning_smoke(fine_tuning_smoke):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
 
     strategies = [r for r in records if r["kind"] == "strategy"]
-    assert {r["arm"] for r in strategies} == set(fine_tuning.STRATEGIES)
+    assert {r["arm"] for r in strategies} == set(ft_plan.STRATEGIES)
     for r in strategies:
         assert r["num_train"] == 5 * 40 and r["test_examples"] == 500, r["key"]
         assert r["epochs_total"] >= 1 and r["stages"], r["key"]
@@ -717,20 +716,20 @@ def test_fine_tuning_smoke(fine_tuning_smoke):
 
     # summary.md renders the summary's rows, which quote the records: the
     # recommendation at all labels, one seed (no verdict), part 2's tables.
-    summary = fine_tuning.summarize(records, fine_tuning_smoke.config)
+    summary = ft_summary.summarize(records, fine_tuning_smoke.config)
     assert (work / "summary.md").read_text() == report_lib.markdown(summary)
     caveats = [b for b in summary.blocks if isinstance(b, report_lib.Bullets)]
     assert any("rests on 1 seed" in item for b in caveats for item in b.items)
-    cells = fine_tuning.strategy_cells(records)
-    rec = fine_tuning.recommend(cells, "all", fine_tuning.STRATEGIES)
+    cells = ft_summary.strategy_cells(records)
+    rec = ft_summary.recommend(cells, "all", ft_plan.STRATEGIES)
     (row,) = summary.table("recommendation").records()
     assert row["recommended"].value == rec["strategy"]
     assert row["mean val top-1"] == pytest.approx(rec["val_accuracy"])
-    claims = fine_tuning.claims(cells, ["all"])
+    claims = ft_summary.claims(cells, ["all"])
     assert claims and {f.outcome for f in claims} == {"not resolved"}
     assert summary.table("claims").column("verdict")[0].value == claims[0].verdict
     stopping = {r["nets"]: r for r in summary.table("stopping").records()}
-    assert set(stopping) == set(fine_tuning.STRATEGIES)
+    assert set(stopping) == set(ft_plan.STRATEGIES)
     lp_ft = by_key["seed0/lp_ft/kall"]
     assert stopping["lp_ft"]["median epochs"] == lp_ft["epochs_total"]
     assert {t.name for t in summary.tables()} >= {"correlations", "choices", "times"}

@@ -15,7 +15,9 @@ from conftest import TINY, assert_refused, run_main
 from transfer_tf import data, export, features, heads, models, plots, results
 from transfer_tf.studies import off_the_shelf, runner, stats
 from transfer_tf.studies import report as report_lib
+from transfer_tf.studies.off_the_shelf import execution as ots_execution
 from transfer_tf.studies.off_the_shelf import figures
+from transfer_tf.studies.off_the_shelf import plan as ots_plan
 from transfer_tf.studies.off_the_shelf import summary as summary_lib
 
 STUDY = off_the_shelf.STUDY
@@ -46,13 +48,13 @@ def test_budget_subsets_are_the_ones_make_task_keeps(digits_source):
 
 
 def test_expand_orders_sources_first_and_keeps_selffer_at_all_labels():
-    config = off_the_shelf.Config(
+    config = ots_plan.Config(
         targets=("A", "B"),
         seeds=(0, 1),
         probe_layers=("conv2", "fc6"),
         budgets=(5, None),
     )
-    runs = off_the_shelf.expand(config)
+    runs = ots_plan.expand(config)
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys))
     position = {r.key: i for i, r in enumerate(runs)}
@@ -72,11 +74,11 @@ def test_expand_orders_sources_first_and_keeps_selffer_at_all_labels():
 
 def test_study_config_errors():
     with pytest.raises(ValueError, match=r"budgets=\[.1., .5.\] must include .all."):
-        off_the_shelf.Config(budgets=(1, 5))
+        ots_plan.Config(budgets=(1, 5))
     with pytest.raises(ValueError, match=r"probe_sources=\['imagenet'\]"):
-        off_the_shelf.Config(probe_sources=("imagenet",))
+        ots_plan.Config(probe_sources=("imagenet",))
     with pytest.raises(ValueError, match="give one target"):
-        off_the_shelf.Config(targets=("A", "B"), source_path="/tmp/x")
+        ots_plan.Config(targets=("A", "B"), source_path="/tmp/x")
 
 
 def _record(layer, val, test, seed=0, source="A", budget="all", pooling="avg"):
@@ -123,7 +125,7 @@ def _net(treatment, test, seed=0, budget="all", target="B", at_chance=False):
 
 
 def _summary_config(**changes):
-    return off_the_shelf.Config(
+    return ots_plan.Config(
         **{
             "targets": ("B",),
             "seeds": (0, 1),
@@ -165,7 +167,7 @@ PNGS = ("probe_layers.png", "label_budget.png")
 
 
 def test_summary_rows_are_intervals_of_the_validation_best_probes():
-    summary = off_the_shelf.summarize(_summary_records(), _summary_config())
+    summary = summary_lib.summarize(_summary_records(), _summary_config())
     assert [t.name for t in summary.tables()] == [
         "layers_B",
         "references_B",
@@ -253,7 +255,7 @@ def test_summary_draws_the_grid_and_flags_a_failed_source_net():
         for seed in (0, 1)
     ]
     config = _summary_config(budgets=(None,), seeds=(0,))
-    summary = off_the_shelf.summarize(records, config, grid)
+    summary = summary_lib.summarize(records, config, grid)
     # one budget: no budget table; the net at chance in the convergence table
     assert [t.name for t in summary.tables()] == ["layers_B", "convergence"]
     assert summary.table("convergence").records()[0]["at chance"] == 1
@@ -277,7 +279,7 @@ def test_summary_draws_the_grid_and_flags_a_failed_source_net():
 
 def test_figures_draw_the_summary_intervals():
     records, config = _summary_records(), _summary_config()
-    cells = off_the_shelf.cells(records, config)
+    cells = summary_lib.cells(records, config)
     (layers,) = figures.probe_layers_panels(cells, config)
     line = next(x for x in layers["lines"] if x["label"].endswith("(avg)"))
     conv3, fc6 = stats.interval([0.70, 0.75]), stats.interval([0.95, 0.85])
@@ -310,8 +312,8 @@ def test_figures_draw_the_summary_intervals():
 
 def test_report_writes_the_summary_rows_and_the_records():
     records, config = _summary_records(), _summary_config()
-    summary = off_the_shelf.summarize(records, config)
-    out = off_the_shelf.report(records, config)
+    summary = summary_lib.summarize(records, config)
+    out = figures.report(records, config)
     assert out.keys() == {"summary.md", "summary.csv", *PNGS}
     assert out["summary.md"] == report_lib.markdown(summary)
     lines = out["summary.csv"].splitlines()
@@ -329,15 +331,15 @@ def test_external_source_must_not_have_seen_the_target_classes(tmp_path, tiny_ne
     source = tmp_path / "base"
     export.export_model(tiny_net, source, saved_model=False)
     results.write_json(source / "config.json", {"data": {"dataset": "digits"}})
-    config = off_the_shelf.Config(source_path=str(source), arms=("probe",))
+    config = ots_plan.Config(source_path=str(source), arms=("probe",))
     with pytest.raises(ValueError, match=r"trained on classes \['0', '1', '5', '8'"):
         runner.run_study(STUDY, config, tmp_path / "study")
     assert not (tmp_path / "study").exists()  # refused before claiming anything
     results.write_json(
         source / "config.json", {"data": {"dataset": "digits", "split": "A"}}
     )
-    context = off_the_shelf.Context(config, tmp_path, lambda run: tmp_path)
-    off_the_shelf.check(config, context)
+    context = ots_execution.Context(config, tmp_path, lambda run: tmp_path)
+    ots_execution.check(config, context)
     rgb = models.build_base_net((32, 32, 3), 5, **TINY)
     export.export_model(rgb, tmp_path / "rgb", saved_model=False)
     config = dataclasses.replace(config, source_path=str(tmp_path / "rgb"))
@@ -371,21 +373,21 @@ def test_grid_lines_are_drawn_only_for_a_like_for_like_grid(tmp_path):
                 "test_accuracy": 0.9,
             },
         )
-    same = off_the_shelf.Config(
+    same = ots_plan.Config(
         model=models.ModelConfig(width=0.125), grid_workdir=str(tmp_path)
     )
-    drawn = off_the_shelf.grid_records(same)
+    drawn = ots_plan.grid_records(same)
     assert [r["key"] for r in drawn] == ["random/seed0/AnB/n3"]  # split seed 0 only
     # A grid built otherwise is an error naming the difference, not a silent skip.
     wider = dataclasses.replace(same, model=models.ModelConfig(width=0.25))
     with pytest.raises(ValueError, match=r"model.width: 0.125 -> 0.25"):
-        off_the_shelf.grid_records(wider)
+        ots_plan.grid_records(wider)
     other = dataclasses.replace(same, data=data.DataConfig(dataset="uci_digits"))
     with pytest.raises(ValueError, match=r"data.dataset: 'digits' -> 'uci_digits'"):
-        off_the_shelf.grid_records(other)
+        ots_plan.grid_records(other)
     missing = dataclasses.replace(same, grid_workdir=str(tmp_path / "no_such_dir"))
     with pytest.raises(ValueError, match="is not a transfer-grid work directory"):
-        off_the_shelf.grid_records(missing)
+        ots_plan.grid_records(missing)
 
 
 @pytest.mark.slow
@@ -429,7 +431,7 @@ def test_off_the_shelf_smoke(off_the_shelf_smoke):
     # each cell its value, count 1, no interval; said in the caveats).
     text = (work / "summary.md").read_text()
     assert text in proc.stdout  # the script prints it
-    summary = off_the_shelf.summarize(records, off_the_shelf_smoke.config)
+    summary = summary_lib.summarize(records, off_the_shelf_smoke.config)
     assert text == report_lib.markdown(summary)
     rows = {(r["source"], r["pooling"]): r for r in summary.table("layers_B").records()}
     transfer = rows[("net trained on half A, transfer", "flatten")]

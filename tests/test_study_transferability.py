@@ -18,6 +18,8 @@ from scipy import stats as scipy_stats
 from conftest import EXPERIMENTS, ROOT, assert_refused, assert_verdicts_agree, run_main
 from transfer_tf import data, export, models, results, training
 from transfer_tf.studies import runner, stats, transferability
+from transfer_tf.studies.transferability import execution as tr_execution
+from transfer_tf.studies.transferability import plan as tr_plan
 from transfer_tf.studies.transferability import summary as grid_summary
 
 STUDY = transferability.STUDY
@@ -35,7 +37,7 @@ def tiny_study(**kw):
 
 
 def test_expand_orders_bases_first_and_covers_every_treatment():
-    runs = transferability.expand(tiny_study(seeds=(0, 1), layers=(1, 4, 7)))
+    runs = tr_plan.expand(tiny_study(seeds=(0, 1), layers=(1, 4, 7)))
     # per seed: baseA, baseB, one reduced, 5 treatments x 3 layers
     assert len(runs) == 2 * (2 + 1 + 5 * 3)
     assert len({r.key for r in runs}) == len(runs)
@@ -58,9 +60,7 @@ def test_expand_orders_bases_first_and_covers_every_treatment():
 
 
 def test_expand_mirrored_targets_pool_under_b_names():
-    runs = transferability.expand(
-        tiny_study(treatments=("BnB", "AnB+"), targets=("A", "B"))
-    )
+    runs = tr_plan.expand(tiny_study(treatments=("BnB", "AnB+"), targets=("A", "B")))
     by_name = {r.name: r for r in runs if r.n == 2}
     assert by_name["AnA"].treatment == "BnB"  # selffer on A
     assert by_name["BnA+"].treatment == "AnB+"  # transfer B -> A
@@ -68,7 +68,7 @@ def test_expand_mirrored_targets_pool_under_b_names():
 
 
 def test_expand_only_needs_base_a_for_transfer():
-    runs = transferability.expand(tiny_study(treatments=("BnB", "random")))
+    runs = tr_plan.expand(tiny_study(treatments=("BnB", "random")))
     assert [r.name for r in runs if r.kind == "base"] == ["baseB"]
 
 
@@ -108,7 +108,7 @@ def study(transferability_smoke):
 @pytest.mark.slow
 def test_study_writes_every_output(study, transferability_smoke):
     config, workdir, records = study
-    assert len(records) == len(transferability.expand(config)) == 13
+    assert len(records) == len(tr_plan.expand(config)) == 13
     for name in ("results.jsonl", "summary.md", "summary.csv", "config.json"):
         assert (workdir / name).is_file(), name
     for name in ("transfer.png", "relative.png"):
@@ -128,9 +128,7 @@ def test_study_writes_every_output(study, transferability_smoke):
         "config_hash",
     }
     assert all(required <= set(r) for r in records)
-    assert [r["key"] for r in records] == [
-        r.key for r in transferability.expand(config)
-    ]
+    assert [r["key"] for r in records] == [r.key for r in tr_plan.expand(config)]
     assert {r["treatment"] for r in records} == {
         "baseB",
         "BnB",
@@ -186,11 +184,11 @@ def test_frozen_layers_recorded_per_treatment(study):
 @pytest.mark.slow
 def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
     config, workdir, _ = study
-    context = transferability.Context(
+    context = tr_execution.Context(
         runner.resolve_auto(config), workdir, lambda run: workdir / "runs" / run.key
     )
-    run = transferability.Run("transfer", "random", 0, "B", n=2, source="A")
-    model = transferability.build_model(run, context, "float32")
+    run = tr_plan.Run("transfer", "random", 0, "B", n=2, source="A")
+    model = tr_execution.build_model(run, context, "float32")
     base = context.base_model(run)
     before = models.layer_weights(model, 7)
     for name, w in models.layer_weights(base, 2).items():
@@ -212,7 +210,7 @@ def test_models_the_grid_builds_keep_frozen_layers_frozen(study, tmp_path):
 @pytest.mark.slow
 def test_summary_equals_numbers_recomputed_from_results(study):
     config, workdir, _ = study
-    lines = transferability.study_records(results.read_jsonl(workdir / "results.jsonl"))
+    lines = grid_summary.study_records(results.read_jsonl(workdir / "results.jsonl"))
     with open(workdir / "summary.csv", newline="") as f:
         csv = {(row["treatment"], int(row["n"])): row for row in csv_lib.DictReader(f)}
     groups = {}
@@ -231,14 +229,14 @@ def test_summary_equals_numbers_recomputed_from_results(study):
         assert int(csv[key]["count"]) == len(values)
     # baseB counts only the B-target base net, not baseA (a source only).
     assert int(csv[("baseB", 0)]["count"]) == 1
-    summary = transferability.summarize(lines, config)
+    summary = grid_summary.summarize(lines, config)
     # The Markdown cells are the same intervals as the CSV's, treatment x n.
     cells = summary.table("cells/random")
     treatments = cells.column("treatment")
     row = cells.rows[treatments.index("AnB+")]
     assert cells.columns[-1].name == "n=6"
     assert row[-1]["mean"] == pytest.approx(np.mean(groups[("AnB+", 6)]))
-    split = transferability.aggregate(lines)["splits"]["random"]
+    split = grid_summary.aggregate(lines)["splits"]["random"]
     base = np.mean(groups[("baseB", 0)])
     expected = np.mean([np.mean(groups[("AnB+", n)]) - base for n in (2, 6)])
     assert split["table1"][("AnB+ - baseB", "1-7")]["mean"] == pytest.approx(expected)
@@ -289,7 +287,7 @@ def test_gate_is_an_equivalence_test_that_says_what_to_change():
     matched = _split(
         baseB_0=base, BnB_1=near, BnB_7=near, BnBplus_1=other, BnBplus_7=other
     )
-    g = transferability.gate(matched, 0.02)
+    g = grid_summary.gate(matched, 0.02)
     assert g["passed"] is True and g["why"] == []
     assert set(g["checks"]) == {(t, n) for t in ("BnB", "BnB+") for n in (1, 7)}
     assert {c["state"] for c in g["checks"].values()} == {"equivalent"}
@@ -311,7 +309,7 @@ def test_gate_is_an_equivalence_test_that_says_what_to_change():
         {"kind": "base", "stop_reason": "epoch cap", "key": f"seed{i}/baseB"}
         for i in range(3)
     ]
-    g = transferability.gate(ahead, 0.02, capped)
+    g = grid_summary.gate(ahead, 0.02, capped)
     assert g["passed"] is False and g["checks"][("BnB", 1)]["state"] == "different"
     why = " ".join(g["why"])
     assert "3 of 3 base nets stopped at the epoch cap" in why and "--epochs" in why
@@ -322,26 +320,26 @@ def test_gate_is_an_equivalence_test_that_says_what_to_change():
     ahead["values"][("BnB+", 1)] = ahead["values"].pop(("BnB", 1))
     ahead["values"][("BnB", 1)] = matched["values"][("BnB", 1)]
     stuck = [{"kind": "base", "stop_reason": "at chance", "key": "seed0/baseB"}]
-    g = transferability.gate(ahead, 0.02, stuck)
+    g = grid_summary.gate(ahead, 0.02, stuck)
     why = " ".join(g["why"])
     assert g["passed"] is False and "lower --learning_rate" in why
     assert "1 base net(s) never left chance level" in why
-    assert transferability.gate(matched, 0.02, stuck)["passed"] is False
+    assert grid_summary.gate(matched, 0.02, stuck)["passed"] is False
     # Two seeds that disagree: the interval is too wide to show equivalence.
     wide = _split(baseB_0=[0.80, 0.80], BnB_7=[0.79, 0.815], BnBplus_7=[0.80, 0.80])
-    g = transferability.gate(wide, 0.02)
+    g = grid_summary.gate(wide, 0.02)
     assert g["passed"] is None and g["checks"][("BnB", 7)]["state"] == "not shown"
     assert any("add seeds (--seeds)" in w for w in g["why"])
     # Two seeds exactly tied (a zero-width t-interval, no per-image hits)
     # show nothing, however small the difference; nor does one replicate.
     tied = _split(baseB_0=[0.976, 0.976], BnB_7=[0.98, 0.98], BnBplus_7=[0.98, 0.98])
-    g = transferability.gate(tied, 0.02)
+    g = grid_summary.gate(tied, 0.02)
     assert g["passed"] is None and g["checks"][("BnB", 7)]["state"] == "not shown"
     assert any("zero width" in w and "--seeds" in w for w in g["why"])
-    assert transferability.gate(tied, 0.001)["passed"] is None
+    assert grid_summary.gate(tied, 0.001)["passed"] is None
     one = _split(baseB_0=[0.8], BnB_7=[0.81], BnBplus_7=[0.79])
-    assert transferability.gate(one, 0.02)["passed"] is None
-    assert transferability.gate({"values": {}, "hits": {}}, 0.02)["passed"] is None
+    assert grid_summary.gate(one, 0.02)["passed"] is None
+    assert grid_summary.gate({"values": {}, "hits": {}}, 0.02)["passed"] is None
 
 
 def test_the_gate_is_tost_at_five_percent_per_side():
@@ -357,7 +355,7 @@ def test_the_gate_is_tost_at_five_percent_per_side():
     )
     iv95 = stats.interval(deltas)
     assert iv95["high"] > 0.02  # the old gate (95%) would not show it
-    g = transferability.gate(split, 0.02)
+    g = grid_summary.gate(split, 0.02)
     check = g["checks"][("BnB+", 7)]
     assert check["interval"]["high"] < 0.02 and check["state"] == "equivalent"
     expected = stats.interval(deltas, 0.90)
@@ -428,7 +426,7 @@ def test_the_gate_counts_the_test_images_that_the_hits_record():
             _grid_record("BnB", 7, seed, selffer),
             _grid_record("BnB+", 7, seed, selffer),
         ]
-    split = transferability.aggregate(records)["splits"]["random"]
+    split = grid_summary.aggregate(records)["splits"]["random"]
     iv = split["gate"]["checks"][("BnB", 7)]["interval"]
     # Two seeds whose differences agree closely: the interval's width comes from
     # the 6-in-500 disagreements (binomial-sized), not from t with 1 degree of
@@ -440,7 +438,7 @@ def test_the_gate_counts_the_test_images_that_the_hits_record():
     assert split["gate"]["passed"] is True
     # The same two seeds against a tolerance of 0.2 points: not shown.
     assert (
-        transferability.aggregate(records, 0.002)["splits"]["random"]["gate"]["passed"]
+        grid_summary.aggregate(records, 0.002)["splits"]["random"]["gate"]["passed"]
         is None
     )
 
@@ -460,8 +458,8 @@ def test_findings_are_judged_from_paired_intervals():
         AnBplus_7=[b + 0.03 + 0.001 * i for i, b in enumerate(base)],
         BnBplus_7=near,
     )
-    split.update(layers=[1, 7], gate=transferability.gate(split, 0.02))
-    found = {f.key: f for f in transferability.findings({"random": split})}
+    split.update(layers=[1, 7], gate=grid_summary.gate(split, 0.02))
+    found = {f.key: f for f in grid_summary.findings({"random": split})}
     assert found["specificity"].verdict == "reproduced"
     assert found["specificity"].interval["mean"] == pytest.approx(-0.103)
     assert found["specificity"].holds == (3, 3)
@@ -472,10 +470,10 @@ def test_findings_are_judged_from_paired_intervals():
     # The gate did not show convergence at n=1 with BnB+ missing there: the
     # findings say so; with a failed gate they are marked confounded.
     split["gate"] = {"passed": None}
-    found = {f.key: f for f in transferability.findings({"random": split})}
+    found = {f.key: f for f in grid_summary.findings({"random": split})}
     assert "convergence not shown on random" in found["boost_base"].verdict
     split["gate"] = {"passed": False}
-    found = {f.key: f for f in transferability.findings({"random": split})}
+    found = {f.key: f for f in grid_summary.findings({"random": split})}
     assert found["boost_base"].verdict.startswith("reproduced (confounded")
 
 
@@ -590,9 +588,9 @@ def test_killed_script_resumes_without_redoing_finished_runs(study, tmp_path):
 def test_every_run_is_browsable_in_the_hparams_tab(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
-    run = transferability.Run("transfer", "random", 1, "B", n=4, source="A")
+    run = tr_plan.Run("transfer", "random", 1, "B", n=4, source="A")
     record = {"test_accuracy": 0.91, "val_accuracy": 0.93}
-    transferability.write_hparams(run, record, tmp_path)
+    tr_execution.write_hparams(run, record, tmp_path)
     events = event_accumulator.EventAccumulator(
         str(tmp_path / "tensorboard" / "hparams"),
         size_guidance={event_accumulator.TENSORS: 0},

@@ -20,6 +20,9 @@ from transfer_tf import data, domains, models, results
 from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner, stats
 from transfer_tf.studies import what_transfers as wt
+from transfer_tf.studies.what_transfers import execution as wt_execution
+from transfer_tf.studies.what_transfers import figures as wt_figures
+from transfer_tf.studies.what_transfers import plan as wt_plan
 from transfer_tf.studies.what_transfers import summary as wt_summary
 
 STUDY = wt.STUDY
@@ -38,8 +41,8 @@ def smoke(**changes):
 
 
 def test_expand_lists_sources_then_targets_then_analyses():
-    config = wt.Config(seeds=(0, 1))
-    runs = wt.expand(config)
+    config = wt_plan.Config(seeds=(0, 1))
+    runs = wt_plan.expand(config)
     per_seed = 1 + 2 * 4 + 2 + 3 + 2 + 2  # source, 4 blocks x 2 arms, replicas,
     assert len(runs) == 2 * per_seed  # checkpoints, pairs, criticality
     position = {r.key: i for i, r in enumerate(runs)}
@@ -65,7 +68,7 @@ def test_expand_lists_sources_then_targets_then_analyses():
 
 
 def test_expand_follows_the_analyses_and_arms():
-    only = wt.expand(wt.Config(seeds=(3,), analyses=("criticality",)))
+    only = wt_plan.expand(wt_plan.Config(seeds=(3,), analyses=("criticality",)))
     assert [r.key for r in only] == [
         "seed3/source",
         "seed3/P-T/bfull",
@@ -73,8 +76,8 @@ def test_expand_follows_the_analyses_and_arms():
         "seed3/criticality/P-T",
         "seed3/criticality/RI-T",
     ]
-    shuffled = wt.expand(
-        wt.Config(
+    shuffled = wt_plan.expand(
+        wt_plan.Config(
             seeds=(0,),
             analyses=("block_shuffle",),
             block_sizes=(None, 2),
@@ -93,34 +96,36 @@ def test_expand_follows_the_analyses_and_arms():
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"analyses=\['basin'\]"):
-        wt.Config(analyses=("basin",))
+        wt_plan.Config(analyses=("basin",))
     with pytest.raises(ValueError, match="block_sizes=.*0 is not an integer >= 1"):
-        wt.Config(block_sizes=(None, 0))
+        wt_plan.Config(block_sizes=(None, 0))
     with pytest.raises(
         ValueError, match="checkpoint_epochs=.*99 is not an integer in 0..80"
     ):
-        wt.Config(checkpoint_epochs=(1, 99))
+        wt_plan.Config(checkpoint_epochs=(1, 99))
     with pytest.raises(ValueError, match="no checkpoints"):
-        wt.Config(grid_workdir="/tmp/grid", source_dataset=None)
+        wt_plan.Config(grid_workdir="/tmp/grid", source_dataset=None)
     with pytest.raises(ValueError, match="exclude each other"):
-        wt.Config(grid_workdir="/tmp/grid", analyses=("pairs",))
+        wt_plan.Config(grid_workdir="/tmp/grid", analyses=("pairs",))
     with pytest.raises(ValueError, match="interpolation_points=1"):
-        wt.Config(interpolation_points=1)
+        wt_plan.Config(interpolation_points=1)
     # fine without them
-    wt.Config(grid_workdir="/tmp/grid", source_dataset=None, analyses=("pairs",))
+    wt_plan.Config(grid_workdir="/tmp/grid", source_dataset=None, analyses=("pairs",))
 
 
 def test_block_sizes_are_checked_against_the_images():
     images = types.SimpleNamespace(image_shape=(28, 28, 1))
     context = types.SimpleNamespace(source=images, source_data=images)
     with pytest.raises(ValueError, match=r"block_sizes: 5 does not shuffle 28x28"):
-        wt.check(smoke(block_sizes=(None, 5)), context)
+        wt_execution.check(smoke(block_sizes=(None, 5)), context)
     with pytest.raises(ValueError, match="'all'"):
-        wt.check(smoke(block_sizes=(28,)), context)
-    wt.check(smoke(block_sizes=(None, 14, 7, 1)), context)
+        wt_execution.check(smoke(block_sizes=(28,)), context)
+    wt_execution.check(smoke(block_sizes=(None, 14, 7, 1)), context)
     other = types.SimpleNamespace(image_shape=(32, 32, 3))
     with pytest.raises(ValueError, match=r"source_dataset .* \(32, 32, 3\)"):
-        wt.check(smoke(), types.SimpleNamespace(source=images, source_data=other))
+        wt_execution.check(
+            smoke(), types.SimpleNamespace(source=images, source_data=other)
+        )
 
 
 # ------------------------------------------------------------- what a run depends on
@@ -129,7 +134,7 @@ def test_block_sizes_are_checked_against_the_images():
 def hashes(config):
     r = runner.Runner.__new__(runner.Runner)
     r.study, r.config = STUDY, config
-    return {run.key: r.run_hash(run) for run in wt.expand(config)}
+    return {run.key: r.run_hash(run) for run in wt_plan.expand(config)}
 
 
 def changed(a, b):
@@ -158,8 +163,10 @@ def test_analysis_settings_redo_only_their_analyses():
     ]
     # The extent and the report's settings change nothing that ran.
     assert changed(config, smoke(basin_barrier=0.5, block_sizes=(None, 2, 1))) == []
-    assert wt.identity(config) == wt.identity(smoke(criticality_tolerance=0.05))
-    assert wt.identity(config) != wt.identity(smoke(target_per_class=10))
+    assert wt_plan.identity(config) == wt_plan.identity(
+        smoke(criticality_tolerance=0.05)
+    )
+    assert wt_plan.identity(config) != wt_plan.identity(smoke(target_per_class=10))
 
 
 # ------------------------------------------------------------- findings by hand
@@ -227,7 +234,8 @@ def fake_outcome(run, values=None):
 
 def fake_records(config, values):
     return [
-        {**runner.header(run), **fake_outcome(run, values)} for run in wt.expand(config)
+        {**runner.header(run), **fake_outcome(run, values)}
+        for run in wt_plan.expand(config)
     ]
 
 
@@ -264,7 +272,7 @@ VALUES = {
 
 @pytest.fixture
 def study_config():
-    return wt.Config(seeds=SEEDS, block_sizes=(None, 1), checkpoint_epochs=(1, 2))
+    return wt_plan.Config(seeds=SEEDS, block_sizes=(None, 1), checkpoint_epochs=(1, 2))
 
 
 def by_id(rows):
@@ -272,7 +280,7 @@ def by_id(rows):
 
 
 def test_findings_and_verdicts_by_hand(study_config):
-    rows = by_id(wt.findings(fake_records(study_config, VALUES), study_config))
+    rows = by_id(wt_summary.findings(fake_records(study_config, VALUES), study_config))
     assert list(rows) == ["1a", "1b", "2", "3a", "3b", "3c", "3d", "4", "5"]
     # 1a: gaps 0.02, 0.03, 0.04: mean 0.03, sd 0.01, half 4.3027 * 0.01 / sqrt 3.
     iv = rows["1a"].interval
@@ -317,7 +325,7 @@ def test_findings_and_verdicts_by_hand(study_config):
 
 def test_summary_and_csv_are_the_findings(study_config):
     records = fake_records(study_config, VALUES)
-    out = wt.report(records, study_config)
+    out = wt_figures.report(records, study_config)
     for name in ("block_shuffle", "basin", "similarity", "criticality", "checkpoints"):
         png = out[f"{name}.png"]
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
@@ -343,13 +351,15 @@ def test_summary_and_csv_are_the_findings(study_config):
 
 
 def test_notes_say_what_the_findings_rest_on():
-    config = wt.Config(seeds=(4,), analyses=("block_shuffle",), block_sizes=(None, 1))
+    config = wt_plan.Config(
+        seeds=(4,), analyses=("block_shuffle",), block_sizes=(None, 1)
+    )
     values = {
         "source": {"stop_reason": "epoch cap", "epochs_run": 60},
         "RI-T/b1": {"at_chance": True},
     }
     records = fake_records(config, values)
-    rows = wt.findings(records, config)
+    rows = wt_summary.findings(records, config)
     assert {row.outcome for row in rows} == {"not resolved"}  # one seed
     assert all("1 replicate: no interval" in row.verdict for row in rows)
     caveats = wt.summary.caveats(records)
@@ -360,7 +370,7 @@ def test_notes_say_what_the_findings_rest_on():
     assert "never rose significantly above chance" in caveats[1]
     assert caveats[1].endswith(": seed4/RI-T/b1")
     assert "every result rests on 1 seed (4)" in caveats[-1]
-    text = report_lib.markdown(wt.summarize(records, config))
+    text = report_lib.markdown(wt_summary.summarize(records, config))
     assert "**Caveats.**" in text and "- source of seed 4 stopped" in text
 
 
@@ -368,10 +378,10 @@ def test_unreached_checkpoints_are_left_out(study_config):
     values = dict(VALUES)
     values["P-T/checkpoint2"] = {"reached": False, "test_accuracy": None}
     records = fake_records(study_config, values)
-    rows = by_id(wt.findings(records, study_config))
+    rows = by_id(wt_summary.findings(records, study_config))
     # seed 0's basin checkpoint (epoch 2) was not reached: seeds 1 and 2 remain.
     assert rows["5"].replicates == [1, 2]
-    table = wt.summarize(records, study_config).table("checkpoints")
+    table = wt_summary.summarize(records, study_config).table("checkpoints")
     assert table.rows[1][:2] == ["2", "0/3"]
 
 
@@ -394,7 +404,7 @@ def test_runner_executes_after_needs_skips_finished_and_redoes_analyses(tmp_path
         signatures=lambda config, context: {},  # nothing trains here
         # The subject is the run order and resume, not the figures.
         report=lambda records, config: {
-            "summary.md": report_lib.markdown(wt.summarize(records, config))
+            "summary.md": report_lib.markdown(wt_summary.summarize(records, config))
         },
         context=lambda config, workdir, run_dir: types.SimpleNamespace(
             prepare=lambda: None
@@ -402,7 +412,7 @@ def test_runner_executes_after_needs_skips_finished_and_redoes_analyses(tmp_path
     )
     config = smoke(seeds=(0, 1))
     runner.run_study(study, config, tmp_path)
-    assert calls == [r.key for r in wt.expand(config)]
+    assert calls == [r.key for r in wt_plan.expand(config)]
     assert "| 2 |" in (tmp_path / "summary.md").read_text()
     calls.clear()
     runner.run_study(study, config, tmp_path)
@@ -478,7 +488,7 @@ def test_smoke_run_of_the_script(what_transfers_smoke):
     workdir, proc = what_transfers_smoke.workdir, what_transfers_smoke.finished
     config = what_transfers_smoke.config
     records = what_transfers_smoke.records
-    assert [r["key"] for r in records] == [r.key for r in wt.expand(config)]
+    assert [r["key"] for r in records] == [r.key for r in wt_plan.expand(config)]
     assert len(records) == 12
     for name in (
         "summary.md",
@@ -520,7 +530,7 @@ def test_smoke_run_of_the_script(what_transfers_smoke):
     checkpoint = by_key["seed0/P-T/checkpoint1"]
     assert checkpoint["reached"] and checkpoint["source_barrier"] >= 0
     # The report is the records' (recomputed here), with its one-seed note.
-    assert (workdir / "summary.csv").read_text() == wt.report(records, config)[
+    assert (workdir / "summary.csv").read_text() == wt_figures.report(records, config)[
         "summary.csv"
     ]
     assert "every result rests on 1 seed" in (workdir / "summary.md").read_text()

@@ -35,7 +35,7 @@ def smoke_config(tmp_path, **changes):
 
 def test_expand_pretrains_each_source_and_seed_before_the_classifiers():
     config = STUDY.preset("default")
-    runs = study_we.expand(config)
+    runs = plan.expand(config)
     pretrains = [r for r in runs if r.kind == "pretrain"]
     trains = [r for r in runs if r.kind == "train"]
     assert len(pretrains) == 3 * 3  # seeds x sources
@@ -53,7 +53,7 @@ def test_expand_pretrains_each_source_and_seed_before_the_classifiers():
     assert run.line == "frozen:out_of_domain"
     assert plan.Run("train", 1, arm="scratch").needs() == []
     only_scratch = config_lib.override(config, {"arms": ("scratch",)})
-    assert all(r.kind == "train" for r in study_we.expand(only_scratch))
+    assert all(r.kind == "train" for r in plan.expand(only_scratch))
 
 
 def test_each_run_depends_only_on_what_changes_its_result():
@@ -367,7 +367,7 @@ def test_the_smoke_run_reports_every_run_and_writes_readable_vectors(
 ):
     smoke = word_embeddings_smoke
     assert smoke.finished.returncode == 0
-    runs = study_we.expand(smoke.config)
+    runs = plan.expand(smoke.config)
     assert sorted(r["key"] for r in smoke.records) == sorted(r.key for r in runs)
     pretrain = next(r for r in smoke.records if r["key"] == "pretrain/in_domain/seed0")
     assert pretrain["vocabulary"] > 10 and pretrain["task_words_covered"] == 1.0

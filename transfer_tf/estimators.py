@@ -27,6 +27,7 @@ the argument. All arithmetic is in float64.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -537,3 +538,38 @@ def estimator(name: str) -> Estimator:
             f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}"
         )
     return ESTIMATORS[name]
+
+
+# The estimators that score a layer's features (LEEP and NCE score a source's
+# own classifier outputs).
+LAYER_ESTIMATORS = tuple(n for n, e in ESTIMATORS.items() if e.takes == "features")
+
+
+def _softmax(logits):
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def score(name: str, layer: str, x, labels) -> dict:
+    """One estimator on one layer's features (or a classifier's logits), timed:
+    ``{layer, estimator, dim, score, seconds}`` (LogME also ``converged``); a
+    score that cannot be computed (constant features) is None with the reason
+    as ``error``."""
+    chosen = estimator(name)
+    started = time.perf_counter()
+    entry = {"layer": layer, "estimator": name, "dim": int(x.shape[1])}
+    try:
+        if chosen.takes == "probabilities":
+            entry["score"] = chosen.function(_softmax(x), labels)
+        elif chosen.takes == "predicted_labels":
+            entry["score"] = chosen.function(x.argmax(axis=1), labels)
+        elif name == "logme":
+            details = logme_details(x, labels)
+            entry.update(score=details.score, converged=all(details.converged))
+        else:
+            entry["score"] = chosen.function(x, labels)
+    except ValueError as e:
+        entry.update(score=None, error=str(e))
+    entry["seconds"] = time.perf_counter() - started
+    return entry

@@ -12,6 +12,7 @@ kernels, which then fail obscurely or even answer).
 from __future__ import annotations
 
 import pathlib
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -96,6 +97,12 @@ def load_keras_model(path) -> keras.Model:
         path = path / KERAS_FILE
     if not path.is_file():
         raise ValueError(f"no Keras model at {str(path)!r}")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{str(path)!r} is not a .keras file (a .keras file is the zip archive "
+            "that model.save writes); pass a model saved with "
+            "model.save('net.keras'), or its SavedModel directory"
+        )
     try:
         model = keras.models.load_model(path)
     except Exception as e:  # Keras raises several types for a damaged archive

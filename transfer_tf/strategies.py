@@ -755,3 +755,90 @@ def strategy(name: str) -> Strategy:
             f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"
         )
     return STRATEGIES[name]
+
+
+# ------------------------------------------------------------------ on a task
+
+
+def _stage(name: str, result: training.TrainResult) -> dict:
+    return {
+        "stage": name,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "learning_rate_reductions": result.learning_rate_reductions,
+        "val_loss": result.best_val_loss,
+        "val_accuracy": result.best_val_accuracy,
+        "train_time": result.wall_time,
+    }
+
+
+def train_on_task(
+    name: str,
+    model: keras.Model,
+    n: int,
+    task,
+    train_config: training.TrainConfig,
+    run_dir,
+    batch_size: int,
+    augment: str = "none",
+    min_epoch_steps: int = 1,
+    options: dict | None = None,
+) -> tuple[training.TaskResult, dict]:
+    """Trains a strategy's built net (``strategy(name).build``) on a task by
+    ``train_config`` (the plateau rule) and tests it: what the fine-tuning study
+    and the advisor both run.
+
+    ``freeze``, ``fine_tune`` and ``scratch`` train through
+    ``training.train_task`` (a frozen prefix then trains on its cached
+    activations: exact); the others through the strategy's own ``train``
+    (their optimiser or callbacks), given ``options``.
+
+    Returns:
+      ``(outcome, stages)``: the tested outcome of the last stage and
+      ``{stage: TrainResult}``; ``model`` holds the best weights.
+    """
+    if name in ("freeze", "fine_tune", "scratch"):
+        outcome = training.train_task(
+            model,
+            task,
+            train_config,
+            run_dir,
+            batch_size,
+            augment,
+            min_epoch_steps=min_epoch_steps,
+        )
+        return outcome, {"train": outcome.train}
+    keras.utils.set_random_seed(train_config.seed)  # the pipeline's shuffle
+    stages = strategy(name).train(
+        model,
+        n,
+        task.train_dataset(batch_size, train_config.seed, augment, min_epoch_steps),
+        task.eval_dataset("validation", batch_size),
+        train_config,
+        run_dir,
+        **(options or {}),
+    )
+    outcome = training.tested(
+        stages.get("fine_tune", stages.get("train")),
+        model,
+        task,
+        batch_size,
+        f"{name} trains through its own optimiser or callbacks",
+    )
+    return outcome, stages
+
+
+def task_record(outcome: training.TaskResult, stages: dict, task, rate) -> dict:
+    """What is recorded of a strategy's training: the outcome's fields, each
+    stage's, and the totals over stages."""
+    record = outcome.record()
+    record.update(
+        num_classes=task.num_classes,
+        learning_rate=rate,
+        stages=[_stage(name, result) for name, result in stages.items()],
+        epochs_total=sum(r.epochs_run for r in stages.values()),
+        steps_total=sum(r.epochs_run * r.steps_per_epoch for r in stages.values()),
+        train_time=sum(r.wall_time for r in stages.values()),
+    )
+    return record

@@ -1,6 +1,7 @@
 """The one study runner: expand -> skip finished -> execute -> record -> report.
 
-A study module declares a :class:`Study`: its configuration class and presets,
+A study package declares one :class:`Study` (``STUDY = runner.Study(...)`` in its
+``__init__``): its configuration class and presets,
 ``expand(config) -> [Run]`` (runs are data, each with a stable ``key``), how one
 run executes (``execute(run, context, run_dir) -> dict`` of its outcome), and its
 report (``report(records, config) -> {file name: text or PNG bytes}``: summaries
@@ -52,7 +53,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 import time
 from collections.abc import Callable, Hashable
 
@@ -162,29 +162,6 @@ class Study:
                 f"{sorted(self.presets)}"
             )
         return config_lib.override(self.config_class(), self.presets[name])
-
-
-def from_module(module_name: str, **hooks) -> Study:
-    """The :class:`Study` a study module declares by convention: its ``Config``,
-    ``PRESETS``, ``expand``, ``Context``, ``execute`` and ``report`` (and ``check``,
-    ``finish``, ``run_part``, ``signatures`` when it defines them); ``hooks`` set
-    the rest. The
-    study is named after the module (``transfer_tf.studies.transferability``:
-    ``transferability``)."""
-    module = sys.modules[module_name]
-    fields = {
-        "name": module_name.rsplit(".", 1)[-1],
-        "config_class": module.Config,
-        "presets": module.PRESETS,
-        "expand": module.expand,
-        "context": getattr(module, "Context", Context),
-        "execute": module.execute,
-        "report": module.report,
-    }
-    for optional in ("check", "finish", "run_part", "signatures"):
-        if hasattr(module, optional):
-            fields[optional] = getattr(module, optional)
-    return Study(**{**fields, **hooks})
 
 
 # --------------------------------------------------------------------- the context

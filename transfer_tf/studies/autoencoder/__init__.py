@@ -28,40 +28,26 @@ from __future__ import annotations
 from transfer_tf.studies import runner
 from transfer_tf.studies.autoencoder import execution, plan, summary
 
-# The study's public names (the modules above hold the rest).
-Config = plan.Config
-PRESETS = plan.PRESETS
-Run = plan.Run
-ARMS = plan.ARMS
-ENCODER_DIR = plan.ENCODER_DIR
-PROBE_LAYERS = plan.PROBE_LAYERS
-PROBE_SOURCES = plan.PROBE_SOURCES
-RECONSTRUCTIONS = plan.RECONSTRUCTIONS
-expand = plan.expand
-grid_source = plan.grid_source
-run_part = plan.run_part
-Context = execution.Context
-build = execution.build
-execute = execution.execute
-check = execution.check
-explain = execution.explain
-run_pretraining = execution.run_pretraining
-signatures = execution.signatures
-cells = summary.cells
-summarize = summary.summarize
-report = summary.report
-
-STUDY = runner.from_module(
-    __name__,
+STUDY = runner.Study(
+    name="autoencoder",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=summary.report,
+    check=execution.check,
+    run_part=plan.run_part,
+    signatures=execution.signatures,
     identity=lambda config: config.pretraining_affecting(),
     group=lambda run: (run.kind, run.arm),
     typical=lambda run: run.kind != "pretrain",
     describe=execution.describe,
     # A killed pretraining resumes after its last finished epoch.
     resumable=lambda run: run.kind == "pretrain",
-    explain=explain,
+    explain=execution.explain,
     outputs=(
-        f"{runner.RUNS_DIR}/pretrain/{RECONSTRUCTIONS}",
-        f"{runner.RUNS_DIR}/pretrain/{ENCODER_DIR}/saved_model",
+        f"{runner.RUNS_DIR}/pretrain/{plan.RECONSTRUCTIONS}",
+        f"{runner.RUNS_DIR}/pretrain/{plan.ENCODER_DIR}/saved_model",
     ),
 )

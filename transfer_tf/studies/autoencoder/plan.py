@@ -6,14 +6,13 @@ See the package docstring for the study."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import pathlib
 
 from transfer_tf import autoencoder as ae
 from transfer_tf import data, export, features, heads, models, precision, training
 from transfer_tf.studies import config as config_lib
-from transfer_tf.studies import runner
+from transfer_tf.studies import runner, sources
 
 log = logging.getLogger(__name__)
 
@@ -256,50 +255,27 @@ def grid_source(config: Config, seed: int = 0) -> pathlib.Path:
       ValueError: the grid ran on another dataset, class split or architecture,
         or has not finished that base net (saying what to run).
     """
-    from transfer_tf.studies import transferability
-
-    workdir = pathlib.Path(config.grid_workdir).expanduser()
     d = config.data
     fields = ("dataset",)
     if d.class_split == "explicit":
         fields += ("classes_a", "classes_b")
-    records = transferability.grid_records(workdir, d, config.model, fields)
-    finished = {r["key"] for r in records if r.get("kind") == "base"}
-    source_half = _other(config.target)
-    if d.class_split == "random":
-        candidates = [d.split_seed]
-    else:
-        seeds = sorted(
-            int(k.split("/")[1][4:])
-            for k in finished
-            if k.startswith(f"{d.class_split}/")
-        )
-        candidates = [seed] if seed in seeds else seeds[:1]
-    for grid_seed in candidates:
-        key = f"{d.class_split}/seed{grid_seed}/base{source_half}"
-        path = workdir / runner.RUNS_DIR / key / export.KERAS_FILE
-        if key in finished and path.is_file():
-            return path
-    wanted = f"{d.class_split}/seed{candidates[0] if candidates else d.split_seed}"
-    raise ValueError(
-        f"the grid in {str(workdir)!r} has no finished base net {wanted}/"
-        f"base{source_half} (the supervised source for target {config.target}); run "
-        f"experiments/transferability.py --workdir={workdir} with --splits="
-        f"{d.class_split} --seeds={wanted.split('seed')[1]}, or leave the grid out"
+    run_dir = sources.grid_base_net(
+        config.grid_workdir,
+        d,
+        config.model,
+        half=_other(config.target),
+        seed=seed,
+        split=d.class_split,
+        fields=fields,
+        role=f"supervised source for target {config.target}",
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _fingerprint(path: pathlib.Path, stamp) -> str:
-    return features.model_fingerprint(path)
+    return run_dir / export.KERAS_FILE
 
 
 def grid_fingerprint(config: Config) -> str:
     """Fingerprint of the supervised source's file (so a retrained grid redoes the
     runs that read it); computed once per file version."""
-    path = grid_source(config)
-    info = path.stat()
-    return _fingerprint(path, (info.st_mtime_ns, info.st_size))
+    return sources.grid_fingerprint(grid_source(config).parent)
 
 
 def run_part(config: Config, run: Run) -> dict:

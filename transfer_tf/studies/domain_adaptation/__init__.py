@@ -76,40 +76,19 @@ and by class.
 from __future__ import annotations
 
 from transfer_tf.studies import runner
-from transfer_tf.studies.domain_adaptation import execution, figures, plan, summary
+from transfer_tf.studies.domain_adaptation import execution, plan, summary
 
-# The study's public names (the modules above hold the rest).
-METHODS = plan.METHODS
-SOURCE_ONLY = plan.SOURCE_ONLY
-ORACLE = plan.ORACLE
-ARMS = plan.ARMS
-ARM_NAMES = plan.ARM_NAMES
-RULES = plan.RULES
-RULE_NAMES = plan.RULE_NAMES
-UNSUPERVISED_RULES = plan.UNSUPERVISED_RULES
-OWN = plan.OWN
-Config = plan.Config
-PRESETS = plan.PRESETS
-Run = plan.Run
-expand = plan.expand
-run_part = plan.run_part
-choose = plan.choose
-select = plan.select
-oracle_results = plan.oracle_results
-Context = execution.Context
-check = execution.check
-signatures = execution.signatures
-execute = execution.execute
-describe = execution.describe
-outcomes = summary.outcomes
-comparisons = summary.comparisons
-findings = summary.findings
-caveats = summary.caveats
-describe_pick = summary.describe_pick
-summarize = summary.summarize
-report = summary.report
-accuracy_figure = figures.accuracy_figure
-features_figure = figures.features_figure
-figure_panels = figures.figure_panels
-
-STUDY = runner.from_module(__name__, group=lambda run: run.arm, describe=describe)
+STUDY = runner.Study(
+    name="domain_adaptation",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=summary.report,
+    check=execution.check,
+    run_part=plan.run_part,
+    signatures=execution.signatures,
+    group=lambda run: run.arm,
+    describe=execution.describe,
+)

@@ -42,36 +42,20 @@ Report (from the records alone): ``summary.md``, ``summary.csv``,
 from __future__ import annotations
 
 from transfer_tf.studies import runner
-from transfer_tf.studies.fine_tuning import execution, plan, scores, summary
+from transfer_tf.studies.fine_tuning import execution, plan, summary
 
-# The study's public names (the modules above hold the rest).
-CLAIMS = plan.CLAIMS
-Config = plan.Config
-PRESETS = plan.PRESETS
-STRATEGIES = plan.STRATEGIES
-Run = plan.Run
-expand = plan.expand
-grid_records = plan.grid_records
-run_part = plan.run_part
-Context = execution.Context
-execute = execution.execute
-check = execution.check
-explain = execution.explain
-random_net = execution.random_net
-strategy_cells = summary.strategy_cells
-recommend = summary.recommend
-claims = summary.claims
-summarize = summary.summarize
-report = summary.report
-correlations = scores.correlations
-measured_table = scores.measured_table
-choices = scores.choices
-best_estimator = scores.best_estimator
-
-STUDY = runner.from_module(
-    __name__,
+STUDY = runner.Study(
+    name="fine_tuning",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=summary.report,
+    check=execution.check,
+    run_part=plan.run_part,
     group=lambda run: (run.kind, run.arm, run.budget),
     typical=lambda run: run.kind == "strategy",
     describe=execution.describe,
-    explain=explain,
+    explain=execution.explain,
 )

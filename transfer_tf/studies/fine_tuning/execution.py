@@ -188,90 +188,6 @@ def learning_rate(config: plan.Config, name: str) -> float:
     return config.training.learning_rate
 
 
-def _stage(name: str, result: training.TrainResult) -> dict:
-    return {
-        "stage": name,
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "stop_reason": result.stop_reason,
-        "learning_rate_reductions": result.learning_rate_reductions,
-        "val_loss": result.best_val_loss,
-        "val_accuracy": result.best_val_accuracy,
-        "train_time": result.wall_time,
-    }
-
-
-def train_strategy(
-    name: str,
-    model: keras.Model,
-    n: int,
-    task: data.Task,
-    train_config: training.TrainConfig,
-    run_dir,
-    batch_size: int,
-    augment: str = "none",
-    min_epoch_steps: int = 1,
-    options: dict | None = None,
-) -> tuple[training.TaskResult, dict]:
-    """Trains a strategy's built net (``strategies.strategy(name).build``) on a
-    task by ``train_config`` (the plateau rule) and tests it: what the study
-    and the advisor (``transfer_tf.studies.advisor``) both run.
-
-    ``freeze``, ``fine_tune`` and ``scratch`` train through
-    ``training.train_task`` (a frozen prefix then trains on its cached
-    activations: exact); the others through the strategy's own ``train``
-    (their optimiser or callbacks), given ``options``.
-
-    Returns:
-      ``(outcome, stages)``: the tested outcome of the last stage and
-      ``{stage: TrainResult}``; ``model`` holds the best weights.
-    """
-    if name in ("freeze", "fine_tune", "scratch"):
-        outcome = training.train_task(
-            model,
-            task,
-            train_config,
-            run_dir,
-            batch_size,
-            augment,
-            min_epoch_steps=min_epoch_steps,
-        )
-        return outcome, {"train": outcome.train}
-    keras.utils.set_random_seed(train_config.seed)  # the pipeline's shuffle
-    stages = strategies.strategy(name).train(
-        model,
-        n,
-        task.train_dataset(batch_size, train_config.seed, augment, min_epoch_steps),
-        task.eval_dataset("validation", batch_size),
-        train_config,
-        run_dir,
-        **(options or {}),
-    )
-    outcome = training.tested(
-        stages.get("fine_tune", stages.get("train")),
-        model,
-        task,
-        batch_size,
-        f"{name} trains through its own optimiser or callbacks",
-    )
-    return outcome, stages
-
-
-def strategy_record(outcome: training.TaskResult, stages: dict, task, rate) -> dict:
-    """What is recorded of a strategy's training: the outcome's fields, each
-    stage's, and the totals over stages."""
-    record = outcome.record()
-    record.update(
-        num_classes=task.num_classes,
-        learning_rate=rate,
-        stages=[_stage(name, result) for name, result in stages.items()],
-        epochs_total=sum(r.epochs_run for r in stages.values()),
-        steps_total=sum(r.epochs_run * r.steps_per_epoch for r in stages.values()),
-        train_time=sum(r.wall_time for r in stages.values()),
-    )
-    return record
-
-
 def _execute_strategy(run: plan.Run, context: Context, run_dir) -> dict:
     config = context.config
     task = context.task(run.k, run.seed)
@@ -290,7 +206,7 @@ def _execute_strategy(run: plan.Run, context: Context, run_dir) -> dict:
         config.training, run.seed, learning_rate(config, run.arm)
     )
     d = config.data
-    outcome, stages = train_strategy(
+    outcome, stages = strategies.train_on_task(
         run.arm,
         model,
         run.n,
@@ -302,7 +218,7 @@ def _execute_strategy(run: plan.Run, context: Context, run_dir) -> dict:
         config.min_epoch_steps,
         strategy_options(config, run.arm, train_config),
     )
-    return strategy_record(outcome, stages, task, train_config.learning_rate)
+    return strategies.task_record(outcome, stages, task, train_config.learning_rate)
 
 
 def _execute_score(run: plan.Run, context: Context, run_dir) -> dict:
@@ -323,13 +239,13 @@ def _execute_score(run: plan.Run, context: Context, run_dir) -> dict:
         x = arrays[_feature_key(layer, config)]
         for name in config.estimators:
             if name in plan.LAYER_ESTIMATORS:
-                scores.append(score_features(name, layer, x, labels))
+                scores.append(estimators.score(name, layer, x, labels))
     if run.source in plan.WITH_HEAD and _head_estimators(config):
         logits = arrays[features.feature_key(plan.HEAD_LAYER, "none")].astype(
             np.float64
         )
         for name in _head_estimators(config):
-            scores.append(score_features(name, plan.HEAD_LAYER, logits, labels))
+            scores.append(estimators.score(name, plan.HEAD_LAYER, logits, labels))
     return {
         "num_train": int(len(labels)),
         "num_classes": task.num_classes,
@@ -337,34 +253,6 @@ def _execute_score(run: plan.Run, context: Context, run_dir) -> dict:
         "score_time": sum(s["seconds"] for s in scores),
         "scores": scores,
     }
-
-
-def _softmax(logits):
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def score_features(name: str, layer: str, x, labels) -> dict:
-    """One estimator on one layer's features (or a head's logits), timed; a
-    score that cannot be computed (constant features) is None with the reason."""
-    estimator = estimators.estimator(name)
-    started = time.perf_counter()
-    entry = {"layer": layer, "estimator": name, "dim": int(x.shape[1])}
-    try:
-        if estimator.takes == "probabilities":
-            entry["score"] = estimator.function(_softmax(x), labels)
-        elif estimator.takes == "predicted_labels":
-            entry["score"] = estimator.function(x.argmax(axis=1), labels)
-        elif name == "logme":
-            details = estimators.logme_details(x, labels)
-            entry.update(score=details.score, converged=all(details.converged))
-        else:
-            entry["score"] = estimator.function(x, labels)
-    except ValueError as e:
-        entry.update(score=None, error=str(e))
-    entry["seconds"] = time.perf_counter() - started
-    return entry
 
 
 def _execute_probe(run: plan.Run, context: Context, run_dir) -> dict:

@@ -22,7 +22,7 @@ from transfer_tf import (
     training,
 )
 from transfer_tf.studies import config as config_lib
-from transfer_tf.studies import runner
+from transfer_tf.studies import runner, sources
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ WITH_HEAD = ("transfer", "selffer", "random")
 
 
 # Estimators of a source's classifier outputs score a source, not a layer.
-LAYER_ESTIMATORS = tuple(
-    n for n, e in estimators.ESTIMATORS.items() if e.takes == "features"
-)
+LAYER_ESTIMATORS = estimators.LAYER_ESTIMATORS
 
 
 TOP = len(NET_LAYERS)  # the cut of every strategy but freeze: layers 1..7 copied
@@ -507,9 +505,7 @@ def grid_records(config: Config) -> list[dict]:
     if config.grid_workdir is None:
         return []
     _check_grid_split(config)
-    from transfer_tf.studies import transferability
-
-    records = transferability.grid_records(
+    records = sources.grid_records(
         config.grid_workdir, config.data, config.model, GRID_FIELDS
     )
     return [r for r in records if r.get("split") == config.data.class_split]
@@ -533,10 +529,8 @@ def grid_net_path(config: Config, source: str, seed: int) -> pathlib.Path:
     Raises:
       ValueError: the grid has no finished base net for it (saying what to run).
     """
-    from transfer_tf.studies import transferability
-
     _check_grid_split(config)
-    run_dir = transferability.grid_base_net(
+    run_dir = sources.grid_base_net(
         config.grid_workdir,
         config.data,
         config.model,
@@ -552,9 +546,7 @@ def grid_net_path(config: Config, source: str, seed: int) -> pathlib.Path:
 def grid_fingerprint(config: Config, source: str, seed: int) -> str:
     """Fingerprint of a grid source net's file (a retrained grid redoes the runs
     that read it)."""
-    from transfer_tf.studies import transferability
-
-    return transferability.grid_fingerprint(grid_net_path(config, source, seed).parent)
+    return sources.grid_fingerprint(grid_net_path(config, source, seed).parent)
 
 
 def run_part(config: Config, run: Run) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 
 from transfer_tf import estimators, models, plots
 from transfer_tf.studies import report as report_lib
-from transfer_tf.studies import stats
+from transfer_tf.studies import sources, stats
 from transfer_tf.studies.fine_tuning import plan
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,10 @@ def _grid_for_seeds(grid, config: plan.Config) -> list[dict]:
     study seeds they measure (``study_seeds``): its transfer and selffer runs
     of the grid seed whose base nets are the sources, its random runs of the
     same seed only (the untrained candidate is seeded by the study's seed)."""
-    from transfer_tf.studies import transferability
-
     seeds = sorted({r["seed"] for r in grid if r.get("kind") == "base"})
     d = config.data
     chosen = {
-        s: transferability.grid_seed(d.class_split, d.split_seed, s, seeds)
+        s: sources.grid_seed(d.class_split, d.split_seed, s, seeds)
         for s in config.seeds
     }
     out = []

@@ -17,58 +17,19 @@ seeds with their count), ``summary.csv`` (the records), ``probe_layers.png`` and
 
 from __future__ import annotations
 
-from transfer_tf import plots
-from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner
-from transfer_tf.studies.off_the_shelf import execution, figures, plan, summary
+from transfer_tf.studies.off_the_shelf import execution, figures, plan
 
-# The study's public names (the modules above hold the rest).
-ARMS = plan.ARMS
-Config = plan.Config
-PRESETS = plan.PRESETS
-Run = plan.Run
-expand = plan.expand
-best_probes = plan.best_probes
-grid_records = plan.grid_records
-Context = execution.Context
-check = execution.check
-execute = execution.execute
-export_heads = execution.export_heads
-cells = summary.cells
-summarize = summary.summarize
-
-
-def report(records, config: Config) -> dict:
-    """``summary.md``, ``summary.csv`` (the records), ``probe_layers.png`` and
-    ``label_budget.png``: the summary's rows and the figures drawn from the same
-    intervals."""
-    grid = plan.grid_records(config)
-    rows = summary.summarize(records, config, grid)
-    intervals = summary.cells(records, config, grid)
-    halves = summary.targets(records, config)
-    # A half that is only a source (its scratch net on all labels) is no target.
-    measured = [r for r in records if r["target"] in halves]
-    return {
-        "summary.md": report_lib.markdown(rows),
-        **rows.csv_files(),
-        "summary.csv": report_lib.records_csv(measured, summary.CSV_FIELDS),
-        "probe_layers.png": plots.png_bytes(
-            figures.probe_layers_figure(intervals, config)
-        ),
-        "label_budget.png": plots.png_bytes(
-            figures.label_budget_figure(intervals, config)
-        ),
-    }
-
-
-def finish(records, config: Config, context: Context):
-    """Exports the validation-best heads once the probes have run."""
-    if config.export_heads and "probe" in config.arms:
-        execution.export_heads(records, config, context)
-
-
-STUDY = runner.from_module(
-    __name__,
+STUDY = runner.Study(
+    name="off_the_shelf",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=figures.report,
+    check=execution.check,
+    finish=execution.finish,
     group=lambda run: run.treatment,
     outputs=("heads",),
     workspace=("features", "heads"),

@@ -303,3 +303,9 @@ def export_heads(records, config: plan.Config, context: Context) -> list[dict]:
         )
         exported.append(info)
     return exported
+
+
+def finish(records, config: plan.Config, context: Context):
+    """Exports the validation-best heads once the probes have run."""
+    if config.export_heads and "probe" in config.arms:
+        export_heads(records, config, context)

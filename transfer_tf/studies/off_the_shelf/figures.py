@@ -1,12 +1,14 @@
 """The off-the-shelf study's figures: probe accuracy per layer and per label
 budget, drawn from the summary's intervals (:func:`summary.cells`): a point is a
-mean over seeds, its error bar the 95% t-interval's half width."""
+mean over seeds, its error bar the 95% t-interval's half width; and the report
+(:func:`report`), rows and figures together."""
 
 from __future__ import annotations
 
 import logging
 
 from transfer_tf import features, plots
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies.off_the_shelf import plan, summary
 
 log = logging.getLogger(__name__)
@@ -162,3 +164,22 @@ def label_budget_figure(cells: dict, config: plan.Config):
     """Test top-1 vs labelled examples per class: linear probe (layer chosen on
     validation) per source, fine-tuning and scratch; one panel per target."""
     return plots.curves_figure(label_budget_panels(cells, config))
+
+
+def report(records, config: plan.Config) -> dict:
+    """``summary.md``, ``summary.csv`` (the records), ``probe_layers.png`` and
+    ``label_budget.png``: the summary's rows and the figures drawn from the same
+    intervals."""
+    grid = plan.grid_records(config)
+    rows = summary.summarize(records, config, grid)
+    intervals = summary.cells(records, config, grid)
+    halves = summary.targets(records, config)
+    # A half that is only a source (its scratch net on all labels) is no target.
+    measured = [r for r in records if r["target"] in halves]
+    return {
+        "summary.md": report_lib.markdown(rows),
+        **rows.csv_files(),
+        "summary.csv": report_lib.records_csv(measured, summary.CSV_FIELDS),
+        "probe_layers.png": plots.png_bytes(probe_layers_figure(intervals, config)),
+        "label_budget.png": plots.png_bytes(label_budget_figure(intervals, config)),
+    }

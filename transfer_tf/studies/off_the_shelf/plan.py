@@ -11,7 +11,7 @@ import pathlib
 
 from transfer_tf import backbones, data, export, features, heads, models, training
 from transfer_tf.studies import config as config_lib
-from transfer_tf.studies import runner, stats
+from transfer_tf.studies import runner, sources, stats
 
 log = logging.getLogger(__name__)
 
@@ -352,10 +352,8 @@ def grid_records(config: Config) -> list[dict]:
     """
     if not config.grid_workdir:
         return []
-    from transfer_tf.studies import transferability
-
     d = config.data
-    records = transferability.grid_records(
+    records = sources.grid_records(
         config.grid_workdir, d, config.model, fields=("dataset", "train_per_class")
     )
     return [

@@ -24,33 +24,16 @@ records.
 from __future__ import annotations
 
 from transfer_tf.studies import runner
-from transfer_tf.studies.transferability import execution, grid, plan, summary
+from transfer_tf.studies.transferability import execution, plan, summary
 
-# The study's public names (the modules above hold the rest).
-TREATMENTS = plan.TREATMENTS
-TARGETS = plan.TARGETS
-SPLIT_KINDS = plan.SPLIT_KINDS
-Config = plan.Config
-PRESETS = plan.PRESETS
-Run = plan.Run
-expand = plan.expand
-Context = execution.Context
-build_model = execution.build_model
-execute = execution.execute
-write_hparams = execution.write_hparams
-grid_records = grid.grid_records
-grid_seed = grid.grid_seed
-grid_base_net = grid.grid_base_net
-grid_fingerprint = grid.grid_fingerprint
-study_records = summary.study_records
-aggregate = summary.aggregate
-gate = summary.gate
-findings = summary.findings
-summarize = summary.summarize
-report = summary.report
-
-STUDY = runner.from_module(
-    __name__,
+STUDY = runner.Study(
+    name="transferability",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=summary.report,
     # Fine-tuned runs take the whole net's time, cached frozen ones a fraction.
     group=lambda run: run.treatment,
     describe=lambda r: (

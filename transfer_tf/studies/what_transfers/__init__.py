@@ -43,52 +43,21 @@ t-interval over seeds and the verdict ``stats.verdict`` computes from it.
 
 from __future__ import annotations
 
-from transfer_tf import plots
-from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import runner
-from transfer_tf.studies.what_transfers import execution, figures, plan, summary
+from transfer_tf.studies.what_transfers import execution, figures, plan
 
-# The study's public names (the modules above hold the rest).
-ARMS = plan.ARMS
-Config = plan.Config
-PRESETS = plan.PRESETS
-Run = plan.Run
-expand = plan.expand
-identity = plan.identity
-run_part = plan.run_part
-Context = execution.Context
-check = execution.check
-execute = execution.execute
-describe = execution.describe
-findings = summary.findings
-summarize = summary.summarize
-
-
-def report(records: list[dict], config: Config) -> dict:
-    """``summary.md``, ``summary.csv`` (the findings), ``block_shuffle.csv`` and
-    one figure per analysis, from the records alone."""
-    rows = summary.summarize(records, config)
-    out = {"summary.md": report_lib.markdown(rows), **rows.csv_files()}
-    if len(summary.block_table(records)) >= 2:
-        out["block_shuffle.png"] = plots.png_bytes(figures.block_figure(records))
-    if summary._select(records, kind="pair"):
-        out["basin.png"] = plots.png_bytes(figures.basin_figure(records))
-        out["similarity.png"] = plots.png_bytes(figures.similarity_figure(records))
-    if summary._select(records, kind="criticality"):
-        out["criticality.png"] = plots.png_bytes(figures.criticality_figure(records))
-    if summary._select(records, kind="target", reached=True) or any(
-        r.get("curve_epoch") for r in summary._select(records, kind="source")
-    ):
-        out["checkpoints.png"] = plots.png_bytes(
-            figures.checkpoint_figure(records, config)
-        )
-    return out
-
-
-STUDY = runner.from_module(
-    __name__,
-    identity=identity,
+STUDY = runner.Study(
+    name="what_transfers",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=figures.report,
+    check=execution.check,
+    run_part=plan.run_part,
+    identity=plan.identity,
     group=lambda run: (run.kind, run.arm),
     typical=lambda run: run.kind == "target",
-    describe=describe,
+    describe=execution.describe,
 )

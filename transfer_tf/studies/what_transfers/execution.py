@@ -22,7 +22,7 @@ from transfer_tf import (
     results,
     similarity,
 )
-from transfer_tf.studies import runner
+from transfer_tf.studies import runner, sources
 from transfer_tf.studies.what_transfers import plan
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ class Context(runner.Context):
 
     def grid_source(self, seed: int) -> pathlib.Path:
         """The run directory of the grid's ``baseA`` net for a seed."""
-        from transfer_tf.studies import transferability
-
-        return transferability.grid_base_net(
+        return sources.grid_base_net(
             self.config.grid_workdir,
             self.config.data,
             self.config.model,

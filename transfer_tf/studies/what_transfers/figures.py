@@ -1,5 +1,6 @@
 """The what-transfers study's figures: block shuffling, basins, similarity,
-criticality and checkpoints."""
+criticality and checkpoints; and the report (:func:`report`), rows and figures
+together."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import numpy as np
 
 from transfer_tf import models, plots
+from transfer_tf.studies import report as report_lib
 from transfer_tf.studies import stats
 from transfer_tf.studies.what_transfers import plan, summary
 
@@ -324,3 +326,22 @@ def checkpoint_figure(records, config):
         },
     ]
     return plots.curves_figure(panels, ylabel="accuracy", width=5.5)
+
+
+def report(records: list[dict], config: plan.Config) -> dict:
+    """``summary.md``, ``summary.csv`` (the findings), ``block_shuffle.csv`` and
+    one figure per analysis, from the records alone."""
+    rows = summary.summarize(records, config)
+    out = {"summary.md": report_lib.markdown(rows), **rows.csv_files()}
+    if len(summary.block_table(records)) >= 2:
+        out["block_shuffle.png"] = plots.png_bytes(block_figure(records))
+    if summary._select(records, kind="pair"):
+        out["basin.png"] = plots.png_bytes(basin_figure(records))
+        out["similarity.png"] = plots.png_bytes(similarity_figure(records))
+    if summary._select(records, kind="criticality"):
+        out["criticality.png"] = plots.png_bytes(criticality_figure(records))
+    if summary._select(records, kind="target", reached=True) or any(
+        r.get("curve_epoch") for r in summary._select(records, kind="source")
+    ):
+        out["checkpoints.png"] = plots.png_bytes(checkpoint_figure(records, config))
+    return out

@@ -24,28 +24,15 @@ from __future__ import annotations
 from transfer_tf.studies import runner
 from transfer_tf.studies.word_embeddings import execution, plan, summary
 
-# The study's public names (the modules above hold the rest).
-Config = plan.Config
-TextDataConfig = plan.TextDataConfig
-PRESETS = plan.PRESETS
-Run = plan.Run
-ARMS = plan.ARMS
-SOURCES = plan.SOURCES
-VECTORS_FILE = plan.VECTORS_FILE
-expand = plan.expand
-run_part = plan.run_part
-Context = execution.Context
-Corpus = execution.Corpus
-classifier = execution.classifier
-execute = execution.execute
-explain = execution.explain
-cells = summary.cells
-claims = summary.claims
-summarize = summary.summarize
-report = summary.report
-
-STUDY = runner.from_module(
-    __name__,
+STUDY = runner.Study(
+    name="word_embeddings",
+    config_class=plan.Config,
+    presets=plan.PRESETS,
+    expand=plan.expand,
+    context=execution.Context,
+    execute=execution.execute,
+    report=summary.report,
+    run_part=plan.run_part,
     group=lambda run: (
         run.kind,
         run.arm,
@@ -53,6 +40,6 @@ STUDY = runner.from_module(
     ),
     typical=lambda run: run.kind != "pretrain",
     describe=execution.describe,
-    explain=explain,
+    explain=execution.explain,
     signatures=lambda config, context: {},
 )
