@@ -618,19 +618,9 @@ class Runner:
         """Refuses a work directory of another study identity, or one whose
         ``config.json`` the tool did not write. Returns True when ``overwrite``
         is to clear it (done by :meth:`_take`, under the lock); writes nothing."""
-        path = self.workdir / CONFIG_FILE
-        if not path.is_file():
+        recorded = workdirs.recorded_config(self.workdir)
+        if recorded is None:
             return False
-        try:
-            recorded = results.read_json(path)
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); move it away") from e
-        if not isinstance(recorded, dict) or "study" not in recorded:
-            raise ValueError(
-                f"{self.workdir} holds a config.json that transfer_tf did not write "
-                "(it names no study): use another --workdir (--overwrite never "
-                "deletes files the tool did not write)"
-            )
         if recorded["study"] != self.study.name:
             diff = [f"study: {recorded['study']!r} -> {self.study.name!r}"]
         else:

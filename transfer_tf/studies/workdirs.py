@@ -412,6 +412,28 @@ class Lock:
 # ------------------------------------------------------- a one-run work directory
 
 
+def recorded_config(workdir) -> dict | None:
+    """The ``config.json`` the tool wrote in ``workdir`` (None: there is none).
+
+    Raises:
+      ValueError: it is not valid JSON, or not the tool's (it names no study).
+    """
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        recorded = results.read_json(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away") from e
+    if not isinstance(recorded, dict) or "study" not in recorded:
+        raise ValueError(
+            f"{workdir} holds a config.json that transfer_tf did not write (it "
+            "names no study): use another --workdir (--overwrite never deletes "
+            "files the tool did not write)"
+        )
+    return recorded
+
+
 class Claim:
     """The work-directory rules for a script that is one run (``train_base.py``):
     its ``config.json`` names it and its configuration; a different one is
@@ -439,25 +461,8 @@ class Claim:
         self.overwrite = overwrite
         self.lock = None
 
-    def _recorded(self) -> dict | None:
-        path = self.workdir / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            recorded = results.read_json(path)
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); move it away") from e
-        if not isinstance(recorded, dict) or "study" not in recorded:
-            raise ValueError(
-                f"{self.workdir} holds a config.json that transfer_tf did not write "
-                "(or one made before work directories named their writer): use "
-                "another --workdir (--overwrite never deletes files the tool did "
-                "not write)"
-            )
-        return recorded
-
     def _differs(self) -> list[str]:
-        recorded = self._recorded()
+        recorded = recorded_config(self.workdir)
         if recorded is None:
             return []
         return results.config_diff(recorded, self.config)
