@@ -4,6 +4,7 @@ rendered as Markdown and CSV by ``studies/report.py``.)"""
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -52,6 +53,20 @@ def select_best(records) -> dict:
         return (r["val_accuracy"] or 0.0, -(math.inf if loss is None else loss))
 
     return max(records, key=key)
+
+
+def best_probes(probes) -> tuple[dict, dict]:
+    """Each source's probe chosen on validation per budget and seed:
+    ``({(source, budget, seed): record}, {(source, budget): [(layer, pooling)
+    per seed]})`` (:func:`select_best` among a source's layers and poolings)."""
+    groups = collections.defaultdict(list)
+    for r in probes:
+        groups[(r["source"], r["budget"], r["seed"])].append(r)
+    best = {key: select_best(group) for key, group in sorted(groups.items())}
+    chosen = collections.defaultdict(list)
+    for (source, budget, _), r in best.items():
+        chosen[(source, budget)].append((r["layer"], r["pooling"]))
+    return best, dict(chosen)
 
 
 def budget_order(budget) -> float:

@@ -77,13 +77,7 @@ def cells(records: list[dict]) -> dict:
     runs = [r for r in records if r["kind"] != "pretrain"]
     trained = [r for r in runs if r["kind"] == "train"]
     probes = [r for r in runs if r["kind"] == "probe"]
-    groups = collections.defaultdict(list)
-    for r in probes:
-        groups[(r["source"], r["budget"], r["seed"])].append(r)
-    best = {key: stats.select_best(group) for key, group in sorted(groups.items())}
-    chosen = collections.defaultdict(list)
-    for (source, budget, _), r in best.items():
-        chosen[(source, budget)].append((r["layer"], r["pooling"]))
+    best, chosen = stats.best_probes(probes)
     code = [
         r
         for r in probes
@@ -123,7 +117,7 @@ def cells(records: list[dict]) -> dict:
             (r["arm"], r["budget"]) for r in trained if r.get("at_chance")
         ),
         "layers": stats.intervals(dict(sorted(layers.items(), key=_layer_order))),
-        "chosen": dict(chosen),
+        "chosen": chosen,
         "budgets": sorted({r["budget"] for r in runs}, key=stats.budget_order),
         "per_class": float(np.mean(per_class)) if per_class else None,
     }

@@ -62,13 +62,7 @@ def cells(records: list[dict]) -> dict:
     """
     probes = [r for r in records if r["kind"] == "probe"]
     trained = [r for r in records if r["kind"] == "train"]
-    groups = collections.defaultdict(list)
-    for r in probes:
-        groups[(r["source"], r["budget"], r["seed"])].append(r)
-    best = {key: stats.select_best(group) for key, group in sorted(groups.items())}
-    chosen = collections.defaultdict(list)
-    for (source, budget, _), r in best.items():
-        chosen[(source, budget)].append((r["layer"], r["pooling"]))
+    best, chosen = stats.best_probes(probes)
     cells_ = collections.defaultdict(dict)
     for (source, budget, seed), r in best.items():
         cells_[(f"probe:{source}", budget)][seed] = r
@@ -103,7 +97,7 @@ def cells(records: list[dict]) -> dict:
             (r["line"], r["budget"]) for r in trained if r.get("at_chance")
         ),
         "layers": stats.intervals(dict(sorted(layers.items(), key=_layer_order))),
-        "chosen": dict(chosen),
+        "chosen": chosen,
         "pretexts": [r for r in records if r["kind"] == "pretrain"],
         "budgets": sorted({r["budget"] for r in runs}, key=stats.budget_order),
         "per_class": float(np.mean(per_class)) if per_class else None,
