@@ -29,6 +29,17 @@ prints, side by side (shared machines are noisy: compare the ratios):
 
 The grid section also prints where its runs' training time went (below).
 
+5. ``xla_loop`` (only when named): ``--xla_loop_runs`` (200) trainings of the
+   tiny base net (digits half A, one epoch) with XLA on, as one study on the
+   shared runner and the local executor, in this process as a study runs: the
+   memory maps and resident memory of the process that ran each run, every 20
+   runs; the maps each run adds in its process and whether that levels off;
+   and whether the study finished with no run started in a process past the
+   executor's limit (half of ``vm.max_map_count``; XLA's compiled programs stay
+   mapped until their process ends, so a process past it hands its runs to a
+   fresh worker). ``--xla_loop_release`` also clears Keras' session and
+   collects garbage after every run (it does not release the maps).
+
 About 12 minutes on the 2-core CPU of this project's machines; BUILD.md records
 the output. ``--sections`` picks a subset; ``--output`` writes the numbers as JSON.
 
@@ -74,12 +85,14 @@ from transfer_tf import (
     settings,
     training,
 )
+from transfer_tf.studies import config as config_lib
+from transfer_tf.studies import runner
 
 FLAGS = flags.FLAGS
 ROOT = common.ROOT
 # ``embeddings`` (SGNS against gensim's Word2Vec), ``precision`` (a study in
-# float32 and bfloat16) and ``workers`` (one local worker vs two) run only when
-# named.
+# float32 and bfloat16), ``workers`` (one local worker vs two) and ``xla_loop``
+# (200 XLA trainings in one study) run only when named.
 SECTIONS = (
     "throughput",
     "flops",
@@ -88,13 +101,14 @@ SECTIONS = (
     "embeddings",
     "precision",
     "workers",
+    "xla_loop",
 )
 DEFAULT_SECTIONS = ("throughput", "flops", "grid", "cache")
 flags.DEFINE_list(
     "sections",
     list(DEFAULT_SECTIONS),
-    f"Parts to run, of {list(SECTIONS)} (embeddings, precision and workers only "
-    "when named).",
+    f"Parts to run, of {list(SECTIONS)} (embeddings, precision, workers and "
+    "xla_loop only when named).",
 )
 flags.DEFINE_string(
     "check_preset", "digits", "Precision section: the transferability preset."
@@ -109,6 +123,19 @@ flags.DEFINE_multi_string(
 flags.DEFINE_list("workers_seeds", ["0"], "Workers section: seeds of the study.")
 flags.DEFINE_integer(
     "workers_rounds", 2, "Workers section: interleaved rounds (1, 2, then 2, 1, ...)."
+)
+flags.DEFINE_integer("xla_loop_runs", 200, "Trainings of the xla_loop section.")
+flags.DEFINE_integer(
+    "xla_loop_max_maps",
+    None,
+    "Memory maps past which the xla_loop section's executor starts no run in a "
+    "process (default: the executor's, half of vm.max_map_count).",
+)
+flags.DEFINE_bool(
+    "xla_loop_release",
+    False,
+    "In the xla_loop section, clear Keras' session and collect garbage after "
+    "every run.",
 )
 flags.DEFINE_string(
     "embedding_corpus",
@@ -1131,6 +1158,164 @@ def embeddings_section(report):
     report["embeddings"] = out
 
 
+# ----------------------------------------------------------------------- xla loop
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig(config_lib.StudyConfig):
+    """The xla_loop section's study: ``runs`` trainings of the tiny base net
+    with XLA on, each from its own seed."""
+
+    data: data.DataConfig = data.DataConfig(train_per_class=40)
+    model: models.ModelConfig = models.ModelConfig(width=0.125)
+    training: training.TrainConfig = training.TrainConfig(
+        epochs=1,
+        xla="on",
+        precision="float32",
+        tensorboard=False,
+        backup=False,
+        verbose=0,
+    )
+    runs: int = 200
+    release: bool = False  # clear Keras' session and collect garbage after a run
+
+    NOT_RESULT_AFFECTING = {"": ("runs", "release")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopRun:
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"run{self.seed:04d}"
+
+
+def loop_execute(run, context, run_dir):
+    """One training as the studies' runs train: the base net built, trained by
+    ``training.train_task`` (train, validation, test evaluation, per-example
+    predictions), each compiled by XLA."""
+    import gc
+
+    task = context.half_task("A")
+    model = models.base_net(task, context.config.model, seed=run.seed)
+    config = dataclasses.replace(context.config.training, seed=run.seed)
+    outcome = context.train(model, task, config, run_dir).record()
+    if context.config.release:
+        del model
+        keras.backend.clear_session()
+        gc.collect()
+    return outcome
+
+
+# Worker processes import the study by its module-level name (this module: a
+# spawned worker runs it as its main module again).
+LOOP = runner.Study(
+    name="xla_loop",
+    config_class=LoopConfig,
+    presets={},
+    expand=lambda config: [LoopRun(seed) for seed in range(config.runs)],
+    context=runner.Context,
+    execute=loop_execute,
+    report=lambda records, config: {},
+)
+
+
+def growth_per_run(maps: list[int]) -> float:
+    """Least-squares slope of a process's maps over its runs (maps per run)."""
+    if len(maps) < 2:
+        return float("nan")
+    return float(np.polyfit(np.arange(len(maps)), maps, 1)[0])
+
+
+def xla_loop_section(report, workdir):
+    import shutil
+    import tempfile
+
+    from transfer_tf.studies import executors
+
+    if executors.maps_held(os.getpid()) is None:
+        print("\n[xla_loop] skipped: no /proc/self/maps to count memory maps")
+        return
+    config = LoopConfig(runs=FLAGS.xla_loop_runs, release=FLAGS.xla_loop_release)
+    limit = FLAGS.xla_loop_max_maps or int(executors.MAPS_SHARE * executors.map_limit())
+    executor = executors.LocalExecutor(max_maps=FLAGS.xla_loop_max_maps)
+    print(
+        f"\n[xla_loop] {config.runs} trainings of the base net (width "
+        f"{config.model.width}, digits half A, {config.data.train_per_class} "
+        f"images per class, {config.training.epochs} epoch) with XLA on, as one "
+        f"study; no run starts in a process holding {limit} memory maps "
+        f"(vm.max_map_count={executors.map_limit()})"
+        + ("; Keras' session cleared after each run" if config.release else "")
+    )
+    where = pathlib.Path(tempfile.mkdtemp(prefix="xla_loop.", dir=workdir))
+    started = time.time()
+    try:
+        records = runner.run_study(LOOP, config, where, executor=executor)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)  # made above, for this loop only
+    wall = time.time() - started
+    ran = executor.processes
+    print(f"  {'run':>5s} {'process':>9s} {'maps':>7s} {'RSS MiB':>8s}")
+    for i, p in enumerate(ran, 1):
+        if i % 20 == 0 or i in (1, len(ran)):
+            who = "this" if p["pid"] == os.getpid() else "worker"
+            print(
+                f"  {i:5d} {who:>9s} {p['maps']:7d} {p['rss_mb'] or float('nan'):8.0f}"
+            )
+    by_pid = {}
+    for p in ran:
+        by_pid.setdefault(p["pid"], []).append(p["maps"])
+    longest = max(by_pid.values(), key=len)
+    steps = np.diff(longest)
+    window = min(20, len(steps) // 2)
+    first = float(np.mean(steps[:window])) if window else float("nan")
+    last = float(np.mean(steps[-window:])) if window else float("nan")
+    slope = growth_per_run(longest)  # runs 2.. of the process
+    levels_off = window > 0 and last < 0.5 * first
+    peak = max(p["maps"] for p in ran)
+    # No run started in a process past the limit (each process's last count is
+    # the one after its last run).
+    bounded = len(records) == config.runs and all(
+        m < limit for maps in by_pid.values() for m in maps[:-1]
+    )
+    if window:
+        print(
+            f"  a process gains {slope:+.0f} maps per run (its runs 2..{len(longest)});"
+            f" runs 2..{window + 1}: {first:+.0f}/run, its last {window}: "
+            f"{last:+.0f}/run: {'levels off' if levels_off else 'no plateau'}"
+        )
+    else:
+        print(f"  no process ran more than {len(longest)} runs: no growth per run")
+    if window and slope > 0:
+        print(
+            f"  one process would reach vm.max_map_count after about "
+            f"{(executors.map_limit() - longest[0]) / slope:.0f} runs"
+        )
+    verdict = "bounded" if bounded else "NOT bounded"
+    print(
+        f"  {len(records)} of {config.runs} runs finished in {len(by_pid)} "
+        f"processes in {wall / 60:.1f} min ({wall / max(1, len(records)):.1f} s "
+        f"a run); at most {peak} maps ({100 * peak / executors.map_limit():.0f}% "
+        f"of vm.max_map_count), no run started past {limit}: {verdict}"
+    )
+    report["xla_loop"] = {
+        "runs": config.runs,
+        "finished": len(records),
+        "processes": len(by_pid),
+        "maps_per_run": slope,
+        "first_steps": first,
+        "last_steps": last,
+        "levels_off": levels_off,
+        "peak_maps": peak,
+        "bounded": bounded,
+        "limit": limit,
+        "map_limit": executors.map_limit(),
+        "wall_time": wall,
+        "per_run": ran,
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1186,6 +1371,7 @@ def main(argv):
             "embeddings": lambda: embeddings_section(report),
             "precision": lambda: precision_section(report, workdir),
             "workers": lambda: workers_section(report, workdir),
+            "xla_loop": lambda: xla_loop_section(report, workdir),
         }[section]()
     print(f"\nbenchmark wall time {time.time() - started:.0f} s")
     if FLAGS.output:

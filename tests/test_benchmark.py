@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,11 +53,15 @@ def test_cache_flop_bound_counts_the_removed_forward_passes(benchmark):
 
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
-    """The script's one run in a fresh process: every section but the grid."""
+    """The script's one run in a fresh process: every section but the grid and
+    the embeddings; the XLA loop's run in a worker process (which imports the
+    loop's study from the script itself)."""
     out = tmp_path / "bench.json"
     proc = run_script(
         "benchmark",
-        "--sections=throughput,flops,cache",
+        "--sections=throughput,flops,cache,xla_loop",
+        "--xla_loop_runs=1",
+        "--xla_loop_max_maps=1",
         "--steps=2",
         "--rounds=1",
         "--widths=0.05",
@@ -67,6 +72,7 @@ def test_benchmark_smoke(tmp_path):
         "--cache_width=0.05",
         f"--workdir={tmp_path}",
         f"--output={out}",
+        timeout=900,
     )
     assert "transfer_tf runtime: oneDNN" in proc.stdout
     assert "vs naive" in proc.stdout and "of the matmul peak" in proc.stdout
@@ -95,6 +101,13 @@ def test_benchmark_smoke(tmp_path):
         assert "PyTorch: not installed" in proc.stdout
     assert report["flops"]["peak_matmul"] > 1e9
     assert 0 < report["flops"]["0.05"]["transfer_tf (auto)"] < 10 * 1e12
+    loop = report["xla_loop"]
+    assert loop["finished"] == loop["processes"] == 1 and loop["bounded"]
+    (ran,) = loop["per_run"]
+    assert ran["key"] == "run0000" and ran["maps"] > 100 and ran["rss_mb"] > 100
+    assert re.search(r"\n +1 +worker +\d+ +\d+\n", proc.stdout)  # not this process
+    assert "1 of 1 runs finished in 1 processes" in proc.stdout
+    assert list(tmp_path.glob("xla_loop.*")) == []  # its study directory removed
     assert report["flops"]["0.05"]["per_image"] > 0
     # The cache section: cached vs uncached per cut layer.
     assert "cached vs uncached" in proc.stdout

@@ -349,6 +349,96 @@ def test_local_workers_are_validated_before_anything_is_written(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.timeout(300)
+def test_a_process_past_its_memory_maps_hands_the_next_run_to_a_fresh_worker(
+    tmp_path,
+):
+    """No run starts in a process holding ``max_maps`` memory maps or more: past
+    a limit every process passes at once, the in-process study hands its runs
+    to a worker, replaced by a fresh one after each run; the records are the
+    in-process ones, each run once in results.jsonl."""
+    alone = runner.run_study(TOY, ToyConfig(seeds=(0,)), tmp_path / "alone")
+    control = tmp_path / "control"
+    control.mkdir()
+    executor = executors.LocalExecutor(max_maps=1)
+    recycled = runner.run_study(
+        TOY,
+        ToyConfig(seeds=(0,), control=str(control)),
+        tmp_path / "w",
+        executor=executor,
+    )
+    assert [_untimed(r) for r in recycled] == [_untimed(r) for r in alone]
+    lines = results.read_jsonl(tmp_path / "w" / runner.RESULTS_FILE)
+    assert [r["key"] for r in lines] == KEYS[:3]
+    ran = executor.processes
+    assert [p["key"] for p in ran] == KEYS[:3]
+    pids = [p["pid"] for p in ran]
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    started = {p.name.split(".")[-1] for p in control.glob("started.*")}
+    assert started == {str(pid) for pid in pids}
+    assert all(p["maps"] > 100 and p["rss_mb"] > 10 for p in ran)
+    assert not any(_alive(pid) for pid in pids)  # each ended when replaced
+
+
+def test_the_memory_map_limit_is_validated():
+    for bad in (0, -5, 1.5, True, "100"):
+        with pytest.raises(ValueError, match="max_maps=.* must be an integer >= 1"):
+            executors.LocalExecutor(max_maps=bad)
+    assert executors.map_limit() >= 1000
+    assert executors.maps_held(os.getpid()) > 10
+    assert executors.maps_held(2**22 + 7) is None  # no such process
+
+
+XLA_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from toy_study import TOY, ToyConfig
+from transfer_tf.studies import executors, runner
+# Room for about two of the toy's XLA runs above this process's maps now.
+limit = executors.maps_held(os.getpid()) + {room}
+executor = executors.LocalExecutor(max_maps=limit)
+config = ToyConfig(seeds=(0, 1, 2), xla=True)
+runner.run_study(TOY, config, {workdir!r}, executor=executor)
+print(json.dumps({{"limit": limit, "processes": executor.processes}}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_xla_runs_keep_their_programs_mapped_and_the_study_goes_on(tmp_path):
+    """The 200-run loop in small (experiments/benchmark.py --sections=xla_loop
+    runs it whole): every XLA run leaves its compiled programs mapped in its
+    process, and no process starts a run past the limit: the study of nine
+    runs finishes, spread over fresh processes, its maps bounded."""
+    code = XLA_DRIVER.format(
+        tests=str(pathlib.Path(__file__).parent), room=250, workdir=str(tmp_path)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    limit, ran = out["limit"], out["processes"]
+    assert len(ran) == 9 and len(results.read_jsonl(tmp_path / "results.jsonl")) == 9
+    by_pid = {}
+    for p in ran:
+        by_pid.setdefault(p["pid"], []).append(p["maps"])
+    assert len(by_pid) >= 3, by_pid  # the driver, then fresh workers
+    growth = [
+        b - a for maps in by_pid.values() for a, b in zip(maps, maps[1:], strict=False)
+    ]
+    # Each run's programs stay mapped: a process holds more after every run.
+    assert growth and min(growth) >= 30, by_pid
+    for maps in by_pid.values():
+        assert all(m < limit for m in maps[:-1]), (limit, by_pid)  # none started past
+    # Bounded: the last runs' processes hold no more than the limit and one run.
+    assert max(p["maps"] for p in ran) <= limit + 2 * max(growth), (limit, by_pid)
+
+
 DRIVER = """
 import faulthandler, signal, sys
 faulthandler.register(signal.SIGUSR1, all_threads=True)

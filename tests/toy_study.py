@@ -29,6 +29,9 @@ class ToyConfig(config_lib.StudyConfig):
     hold: str = ""
     fail: tuple[str, ...] = ()
     invalid: tuple[str, ...] = ()
+    # Each run also trains a tiny dense net with XLA on (its compiled programs
+    # stay mapped in the process: the executors' memory-map test).
+    xla: bool = False
 
     NOT_RESULT_AFFECTING = {
         "": ("seeds", "control", "hold", "fail", "invalid"),
@@ -92,7 +95,43 @@ def toy_execute(run, context, run_dir):
         raise ValueError(f"{run.key}: bad input")
     (run_dir / "weights.txt").write_text("w")
     factor = context.config.slow_factor if run.kind == "slow" else 1.0
-    return {"test_accuracy": 0.5 * factor * context.config.learning_rate}
+    outcome = {"test_accuracy": 0.5 * factor * context.config.learning_rate}
+    if config.xla:
+        outcome["val_accuracy"] = xla_training(run.seed, run_dir)
+    return outcome
+
+
+def xla_training(seed: int, run_dir) -> float:
+    """Trains a tiny dense net for one epoch with XLA on (compiling its train,
+    test and predict programs) on planted data; its validation accuracy."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from transfer_tf import training
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (128, 8)).astype("uint8")
+    y = (x[:, 0] > 127).astype("int64")
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    validation = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(32)
+    inputs = keras.Input((8,), dtype="uint8")
+    hidden = keras.layers.Dense(8, activation="relu")(
+        keras.layers.Rescaling(1 / 255)(inputs)
+    )
+    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    config = training.TrainConfig(
+        epochs=1,
+        xla="on",
+        precision="float32",
+        seed=seed,
+        tensorboard=False,
+        backup=False,
+        verbose=0,
+    )
+    outcome = training.train(model, train, validation, config, run_dir)
+    training.correctness(model, validation)
+    return outcome.best_val_accuracy
 
 
 def toy_expand(config):

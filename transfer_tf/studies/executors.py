@@ -35,6 +35,16 @@ read the data from the same spec, so a cluster needs the dataset where every
 node sees it (a shared path, or TFDS' data_dir), and the work directory too.
 Local worker processes find the study by its module-level name (``STUDY`` of
 ``transfer_tf.studies.<name>``), so a study to run in them must have one.
+
+A process may hold at most ``vm.max_map_count`` memory maps (65,530 by
+default), and XLA keeps every program it compiles mapped until the process ends
+(neither ``keras.backend.clear_session()`` nor deleting the model and
+collecting garbage releases them; ``experiments/benchmark.py
+--sections=xla_loop`` measures it), so a long study with XLA on would die of
+LLVM's "Cannot allocate memory" with gigabytes free. The local executor
+therefore starts no run in a process that holds :data:`MAPS_SHARE` of the limit
+or more: the remaining runs of an in-process study go to a worker process, and
+a worker past it is replaced by a fresh one.
 """
 
 from __future__ import annotations
@@ -58,6 +68,42 @@ CONNECT_TIMEOUT = 15.0
 # The Ray executor waits for its runs in slices of this many seconds and, after
 # each slice with nothing finished, says which runs it waits for and how long.
 WAIT_SLICE = 60.0
+# The share of the system's memory-map limit past which a process starts no
+# further run (module docstring); the rest is headroom for the run in flight (a
+# run of the tiny base net adds about 840 maps with XLA on, a larger net more).
+MAPS_SHARE = 0.5
+# Linux's default vm.max_map_count, where /proc/sys does not say.
+DEFAULT_MAP_LIMIT = 65530
+
+
+def map_limit() -> int:
+    """The most memory maps a process may hold here (``vm.max_map_count``)."""
+    try:
+        return int(open("/proc/sys/vm/max_map_count").read())
+    except (OSError, ValueError):
+        return DEFAULT_MAP_LIMIT
+
+
+def maps_held(pid: int) -> int | None:
+    """How many memory maps process ``pid`` holds (``None`` without ``/proc``:
+    then no process is ever replaced for its maps)."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return sum(
+                block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b"")
+            )
+    except OSError:
+        return None
+
+
+def resident_mb(pid: int) -> float | None:
+    """Resident memory of process ``pid`` in MiB (``None`` without ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def needs(run) -> list[str]:
@@ -91,25 +137,79 @@ class LocalExecutor:
         worker is a process with its own TensorFlow and copy of the data, and
         where one run already keeps the cores busy, more at a time cannot
         gain (BUILD.md has the measurements).
+      max_maps: no run starts in a process holding this many memory maps or
+        more (see the module docstring); ``None``: :data:`MAPS_SHARE` of the
+        system's limit.
+
+    Attributes:
+      processes: per finished run, in order, ``{"key", "pid", "maps",
+        "rss_mb"}`` of the process that ran it, measured after the run.
     """
 
     name = "local"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, max_maps: int | None = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"--workers={workers} must be an integer >= 1")
+        if max_maps is not None and (
+            isinstance(max_maps, bool) or not isinstance(max_maps, int) or max_maps < 1
+        ):
+            raise ValueError(f"max_maps={max_maps!r} must be an integer >= 1 or None")
         self.workers = workers
+        self.max_maps = max_maps
+        self.processes = []
+
+    def _note(self, run, pid: int) -> int | None:
+        """Records the memory of process ``pid`` after ``run``; its maps."""
+        maps = maps_held(pid)
+        self.processes.append(
+            {"key": run.key, "pid": pid, "maps": maps, "rss_mb": resident_mb(pid)}
+        )
+        return maps
 
     def run(self, runner, pending, context, done):
+        limit = self.max_maps or int(MAPS_SHARE * map_limit())
         workers = min(self.workers, len(pending))
         if workers > 1:
-            yield from _pool(runner, workers, pending, done)
+            yield from _pool(runner, workers, pending, done, limit, self._note)
             return
-        for run in pending:
+        warned = False
+        for i, run in enumerate(pending):
+            held = maps_held(os.getpid())
+            if held is not None and held >= limit and not warned:
+                rest = pending[i:]
+                try:
+                    _worker_args(runner, 1, rest)
+                except ValueError:
+                    warned = True
+                    log.warning(
+                        "this process holds %d memory maps (no run should start "
+                        "past %d) but cannot hand its runs to a worker process "
+                        "(the study is no module-level name, or its runs do not "
+                        "pickle): it goes on, and may die of 'Cannot allocate "
+                        "memory'; rerunning the same command resumes",
+                        held,
+                        limit,
+                    )
+                else:
+                    log.info(
+                        "this process holds %d memory maps (no run starts past %d; "
+                        "vm.max_map_count=%d, and XLA never releases its compiled "
+                        "programs): the %d remaining runs go on in a worker "
+                        "process, replaced by a fresh one whenever it gets there",
+                        held,
+                        limit,
+                        map_limit(),
+                        len(rest),
+                    )
+                    yield from _pool(runner, 1, rest, done, limit, self._note)
+                    return
             missing = [k for k in needs(run) if k in runner.hashes and k not in done]
             if missing:
                 raise RuntimeError(f"{run.key} needs {missing}, which have not run")
-            yield run, runner.execute(run, context)
+            record = runner.execute(run, context)
+            self._note(run, os.getpid())
+            yield run, record
 
 
 # ----------------------------------------------------------- local worker processes
@@ -281,14 +381,10 @@ class _Worker:
         self.connection.close()
 
 
-def _pool(runner, count: int, pending, done):
-    """Feeds ``count`` worker processes from the pending runs, in their order,
-    each run once the runs it reads have finished; yields ``(run, record)``
-    and raises the first failure once the runs in flight have finished."""
-    import multiprocessing
-    from multiprocessing import connection as mp_connection
-
-    hashes = runner.hashes
+def _worker_args(runner, count: int, pending) -> tuple:
+    """What a worker process is started with; ValueError when the study cannot
+    be sent to one (not a module-level name, a configuration or runs that do
+    not pickle)."""
     setup = {
         "parent": os.getpid(),
         "strategy": runner.strategy,
@@ -308,9 +404,25 @@ def _pool(runner, count: int, pending, done):
             f"--workers={count}: the study's configuration or runs cannot be sent "
             f"to a worker process ({e}); use --workers=1"
         ) from e
+    return args
+
+
+def _pool(runner, count: int, pending, done, max_maps: int, note):
+    """Feeds ``count`` worker processes from the pending runs, in their order,
+    each run once the runs it reads have finished; yields ``(run, record)``
+    and raises the first failure once the runs in flight have finished. A
+    worker holding ``max_maps`` memory maps or more after a run is replaced by
+    a fresh one; ``note(run, pid)`` records a finished run's process and
+    returns its maps."""
+    import multiprocessing
+    from multiprocessing import connection as mp_connection
+
+    hashes = runner.hashes
+    args = _worker_args(runner, count, pending)
     spawn = multiprocessing.get_context("spawn")
     log.info("local executor: %d worker processes, one run at a time each", count)
     workers, waiting, error, finished = [], list(pending), None, False
+    started = count  # workers, for their index
 
     def missing(run):
         return [k for k in needs(run) if k in hashes and k not in done]
@@ -357,7 +469,26 @@ def _pool(runner, count: int, pending, done):
                     continue
                 run, result = outcome
                 if not isinstance(result, BaseException):
+                    maps = note(run, worker.process.pid)
                     yield run, result
+                    if maps is not None and maps >= max_maps:
+                        # XLA's programs stay mapped until the process ends
+                        worker.stop(now=False)
+                        worker.join(timeout=60)
+                        worker.dead = True
+                        if waiting and error is None:
+                            log.info(
+                                "worker %d holds %d memory maps after %s (no run "
+                                "starts past %d): worker %d takes its place",
+                                worker.index,
+                                maps,
+                                run.key,
+                                max_maps,
+                                started,
+                            )
+                            fresh = _Worker(spawn, started, args)
+                            workers[workers.index(worker)] = fresh
+                            started += 1
                 elif error is None:
                     error = result
                     if any(w.run is not None for w in workers):
