@@ -120,6 +120,19 @@ def test_a_killed_runs_folder_stays_the_tools_and_is_cleared(tmp_path):
     assert not (work / "runs/seed1").exists()
 
 
+def test_a_write_killed_before_its_rename_is_the_tools(tmp_path):
+    runner.run_study(TOY, ToyConfig(), tmp_path)
+    # results.atomic_path's temporary, left by a kill in a folder of the tool's
+    (tmp_path / "runs/seed0/base/.tmp.4242.model.keras").write_text("half")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/.tmp.4242.draft").write_text("mine")  # not the tool's folder
+    assert workdirs.foreign(tmp_path) == ["notes"]
+    (tmp_path / "notes/.tmp.4242.draft").unlink()
+    (tmp_path / "notes").rmdir()
+    runner.run_study(TOY, ToyConfig(learning_rate=0.5), tmp_path, overwrite=True)
+    assert not (tmp_path / "runs/seed0/base/.tmp.4242.model.keras").exists()
+
+
 def test_a_directory_from_before_recorded_paths_is_upgraded(tmp_path):
     runner.run_study(TOY, ToyConfig(), tmp_path)
     marker = workdirs.read_marker(tmp_path)

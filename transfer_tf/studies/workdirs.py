@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import socket
 import sys
 import time
@@ -40,6 +41,8 @@ from transfer_tf import results
 log = logging.getLogger(__name__)
 
 MARKER = ".transfer_tf.json"
+# What results.atomic_path writes before renaming it into place.
+_LEFTOVER = re.compile(r"^\.tmp\.\d+\.")
 LOCK = ".lock"
 # Top-level files every writer owns (besides what its marker records).
 FIXED = (MARKER, "config.json", "results.jsonl")
@@ -121,6 +124,10 @@ class _Ownership:
             or any(pathlib.PurePath(rel).match(p) for p in self.patterns)
         ):
             return True
+        if _LEFTOVER.match(parts[-1]) and (
+            len(parts) == 1 or "/".join(parts[:-1]) in self.paths
+        ):
+            return True  # a write killed before its rename (results.atomic_path)
         return any("/".join(parts[:i]) in self.open for i in range(1, len(parts) + 1))
 
     def scan(self, directory=None, prefix="", whole=True) -> tuple[list[str], bool]:
